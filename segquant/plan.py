@@ -1,0 +1,302 @@
+"""The SegQuant plan: per Linear, which segments get their own scale and which inputs get DualScale.
+
+The plan is plain data keyed by module name (as ``named_modules()`` yields it). Graph analysis writes
+it, both backends read it, and it round-trips through JSON (schema version 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import PlanError
+
+PLAN_VERSION = 1
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "geglu", "swiglu")
+"""Activations whose outputs feed DualScale layers."""
+
+PATTERNS = ("linear->chunk", "linear->split", "linear->unbind", "cat->linear", "stack->linear",
+            "reshape->linear", "act->linear", "act->cat->linear")
+"""Names of the graph patterns that produce plan entries (see SPEC section 2)."""
+
+_OVERRIDABLE = ("in_segments", "out_segments", "dual_scale", "dual_scale_segments", "activation")
+
+
+def _as_sizes(value: Iterable[int], what: str, name: str) -> tuple[int, ...]:
+    sizes = tuple(int(v) for v in value)
+    if any(s <= 0 for s in sizes):
+        raise PlanError(f"{name}: {what} must be positive sizes, got {list(sizes)}")
+    return sizes
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one ``nn.Linear`` is quantized.
+
+    Args:
+        in_features: K of the layer.
+        out_features: N of the layer.
+        in_segments: K sizes, each with its own activation scale; ``(in_features,)`` = unsegmented.
+        out_segments: N sizes, each with its own weight scale; ``(out_features,)`` = unsegmented.
+        dual_scale: whether some input segment gets separate positive/negative scales.
+        dual_scale_segments: indices into ``in_segments`` of the segments that get DualScale.
+        activation: the activation that produced the DualScale input (one of ``ACTIVATIONS``).
+        patterns: graph patterns that produced this entry (``PATTERNS``), for provenance.
+        nodes: names of the graph nodes where the patterns were found, for provenance.
+    """
+
+    in_features: int
+    out_features: int
+    in_segments: tuple[int, ...] = ()
+    out_segments: tuple[int, ...] = ()
+    dual_scale: bool = False
+    dual_scale_segments: tuple[int, ...] = ()
+    activation: str | None = None
+    patterns: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+    name: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        name = self.name or "<layer>"
+        if self.in_features <= 0 or self.out_features <= 0:
+            raise PlanError(f"{name}: features must be positive, got in={self.in_features} "
+                            f"out={self.out_features}")
+        set_ = object.__setattr__
+        set_(self, "in_segments", _as_sizes(self.in_segments or (self.in_features,), "in_segments", name))
+        set_(self, "out_segments", _as_sizes(self.out_segments or (self.out_features,), "out_segments", name))
+        set_(self, "dual_scale_segments", tuple(sorted({int(i) for i in self.dual_scale_segments})))
+        set_(self, "patterns", tuple(self.patterns))
+        set_(self, "nodes", tuple(self.nodes))
+        if sum(self.in_segments) != self.in_features:
+            raise PlanError(f"{name}: in_segments {list(self.in_segments)} sum to {sum(self.in_segments)}, "
+                            f"in_features is {self.in_features}")
+        if sum(self.out_segments) != self.out_features:
+            raise PlanError(f"{name}: out_segments {list(self.out_segments)} sum to "
+                            f"{sum(self.out_segments)}, out_features is {self.out_features}")
+        if self.dual_scale and not self.dual_scale_segments:
+            set_(self, "dual_scale_segments", tuple(range(len(self.in_segments))))
+        if not self.dual_scale and self.dual_scale_segments:
+            raise PlanError(f"{name}: dual_scale_segments {list(self.dual_scale_segments)} given but "
+                            "dual_scale is False; set dual_scale=True or drop the segments")
+        bad = [i for i in self.dual_scale_segments if not 0 <= i < len(self.in_segments)]
+        if bad:
+            raise PlanError(f"{name}: dual_scale_segments {bad} out of range for "
+                            f"{len(self.in_segments)} input segments")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise PlanError(f"{name}: unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+
+    @property
+    def seg_linear(self) -> bool:
+        """True when the layer has more than one input or output segment."""
+        return len(self.in_segments) > 1 or len(self.out_segments) > 1
+
+    @property
+    def is_plain(self) -> bool:
+        """True when SegQuant changes nothing for this layer."""
+        return not self.seg_linear and not self.dual_scale
+
+    def replace(self, **changes: Any) -> "LinearPlan":
+        """A copy with ``changes`` applied and checked (``dual_scale_segments`` is re-derived when
+        ``dual_scale`` or ``in_segments`` change without it)."""
+        if ("dual_scale" in changes or "in_segments" in changes) and "dual_scale_segments" not in changes:
+            changes["dual_scale_segments"] = ()
+        if changes.get("dual_scale") is False:
+            changes.setdefault("activation", None)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "in_segments": list(self.in_segments),
+            "out_segments": list(self.out_segments),
+            "dual_scale": self.dual_scale,
+            "dual_scale_segments": list(self.dual_scale_segments),
+            "activation": self.activation,
+            "patterns": list(self.patterns),
+            "nodes": list(self.nodes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], name: str = "") -> "LinearPlan":
+        required = ("in_features", "out_features")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise PlanError(f"{name or '<layer>'}: plan entry lacks {missing}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"name"}
+        unknown = set(data) - known
+        if unknown:
+            raise PlanError(f"{name or '<layer>'}: unknown plan keys {sorted(unknown)}")
+        return cls(name=name, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class SegQuantPlan:
+    """Per-Linear SegQuant decisions for one model, keyed by module name.
+
+    Args:
+        layers: module name -> ``LinearPlan``; every ``nn.Linear`` the analysis saw is present.
+        model_class: class name of the analysed model.
+        capture: how the graph was captured: ``"export"`` or ``"eager"``.
+    """
+
+    layers: Mapping[str, LinearPlan]
+    model_class: str = ""
+    capture: str = "export"
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != PLAN_VERSION:
+            raise PlanError(f"plan version {self.version} is not supported; this SegQuant reads version "
+                            f"{PLAN_VERSION}. Re-run `segquant analyze` to regenerate it")
+        layers = {}
+        for name, layer in self.layers.items():
+            if not isinstance(layer, LinearPlan):
+                raise PlanError(f"{name}: expected a LinearPlan, got {type(layer).__name__}")
+            layers[name] = layer if layer.name == name else dataclasses.replace(layer, name=name)
+        object.__setattr__(self, "layers", layers)
+
+    def __getitem__(self, name: str) -> LinearPlan:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise PlanError(f"{name}: no such layer in the plan of {self.model_class or 'the model'} "
+                            f"({len(self.layers)} layers)") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    # ---- summaries ---------------------------------------------------------------------------
+    def output_segmented(self) -> list[str]:
+        return [n for n, p in self.layers.items() if len(p.out_segments) > 1]
+
+    def input_segmented(self) -> list[str]:
+        return [n for n, p in self.layers.items() if len(p.in_segments) > 1]
+
+    def dual_scaled(self) -> list[str]:
+        return [n for n, p in self.layers.items() if p.dual_scale]
+
+    def summary(self) -> str:
+        return (f"{len(self.output_segmented())} output-segmented, {len(self.input_segmented())} "
+                f"input-segmented, {len(self.dual_scaled())} DualScale of {len(self.layers)} Linear")
+
+    def __str__(self) -> str:
+        return format_table(self)
+
+    # ---- edits ------------------------------------------------------------------------------
+    def matching(self, pattern: str) -> list[str]:
+        """Layer names matching an ``fnmatch`` glob (``*`` also crosses dots)."""
+        return [n for n in self.layers if fnmatch.fnmatchcase(n, pattern)]
+
+    def override(self, pattern: str, **changes: Any) -> "SegQuantPlan":
+        """A new plan with ``changes`` (fields of ``LinearPlan``) applied to every layer matching
+        ``pattern``. Raises ``PlanError`` if nothing matches or a field cannot be overridden.
+
+        Example: ``plan.override("single_transformer_blocks.*.proj_out", dual_scale=False)``.
+        """
+        bad = set(changes) - set(_OVERRIDABLE)
+        if bad:
+            raise PlanError(f"cannot override {sorted(bad)}; overridable fields: {list(_OVERRIDABLE)}")
+        names = self.matching(pattern)
+        if not names:
+            raise PlanError(f"override pattern {pattern!r} matches no layer of {self.model_class or 'the plan'}")
+        layers = dict(self.layers)
+        for name in names:
+            layers[name] = layers[name].replace(**changes, patterns=layers[name].patterns + ("override",))
+        return dataclasses.replace(self, layers=layers)
+
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "SegQuantPlan":
+        """Apply ``{glob: {field: value}}`` in order; later globs win."""
+        plan = self
+        for pattern, changes in overrides.items():
+            plan = plan.override(pattern, **changes)
+        return plan
+
+    def ablate(self, seg_linear: bool = True, dual_scale: bool = True) -> "SegQuantPlan":
+        """The plan with SegLinear and/or DualScale switched off everywhere (the paper's ablation)."""
+        layers = {}
+        for name, p in self.layers.items():
+            changes: dict[str, Any] = {}
+            if not seg_linear and p.seg_linear:
+                changes.update(in_segments=(), out_segments=())
+            if not dual_scale and p.dual_scale:
+                changes.update(dual_scale=False)
+            elif p.dual_scale and not seg_linear and len(p.in_segments) > 1:
+                # One segment remains: keep DualScale only when every old segment was activation-fed.
+                all_act = len(p.dual_scale_segments) == len(p.in_segments)
+                changes.update(dual_scale=all_act)
+            layers[name] = p.replace(**changes) if changes else p
+        return dataclasses.replace(self, layers=layers)
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "model_class": self.model_class, "capture": self.capture,
+                "layers": {n: p.to_dict() for n, p in self.layers.items()}}
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SegQuantPlan":
+        if not isinstance(data, Mapping) or "layers" not in data:
+            raise PlanError("not a SegQuant plan: expected a mapping with 'version' and 'layers'")
+        if "version" not in data:
+            raise PlanError("plan has no 'version' field; re-run `segquant analyze` to regenerate it")
+        layers = {n: LinearPlan.from_dict(d, name=n) for n, d in data["layers"].items()}
+        return cls(layers=layers, model_class=data.get("model_class", ""),
+                   capture=data.get("capture", "export"), version=data["version"])
+
+    @classmethod
+    def from_json(cls, text: str) -> "SegQuantPlan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SegQuantPlan":
+        return cls.from_json(Path(path).read_text())
+
+
+def _fmt_sizes(sizes: tuple[int, ...]) -> str:
+    if len(sizes) == 1:
+        return "-"
+    if len(set(sizes)) == 1:
+        return f"{len(sizes)}x{sizes[0]}"
+    return "|".join(map(str, sizes))
+
+
+def format_table(plan: SegQuantPlan, only_changed: bool = True) -> str:
+    """A readable table of the layers SegQuant changes (all layers with ``only_changed=False``)."""
+    rows = [(n, p) for n, p in plan.layers.items() if not (only_changed and p.is_plain)]
+    header = ("layer", "K x N", "in segments", "out segments", "DualScale", "patterns")
+    body = []
+    for name, p in rows:
+        dual = "-"
+        if p.dual_scale:
+            segs = "" if len(p.in_segments) == 1 else " seg " + ",".join(map(str, p.dual_scale_segments))
+            dual = f"{p.activation or 'yes'}{segs}"
+        body.append((name, f"{p.in_features}x{p.out_features}", _fmt_sizes(p.in_segments),
+                     _fmt_sizes(p.out_segments), dual, ",".join(x for x in p.patterns)))
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    title = f"SegQuant plan for {plan.model_class or 'model'} ({plan.capture}): {plan.summary()}"
+    out = [title, line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in body]
+    if only_changed:
+        out.append(f"({len(plan.layers) - len(rows)} plain Linear layers not shown)")
+    return "\n".join(out)
