@@ -1,0 +1,434 @@
+"""Graph analysis: find SegLinear segments and DualScale inputs in a captured graph -> ``SegQuantPlan``.
+
+Walks backwards from every Linear input (``cat``/``stack``/head-merge -> input segments; SiLU, GELU,
+GEGLU/SwiGLU gates -> DualScale) and forwards from every Linear output (``chunk``/``split``/``unbind``
+on the feature dim -> output segments), through ops that keep the feature (last) dim intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .capture import OpGraph, OpNode, capture
+from .errors import GraphAnalysisError, SegQuantError
+from .plan import LinearPlan, SegQuantPlan
+
+logger = logging.getLogger(__name__)
+
+TRANSPARENT = frozenset({
+    "to", "_to_copy", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone", "dropout",
+    "feature_dropout", "alpha_dropout", "alias", "detach", "identity", "lift_fresh_copy", "_to_dtype",
+    "to_dtype", "to_dtype_layout", "cpu", "cuda",
+})
+VIEWS = frozenset({"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+                   "expand", "view_as", "reshape_as", "expand_as"})
+PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim"})
+SPLITS = frozenset({"chunk", "split", "split_with_sizes", "unbind", "unsafe_split", "unsafe_chunk",
+                    "split_copy"})
+ELEMENTWISE = frozenset({"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"})
+ACTIVATIONS = {"silu": "silu", "silu_": "silu", "gelu": "gelu", "gelu_": "gelu"}
+MAX_WALK = 64
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Options of ``analyze``.
+
+    Args:
+        capture: ``"auto"`` (torch.export, eager trace on failure), ``"export"`` or ``"eager"``.
+        seg_linear: detect input/output segments.
+        dual_scale: detect activation-fed inputs.
+        head_segments: treat attention heads merged before a Linear (``attn.to_out.0``) as one input
+            segment per head, as the paper's reference code does. Off by default: every attention
+            output projection would get one activation scale per head.
+    """
+
+    capture: str = "auto"
+    seg_linear: bool = True
+    dual_scale: bool = True
+    head_segments: bool = False
+
+
+@dataclass
+class _Piece:
+    size: int
+    activation: str | None = None
+    patterns: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+
+
+def _norm(dim: Any, ndim: int) -> int | None:
+    if not isinstance(dim, int) or ndim == 0:
+        return None
+    return dim + ndim if dim < 0 else dim
+
+
+def _src(node: OpNode) -> OpNode | None:
+    first = node.args[0] if node.args else None
+    return first if isinstance(first, OpNode) else None
+
+
+def _split_dim(node: OpNode) -> int | None:
+    src = _src(node)
+    if src is None or src.shape is None:
+        return None
+    index = 1 if node.op == "unbind" else 2
+    return _norm(node.arg(index, "dim", 0), src.ndim)
+
+
+def _split_sizes(node: OpNode) -> list[int] | None:
+    """Sizes along the split dim of each output of a chunk/split/unbind op."""
+    src, dim = _src(node), _split_dim(node)
+    if src is None or dim is None:
+        return None
+    total = src.shape[dim]
+    if node.op == "unbind":
+        return [1] * total
+    if node.op in ("chunk", "unsafe_chunk"):
+        n = node.arg(1, "chunks")
+        if not isinstance(n, int) or n <= 0:
+            return None
+        step = math.ceil(total / n)
+        return [min(step, total - i) for i in range(0, total, step)]
+    sizes = node.arg(1, "split_size", node.arg(1, "split_sizes"))
+    if isinstance(sizes, int):
+        return [min(sizes, total - i) for i in range(0, total, sizes)]
+    if isinstance(sizes, (list, tuple)) and all(isinstance(s, int) for s in sizes):
+        return list(sizes)
+    return None
+
+
+def _permutation(node: OpNode) -> list[int] | None:
+    src = _src(node)
+    if src is None or src.shape is None:
+        return None
+    ndim = src.ndim
+    if node.op == "permute":
+        dims = node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        dims = node.kwargs.get("dims", dims)
+        perm = [_norm(d, ndim) for d in dims]
+        return perm if len(perm) == ndim and None not in perm else None
+    if node.op in ("transpose", "swapaxes", "swapdims"):
+        a, b = _norm(node.arg(1, "dim0"), ndim), _norm(node.arg(2, "dim1"), ndim)
+        if a is None or b is None:
+            return None
+        perm = list(range(ndim))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    return None
+
+
+def _keeps_last_dim(node: OpNode) -> OpNode | None:
+    """The node's tensor input if the node leaves every row of the last dim intact, else None."""
+    src = _src(node)
+    if node.op == "getitem":
+        multi = src
+        if multi is None or multi.op not in SPLITS:
+            return None
+        inner = _src(multi)
+        dim = _split_dim(multi)
+        if inner is None or dim is None or dim == inner.ndim - 1 or multi.op == "unbind":
+            return None
+        return inner
+    if src is None or src.shape is None or node.shape is None or not node.shape or not src.shape:
+        return None
+    if node.op in TRANSPARENT:
+        return src if node.shape == src.shape else None
+    if node.shape[-1] != src.shape[-1]:
+        return None
+    if node.op in VIEWS:
+        return src
+    if node.op in PERMUTES:
+        perm = _permutation(node)
+        return src if perm is not None and perm[-1] == src.ndim - 1 else None
+    if node.op in ("slice", "select", "narrow"):
+        dim = _norm(node.arg(1, "dim", 0), src.ndim)
+        return src if dim is not None and dim != src.ndim - 1 else None
+    if node.op == "index":  # eager tensor[...] with the last dim untouched
+        return src
+    return None
+
+
+def _skip_back(node: OpNode) -> OpNode:
+    for _ in range(MAX_WALK):
+        prev = _keeps_last_dim(node)
+        if prev is None:
+            return node
+        node = prev
+    return node
+
+
+def _activation(node: OpNode) -> str | None:
+    act = ACTIVATIONS.get(node.op)
+    if act == "gelu" and node.arg(1, "approximate", "none") == "tanh":
+        return "gelu_tanh"
+    return act
+
+
+def _glu(node: OpNode) -> str | None:
+    """'geglu'/'swiglu' if node is ``x * act(gate)`` with x and gate of the same shape."""
+    if node.op not in ("mul", "mul_") or len(node.tensor_args()) != 2:
+        return None
+    a, b = node.tensor_args()
+    if a.shape != b.shape or a.shape != node.shape:
+        return None
+    for operand in (a, b):
+        act = _activation(_skip_back(operand))
+        if act is not None:
+            return "swiglu" if act == "silu" else "geglu"
+    return None
+
+
+def _merged_heads(node: OpNode) -> tuple[OpNode, int, int] | None:
+    """(input, count, size) if node reshapes (..., count, size) into (..., count*size)."""
+    src = _src(node)
+    if node.op not in VIEWS or src is None or not src.shape or not node.shape:
+        return None
+    last, inner = node.shape[-1], src.shape[-1]
+    if last <= inner or inner == 0 or last % inner:
+        return None
+    for j in range(src.ndim - 1, -1, -1):
+        if math.prod(src.shape[j:]) == last:
+            if math.prod(src.shape[:j]) == math.prod(node.shape[:-1]):
+                return src, last // inner, inner
+            return None
+    return None
+
+
+def _input_pieces(node: OpNode, options: AnalysisOptions, depth: int = 0) -> list[_Piece]:
+    """The input segments of the tensor produced by ``node`` (one piece = unsegmented)."""
+    source = _skip_back(node)
+    size = node.shape[-1] if node.shape else 0
+    if depth > 8:
+        return [_Piece(size)]
+    if options.dual_scale:
+        act = _activation(source) or _glu(source)
+        if act is not None:
+            return [_Piece(size, act, ["act->linear"], [source.name])]
+    if not options.seg_linear:
+        return [_Piece(size)]
+    if source.op == "cat":
+        tensors = source.arg(0, "tensors")
+        dim = _norm(source.arg(1, "dim", 0), source.ndim)
+        if dim == source.ndim - 1 and isinstance(tensors, (list, tuple)) and len(tensors) > 1:
+            pieces = []
+            for t in tensors:
+                for p in _input_pieces(t, options, depth + 1):
+                    if p.activation:
+                        p.patterns = ["act->cat->linear"]
+                    pieces.append(p)
+            for p in pieces:
+                p.patterns = ["cat->linear", *p.patterns]
+                p.nodes = [source.name, *p.nodes]
+            return pieces
+    merged = _merged_heads(source)
+    if merged is not None:
+        inner, count, inner_size = merged
+        stack = _skip_back(inner)
+        tensors = stack.arg(0, "tensors") if stack.op == "stack" else None
+        if (stack.op == "stack" and _norm(stack.arg(1, "dim", 0), stack.ndim) == stack.ndim - 2
+                and isinstance(tensors, (list, tuple)) and len(tensors) == count == inner.shape[-2]):
+            pieces = [p for t in tensors for p in _input_pieces(t, options, depth + 1)]
+            for p in pieces:
+                p.patterns = ["stack->linear", *(["act->cat->linear"] if p.activation else [])]
+                p.nodes = [stack.name, *p.nodes]
+            return pieces
+        if options.head_segments and count > 1:
+            return [_Piece(inner_size, None, ["reshape->linear"], [source.name]) for _ in range(count)]
+    return [_Piece(size)]
+
+
+def _is_constant(value: Any) -> bool:
+    """True for Python scalars and tensors derived from parameters/buffers only."""
+    if not isinstance(value, OpNode):
+        return True
+    for _ in range(MAX_WALK):
+        if value.op == "param":
+            return True
+        args = value.tensor_args()
+        if len(args) != 1:
+            return False
+        value = args[0]
+    return False
+
+
+def _output_boundaries(linear: OpNode) -> tuple[set[int], list[str], list[str]]:
+    """Feature offsets at which users of a Linear's output split it, with patterns and node names."""
+    n_out = linear.shape[-1]
+    cuts: set[int] = set()
+    patterns: list[str] = []
+    names: list[str] = []
+    # state: (node, outer_dim, n_outer, contiguous): dims outer_dim.. of node hold the N features with
+    # the outermost factor (n_outer values, each a contiguous range of N // n_outer) at outer_dim.
+    stack = [(linear, linear.ndim - 1, n_out, True)]
+    seen = 0
+    while stack and seen < 4 * MAX_WALK:
+        node, outer, n_outer, contiguous = stack.pop()
+        seen += 1
+        unit = n_out // n_outer
+        for user in node.users:
+            if user.shape is not None and not user.shape and user.op not in SPLITS:
+                continue
+            op = user.op
+            if op in TRANSPARENT and user.shape == node.shape and _src(user) is node:
+                stack.append((user, outer, n_outer, contiguous))
+            elif op in ELEMENTWISE and user.shape is not None:
+                others = [a for a in user.args[:2] if a is not node]
+                shift = user.ndim - node.ndim
+                if (len(others) == 1 and _is_constant(others[0]) and shift >= 0
+                        and user.shape[outer + shift:] == node.shape[outer:]):
+                    stack.append((user, outer + shift, n_outer, contiguous))
+            elif op in VIEWS and contiguous and _src(user) is node and user.shape:
+                lead = math.prod(node.shape[:outer])
+                for k in range(user.ndim):
+                    if (math.prod(user.shape[k:]) == n_out and math.prod(user.shape[:k]) == lead
+                            and (user.shape[k] > 1 or k == user.ndim - 1)):
+                        stack.append((user, k, user.shape[k], True))
+                        break
+            elif op in PERMUTES and _src(user) is node:
+                perm = _permutation(user)
+                if perm is not None:
+                    new_outer = perm.index(outer)
+                    tail = list(range(outer, node.ndim))
+                    still = contiguous and perm[new_outer:] == tail
+                    stack.append((user, new_outer, n_outer, still))
+            elif op in SPLITS and _src(user) is node:
+                dim, sizes = _split_dim(user), _split_sizes(user)
+                if dim is None or sizes is None:
+                    continue
+                if dim == outer and len(sizes) > 1:
+                    offset = 0
+                    for s in sizes[:-1]:
+                        offset += s * unit
+                        cuts.add(offset)
+                    patterns.append({"unbind": "linear->unbind", "chunk": "linear->chunk"}.get(op, "linear->split"))
+                    names.append(user.name)
+                elif dim < outer:
+                    for item in user.users:
+                        if item.op == "getitem":
+                            stack.append((item, outer - (op == "unbind"), n_outer, contiguous))
+            elif op in ("select", "slice", "narrow") and _src(user) is node:
+                dim = _norm(user.arg(1, "dim", 0), node.ndim)
+                if dim == outer:
+                    if op == "select":
+                        start = _norm(user.arg(2, "index"), node.shape[dim])
+                        end = None if start is None else start + 1
+                    else:
+                        start = user.arg(2, "start", 0) or 0
+                        end = user.arg(3, "end", node.shape[dim])
+                        length = user.arg(3, "length") if op == "narrow" else None
+                        end = start + length if isinstance(length, int) else end
+                    if isinstance(start, int) and isinstance(end, int):
+                        for b in (start, min(end, node.shape[dim])):
+                            if 0 < b < node.shape[dim]:
+                                cuts.add(b * unit)
+                        patterns.append("linear->split")
+                        names.append(user.name)
+                elif dim is not None and dim < outer:
+                    stack.append((user, outer - (op == "select"), n_outer, contiguous))
+    return cuts, patterns, names
+
+
+def _sizes_from_cuts(cuts: set[int], total: int) -> tuple[int, ...]:
+    bounds = [0, *sorted(c for c in cuts if 0 < c < total), total]
+    return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def _plan_linear(name: str, module: nn.Linear, calls: list[OpNode], options: AnalysisOptions) -> LinearPlan:
+    per_call = []
+    for call in calls:
+        x = call.args[0]
+        pieces = _input_pieces(x, options) if isinstance(x, OpNode) else [_Piece(module.in_features)]
+        if sum(p.size for p in pieces) != module.in_features:
+            logger.warning("%s: input segments %s do not sum to in_features %d; left unsegmented",
+                           name, [p.size for p in pieces], module.in_features)
+            pieces = [_Piece(module.in_features)]
+        cuts, out_patterns, out_nodes = _output_boundaries(call) if options.seg_linear else (set(), [], [])
+        per_call.append((pieces, cuts, out_patterns, out_nodes))
+    if not per_call:
+        return LinearPlan(module.in_features, module.out_features, name=name)
+
+    first = per_call[0][0]
+    key = lambda ps: [(p.size, p.activation is not None) for p in ps]  # noqa: E731
+    if any(key(ps) != key(first) for ps, *_ in per_call[1:]):
+        logger.warning("%s is called %d times with different input structure; its inputs stay unsegmented",
+                       name, len(per_call))
+        first = [_Piece(module.in_features)]
+    cuts = set().union(*(c for _, c, _, _ in per_call))
+    patterns = [pat for p in first for pat in p.patterns] + [pat for *_, ps, _ in per_call for pat in ps]
+    nodes = [n for p in first for n in p.nodes] + [n for *_, ns in per_call for n in ns]
+    dual = [i for i, p in enumerate(first) if p.activation]
+    return LinearPlan(
+        in_features=module.in_features,
+        out_features=module.out_features,
+        in_segments=tuple(p.size for p in first),
+        out_segments=_sizes_from_cuts(cuts, module.out_features),
+        dual_scale=bool(dual),
+        dual_scale_segments=tuple(dual),
+        activation=next((first[i].activation for i in dual), None),
+        patterns=tuple(dict.fromkeys(patterns)),
+        nodes=tuple(dict.fromkeys(nodes)),
+        name=name,
+    )
+
+
+def plan_from_graph(model: nn.Module, graph: OpGraph, options: AnalysisOptions | None = None) -> SegQuantPlan:
+    """Build the plan of ``model`` from an already captured graph."""
+    options = options or AnalysisOptions()
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            calls = graph.linear_calls.get(name, [])
+            if not calls:
+                logger.debug("%s is not called in the example forward pass; planned as plain", name)
+            layers[name] = _plan_linear(name, module, calls, options)
+    plan = SegQuantPlan(layers=layers, model_class=type(model).__name__, capture=graph.capture)
+    logger.info("planned %s (graph captured with %s)", plan.summary(), graph.capture)
+    return plan
+
+
+def analyze(model: nn.Module, *example_args: Any, analysis_options: AnalysisOptions | None = None,
+            **example_kwargs: Any) -> SegQuantPlan:
+    """Analyse ``model``'s computation graph into a ``SegQuantPlan``.
+
+    The model is traced on the example inputs (which may live on the ``meta`` device) with
+    ``torch.export.export(strict=False)``, falling back to an eager trace; ``plan.capture`` says
+    which path was used. The model is left as it was (parameters, buffers, train/eval mode).
+
+    Example:
+        >>> plan = segquant.analyze(transformer, **segquant.example_inputs(transformer))
+        >>> print(plan)
+
+    Raises:
+        SegQuantError: ``model`` is not an ``nn.Module`` or has no ``nn.Linear``.
+        GraphAnalysisError: neither capture path works on the example inputs.
+    """
+    import torch
+
+    if not isinstance(model, nn.Module):
+        raise SegQuantError(f"analyze() expects a torch.nn.Module, got {type(model).__name__}")
+    options = analysis_options or AnalysisOptions()
+    if not isinstance(options, AnalysisOptions):
+        raise SegQuantError(f"analysis_options must be an AnalysisOptions, got {type(options).__name__}")
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise SegQuantError(f"{type(model).__name__} has no nn.Linear layer: SegQuant quantizes Linear "
+                            "layers only, so there is nothing to plan")
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            graph = capture(model, tuple(example_args), dict(example_kwargs), options.capture)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if not graph.linear_calls:
+        raise GraphAnalysisError(f"the captured graph of {type(model).__name__} calls none of its "
+                                 "nn.Linear layers; check the example inputs")
+    return plan_from_graph(model, graph, options)

@@ -1,0 +1,188 @@
+"""Each graph pattern of SPEC section 2/3 on a toy module, through both capture paths."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import segquant
+from segquant import AnalysisOptions
+
+CAPTURES = ["export", "eager"]
+
+
+def plan_of(model, *args, capture="export", **options):
+    return segquant.analyze(model.eval(), *args,
+                            analysis_options=AnalysisOptions(capture=capture, **options))
+
+
+class AdaLN(nn.Module):
+    """silu -> linear -> chunk(6) (FLUX norm1), split_with_sizes and unbind-after-view."""
+
+    def __init__(self):
+        super().__init__()
+        self.mod = nn.Linear(8, 48)
+        self.qkv = nn.Linear(8, 24)
+        self.kv = nn.Linear(8, 16)
+        self.uneven = nn.Linear(8, 12)
+
+    def forward(self, emb, x):
+        shift, scale, gate, a, b, c = self.mod(F.silu(emb)).chunk(6, dim=-1)
+        y = x * (1 + scale[:, None]) + shift[:, None]
+        q, k, v = self.qkv(y).view(*y.shape[:2], 3, 2, 4).unbind(2)
+        k2, v2 = self.kv(y).to(torch.float32).split(8, dim=-1)
+        u1, u2 = torch.split(self.uneven(y), [4, 8], dim=2)
+        return gate[:, None] * (q + k + v).flatten(-2) + k2 + v2 + a[:, None] + b[:, None] + c[:, None] + u1.sum() + u2.sum()
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_output_segments(capture):
+    plan = plan_of(AdaLN(), torch.randn(2, 8), torch.randn(2, 5, 8), capture=capture)
+    assert plan["mod"].out_segments == (8,) * 6 and "linear->chunk" in plan["mod"].patterns
+    assert plan["mod"].dual_scale and plan["mod"].activation == "silu"
+    assert plan["qkv"].out_segments == (8, 8, 8) and "linear->unbind" in plan["qkv"].patterns
+    assert plan["kv"].out_segments == (8, 8) and "linear->split" in plan["kv"].patterns
+    assert plan["uneven"].out_segments == (4, 8)
+    assert plan.capture == capture
+
+
+class SingleBlock(nn.Module):
+    """FLUX single-block shape: proj_out(cat([attn (heads merged), gelu_tanh(mlp)])) with unequal sizes."""
+
+    def __init__(self, heads=2, dim=8, mlp=24):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj_mlp = nn.Linear(dim, mlp)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj_out = nn.Linear(dim + mlp, dim)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        mlp = self.drop(self.act(self.proj_mlp(x)))
+        return self.proj_out(torch.cat([attn, mlp.contiguous()], dim=2))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_cat_with_activation_segment(capture):
+    plan = plan_of(SingleBlock(), torch.randn(1, 6, 8), capture=capture)
+    p = plan["proj_out"]
+    assert p.in_segments == (8, 24)
+    assert p.dual_scale and p.dual_scale_segments == (1,) and p.activation == "gelu_tanh"
+    assert p.patterns == ("cat->linear", "act->cat->linear")
+    assert plan["qkv"].out_segments == (8, 8, 8)
+    assert plan["proj_mlp"].is_plain
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_head_segments_option(capture):
+    plan = plan_of(SingleBlock(heads=2), torch.randn(1, 6, 8), capture=capture, head_segments=True)
+    assert plan["proj_out"].in_segments == (4, 4, 24)
+    assert plan["proj_out"].dual_scale_segments == (2,)
+    assert "reshape->linear" in plan["proj_out"].patterns
+
+
+class Gates(nn.Module):
+    """GEGLU and SwiGLU feed-forwards, a functional GELU, a ReLU (not DualScale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.geglu_in = nn.Linear(8, 32)
+        self.geglu_out = nn.Linear(16, 8)
+        self.swi_in = nn.Linear(8, 32)
+        self.swi_out = nn.Linear(16, 8)
+        self.gelu_in = nn.Linear(8, 8)
+        self.gelu_out = nn.Linear(8, 8)
+        self.relu_out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h, gate = self.geglu_in(x).chunk(2, dim=-1)
+        x = x + self.geglu_out(h * F.gelu(gate))
+        h, gate = self.swi_in(x).chunk(2, dim=-1)
+        x = x + self.swi_out(h * nn.functional.silu(gate))
+        x = x + self.gelu_out(F.gelu(self.gelu_in(x)).to(torch.float32))
+        return self.relu_out(torch.relu(x))
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_gates_and_activations(capture):
+    plan = plan_of(Gates(), torch.randn(3, 8), capture=capture)
+    assert plan["geglu_out"].activation == "geglu" and plan["geglu_out"].dual_scale
+    assert plan["swi_out"].activation == "swiglu"
+    assert plan["gelu_out"].activation == "gelu"
+    assert plan["geglu_in"].out_segments == (16, 16)
+    assert not plan["relu_out"].dual_scale
+    assert plan.dual_scaled() == ["geglu_out", "swi_out", "gelu_out"]
+
+
+class StackAndTokens(nn.Module):
+    """stack(dim=-2)+flatten -> segments; stack(dim=-1)+flatten (interleaved) and token-dim splits -> none."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.stacked = nn.Linear(12, 4)
+        self.interleaved = nn.Linear(12, 4)
+        self.tokens = nn.Linear(4, 4)
+
+    def forward(self, x):
+        pa, pb = self.a(x), F.silu(self.b(x))
+        s = self.stacked(torch.stack([pa, pb], dim=-2).flatten(-2))
+        i = self.interleaved(torch.stack([pa, pb], dim=-1).flatten(-2))
+        t1, t2 = self.tokens(x).split([2, 3], dim=1)
+        txt, img = torch.cat([x, x], dim=1).split([5, 5], dim=1)
+        return s.sum() + i.sum() + t1.sum() + t2.sum() + self.tokens(img).sum()
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_stack_and_token_dim(capture):
+    plan = plan_of(StackAndTokens(), torch.randn(1, 5, 4), capture=capture)
+    assert plan["stacked"].in_segments == (6, 6)
+    assert plan["stacked"].dual_scale_segments == (1,) and plan["stacked"].activation == "silu"
+    assert "stack->linear" in plan["stacked"].patterns
+    assert plan["interleaved"].is_plain
+    assert plan["tokens"].is_plain  # splits along tokens are not feature segments
+
+
+class Modulated(nn.Module):
+    """PixArt's adaLN-single: (table + t.reshape(B, 6, -1)).chunk(6, dim=1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.t_block = nn.Linear(4, 24)
+        self.table = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, t, x):
+        mods = (self.table[None] + self.t_block(F.silu(t)).reshape(t.shape[0], 6, -1)).chunk(6, dim=1)
+        return x * mods[0] + mods[1]
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_chunk_after_view_and_param_add(capture):
+    plan = plan_of(Modulated(), torch.randn(2, 4), torch.randn(2, 1, 4), capture=capture)
+    assert plan["t_block"].out_segments == (4,) * 6 and plan["t_block"].dual_scale
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.spare = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_uncalled_linear_is_planned_plain():
+    plan = plan_of(Unused(), torch.randn(2, 4))
+    assert plan["spare"].is_plain and plan["used"].is_plain and len(plan) == 2
+
+
+def test_detection_switches():
+    plan = plan_of(SingleBlock(), torch.randn(1, 6, 8), seg_linear=False)
+    assert plan.input_segmented() == [] and plan.output_segmented() == []
+    plan = plan_of(SingleBlock(), torch.randn(1, 6, 8), dual_scale=False)
+    assert plan.dual_scaled() == [] and plan["proj_out"].in_segments == (8, 24)
