@@ -1,0 +1,313 @@
+"""Reference numerics: pure-torch fake quantization, the oracle every backend is tested against.
+
+Symmetric quantization of ``x`` with scale ``s``: ``q = clamp(round(x / s), qmin, qmax)`` (INT) or
+``q = fp8(clamp(x / s, -448, 448))`` (FP8 e4m3), ``x_hat = s * q``; ``s = amax / qmax``. Scales can be
+per tensor, per channel, per token or per segment of the last dim. DualScale (SPEC section 3) keeps
+``s+ = amax(x+) / qmax`` and ``s- = amax(|x-|) / |qmin|`` and one code tensor whose sign picks the scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import PlanError, SegQuantError
+from .plan import LinearPlan
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """A symmetric number format: codes in ``[qmin, qmax]``; ``is_float`` for FP8 rounding."""
+
+    name: str
+    qmin: float
+    qmax: float
+    is_float: bool = False
+
+
+INT8 = QuantFormat("int8", -128.0, 127.0)
+INT4 = QuantFormat("int4", -8.0, 7.0)
+INT6 = QuantFormat("int6", -32.0, 31.0)
+FP8_E4M3 = QuantFormat("fp8_e4m3", -448.0, 448.0, is_float=True)
+FORMATS = {f.name: f for f in (INT8, INT6, INT4, FP8_E4M3)}
+FORMATS["fp8"] = FP8_E4M3
+GRANULARITIES = ("per_tensor", "per_channel", "per_token", "per_segment")
+
+
+def get_format(fmt: str | QuantFormat) -> QuantFormat:
+    """The ``QuantFormat`` named ``fmt`` (``int8``, ``int6``, ``int4``, ``fp8``/``fp8_e4m3``)."""
+    if isinstance(fmt, QuantFormat):
+        return fmt
+    try:
+        return FORMATS[fmt]
+    except (KeyError, TypeError):
+        raise SegQuantError(f"unknown quantization format {fmt!r}; expected one of {sorted(FORMATS)}") from None
+
+
+def _check_finite(x: Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise SegQuantError(f"{what} contains NaN or Inf; quantization scales would be undefined")
+
+
+def scale_from_amax(amax: Tensor, fmt: str | QuantFormat, negative: bool = False) -> Tensor:
+    """``amax / qmax`` (``amax / |qmin|`` for the negative side of DualScale).
+
+    A zero amax gives scale 1; a scale that would underflow float32 is raised to its smallest normal
+    value, so that ``x / scale`` never divides by zero."""
+    fmt = get_format(fmt)
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    bound = -fmt.qmin if negative else fmt.qmax
+    scale = (amax / bound).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.where(amax > 0, scale, torch.ones_like(amax))
+
+
+def _round_codes(v: Tensor, fmt: QuantFormat, lo: float, hi: float) -> Tensor:
+    v = v.clamp(lo, hi)
+    if fmt.is_float:
+        return v.to(torch.float8_e4m3fn).to(torch.float32)
+    return torch.round(v)
+
+
+def quantize(x: Tensor, scale: Tensor, fmt: str | QuantFormat) -> Tensor:
+    """Codes ``q`` (as float32 values on the format's grid); ``scale`` broadcasts against ``x``."""
+    fmt = get_format(fmt)
+    return _round_codes(x.float() / scale, fmt, fmt.qmin, fmt.qmax)
+
+
+def fake_quant(x: Tensor, scale: Tensor, fmt: str | QuantFormat) -> Tensor:
+    """``scale * quantize(x, scale)`` in ``x.dtype``."""
+    return (quantize(x, scale, fmt) * scale).to(x.dtype)
+
+
+# ---- amax by granularity --------------------------------------------------------------------------
+
+def _check_segments(segments: Sequence[int], size: int, what: str = "segments") -> tuple[int, ...]:
+    segs = tuple(int(s) for s in segments)
+    if not segs or any(s <= 0 for s in segs) or sum(segs) != size:
+        raise PlanError(f"{what} {list(segs)} do not partition a dim of size {size}")
+    return segs
+
+
+def amax_per_tensor(x: Tensor) -> Tensor:
+    return x.detach().abs().amax().float()
+
+
+def amax_per_channel(x: Tensor, axis: int = 0) -> Tensor:
+    """amax over every dim but ``axis``, shaped to broadcast against ``x`` (weights: axis 0 = rows)."""
+    axis = axis % x.dim()
+    dims = [d for d in range(x.dim()) if d != axis]
+    return x.detach().abs().amax(dim=dims, keepdim=True).float()
+
+
+def amax_per_token(x: Tensor) -> Tensor:
+    """amax over the last dim, one per token, shaped ``x.shape[:-1] + (1,)``."""
+    return x.detach().abs().amax(dim=-1, keepdim=True).float()
+
+
+def amax_per_segment(x: Tensor, segments: Sequence[int], dim: int = -1) -> Tensor:
+    """One amax per segment of ``dim`` (shape ``[len(segments)]``)."""
+    segs = _check_segments(segments, x.shape[dim])
+    return torch.stack([p.detach().abs().amax().float() for p in x.split(segs, dim=dim)])
+
+
+def expand_segments(values: Tensor, segments: Sequence[int], ndim: int = 1) -> Tensor:
+    """Repeat ``[len(segments)]`` values to one per element of the last dim, shaped for ``ndim`` dims."""
+    full = values.repeat_interleave(torch.tensor(segments, device=values.device))
+    return full.reshape([1] * (ndim - 1) + [full.numel()])
+
+
+def fake_quant_tensor(x: Tensor, fmt: str | QuantFormat = "int8", granularity: str = "per_tensor", *,
+                      axis: int = 0, segments: Sequence[int] | None = None, amax: Tensor | None = None) -> Tensor:
+    """Fake-quantize ``x`` with scales of one granularity, from ``amax`` if given else from ``x``.
+
+    Args:
+        granularity: ``per_tensor``; ``per_channel`` (one scale per index of ``axis``); ``per_token``
+            (one per row of the last dim); ``per_segment`` (one per segment of the last dim).
+        amax: calibrated amax of the matching shape (scalar, broadcastable, or ``[len(segments)]``).
+    """
+    if granularity not in GRANULARITIES:
+        raise SegQuantError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+    if granularity == "per_segment":
+        if segments is None:
+            raise SegQuantError("per_segment quantization needs segments")
+        segs = _check_segments(segments, x.shape[-1])
+        amax = amax_per_segment(x, segs) if amax is None else torch.as_tensor(amax, dtype=torch.float32)
+        if amax.shape != (len(segs),):
+            raise SegQuantError(f"per-segment amax has shape {tuple(amax.shape)}, expected ({len(segs)},)")
+        scale = expand_segments(scale_from_amax(amax, fmt), segs, ndim=x.dim())
+        return fake_quant(x, scale, fmt)
+    if amax is None:
+        amax = {"per_tensor": amax_per_tensor, "per_token": amax_per_token}.get(
+            granularity, lambda t: amax_per_channel(t, axis))(x)
+    return fake_quant(x, scale_from_amax(amax, fmt), fmt)
+
+
+# ---- DualScale ------------------------------------------------------------------------------------
+
+def dual_scale_amax(x: Tensor, per_token: bool = False) -> tuple[Tensor, Tensor]:
+    """(amax of the positive part, amax of |negative part|), per tensor or per token."""
+    x = x.detach().float()
+    if per_token:
+        return x.clamp(min=0).amax(-1, keepdim=True), (-x).clamp(min=0).amax(-1, keepdim=True)
+    return x.clamp(min=0).amax(), (-x).clamp(min=0).amax()
+
+
+def dual_scale_quantize(x: Tensor, fmt: str | QuantFormat = "int8", pos_amax: Tensor | None = None,
+                        neg_amax: Tensor | None = None, per_token: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One code tensor ``q`` (``q >= 0`` scaled by ``s+``, ``q < 0`` by ``s-``) and the two scales.
+
+    Returns:
+        ``(q, s_pos, s_neg)``; ``dual_scale_dequantize(q, s_pos, s_neg)`` rebuilds ``x_hat``.
+    """
+    fmt = get_format(fmt)
+    if pos_amax is None or neg_amax is None:
+        p, n = dual_scale_amax(x, per_token)
+        pos_amax = p if pos_amax is None else pos_amax
+        neg_amax = n if neg_amax is None else neg_amax
+    s_pos = scale_from_amax(pos_amax, fmt)
+    s_neg = scale_from_amax(neg_amax, fmt, negative=True)
+    xf = x.float()
+    q_pos = _round_codes(xf.clamp(min=0) / s_pos, fmt, 0.0, fmt.qmax)
+    q_neg = _round_codes(xf.clamp(max=0) / s_neg, fmt, fmt.qmin, 0.0)
+    return q_pos + q_neg, s_pos, s_neg
+
+
+def dual_scale_dequantize(q: Tensor, s_pos: Tensor, s_neg: Tensor) -> Tensor:
+    return torch.where(q >= 0, q * s_pos, q * s_neg)
+
+
+def dual_scale_fake_quant(x: Tensor, fmt: str | QuantFormat = "int8", pos_amax: Tensor | None = None,
+                          neg_amax: Tensor | None = None, per_token: bool = False) -> Tensor:
+    """``x_hat = s+ q+ + s- q-`` in ``x.dtype`` (SPEC section 3)."""
+    q, s_pos, s_neg = dual_scale_quantize(x, fmt, pos_amax, neg_amax, per_token)
+    return dual_scale_dequantize(q, s_pos, s_neg).to(x.dtype)
+
+
+# ---- a whole Linear --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Formats and granularities of a quantized Linear.
+
+    Args:
+        weight_format: ``int8``, ``int4``, ``fp8`` ... (default ``int8``).
+        weight_granularity: ``per_tensor`` (one scale per output segment of the plan) or ``per_channel``.
+        act_format: activation format (default ``int8``).
+        act_granularity: ``per_tensor`` (one scale per input segment, static when amax is given) or
+            ``per_token`` (dynamic, one scale per token and input segment).
+        realisation: input segments as ``split_k`` (exact: one GEMM per segment, ``a_s`` applied after)
+            or ``folded`` (``a_s`` folded into the weight columns before weight quantization, one GEMM).
+    """
+
+    weight_format: str = "int8"
+    weight_granularity: str = "per_tensor"
+    act_format: str = "int8"
+    act_granularity: str = "per_tensor"
+    realisation: str = "split_k"
+
+    def __post_init__(self) -> None:
+        get_format(self.weight_format)
+        get_format(self.act_format)
+        if self.weight_granularity not in ("per_tensor", "per_channel"):
+            raise SegQuantError(f"weight_granularity must be per_tensor or per_channel, got {self.weight_granularity!r}")
+        if self.act_granularity not in ("per_tensor", "per_token"):
+            raise SegQuantError(f"act_granularity must be per_tensor or per_token, got {self.act_granularity!r}")
+        if self.realisation not in ("split_k", "folded"):
+            raise SegQuantError(f"realisation must be split_k or folded, got {self.realisation!r}")
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Calibrated activation ranges of one Linear input, one entry per input segment."""
+
+    amax: Tensor
+    pos_amax: Tensor
+    neg_amax: Tensor
+
+
+def activation_stats(x: Tensor, segments: Sequence[int]) -> ActivationStats:
+    """Per-segment amax, positive amax and negative amax of ``x`` (dynamic, from ``x`` itself)."""
+    segs = _check_segments(segments, x.shape[-1], "in_segments")
+    parts = x.detach().float().split(segs, dim=-1)
+    return ActivationStats(torch.stack([p.abs().amax() for p in parts]),
+                           torch.stack([p.clamp(min=0).amax() for p in parts]),
+                           torch.stack([(-p).clamp(min=0).amax() for p in parts]))
+
+
+def _quantize_input_segment(x: Tensor, fmt: QuantFormat, dual: bool, per_token: bool,
+                            stats: ActivationStats | None, i: int) -> tuple[Tensor, Tensor]:
+    """(x_hat / unit, unit) of one input segment; ``unit`` is the scale that can be folded (a_s or s+)."""
+    if dual:
+        pos = None if stats is None or per_token else stats.pos_amax[i]
+        neg = None if stats is None or per_token else stats.neg_amax[i]
+        q, s_pos, s_neg = dual_scale_quantize(x, fmt, pos, neg, per_token)
+        return torch.where(q >= 0, q, q * (s_neg / s_pos)), s_pos
+    amax = amax_per_token(x) if per_token else (amax_per_tensor(x) if stats is None else stats.amax[i])
+    scale = scale_from_amax(amax, fmt)
+    return quantize(x, scale, fmt), scale
+
+
+def _quantize_weight(w: Tensor, layer: LinearPlan, spec: QuantSpec) -> Tensor:
+    if spec.weight_granularity == "per_channel":
+        return fake_quant_tensor(w, spec.weight_format, "per_channel", axis=0)
+    rows = [fake_quant_tensor(part, spec.weight_format, "per_tensor")
+            for part in w.split(list(layer.out_segments), dim=0)]
+    return torch.cat(rows, dim=0)
+
+
+def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: LinearPlan,
+                     spec: QuantSpec = QuantSpec(), stats: ActivationStats | None = None) -> Tensor:
+    """The quantized output of one Linear under its plan entry: the oracle for both backends.
+
+    Weights get one scale per output segment (``per_tensor``) or per row (``per_channel``); each input
+    segment gets its own activation scale (DualScale segments two), static from ``stats`` or dynamic.
+
+    Args:
+        x: ``(..., K)`` input.
+        weight: ``(N, K)``; bias: ``(N,)`` or None.
+        stats: calibrated ``ActivationStats``; None = dynamic from ``x`` (per tensor or per token).
+    Returns:
+        ``(..., N)`` in ``x.dtype``.
+    Raises:
+        PlanError: if ``x`` or ``weight`` do not match the plan entry's shape.
+    """
+    name = layer.name or "<layer>"
+    per_token = spec.act_granularity == "per_token"
+    if weight.shape != (layer.out_features, layer.in_features) or x.shape[-1] != layer.in_features:
+        raise PlanError(f"{name}: plan is {layer.in_features}->{layer.out_features}, got weight "
+                        f"{tuple(weight.shape)} and input last dim {x.shape[-1]}")
+    if stats is not None and stats.amax.shape != (len(layer.in_segments),):
+        raise PlanError(f"{name}: stats have {tuple(stats.amax.shape)} entries, plan has "
+                        f"{len(layer.in_segments)} input segments")
+    if spec.realisation == "folded" and per_token:
+        raise SegQuantError(f"{name}: the folded realisation needs static per_tensor activation scales; "
+                            "use realisation='split_k' with per_token activations")
+    _check_finite(x, f"{name}: input")
+    act_fmt = get_format(spec.act_format)
+    w = weight.float()
+    dual = set(layer.dual_scale_segments) if layer.dual_scale else set()
+    parts = x.float().split(list(layer.in_segments), dim=-1)
+    quantized = [_quantize_input_segment(p, act_fmt, i in dual, per_token, stats, i) for i, p in enumerate(parts)]
+    if spec.realisation == "folded":
+        column_scale = torch.cat([u.reshape(1).expand(s) for (_, u), s in zip(quantized, layer.in_segments)])
+        w_hat = _quantize_weight(w * column_scale, layer, spec)
+        y = torch.cat([q for q, _ in quantized], dim=-1) @ w_hat.t()
+    else:
+        w_hat = _quantize_weight(w, layer, spec)
+        y = sum((q * u) @ w_s.t() for (q, u), w_s in zip(quantized, w_hat.split(list(layer.in_segments), dim=1)))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)``."""
+    ref = reference.double()
+    noise = (ref - approx.double()).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))
