@@ -1,0 +1,135 @@
+"""The ``segquant`` command line. ``segquant analyze`` writes the plan of a diffusers denoiser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import SegQuantError
+
+DEFAULT_MODEL = "tiny-flux"
+"""The bundled tiny model that ``segquant analyze`` uses without arguments."""
+
+
+def bundled_configs() -> dict[str, Path]:
+    """Names -> config files of the models bundled with the package."""
+    folder = resources.files("segquant") / "configs"
+    return {p.name.removesuffix(".json"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".json")}
+
+
+def _read_config(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
+    if args.model_dir is not None:
+        folder = Path(args.model_dir)
+        for sub in ("", "transformer", "unet"):
+            path = folder / sub / "config.json"
+            if path.is_file():
+                break
+        else:
+            raise SegQuantError(f"{folder}: no config.json in the folder or its transformer/ or unet/ "
+                                "subfolder; pass a diffusers model folder or --config")
+    elif args.config is not None:
+        path = Path(args.config)
+        if not path.exists() or path.is_dir():
+            raise SegQuantError(f"config file {path} does not exist")
+    else:
+        configs = bundled_configs()
+        if args.model not in configs:
+            raise SegQuantError(f"unknown bundled model {args.model!r}; bundled: {', '.join(sorted(configs))}")
+        path = configs[args.model]
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SegQuantError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise SegQuantError(f"{path} must hold a JSON object (a diffusers config)")
+    model_class = args.model_class or config.get("_class_name")
+    if not model_class:
+        raise SegQuantError(f"{path} has no _class_name; pass --model-class (e.g. FluxTransformer2DModel)")
+    return model_class, config, str(path)
+
+
+def _build_on_meta(model_class: str, config: dict[str, Any]):
+    import torch
+
+    try:
+        import diffusers
+    except ImportError:
+        raise SegQuantError("segquant analyze needs diffusers: pip install 'segquant[diffusers]'") from None
+    from .inputs import supported_models
+
+    cls = getattr(diffusers, model_class, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise SegQuantError(f"{model_class} is not a diffusers model class; supported denoisers: "
+                            f"{', '.join(supported_models())}")
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except Exception as e:  # noqa: BLE001 - any config error is bad user input here
+        raise SegQuantError(f"could not build {model_class} from the config: {type(e).__name__}: {e}") from None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .graph import AnalysisOptions, analyze
+    from .inputs import example_inputs
+    from .plan import format_table
+
+    model_class, config, source = _read_config(args)
+    start = time.perf_counter()
+    model = _build_on_meta(model_class, config)
+    options = AnalysisOptions(capture=args.capture, head_segments=args.head_segments)
+    plan = analyze(model, analysis_options=options, **example_inputs(model))
+    seconds = time.perf_counter() - start
+    if not args.quiet:
+        print(format_table(plan, only_changed=not args.all_layers))
+        print(f"analysed {model_class} from {source} on meta in {seconds:.1f} s")
+    if args.json:
+        plan.save(args.json)
+        if not args.quiet:
+            print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segquant", description="SegQuant: segment-aware, dual-scale "
+                                     "post-training quantization for diffusion models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the analysis does")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("analyze", help="write the SegQuant plan of a diffusers denoiser (built on meta)",
+                       description="Build the model on the meta device (no weights), trace it and write "
+                       "the plan. Without --config/--model-dir the bundled tiny FLUX model is analysed.")
+    p.add_argument("--model-class", help="diffusers class name, e.g. FluxTransformer2DModel "
+                   "(default: the config's _class_name)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", help="a diffusers config.json")
+    src.add_argument("--model-dir", help="a diffusers model or pipeline folder (reads its config.json)")
+    src.add_argument("--model", default=DEFAULT_MODEL, help=f"a bundled model (default {DEFAULT_MODEL})")
+    p.add_argument("--json", help="write the plan to this JSON file")
+    p.add_argument("--capture", choices=("auto", "export", "eager"), default="auto",
+                   help="graph capture: torch.export with eager fallback (default), or one of them")
+    p.add_argument("--head-segments", action="store_true",
+                   help="one input segment per attention head before output projections")
+    p.add_argument("--all-layers", action="store_true", help="list plain layers too")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    p.set_defaults(func=cmd_analyze)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SegQuantError as e:
+        print(f"segquant: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
