@@ -32,8 +32,9 @@ class OpNode:
         args: positional arguments; tensors are ``OpNode``s, containers keep their nesting.
         kwargs: keyword arguments, likewise.
         shape: the output shape, or None for ops returning several tensors or non-tensors.
-        module: for ``linear`` ops, the name of the ``nn.Linear`` whose weight is used; for
-            ``param`` nodes, the parameter or buffer name.
+        module: for ``linear`` ops, the name of the ``nn.Linear`` that made the call; for ``param``
+            nodes, the parameter or buffer name.
+        callers: names of the modules executing when the op ran, innermost first.
     """
 
     name: str
@@ -42,6 +43,7 @@ class OpNode:
     kwargs: dict = field(default_factory=dict)
     shape: tuple[int, ...] | None = None
     module: str | None = None
+    callers: tuple[str, ...] = ()
     users: list["OpNode"] = field(default_factory=list, repr=False)
 
     @property
@@ -103,9 +105,16 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def _collect_linear_calls(nodes: list[OpNode], linears: dict[str, nn.Linear]) -> dict[str, list[OpNode]]:
+    """Map each linear op to the nn.Linear that ran it: the innermost Linear among the op's callers
+    (right for tied and parametrized weights), else the module that owns the weight parameter."""
     calls: dict[str, list[OpNode]] = {}
     for node in nodes:
         if node.op != "linear":
+            continue
+        owner = next((name for name in node.callers if name in linears), None)
+        if owner is not None:
+            node.module = owner
+            calls.setdefault(owner, []).append(node)
             continue
         weight = node.arg(1, "weight")
         while isinstance(weight, OpNode) and weight.op != "param" and weight.tensor_args():
@@ -159,8 +168,10 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
             else:
                 op = getattr(target, "_opname", None) or getattr(target, "__name__", str(target))
                 op = _ALIASES.get(op, op) if op != "getitem" else op
+            stack = fx_node.meta.get("nn_module_stack") or {}
+            callers = tuple(path for path, _ in reversed(list(stack.values())) if isinstance(path, str))
             node = OpNode(fx_node.name, op, convert(tuple(fx_node.args)), convert(dict(fx_node.kwargs)),
-                          shape=_shape_of(fx_node.meta.get("val")))
+                          shape=_shape_of(fx_node.meta.get("val")), callers=callers)
         else:
             continue
         by_fx[fx_node] = node
@@ -180,6 +191,7 @@ class _Recorder(TorchFunctionMode):
         self.nodes: list[OpNode] = []
         self.by_id: dict[int, OpNode] = {}
         self.keep: list[Any] = []  # keeps tensors alive so that ids stay unique
+        self.callers: list[str] = []  # names of the nn.Linear modules now running, outermost first
 
     def _node_for(self, tensor: torch.Tensor) -> OpNode:
         node = self.by_id.get(id(tensor))
@@ -211,7 +223,7 @@ class _Recorder(TorchFunctionMode):
                 (isinstance(out, (list, tuple)) and out and all(isinstance(o, torch.Tensor) for o in out))):
             return out
         node = OpNode(f"{name}_{len(self.nodes)}", name, self._convert(tuple(args)),
-                      {k: self._convert(v) for k, v in kwargs.items()})
+                      {k: self._convert(v) for k, v in kwargs.items()}, callers=tuple(reversed(self.callers)))
         if isinstance(out, torch.Tensor):
             node.shape = tuple(out.shape)
             self._register(out, node)
@@ -229,8 +241,25 @@ def capture_eager(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
     params = {id(t): n for n, t in model.named_parameters()}
     params.update({id(t): n for n, t in model.named_buffers()})
     recorder = _Recorder(params)
-    with recorder:
-        model(*args, **kwargs)
+    handles = []
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            recorder.callers.append(name)
+        return hook
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        recorder.callers.pop()
+
+    for name, module in _linear_modules(model).items():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with recorder:
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
     nodes = recorder.nodes
     _link_users(nodes)
     return OpGraph(nodes, "eager", _collect_linear_calls(nodes, _linear_modules(model)))

@@ -69,16 +69,65 @@ def _norm(dim: Any, ndim: int) -> int | None:
 
 
 def _src(node: OpNode) -> OpNode | None:
-    first = node.args[0] if node.args else None
+    """The tensor an op works on: its first argument, positional or keyword."""
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
     return first if isinstance(first, OpNode) else None
+
+
+def _dim_arg(node: OpNode, index: int, default: Any = 0) -> Any:
+    """The ``dim`` argument (also spelled ``axis``) at position ``index``."""
+    if "axis" in node.kwargs:
+        return node.kwargs["axis"]
+    return node.arg(index, "dim", default)
 
 
 def _split_dim(node: OpNode) -> int | None:
     src = _src(node)
     if src is None or src.shape is None:
         return None
-    index = 1 if node.op == "unbind" else 2
-    return _norm(node.arg(index, "dim", 0), src.ndim)
+    return _norm(_dim_arg(node, 1 if node.op == "unbind" else 2), src.ndim)
+
+
+def _basic_index(node: OpNode) -> list[tuple] | None:
+    """Eager ``tensor[key]`` with basic indexing as one entry per source dim plus ``("new",)`` for None:
+    ``("full",)``, ``("int", i)`` or ``("slice", start, stop)``; None for advanced or strided indexing."""
+    src = _src(node)
+    key = node.arg(1, "key") if len(node.args) > 1 else None
+    if src is None or src.shape is None:
+        return None
+    key = key if isinstance(key, tuple) else (key,)
+    if any(isinstance(k, bool) or not (k is None or k is Ellipsis or isinstance(k, (int, slice))) for k in key):
+        return None
+    real = sum(1 for k in key if k is not None and k is not Ellipsis)
+    if real > src.ndim or sum(1 for k in key if k is Ellipsis) > 1:
+        return None
+    entries: list[tuple] = []
+    for k in key:
+        if k is Ellipsis:
+            entries += [("full",)] * (src.ndim - real)
+        elif k is None:
+            entries.append(("new",))
+        elif isinstance(k, int):
+            entries.append(("int", k))
+        elif k.step not in (None, 1) or not all(b is None or isinstance(b, int) for b in (k.start, k.stop)):
+            return None
+        elif k.start in (None, 0) and k.stop is None:
+            entries.append(("full",))
+        else:
+            entries.append(("slice", k.start, k.stop))
+    if not any(k is Ellipsis for k in key):
+        entries += [("full",)] * (src.ndim - real)
+    return entries
+
+
+def _range(size: int, start: Any, end: Any) -> tuple[int, int] | None:
+    """``[start, end)`` of a slice along a dim of ``size``, with negative and open bounds resolved."""
+    start = 0 if start is None else start
+    end = size if end is None else end
+    if not isinstance(start, int) or not isinstance(end, int):
+        return None
+    start, end = (b + size if b < 0 else b for b in (start, end))
+    return max(0, min(start, size)), max(0, min(end, size))
 
 
 def _split_sizes(node: OpNode) -> list[int] | None:
@@ -149,16 +198,32 @@ def _keeps_last_dim(node: OpNode) -> OpNode | None:
         perm = _permutation(node)
         return src if perm is not None and perm[-1] == src.ndim - 1 else None
     if node.op in ("slice", "select", "narrow"):
-        dim = _norm(node.arg(1, "dim", 0), src.ndim)
+        dim = _norm(_dim_arg(node, 1), src.ndim)
         return src if dim is not None and dim != src.ndim - 1 else None
-    if node.op == "index":  # eager tensor[...] with the last dim untouched
-        return src
+    if node.op == "index":  # eager tensor[key]: basic indexing that leaves the last dim whole
+        entries = _basic_index(node)
+        if not entries:
+            return None
+        real = [e for e in entries if e[0] != "new"]
+        return src if real[-1] == ("full",) and entries[-1] != ("new",) else None
     return None
 
 
 def _skip_back(node: OpNode) -> OpNode:
     for _ in range(MAX_WALK):
         prev = _keeps_last_dim(node)
+        if prev is None:
+            return node
+        node = prev
+    return node
+
+
+def _skip_back_views(node: OpNode) -> OpNode:
+    """Like ``_skip_back`` but also through reshapes and permutes: for DualScale only the values matter."""
+    for _ in range(MAX_WALK):
+        prev = _keeps_last_dim(node)
+        if prev is None and node.op in VIEWS | PERMUTES and _src(node) is not None:
+            prev = _src(node)
         if prev is None:
             return node
         node = prev
@@ -209,15 +274,18 @@ def _input_pieces(node: OpNode, options: AnalysisOptions, depth: int = 0) -> lis
     if depth > 8:
         return [_Piece(size)]
     if options.dual_scale:
-        act = _activation(source) or _glu(source)
+        act_source = _skip_back_views(node)
+        act = _activation(act_source) or _glu(act_source)
         if act is not None:
-            return [_Piece(size, act, ["act->linear"], [source.name])]
+            return [_Piece(size, act, ["act->linear"], [act_source.name])]
     if not options.seg_linear:
         return [_Piece(size)]
     if source.op == "cat":
         tensors = source.arg(0, "tensors")
-        dim = _norm(source.arg(1, "dim", 0), source.ndim)
-        if dim == source.ndim - 1 and isinstance(tensors, (list, tuple)) and len(tensors) > 1:
+        dim = _norm(_dim_arg(source, 1), source.ndim)
+        if isinstance(tensors, (list, tuple)):
+            tensors = [t for t in tensors if isinstance(t, OpNode) and t.shape and t.shape[-1] > 0]
+        if dim == source.ndim - 1 and isinstance(tensors, list) and len(tensors) > 1:
             pieces = []
             for t in tensors:
                 for p in _input_pieces(t, options, depth + 1):
@@ -233,7 +301,7 @@ def _input_pieces(node: OpNode, options: AnalysisOptions, depth: int = 0) -> lis
         inner, count, inner_size = merged
         stack = _skip_back(inner)
         tensors = stack.arg(0, "tensors") if stack.op == "stack" else None
-        if (stack.op == "stack" and _norm(stack.arg(1, "dim", 0), stack.ndim) == stack.ndim - 2
+        if (stack.op == "stack" and _norm(_dim_arg(stack, 1), stack.ndim) == stack.ndim - 2
                 and isinstance(tensors, (list, tuple)) and len(tensors) == count == inner.shape[-2]):
             pieces = [p for t in tensors for p in _input_pieces(t, options, depth + 1)]
             for p in pieces:
@@ -314,26 +382,65 @@ def _output_boundaries(linear: OpNode) -> tuple[set[int], list[str], list[str]]:
                     for item in user.users:
                         if item.op == "getitem":
                             stack.append((item, outer - (op == "unbind"), n_outer, contiguous))
-            elif op in ("select", "slice", "narrow") and _src(user) is node:
-                dim = _norm(user.arg(1, "dim", 0), node.ndim)
-                if dim == outer:
-                    if op == "select":
-                        start = _norm(user.arg(2, "index"), node.shape[dim])
-                        end = None if start is None else start + 1
-                    else:
-                        start = user.arg(2, "start", 0) or 0
-                        end = user.arg(3, "end", node.shape[dim])
-                        length = user.arg(3, "length") if op == "narrow" else None
-                        end = start + length if isinstance(length, int) else end
-                    if isinstance(start, int) and isinstance(end, int):
-                        for b in (start, min(end, node.shape[dim])):
-                            if 0 < b < node.shape[dim]:
-                                cuts.add(b * unit)
-                        patterns.append("linear->split")
-                        names.append(user.name)
-                elif dim is not None and dim < outer:
-                    stack.append((user, outer - (op == "select"), n_outer, contiguous))
+            elif op in ("select", "slice", "narrow", "index") and _src(user) is node:
+                entries = _index_entries(user, node.ndim)
+                if entries is None:
+                    continue
+                at = next((e for e in entries if e[0] == outer), None)
+                later = [e for e in entries if e[0] is not None and e[0] > outer]
+                if at is None or any(e[2] != ("full",) for e in later):
+                    continue
+                if at[2] == ("full",):
+                    if all(e[1] is not None for e in later) and not any(
+                            e[0] is None and e[1] is not None and e[1] > at[1] for e in entries):
+                        stack.append((user, at[1], n_outer, contiguous))
+                    continue
+                size = node.shape[outer]
+                bounds = (_range(size, at[2][1], at[2][1] + 1 if at[2][1] != -1 else None)
+                          if at[2][0] == "int" else _range(size, at[2][1], at[2][2]))
+                if bounds is not None:
+                    cuts.update(b * unit for b in bounds if 0 < b < size)
+                    patterns.append("linear->split")
+                    names.append(user.name)
     return cuts, patterns, names
+
+
+def _index_entries(node: OpNode, ndim: int) -> list[tuple] | None:
+    """``(source dim, output dim, entry)`` for select/slice/narrow/eager-index ops; None if unknown."""
+    if node.op == "index":
+        entries = _basic_index(node)
+    else:
+        dim = _norm(_dim_arg(node, 1), ndim)
+        if dim is None:
+            return None
+        if node.op == "select":
+            entry = ("int", node.arg(2, "index"))
+        elif node.op == "narrow":
+            start, length = node.arg(2, "start"), node.arg(3, "length")
+            if not isinstance(start, int) or not isinstance(length, int):
+                return None
+            start = start + node.args[0].shape[dim] if start < 0 else start
+            entry = ("slice", start, start + length)
+        else:
+            if node.arg(4, "step", 1) not in (None, 1):
+                return None
+            entry = ("slice", node.arg(2, "start"), node.arg(3, "end"))
+        entries = [("full",)] * dim + [entry] + [("full",)] * (ndim - dim - 1)
+    if entries is None:
+        return None
+    out, src_dim, out_dim = [], 0, 0
+    for e in entries:
+        if e[0] == "new":
+            out.append((None, out_dim, e))
+            out_dim += 1
+        elif e[0] == "int":
+            out.append((src_dim, None, e))
+            src_dim += 1
+        else:
+            out.append((src_dim, out_dim, e))
+            src_dim += 1
+            out_dim += 1
+    return out
 
 
 def _sizes_from_cuts(cuts: set[int], total: int) -> tuple[int, ...]:
@@ -344,7 +451,7 @@ def _sizes_from_cuts(cuts: set[int], total: int) -> tuple[int, ...]:
 def _plan_linear(name: str, module: nn.Linear, calls: list[OpNode], options: AnalysisOptions) -> LinearPlan:
     per_call = []
     for call in calls:
-        x = call.args[0]
+        x = call.arg(0, "input")
         pieces = _input_pieces(x, options) if isinstance(x, OpNode) else [_Piece(module.in_features)]
         if sum(p.size for p in pieces) != module.in_features:
             logger.warning("%s: input segments %s do not sum to in_features %d; left unsegmented",
@@ -356,7 +463,7 @@ def _plan_linear(name: str, module: nn.Linear, calls: list[OpNode], options: Ana
         return LinearPlan(module.in_features, module.out_features, name=name)
 
     first = per_call[0][0]
-    key = lambda ps: [(p.size, p.activation is not None) for p in ps]  # noqa: E731
+    key = lambda ps: [(p.size, p.activation) for p in ps]  # noqa: E731
     if any(key(ps) != key(first) for ps, *_ in per_call[1:]):
         logger.warning("%s is called %d times with different input structure; its inputs stay unsegmented",
                        name, len(per_call))

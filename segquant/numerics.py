@@ -130,6 +130,9 @@ def fake_quant_tensor(x: Tensor, fmt: str | QuantFormat = "int8", granularity: s
     """
     if granularity not in GRANULARITIES:
         raise SegQuantError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+    _check_finite(x, "tensor to quantize")
+    if x.numel() == 0:
+        return x.clone()
     if granularity == "per_segment":
         if segments is None:
             raise SegQuantError("per_segment quantization needs segments")
@@ -286,6 +289,9 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
         raise SegQuantError(f"{name}: the folded realisation needs static per_tensor activation scales; "
                             "use realisation='split_k' with per_token activations")
     _check_finite(x, f"{name}: input")
+    _check_finite(weight, f"{name}: weight")
+    if x.numel() == 0:
+        return x.new_zeros(*x.shape[:-1], layer.out_features)
     act_fmt = get_format(spec.act_format)
     w = weight.float()
     dual = set(layer.dual_scale_segments) if layer.dual_scale else set()

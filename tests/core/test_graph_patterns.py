@@ -186,3 +186,102 @@ def test_detection_switches():
     assert plan.input_segmented() == [] and plan.output_segmented() == []
     plan = plan_of(SingleBlock(), torch.randn(1, 6, 8), dual_scale=False)
     assert plan.dual_scaled() == [] and plan["proj_out"].in_segments == (8, 24)
+
+
+class Slices(nn.Module):
+    """Output segments made by slicing, with negative bounds, narrow and Python indexing."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.tail, self.mid, self.narrowed, self.rows = (nn.Linear(4, 12) for _ in range(5))
+
+    def forward(self, x):
+        a = self.head(x)[..., :4]
+        b = self.tail(x)[..., -4:]
+        c = self.mid(x)[..., 4:8]
+        d = self.narrowed(x).narrow(-1, -4, 4)
+        e = self.rows(x).view(*x.shape[:-1], 3, 4)[..., 1, :]
+        return a.sum() + b.sum() + c.sum() + d.sum() + e.sum()
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_slices_of_outputs(capture):
+    plan = plan_of(Slices(), torch.randn(2, 5, 4), capture=capture)
+    assert plan["head"].out_segments == (4, 8)
+    assert plan["tail"].out_segments == (8, 4)
+    assert plan["mid"].out_segments == (4, 4, 4)
+    assert plan["narrowed"].out_segments == (8, 4)
+    assert plan["rows"].out_segments == (4, 4, 4)
+
+
+class Keywords(nn.Module):
+    """Functional calls with keyword arguments, an empty cat piece and a permuted last dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 12)
+        self.k = nn.Linear(8, 4)
+        self.perm = nn.Linear(7, 4)
+
+    def forward(self, x):
+        y = F.linear(input=torch.cat([x, 2 * x, x[..., :0]], axis=-1), weight=self.l.weight, bias=self.l.bias)
+        parts = torch.chunk(input=self.k(torch.cat(tensors=[x, x], dim=-1)), chunks=2, dim=-1)
+        flipped = torch.cat([x[..., :3], x[..., :4]], -1)[..., torch.arange(6, -1, -1)]
+        return y.sum() + parts[0].sum() + self.perm(flipped).sum()
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_keyword_arguments_and_edge_pieces(capture):
+    plan = plan_of(Keywords(), torch.randn(2, 4), capture=capture)
+    assert plan["k"].in_segments == (4, 4) and plan["k"].out_segments == (2, 2)
+    assert plan["perm"].is_plain  # an index along the last dim reorders features: no segments
+    # F.linear with a module's weight outside its forward is attributed by the weight's owner
+    assert plan["l"].in_segments == (4, 4)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 12), nn.Linear(8, 12)
+        self.b.weight = nn.Parameter(torch.randn(12, 8))
+        self.c = nn.Linear(8, 12)
+        self.c.weight = self.b.weight  # tied
+
+    def forward(self, x):
+        chunks = self.a(x).chunk(3, -1)
+        return self.b(torch.cat([x, x], -1)).sum() + self.c(F.silu(torch.cat([x, x], -1))).chunk(2, -1)[0].sum() + chunks[0].sum()
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_tied_weights_are_planned_per_module(capture):
+    plan = plan_of(Tied(), torch.randn(2, 4), capture=capture)
+    assert plan["b"].in_segments == (4, 4) and plan["b"].out_segments == (12,) and not plan["b"].dual_scale
+    assert plan["c"].out_segments == (6, 6) and plan["c"].dual_scale
+    assert plan["a"].out_segments == (4, 4, 4)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_parametrized_linear_is_found(capture):
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    plan = plan_of(model, torch.randn(2, 4), capture=capture)
+    assert plan["2"].activation == "gelu"
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.t = nn.Linear(5, 4)
+
+    def forward(self, c):
+        silu_then_transposed = F.silu(c.view(2, 5, 4)).transpose(1, 2)
+        return self.l(F.silu(c)) + self.l(c * F.gelu(c)), self.t(silu_then_transposed)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_shared_linear_with_different_inputs_is_left_plain(capture, caplog):
+    plan = plan_of(Shared(), torch.randn(10, 4), capture=capture)
+    assert not plan["l"].dual_scale and plan["l"].activation is None
+    assert "called 2 times with different input structure" in caplog.text
+    assert plan["t"].activation == "silu"  # DualScale only needs the values: transposes keep them

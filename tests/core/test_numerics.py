@@ -213,3 +213,16 @@ def test_bad_input():
         obs.update(torch.full((1, 24), float("inf")))
     with pytest.raises(SegQuantError, match="last dim 12"):
         obs.update(torch.randn(1, 12))
+
+
+def test_empty_and_non_finite_inputs():
+    w, b = _linear()
+    layer = LinearPlan(24, 8, name="blk.l")
+    assert nx.reference_linear(torch.zeros(0, 24), w, b, layer).shape == (0, 8)
+    assert nx.fake_quant_tensor(torch.zeros(0, 4)).shape == (0, 4)
+    torch.testing.assert_close(nx.fake_quant_tensor(torch.zeros(3)), torch.zeros(3))
+    with pytest.raises(SegQuantError, match="contains NaN or Inf"):
+        nx.fake_quant_tensor(torch.tensor([float("inf"), 1.0]))
+    w[0, 0] = float("nan")
+    with pytest.raises(SegQuantError, match="blk.l: weight contains NaN"):
+        nx.reference_linear(torch.randn(2, 24), w, b, layer)

@@ -1,0 +1,87 @@
+"""GEMM wrappers over torch's own low-precision kernels (``torch._scaled_mm``, ``torch._int_mm``).
+
+Activations are quantized here (codes + scales) and multiplied with pre-quantized weights stored
+``(N, K)`` row-major. Shapes the kernels reject are padded, never silently sent to a slow path:
+fp8 needs K and N multiples of 16 (weights are padded once, at convert time; activations' K per call),
+int8 needs M > 16 and M, K, N multiples of 8.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT8_MIN, INT8_MAX = -128.0, 127.0
+PRECISIONS = ("fp8", "int8")
+
+
+def kernel_multiple(precision: str) -> int:
+    """K and N of a weight must be multiples of this for the kernel of ``precision``."""
+    return 16 if precision == "fp8" else 8
+
+
+def pad_to(x: Tensor, dim: int, multiple: int, minimum: int = 0) -> Tensor:
+    """Zero-pad ``dim`` of ``x`` up to a multiple of ``multiple`` (and above ``minimum``)."""
+    size = x.shape[dim]
+    target = max(-(-size // multiple) * multiple, minimum)
+    if target == size:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, target - size]
+    return torch.nn.functional.pad(x, pad)
+
+
+def codes(x: Tensor, scale: Tensor | float, precision: str, lo: float | None = None,
+          hi: float | None = None) -> Tensor:
+    """Quantize ``x / scale`` to fp8 e4m3 or int8 codes, clamped to ``[lo, hi]`` (default: the format's range)."""
+    v = x.float() / scale
+    if precision == "fp8":
+        return v.clamp(-FP8_MAX if lo is None else lo, FP8_MAX if hi is None else hi).to(FP8_DTYPE)
+    return torch.round(v).clamp(INT8_MIN if lo is None else lo, INT8_MAX if hi is None else hi).to(torch.int8)
+
+
+def positive_codes(x: Tensor, scale: Tensor | float, precision: str) -> Tensor:
+    """DualScale's positive side: ``x+ / s+`` clamped to ``[0, qmax]``."""
+    return codes(x.clamp(min=0), scale, precision, lo=0.0)
+
+
+def negative_codes(x: Tensor, scale: Tensor | float, precision: str) -> Tensor:
+    """DualScale's negative side: ``x- / s-`` clamped to ``[qmin, 0]``."""
+    return codes(x.clamp(max=0), scale, precision, hi=0.0)
+
+
+def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``(a * scale_a) @ (weight * scale_b).T`` with fp32 accumulation.
+
+    Args:
+        a: ``(M, K)`` fp8 or int8 codes.
+        weight: ``(N, K)`` codes of the same dtype, K and N already multiples of ``kernel_multiple``.
+        scale_a: ``(M, 1)`` float32 row scales; scale_b: ``(1, N)`` float32 column scales.
+    Returns:
+        ``(M, N)`` in ``out_dtype``.
+    """
+    m, k = a.shape
+    if k != weight.shape[1]:
+        a = pad_to(a.view(torch.int8) if a.dtype == FP8_DTYPE else a, 1, weight.shape[1])
+        a = a.view(FP8_DTYPE) if weight.dtype == FP8_DTYPE else a
+    if a.dtype == FP8_DTYPE:
+        return torch._scaled_mm(a, weight.t(), scale_a=scale_a.float(), scale_b=scale_b.float(), out_dtype=out_dtype)
+    if a.dtype != torch.int8:
+        raise TypeError(f"scaled_mm expects fp8 or int8 codes, got {a.dtype}")
+    a_p = pad_to(a, 0, 8, minimum=24) if (m <= 16 or m % 8) else a
+    acc = torch._int_mm(a_p, weight.t())[:m]
+    return (acc.float() * scale_a.float() * scale_b.float()).to(out_dtype)
+
+
+def dual_scale_mm(q_pos: Tensor, q_neg: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor,
+                  scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """DualScale as ONE GEMM with M doubled: rows ``[q+ ; q-]`` with row scales ``[s+ ; s-]``, halves summed.
+
+    ``s_pos``/``s_neg`` are ``(M, 1)`` (per token) or scalars (per tensor).
+    """
+    m = q_pos.shape[0]
+    a = torch.cat([q_pos, q_neg], dim=0)
+    scale_a = torch.cat([s_pos.float().expand(m, 1), s_neg.float().expand(m, 1)], dim=0)
+    y = scaled_mm(a, weight, scale_a, scale_b, torch.float32)
+    return (y[:m] + y[m:]).to(out_dtype)
