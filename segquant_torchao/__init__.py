@@ -1,13 +1,19 @@
-"""SegQuant for torchao (``quantize_(model, SegLinearConfig(...))``).
+"""SegQuant for torchao: ``quantize_(model, SegQuantConfig(plan), filter_fn=None)``.
 
-The adapter reads a ``segquant.SegQuantPlan``; its configs, handlers and kernels are built in the
-issue "segquant_torchao: quantize_ configs with real FP8/INT8 kernels". Importing it checks that
-torchao is installed.
+Real fp8 (``torch._scaled_mm``) and int8 (``torch._int_mm``) GEMMs; static (prepare -> calibrate ->
+convert) or dynamic (per-token) activation scales; DualScale as one GEMM with M doubled.
 """
 
 try:
     import torchao  # noqa: F401
+    import torchao.core.config as _ao_config
 except ImportError as e:  # pragma: no cover - exercised only without torchao
     raise ImportError(f"segquant_torchao needs torchao>=0.18: pip install 'segquant[torchao]' [{e}]") from e
 
-__all__: list[str] = []
+from .api import SegLinearConfig, SegQuantConfig, calibration_from, check_plan, quantize, quantized_layers
+from .linear import ObservedSegQuantLinear, SegQuantLinear
+
+_ao_config.ALLOWED_AO_MODULES.add(__name__)
+
+__all__ = ["ObservedSegQuantLinear", "SegLinearConfig", "SegQuantConfig", "SegQuantLinear", "calibration_from",
+           "check_plan", "quantize", "quantized_layers"]

@@ -62,16 +62,21 @@ def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_d
         ``(M, N)`` in ``out_dtype``.
     """
     m, k = a.shape
+    scale_a = scale_a.float().expand(m, 1).contiguous()
+    scale_b = scale_b.float().reshape(1, -1).contiguous()
     if k != weight.shape[1]:
         a = pad_to(a.view(torch.int8) if a.dtype == FP8_DTYPE else a, 1, weight.shape[1])
         a = a.view(FP8_DTYPE) if weight.dtype == FP8_DTYPE else a
     if a.dtype == FP8_DTYPE:
-        return torch._scaled_mm(a, weight.t(), scale_a=scale_a.float(), scale_b=scale_b.float(), out_dtype=out_dtype)
+        # cuBLASLt's row-wise scaled fp8 GEMM writes bf16 only; the CPU kernel writes any float dtype
+        mm_dtype = torch.bfloat16 if a.is_cuda and out_dtype == torch.float32 else out_dtype
+        y = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=mm_dtype)
+        return y if mm_dtype == out_dtype else y.to(out_dtype)
     if a.dtype != torch.int8:
         raise TypeError(f"scaled_mm expects fp8 or int8 codes, got {a.dtype}")
     a_p = pad_to(a, 0, 8, minimum=24) if (m <= 16 or m % 8) else a
     acc = torch._int_mm(a_p, weight.t())[:m]
-    return (acc.float() * scale_a.float() * scale_b.float()).to(out_dtype)
+    return (acc.float() * scale_a * scale_b).to(out_dtype)
 
 
 def dual_scale_mm(q_pos: Tensor, q_neg: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor,

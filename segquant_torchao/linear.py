@@ -1,0 +1,221 @@
+"""The quantized Linear: an ``nn.Linear`` converted IN PLACE (its ``__class__`` swapped), so that it
+survives loaders that call ``quantize_`` on each leaf Linear (diffusers' ``TorchAoConfig``).
+
+Realisations (see SPEC sections 2-3):
+- static ``folded``: per-segment activation scales folded into the weight columns; one GEMM, with M
+  doubled (rows ``[q+ ; q-]``) when some input segment is DualScale.
+- static ``split_k``: one GEMM per input segment, ``y = sum_s a_s (W_s q_s)``.
+- ``dynamic``: per-token scales per segment (split-K), DualScale with per-token ``s+``/``s-``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segquant import SegmentAmaxObserver, SegQuantError
+from segquant.numerics import ActivationStats, scale_from_amax
+
+from .kernels import FP8_MAX, INT8_MAX, codes, dual_scale_mm, kernel_multiple, negative_codes, pad_to, \
+    positive_codes, scaled_mm
+
+_QMAX = {"fp8": FP8_MAX, "int8": INT8_MAX}
+_QNEG = {"fp8": FP8_MAX, "int8": 128.0}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a converted layer does; plain Python so that ``torch.compile`` treats it as constant."""
+
+    name: str
+    in_features: int
+    out_features: int
+    in_segments: tuple[int, ...]
+    out_segments: tuple[int, ...]
+    dual_segments: tuple[int, ...]
+    precision: str
+    activation: str  # "static" | "dynamic"
+    realisation: str  # "folded" | "split_k"
+    weight_granularity: str  # "per_channel" | "per_tensor"
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for size in self.in_segments:
+            out.append((start, start + size))
+            start += size
+        return out
+
+
+def _weight_scale(w: Tensor, spec: LayerSpec) -> Tensor:
+    """(N, 1) float32 scales: per output row, or one per output segment (``per_tensor``)."""
+    if spec.weight_granularity == "per_channel":
+        amax = w.abs().amax(dim=1, keepdim=True)
+    else:
+        amax = torch.cat([p.abs().amax().expand(p.shape[0]) for p in w.split(list(spec.out_segments))])[:, None]
+    return scale_from_amax(amax, spec.precision)
+
+
+class ObservedSegQuantLinear(nn.Linear):
+    """A Linear that records per-segment, per-sign input ranges (the ``prepare`` step)."""
+
+    segquant_observer: SegmentAmaxObserver
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.segquant_observer.update(x.detach())
+        return F.linear(x, self.weight, self.bias)
+
+
+class SegQuantLinear(nn.Linear):
+    """A Linear whose weight is fp8/int8 codes with per-row scales and whose input is quantized per
+    SegQuant plan entry. Built by ``convert_linear``; never constructed directly."""
+
+    segquant_spec: LayerSpec
+
+    def extra_repr(self) -> str:
+        s = self.segquant_spec
+        return (f"in_features={s.in_features}, out_features={s.out_features}, precision={s.precision}, "
+                f"activation={s.activation}, in_segments={list(s.in_segments)}, dual={list(s.dual_segments)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        spec = self.segquant_spec
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, spec.in_features)
+        if spec.activation == "static" and spec.realisation == "folded":
+            y = self._folded(x2)
+        else:
+            y = self._split(x2)
+        y = y[:, :spec.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, spec.out_features)
+
+    def _folded(self, x: Tensor) -> Tensor:
+        spec = self.segquant_spec
+        m = x.shape[0]
+        v = x.float() / self.col_scale
+        if spec.dual_segments:
+            top = torch.where(self.dual_mask, v.clamp(min=0), v)
+            rows = [codes(top, 1.0, spec.precision)]
+            ratios = []
+            for j, i in enumerate(spec.dual_segments):
+                lo, hi = spec.bounds[i]
+                neg = torch.zeros_like(v)
+                neg[:, lo:hi] = x[:, lo:hi].float().clamp(max=0) / self.neg_scale[i]
+                rows.append(negative_codes(neg, 1.0, spec.precision))
+                ratios.append(self.neg_scale[i] / self.act_scale[i])
+            a = torch.cat(rows, dim=0)
+            scale_a = torch.cat([x.new_ones(m, 1, dtype=torch.float32)] +
+                                [r.reshape(1, 1).expand(m, 1) for r in ratios], dim=0)
+            y = scaled_mm(a, self.qweight, scale_a, self.weight_scale.t(), torch.float32)
+            return y.reshape(len(rows), m, -1).sum(0).to(x.dtype)
+        a = codes(v, 1.0, spec.precision)
+        ones = x.new_ones(m, 1, dtype=torch.float32)
+        return scaled_mm(a, self.qweight, ones, self.weight_scale.t(), x.dtype)
+
+    def _split(self, x: Tensor) -> Tensor:
+        spec = self.segquant_spec
+        m = x.shape[0]
+        dynamic = spec.activation == "dynamic"
+        y = None
+        for i, (lo, hi) in enumerate(spec.bounds):
+            part = x[:, lo:hi]
+            weight = getattr(self, f"qweight_{i}")
+            if i in spec.dual_segments:
+                xf = part.float()
+                if dynamic:
+                    s_pos = scale_from_amax(xf.clamp(min=0).amax(-1, keepdim=True), spec.precision)
+                    s_neg = scale_from_amax((-xf).clamp(min=0).amax(-1, keepdim=True), spec.precision, negative=True)
+                else:
+                    s_pos, s_neg = self.act_scale[i].reshape(1, 1), self.neg_scale[i].reshape(1, 1)
+                out = dual_scale_mm(positive_codes(xf, s_pos, spec.precision), negative_codes(xf, s_neg, spec.precision),
+                                    weight, s_pos, s_neg, self.weight_scale.t(), torch.float32)
+            else:
+                if dynamic:
+                    scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.precision)
+                else:
+                    scale = self.act_scale[i].reshape(1, 1)
+                out = scaled_mm(codes(part, scale, spec.precision), weight, scale.expand(m, 1),
+                                self.weight_scale.t(), torch.float32)
+            y = out if y is None else y + out
+        return y.to(x.dtype)
+
+
+def _check_module(module: nn.Module, spec: LayerSpec) -> None:
+    if not isinstance(module, nn.Linear) or isinstance(module, SegQuantLinear):
+        what = "already quantized by SegQuant" if isinstance(module, SegQuantLinear) else type(module).__name__
+        raise SegQuantError(f"{spec.name}: expected a float nn.Linear, got {what}")
+    if (module.in_features, module.out_features) != (spec.in_features, spec.out_features):
+        raise SegQuantError(f"{spec.name}: the plan says {spec.in_features}->{spec.out_features}, the module is "
+                            f"{module.in_features}->{module.out_features}; re-run segquant.analyze on this model")
+    if not module.weight.dtype.is_floating_point or module.weight.dtype in (torch.float8_e4m3fn,):
+        raise SegQuantError(f"{spec.name}: weight dtype {module.weight.dtype} is not a float dtype SegQuant "
+                            "can quantize (use float32, float16 or bfloat16)")
+    if module.weight.device.type == "meta":
+        raise SegQuantError(f"{spec.name}: weights are on the meta device; load real weights before quantizing")
+
+
+def prepare_linear(module: nn.Linear, spec: LayerSpec) -> nn.Linear:
+    """Attach a per-segment observer (in place)."""
+    _check_module(module, spec)
+    module.segquant_observer = SegmentAmaxObserver(segments=spec.in_segments, name=spec.name)
+    module.segquant_spec = spec
+    module.__class__ = ObservedSegQuantLinear
+    return module
+
+
+def unprepare_linear(module: nn.Module) -> None:
+    """Undo ``prepare_linear`` (used to leave a model unchanged when a later step fails)."""
+    if isinstance(module, ObservedSegQuantLinear):
+        del module.segquant_observer
+        del module.segquant_spec
+        module.__class__ = nn.Linear
+
+
+def convert_linear(module: nn.Linear, spec: LayerSpec, stats: ActivationStats | None) -> SegQuantLinear:
+    """Quantize ``module`` in place. ``stats`` are required for static activation scales."""
+    if isinstance(module, ObservedSegQuantLinear):
+        del module.segquant_observer
+        module.__class__ = nn.Linear
+    _check_module(module, spec)
+    if spec.activation == "static" and stats is None:
+        raise SegQuantError(f"{spec.name}: static activation scales need calibration data")
+    multiple = kernel_multiple(spec.precision)
+    w = module.weight.detach().float()
+    device = w.device
+    buffers: dict[str, Tensor] = {}
+    n_seg = len(spec.in_segments)
+    if stats is not None:
+        act = torch.stack([scale_from_amax(stats.pos_amax[i] if i in spec.dual_segments else stats.amax[i],
+                                           spec.precision) for i in range(n_seg)]).to(device)
+        neg = scale_from_amax(stats.neg_amax, spec.precision, negative=True).to(device)
+        buffers["act_scale"], buffers["neg_scale"] = act, neg
+    if spec.activation == "static" and spec.realisation == "folded":
+        col = torch.cat([buffers["act_scale"][i].expand(size) for i, size in enumerate(spec.in_segments)])
+        w = w * col
+        buffers["col_scale"] = col
+        buffers["dual_mask"] = torch.cat([torch.full((size,), i in spec.dual_segments, dtype=torch.bool)
+                                          for i, size in enumerate(spec.in_segments)]).to(device)
+    scale = _weight_scale(w, spec)
+    q = codes(w, scale, spec.precision)
+    buffers["weight_scale"] = pad_to(scale.float(), 0, multiple).clamp(min=torch.finfo(torch.float32).tiny)
+    if spec.activation == "static" and spec.realisation == "folded":
+        buffers["qweight"] = _pad_weight(q, multiple)
+    else:
+        for i, (lo, hi) in enumerate(spec.bounds):
+            buffers[f"qweight_{i}"] = _pad_weight(q[:, lo:hi].contiguous(), multiple)
+    del module.weight
+    for name, value in buffers.items():
+        module.register_buffer(name, value)
+    module.segquant_spec = spec
+    module.__class__ = SegQuantLinear
+    return module
+
+
+def _pad_weight(q: Tensor, multiple: int) -> Tensor:
+    int_view = q.view(torch.int8) if q.dtype == torch.float8_e4m3fn else q
+    padded = pad_to(pad_to(int_view, 0, multiple), 1, multiple)
+    return padded.view(q.dtype) if q.dtype == torch.float8_e4m3fn else padded

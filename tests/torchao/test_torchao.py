@@ -1,0 +1,314 @@
+"""segquant_torchao on CPU: every quantized layer against segquant.numerics, compile, round trips,
+the diffusers loading path and bad input. The GPU counterpart is benchmarks/torchao_gpu.py."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torchao")
+pytest.importorskip("diffusers")
+
+import segquant  # noqa: E402
+from segquant import LinearPlan, PlanError, SegQuantError  # noqa: E402
+from segquant import numerics as nx  # noqa: E402
+from segquant_torchao import (SegLinearConfig, SegQuantConfig, SegQuantLinear, calibration_from,  # noqa: E402
+                              quantize, quantized_layers)
+from _models import build_tiny  # noqa: E402
+
+# Same codes as the reference; only the accumulation order differs (fp32 in both).
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def tiny(name="FluxTransformer2DModel", seed=0):
+    model = build_tiny(name, seed=seed)
+    kwargs = segquant.example_inputs(model)
+    return model, kwargs, segquant.analyze(model, **kwargs)
+
+
+def capture_inputs(model, kwargs):
+    inputs, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, a, n=name: inputs.setdefault(n, a[0].detach().clone())))
+    with torch.no_grad():
+        model(**kwargs)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def static_quantize(model, kwargs, plan, **options):
+    quantize(model, SegQuantConfig(plan, activation="static", step="prepare", **options))
+    with torch.no_grad():
+        model(**kwargs)
+    calibration = calibration_from(model)
+    quantize(model, SegQuantConfig(plan, activation="static", step="convert", **options))
+    return calibration
+
+
+def check_layers(model, quantized, plan, inputs, spec, calibration=None):
+    modules = dict(model.named_modules())
+    checked = 0
+    for name, layer in quantized_layers(quantized).items():
+        x = inputs[name]
+        stats = None
+        if calibration is not None:
+            c = calibration[name]
+            stats = nx.ActivationStats(*(torch.tensor(c[k]) for k in ("amax", "pos_amax", "neg_amax")))
+        float_layer = modules[name]
+        expected = nx.reference_linear(x, float_layer.weight, float_layer.bias, plan[name], spec, stats)
+        with torch.no_grad():
+            got = layer(x)
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        checked += 1
+    assert checked == len(plan)
+    return checked
+
+
+@pytest.mark.parametrize("model_name", ["FluxTransformer2DModel", "SD3Transformer2DModel"])
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_dynamic_layers_match_reference(model_name, precision):
+    model, kwargs, plan = tiny(model_name)
+    inputs = capture_inputs(model, kwargs)
+    quantized = copy.deepcopy(model)
+    quantize(quantized, SegQuantConfig(plan, precision=precision))
+    spec = nx.QuantSpec(weight_format=precision, weight_granularity="per_channel", act_format=precision,
+                        act_granularity="per_token")
+    check_layers(model, quantized, plan, inputs, spec)
+
+
+@pytest.mark.parametrize("model_name", ["FluxTransformer2DModel", "SD3Transformer2DModel"])
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+@pytest.mark.parametrize("realisation", ["folded", "split_k"])
+def test_static_layers_match_reference(model_name, precision, realisation):
+    model, kwargs, plan = tiny(model_name)
+    inputs = capture_inputs(model, kwargs)
+    quantized = copy.deepcopy(model)
+    calibration = static_quantize(quantized, kwargs, plan, precision=precision, realisation=realisation,
+                                  weight_granularity="per_tensor")
+    spec = nx.QuantSpec(weight_format=precision, weight_granularity="per_tensor", act_format=precision,
+                        realisation=realisation)
+    check_layers(model, quantized, plan, inputs, spec, calibration)
+    # the tolerance would catch a wrong scale: the same layer without its segments is far off
+    name = "single_transformer_blocks.0.proj_out" if "Flux" in model_name else "transformer_blocks.0.norm1.linear"
+    layer, x = dict(quantized.named_modules())[name], inputs[name]
+    float_layer = dict(model.named_modules())[name]
+    plain = nx.reference_linear(x, float_layer.weight, float_layer.bias,
+                                LinearPlan(float_layer.in_features, float_layer.out_features), spec)
+    with torch.no_grad():
+        assert not torch.allclose(layer(x), plain, rtol=RTOL, atol=ATOL)
+
+
+def test_dual_scale_and_segments_are_used():
+    model, kwargs, plan = tiny()
+    quantized = copy.deepcopy(model)
+    quantize(quantized, SegQuantConfig(plan, precision="int8"))
+    proj_out = quantized.single_transformer_blocks[0].proj_out
+    assert isinstance(proj_out, SegQuantLinear)
+    assert proj_out.segquant_spec.in_segments == (32, 128) and proj_out.segquant_spec.dual_segments == (1,)
+    ablated = copy.deepcopy(model)
+    quantize(ablated, SegQuantConfig(plan, precision="int8", seg_linear=False, dual_scale=False))
+    assert ablated.single_transformer_blocks[0].proj_out.segquant_spec.in_segments == (160,)
+    assert ablated.single_transformer_blocks[0].proj_out.segquant_spec.dual_segments == ()
+
+
+def test_skip_keeps_layers_in_high_precision():
+    model, kwargs, plan = tiny()
+    quantize(model, SegQuantConfig(plan, skip=["proj_out", "x_embedder"]))
+    assert type(model.proj_out) is nn.Linear and type(model.x_embedder) is nn.Linear
+    assert len(quantized_layers(model)) == len(plan) - 2
+
+
+class Block(nn.Module):
+    """A FLUX single block in miniature: adaLN chunk, cat([attn, gelu(mlp)]) -> proj_out."""
+
+    def __init__(self, d=32, mlp=64):
+        super().__init__()
+        self.mod = nn.Linear(d, 3 * d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.mlp = nn.Linear(d, mlp)
+        self.proj_out = nn.Linear(d + mlp, d)
+
+    def forward(self, x, emb):
+        shift, scale, gate = self.mod(nn.functional.silu(emb)).chunk(3, dim=-1)
+        h = x * (1 + scale[:, None]) + shift[:, None]
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        attn = nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + gate[:, None] * self.proj_out(torch.cat([attn, nn.functional.gelu(self.mlp(h))], dim=-1))
+
+
+@pytest.mark.parametrize("activation", ["dynamic", "static"])
+def test_compile_fullgraph_in_inference_mode(activation):
+    torch.manual_seed(0)
+    block = Block().eval()
+    x, emb = torch.randn(2, 24, 32), torch.randn(2, 32)
+    plan = segquant.analyze(block, x, emb)
+    assert plan["proj_out"].dual_scale_segments == (1,)
+    if activation == "static":
+        quantize(block, SegQuantConfig(plan, activation="static", step="prepare"))
+        with torch.no_grad():
+            block(x, emb)
+        quantize(block, SegQuantConfig(plan, activation="static", step="convert"))
+    else:
+        quantize(block, SegQuantConfig(plan))
+    with torch.inference_mode():
+        eager = block(x, emb)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x, emb)
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_compile_with_inductor(precision):
+    torch.manual_seed(0)
+    block = Block().eval()
+    x, emb = torch.randn(2, 24, 32), torch.randn(2, 32)
+    quantize(block, SegQuantConfig(segquant.analyze(block, x, emb), precision=precision))
+    with torch.inference_mode():
+        eager = block(x, emb)
+        compiled = torch.compile(block, fullgraph=True)(x, emb)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_config_dict_round_trip():
+    from torchao.core.config import config_from_dict, config_to_dict
+
+    model, kwargs, plan = tiny()
+    config = SegQuantConfig(plan, precision="int8", skip=["proj_out"], dual_scale=False)
+    restored = config_from_dict(config_to_dict(config))
+    assert type(restored) is SegQuantConfig and restored.plan == config.plan
+    assert list(restored.fqn_to_config) == list(config.fqn_to_config)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    quantize(a, config)
+    quantize(b, restored)
+    with torch.no_grad():
+        torch.testing.assert_close(a(**kwargs)[0], b(**kwargs)[0], rtol=0, atol=0)
+
+
+def test_state_dict_round_trip():
+    model, kwargs, plan = tiny()
+    source = copy.deepcopy(model)
+    calibration = static_quantize(source, kwargs, plan, precision="fp8")
+    other, _, _ = tiny(seed=1)  # different float weights: everything must come from the state dict
+    quantize(other, SegQuantConfig(plan, precision="fp8", activation="static", calibration=calibration))
+    other.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(**kwargs)[0], source(**kwargs)[0], rtol=0, atol=0)
+
+
+def test_diffusers_from_pretrained_quantizes(tmp_path):
+    from diffusers import FluxTransformer2DModel, TorchAoConfig
+
+    model, kwargs, plan = tiny()
+    model.save_pretrained(tmp_path)
+    config = SegQuantConfig(plan, precision="int8")
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig(config),
+                                                    torch_dtype=torch.float32)
+    direct = copy.deepcopy(model)
+    quantize(direct, SegQuantConfig(plan, precision="int8"))
+    assert set(quantized_layers(loaded)) == set(quantized_layers(direct)) == set(plan.layers)
+    for name, layer in quantized_layers(loaded).items():
+        assert layer.segquant_spec == quantized_layers(direct)[name].segquant_spec
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kwargs)[0], direct(**kwargs)[0], rtol=0, atol=0)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def _assert_unchanged(model, before):
+    state, types = before
+    assert [type(m) for m in model.modules()] == types
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_bad_input_leaves_model_unchanged():
+    model, kwargs, plan = tiny()
+    before = _state(model)
+    other_plan = tiny("SD3Transformer2DModel")[2]
+    with pytest.raises(PlanError, match="made for SD3Transformer2DModel, the model is a FluxTransformer2DModel"):
+        quantize(model, SegQuantConfig(other_plan))
+    foreign = other_plan.to_dict()
+    foreign["model_class"] = ""
+    with pytest.raises(PlanError, match="timestep_embedder.linear_1: the plan says 256->16, the module is 256->32"):
+        quantize(model, SegQuantConfig(foreign))
+    wrong = plan.to_dict()
+    wrong["layers"]["proj_out"]["in_features"] = 64
+    wrong["layers"]["proj_out"]["in_segments"] = [64]
+    with pytest.raises(PlanError, match="proj_out: the plan says 64->"):
+        quantize(model, SegQuantConfig(wrong))
+    with pytest.raises(SegQuantError, match="convert before prepare"):
+        quantize(model, SegQuantConfig(plan, activation="static", step="convert"))
+    _assert_unchanged(model, before)
+    quantize(model, SegQuantConfig(plan, activation="static", step="prepare"))
+    with pytest.raises(SegQuantError, match="calibration reached no data for 50 layer"):
+        quantize(model, SegQuantConfig(plan, activation="static", step="convert"))
+    assert not quantized_layers(model)
+    with pytest.raises(SegQuantError, match="precision must be one of"):
+        SegQuantConfig(plan, precision="int4")
+    with pytest.raises(SegQuantError, match="needs a plan"):
+        SegQuantConfig()
+    with pytest.raises(PlanError, match="skip pattern 'nothing' matches no layer"):
+        SegQuantConfig(plan, skip=["nothing"])
+    with pytest.raises(SegQuantError, match="dynamic activation scales need no prepare step"):
+        SegLinearConfig(activation="dynamic", step="prepare")
+
+
+def test_unsupported_dtype_and_double_quantization():
+    from torchao.quantization import quantize_
+
+    model, kwargs, plan = tiny()
+    quantize(model, SegQuantConfig(plan))
+    with pytest.raises(SegQuantError, match="expected a float nn.Linear, got already quantized by SegQuant"):
+        quantize(model, SegQuantConfig(plan))
+    layer = nn.Linear(16, 16).to(torch.float8_e4m3fn)
+    config = SegLinearConfig(name="l", in_features=16, out_features=16)
+    with pytest.raises(SegQuantError, match="l: weight dtype torch.float8_e4m3fn is not a float dtype"):
+        quantize_(layer, config)
+    with torch.device("meta"):
+        meta_layer = nn.Linear(16, 16)
+    with pytest.raises(SegQuantError, match="meta device"):
+        quantize_(meta_layer, config)
+
+
+def test_kernel_shape_handling():
+    from segquant_torchao.kernels import codes, pad_to, scaled_mm
+
+    x = torch.randn(5, 20)
+    assert pad_to(x, 1, 16).shape == (5, 32) and torch.equal(pad_to(x, 1, 16)[:, :20], x)
+    assert pad_to(x, 0, 8, minimum=24).shape == (24, 20)
+    assert pad_to(x, 1, 4) is x
+    w = torch.randn(24, 20)
+    for precision, multiple in (("fp8", 16), ("int8", 8)):
+        # K = 20 is not a kernel multiple: the weight is padded once, the activation per call;
+        # int8 with M = 5 (<= 16) is padded to 24 rows instead of a silent slow path
+        ws = nx.scale_from_amax(w.abs().amax(1, keepdim=True), precision)
+        qw = pad_to(codes(w, ws, precision).view(torch.int8), 1, multiple)
+        qw = qw.view(torch.float8_e4m3fn) if precision == "fp8" else qw
+        xs = nx.scale_from_amax(x.abs().amax(1, keepdim=True), precision)
+        y = scaled_mm(codes(x, xs, precision), qw, xs, ws.t(), torch.float32)
+        expected = nx.fake_quant(x, xs, precision) @ nx.fake_quant(w, ws, precision).t()
+        torch.testing.assert_close(y, expected, rtol=RTOL, atol=ATOL)
+    with pytest.raises(TypeError, match="fp8 or int8 codes"):
+        scaled_mm(x, w, xs, ws.t(), torch.float32)
+
+
+def test_unaligned_layer_shapes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 36), nn.SiLU(), nn.Linear(36, 10))
+    x = torch.randn(3, 20)
+    plan = segquant.analyze(model, x)
+    for precision in ("fp8", "int8"):
+        q = copy.deepcopy(model)
+        quantize(q, SegQuantConfig(plan, precision=precision))
+        with torch.no_grad():
+            h = nn.functional.silu(model[0](x))
+            spec = nx.QuantSpec(weight_format=precision, weight_granularity="per_channel", act_format=precision,
+                                act_granularity="per_token")
+            torch.testing.assert_close(q[2](h), nx.reference_linear(h, model[2].weight, model[2].bias, plan["2"], spec),
+                                       rtol=RTOL, atol=ATOL)
+            assert q(x).shape == (3, 10)
