@@ -1,7 +1,7 @@
 """segquant_torchao on the GPU: numerics against segquant.numerics with the real kernels, and GEMM
 timings per layer kind on FLUX.1-dev shapes (M = 4608 tokens = 1024x1024 image + 512 text tokens).
 
-Every variant is compiled (torch.compile, default inductor settings, torchao's ``set_inductor_config``
+Every variant is compiled (torch.compile(fullgraph=True), default inductor settings, torchao's ``set_inductor_config``
 off so that all rows compile alike) and timed under ``torch.inference_mode`` in the same process, next
 to bf16 and torchao's own fp8 per-row / int8 dynamic configs.
 
@@ -161,7 +161,7 @@ def run(out_dir: Path, git: str) -> None:
                 try:
                     module = make(copy.deepcopy(base))
                     start = time.perf_counter()
-                    compiled = torch.compile(module)
+                    compiled = torch.compile(module, fullgraph=True)
                     y = compiled(x)
                     torch.cuda.synchronize()
                     record["compile_s"] = round(time.perf_counter() - start, 2)
@@ -195,7 +195,8 @@ def report(out_dir: Path, command: str) -> None:
     meta = rows[0]
     lines = [f"# segquant_torchao GEMM timings on {meta['device']}",
              "",
-             f"torch {meta['torch']}, torchao {meta.get('torchao')}, git {meta['git']}, compiled, inference_mode; "
+             f"torch {meta['torch']}, torchao {meta.get('torchao')}, git {meta['git']}, torch.compile(fullgraph=True), "
+             "inference_mode; "
              "per-call time = median over 15 repeats of 20 back-to-back calls after 5 warm-ups (CUDA events). "
              "`_plain` rows run the same SegQuant code with a one-segment plan (no SegLinear, no DualScale), "
              "so the difference to the row below is what the plan's segments and DualScale cost. "

@@ -10,6 +10,7 @@ Realisations (see SPEC sections 2-3):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +20,10 @@ from torch import Tensor, nn
 from segquant import SegmentAmaxObserver, SegQuantError
 from segquant.numerics import ActivationStats, scale_from_amax
 
-from .kernels import FP8_MAX, INT8_MAX, codes, dual_scale_mm, kernel_multiple, negative_codes, pad_to, \
+from .kernels import codes, dual_scale_mm, kernel_multiple, negative_codes, pad_to, \
     positive_codes, scaled_mm
 
-_QMAX = {"fp8": FP8_MAX, "int8": INT8_MAX}
-_QNEG = {"fp8": FP8_MAX, "int8": 128.0}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,8 @@ class SegQuantLinear(nn.Linear):
         spec = self.segquant_spec
         m = x.shape[0]
         dynamic = spec.activation == "dynamic"
+        # one term: write x.dtype straight from the GEMM; several: accumulate in float32
+        acc_dtype = x.dtype if len(spec.bounds) == 1 else torch.float32
         y = None
         for i, (lo, hi) in enumerate(spec.bounds):
             part = x[:, lo:hi]
@@ -132,14 +134,14 @@ class SegQuantLinear(nn.Linear):
                 else:
                     s_pos, s_neg = self.act_scale[i].reshape(1, 1), self.neg_scale[i].reshape(1, 1)
                 out = dual_scale_mm(positive_codes(xf, s_pos, spec.precision), negative_codes(xf, s_neg, spec.precision),
-                                    weight, s_pos, s_neg, self.weight_scale.t(), torch.float32)
+                                    weight, s_pos, s_neg, self.weight_scale.t(), acc_dtype)
             else:
                 if dynamic:
                     scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.precision)
                 else:
                     scale = self.act_scale[i].reshape(1, 1)
                 out = scaled_mm(codes(part, scale, spec.precision), weight, scale.expand(m, 1),
-                                self.weight_scale.t(), torch.float32)
+                                self.weight_scale.t(), acc_dtype)
             y = out if y is None else y + out
         return y.to(x.dtype)
 
@@ -184,6 +186,10 @@ def convert_linear(module: nn.Linear, spec: LayerSpec, stats: ActivationStats | 
     if spec.activation == "static" and stats is None:
         raise SegQuantError(f"{spec.name}: static activation scales need calibration data")
     multiple = kernel_multiple(spec.precision)
+    unaligned = [s for s in (spec.out_features, *spec.in_segments) if s % multiple]
+    if unaligned:
+        logger.info("%s: sizes %s are not multiples of %d; the %s weight is zero-padded for the kernel",
+                    spec.name, unaligned, multiple, spec.precision)
     w = module.weight.detach().float()
     device = w.device
     buffers: dict[str, Tensor] = {}
