@@ -51,13 +51,16 @@ def negative_codes(x: Tensor, scale: Tensor | float, precision: str) -> Tensor:
     return codes(x.clamp(max=0), scale, precision, hi=0.0)
 
 
-def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """``(a * scale_a) @ (weight * scale_b).T`` with fp32 accumulation.
+def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+              bias: Tensor | None = None) -> Tensor:
+    """``(a * scale_a) @ (weight * scale_b).T + bias`` with fp32 accumulation, the bias in the epilogue.
 
     Args:
         a: ``(M, K)`` fp8 or int8 codes.
         weight: ``(N, K)`` codes of the same dtype, K and N already multiples of ``kernel_multiple``.
         scale_a: ``(M, 1)`` float32 row scales; scale_b: ``(1, N)`` float32 column scales.
+        bias: ``(N,)`` or None; added inside the GEMM's epilogue where the kernel allows (one pass
+            over the output instead of two).
     Returns:
         ``(M, N)`` in ``out_dtype``.
     """
@@ -67,16 +70,22 @@ def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_d
     if k != weight.shape[1]:
         a = pad_to(a.view(torch.int8) if a.dtype == FP8_DTYPE else a, 1, weight.shape[1])
         a = a.view(FP8_DTYPE) if weight.dtype == FP8_DTYPE else a
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        bias = pad_to(bias, 0, weight.shape[0])
     if a.dtype == FP8_DTYPE:
         # cuBLASLt's row-wise scaled fp8 GEMM writes bf16 only; the CPU kernel writes any float dtype
         mm_dtype = torch.bfloat16 if a.is_cuda and out_dtype == torch.float32 else out_dtype
-        y = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=mm_dtype)
-        return y if mm_dtype == out_dtype else y.to(out_dtype)
+        fused = bias is not None and bias.dtype == mm_dtype
+        y = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias if fused else None,
+                             out_dtype=mm_dtype)
+        y = y if mm_dtype == out_dtype else y.to(out_dtype)
+        return y + bias if bias is not None and not fused else y
     if a.dtype != torch.int8:
         raise TypeError(f"scaled_mm expects fp8 or int8 codes, got {a.dtype}")
     a_p = pad_to(a, 0, 8, minimum=24) if (m <= 16 or m % 8) else a
     acc = torch._int_mm(a_p, weight.t())[:m]
-    return (acc.float() * scale_a * scale_b).to(out_dtype)
+    y = acc.float() * scale_a * scale_b
+    return (y + bias.float() if bias is not None else y).to(out_dtype)
 
 
 def dual_scale_mm(q_pos: Tensor, q_neg: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor,

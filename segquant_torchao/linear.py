@@ -85,15 +85,12 @@ class SegQuantLinear(nn.Linear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, spec.in_features)
         if spec.activation == "static" and spec.realisation == "folded":
-            y = self._folded(x2)
+            y = self._folded(x2, self.bias)
         else:
-            y = self._split(x2)
-        y = y[:, :spec.out_features]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, spec.out_features)
+            y = self._split(x2, self.bias)
+        return y[:, :spec.out_features].reshape(*lead, spec.out_features)
 
-    def _folded(self, x: Tensor) -> Tensor:
+    def _folded(self, x: Tensor, bias: Tensor | None) -> Tensor:
         spec = self.segquant_spec
         m = x.shape[0]
         v = x.float() / self.col_scale
@@ -111,12 +108,13 @@ class SegQuantLinear(nn.Linear):
             scale_a = torch.cat([x.new_ones(m, 1, dtype=torch.float32)] +
                                 [r.reshape(1, 1).expand(m, 1) for r in ratios], dim=0)
             y = scaled_mm(a, self.qweight, scale_a, self.weight_scale.t(), torch.float32)
-            return y.reshape(len(rows), m, -1).sum(0).to(x.dtype)
+            y = y.reshape(len(rows), m, -1).sum(0)
+            return _add_bias(y, bias).to(x.dtype)
         a = codes(v, 1.0, spec.precision)
         ones = x.new_ones(m, 1, dtype=torch.float32)
-        return scaled_mm(a, self.qweight, ones, self.weight_scale.t(), x.dtype)
+        return scaled_mm(a, self.qweight, ones, self.weight_scale.t(), x.dtype, bias)
 
-    def _split(self, x: Tensor) -> Tensor:
+    def _split(self, x: Tensor, bias: Tensor | None) -> Tensor:
         spec = self.segquant_spec
         m = x.shape[0]
         dynamic = spec.activation == "dynamic"
@@ -140,10 +138,21 @@ class SegQuantLinear(nn.Linear):
                     scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.precision)
                 else:
                     scale = self.act_scale[i].reshape(1, 1)
+                single = len(spec.bounds) == 1
                 out = scaled_mm(codes(part, scale, spec.precision), weight, scale.expand(m, 1),
-                                self.weight_scale.t(), acc_dtype)
+                                self.weight_scale.t(), acc_dtype, bias if single else None)
+                if single:
+                    return out.to(x.dtype)
             y = out if y is None else y + out
-        return y.to(x.dtype)
+        return _add_bias(y, bias).to(x.dtype)
+
+
+def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return y
+    if bias.shape[0] != y.shape[-1]:
+        bias = pad_to(bias, 0, y.shape[-1])
+    return y + bias
 
 
 def _check_module(module: nn.Module, spec: LayerSpec) -> None:
