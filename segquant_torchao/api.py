@@ -66,6 +66,7 @@ class SegLinearConfig(AOBaseConfig):
         realisation: static input segments ``"folded"`` into the weight (one GEMM; default) or
             ``"split_k"`` (one GEMM per segment).
         weight_granularity: ``"per_channel"`` (default) or ``"per_tensor"`` (one scale per output segment).
+        fast_accum: fp8 GEMMs with Hopper's fast accumulation (default True, as torchao's fp8 inference).
         amax, pos_amax, neg_amax: calibrated ranges per input segment; when given, a static convert
             needs no observers (e.g. inside ``from_pretrained``).
     """
@@ -81,6 +82,7 @@ class SegLinearConfig(AOBaseConfig):
     step: str = "convert"
     realisation: str = "folded"
     weight_granularity: str = "per_channel"
+    fast_accum: bool = True
     amax: list | None = None
     pos_amax: list | None = None
     neg_amax: list | None = None
@@ -98,7 +100,8 @@ class SegLinearConfig(AOBaseConfig):
         return LayerSpec(self.name or "<layer>", self.in_features, self.out_features,
                          tuple(self.in_segments or [self.in_features]),
                          tuple(self.out_segments or [self.out_features]), tuple(self.dual_scale_segments),
-                         self.precision, self.activation, self.realisation, self.weight_granularity)
+                         self.precision, self.activation, self.realisation, self.weight_granularity,
+                         self.fast_accum)
 
     def stats(self) -> ActivationStats | None:
         if self.amax is None:
@@ -168,7 +171,7 @@ class SegQuantConfig(FqnToConfig):
 
     Args:
         plan: a ``SegQuantPlan``, its dict, or a path to a saved plan.
-        precision, activation, step, realisation, weight_granularity: as in ``SegLinearConfig``.
+        precision, activation, step, realisation, weight_granularity, fast_accum: as in ``SegLinearConfig``.
         skip: globs of layer names left in high precision (e.g. ``["proj_out"]``).
         seg_linear, dual_scale: switch SegLinear / DualScale off everywhere (the ablation).
         calibration: ``{layer: {"amax": [...], "pos_amax": [...], "neg_amax": [...]}}`` from
@@ -181,18 +184,20 @@ class SegQuantConfig(FqnToConfig):
     step: str = "convert"
     realisation: str = "folded"
     weight_granularity: str = "per_channel"
+    fast_accum: bool = True
     skip: list = field(default_factory=list)
     seg_linear: bool = True
     dual_scale: bool = True
     calibration: dict | None = None
 
     def __init__(self, plan: Any = None, precision: str = "fp8", activation: str = "dynamic", step: str = "convert",
-                 realisation: str = "folded", weight_granularity: str = "per_channel", skip: list | None = None,
+                 realisation: str = "folded", weight_granularity: str = "per_channel", fast_accum: bool = True,
+                 skip: list | None = None,
                  seg_linear: bool = True, dual_scale: bool = True, calibration: dict | None = None,
                  fqn_to_config: Any = None, module_fqn_to_config: Any = None, version: int = 1) -> None:
         # fqn_to_config/module_fqn_to_config are derived from the plan; accepted for config_from_dict.
         self.plan, self.precision, self.activation, self.step = plan, precision, activation, step
-        self.realisation, self.weight_granularity = realisation, weight_granularity
+        self.realisation, self.weight_granularity, self.fast_accum = realisation, weight_granularity, fast_accum
         self.skip, self.seg_linear, self.dual_scale = list(skip or []), seg_linear, dual_scale
         self.calibration, self.version = calibration, version
         self.__post_init__()
@@ -219,7 +224,8 @@ class SegQuantConfig(FqnToConfig):
                                   in_segments=list(layer.in_segments), out_segments=list(layer.out_segments),
                                   dual_scale_segments=list(layer.dual_scale_segments), precision=self.precision,
                                   activation=self.activation, step=self.step, realisation=self.realisation,
-                                  weight_granularity=self.weight_granularity, amax=stats.get("amax"),
+                                  weight_granularity=self.weight_granularity, fast_accum=self.fast_accum,
+                                  amax=stats.get("amax"),
                                   pos_amax=stats.get("pos_amax"), neg_amax=stats.get("neg_amax"))
             cfg._session = self._session
             layers[name] = cfg

@@ -52,7 +52,7 @@ def negative_codes(x: Tensor, scale: Tensor | float, precision: str) -> Tensor:
 
 
 def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
-              bias: Tensor | None = None) -> Tensor:
+              bias: Tensor | None = None, fast_accum: bool = False) -> Tensor:
     """``(a * scale_a) @ (weight * scale_b).T + bias`` with fp32 accumulation, the bias in the epilogue.
 
     Args:
@@ -77,7 +77,7 @@ def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_d
         mm_dtype = torch.bfloat16 if a.is_cuda and out_dtype == torch.float32 else out_dtype
         fused = bias is not None and bias.dtype == mm_dtype
         y = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias if fused else None,
-                             out_dtype=mm_dtype)
+                             out_dtype=mm_dtype, use_fast_accum=fast_accum)
         y = y if mm_dtype == out_dtype else y.to(out_dtype)
         return y + bias if bias is not None and not fused else y
     if a.dtype != torch.int8:
@@ -89,7 +89,7 @@ def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_d
 
 
 def dual_scale_mm(q_pos: Tensor, q_neg: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor,
-                  scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+                  scale_b: Tensor, out_dtype: torch.dtype, fast_accum: bool = False) -> Tensor:
     """DualScale as ONE GEMM with M doubled: rows ``[q+ ; q-]`` with row scales ``[s+ ; s-]``, halves summed.
 
     ``s_pos``/``s_neg`` are ``(M, 1)`` (per token) or scalars (per tensor).
@@ -97,5 +97,5 @@ def dual_scale_mm(q_pos: Tensor, q_neg: Tensor, weight: Tensor, s_pos: Tensor, s
     m = q_pos.shape[0]
     a = torch.cat([q_pos, q_neg], dim=0)
     scale_a = torch.cat([s_pos.float().expand(m, 1), s_neg.float().expand(m, 1)], dim=0)
-    y = scaled_mm(a, weight, scale_a, scale_b, torch.float32)
+    y = scaled_mm(a, weight, scale_a, scale_b, torch.float32, fast_accum=fast_accum)
     return (y[:m] + y[m:]).to(out_dtype)

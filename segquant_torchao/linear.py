@@ -40,6 +40,7 @@ class LayerSpec:
     activation: str  # "static" | "dynamic"
     realisation: str  # "folded" | "split_k"
     weight_granularity: str  # "per_channel" | "per_tensor"
+    fast_accum: bool = True  # fp8 GEMMs with Hopper's fast accumulation
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
@@ -107,12 +108,12 @@ class SegQuantLinear(nn.Linear):
             a = torch.cat(rows, dim=0)
             scale_a = torch.cat([x.new_ones(m, 1, dtype=torch.float32)] +
                                 [r.reshape(1, 1).expand(m, 1) for r in ratios], dim=0)
-            y = scaled_mm(a, self.qweight, scale_a, self.weight_scale.t(), torch.float32)
+            y = scaled_mm(a, self.qweight, scale_a, self.weight_scale.t(), torch.float32, fast_accum=spec.fast_accum)
             y = y.reshape(len(rows), m, -1).sum(0)
             return _add_bias(y, bias).to(x.dtype)
         a = codes(v, 1.0, spec.precision)
         ones = x.new_ones(m, 1, dtype=torch.float32)
-        return scaled_mm(a, self.qweight, ones, self.weight_scale.t(), x.dtype, bias)
+        return scaled_mm(a, self.qweight, ones, self.weight_scale.t(), x.dtype, bias, spec.fast_accum)
 
     def _split(self, x: Tensor, bias: Tensor | None) -> Tensor:
         spec = self.segquant_spec
@@ -132,7 +133,7 @@ class SegQuantLinear(nn.Linear):
                 else:
                     s_pos, s_neg = self.act_scale[i].reshape(1, 1), self.neg_scale[i].reshape(1, 1)
                 out = dual_scale_mm(positive_codes(xf, s_pos, spec.precision), negative_codes(xf, s_neg, spec.precision),
-                                    weight, s_pos, s_neg, self.weight_scale.t(), acc_dtype)
+                                    weight, s_pos, s_neg, self.weight_scale.t(), acc_dtype, spec.fast_accum)
             else:
                 if dynamic:
                     scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.precision)
@@ -140,7 +141,7 @@ class SegQuantLinear(nn.Linear):
                     scale = self.act_scale[i].reshape(1, 1)
                 single = len(spec.bounds) == 1
                 out = scaled_mm(codes(part, scale, spec.precision), weight, scale.expand(m, 1),
-                                self.weight_scale.t(), acc_dtype, bias if single else None)
+                                self.weight_scale.t(), acc_dtype, bias if single else None, spec.fast_accum)
                 if single:
                     return out.to(x.dtype)
             y = out if y is None else y + out
