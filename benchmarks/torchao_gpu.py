@@ -140,6 +140,9 @@ def run(out_dir: Path, git: str) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "torchao_gpu.jsonl"
+    # every row of a layer stays compiled at once: one code object (Linear.forward) with many modules
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
     device = torch.cuda.get_device_name()
     meta = dict(device=device, torch=torch.__version__, git=git, compiled=True)
     try:
