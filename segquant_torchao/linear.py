@@ -83,6 +83,8 @@ class SegQuantLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         spec = self.segquant_spec
+        if x.shape[-1] != spec.in_features:
+            raise SegQuantError(f"{spec.name}: input has last dim {x.shape[-1]}, the layer takes {spec.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, spec.in_features)
         if spec.activation == "static" and spec.realisation == "folded":

@@ -115,6 +115,18 @@ def test_dual_scale_and_segments_are_used():
     assert ablated.single_transformer_blocks[0].proj_out.segquant_spec.dual_segments == ()
 
 
+def test_config_takes_a_saved_plan(tmp_path):
+    model, kwargs, plan = tiny()
+    plan.save(tmp_path / "plan.json")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    quantize(a, SegQuantConfig(str(tmp_path / "plan.json"), precision="int8"))
+    quantize(b, SegQuantConfig(plan, precision="int8"))
+    with torch.no_grad():
+        torch.testing.assert_close(a(**kwargs)[0], b(**kwargs)[0], rtol=0, atol=0)
+    with pytest.raises(SegQuantError, match="plan must be a SegQuantPlan"):
+        SegQuantConfig(42)
+
+
 def test_skip_keeps_layers_in_high_precision():
     model, kwargs, plan = tiny()
     quantize(model, SegQuantConfig(plan, skip=["proj_out", "x_embedder"]))
@@ -273,6 +285,10 @@ def test_unsupported_dtype_and_double_quantization():
         meta_layer = nn.Linear(16, 16)
     with pytest.raises(SegQuantError, match="meta device"):
         quantize_(meta_layer, config)
+    good = nn.Linear(16, 16)
+    quantize_(good, config)
+    with pytest.raises(SegQuantError, match="l: input has last dim 8, the layer takes 16"):
+        good(torch.randn(2, 8))
 
 
 def test_kernel_shape_handling():
