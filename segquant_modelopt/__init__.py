@@ -1,8 +1,7 @@
-"""SegQuant for NVIDIA ModelOpt (``mtq.quantize(model, SEGQUANT_CFG, forward_loop)``).
+"""SegQuant for NVIDIA ModelOpt: ``mtq.quantize(model, SEGQUANT_CFG, forward_loop)``.
 
-The adapter reads a ``segquant.SegQuantPlan``; its quantized modules, configs and calibration
-algorithm are built in the issue "segquant_modelopt: SegQuant inside mtq.quantize". Importing it
-checks that ModelOpt is installed.
+Importing this package registers the ``segquant`` calibration algorithm (mode ``segquant_calibrate``)
+with ModelOpt; ``mto.restore`` of a SegQuant model needs the same import first.
 """
 
 try:
@@ -11,4 +10,11 @@ except ImportError as e:  # pragma: no cover - exercised only without modelopt
     raise ImportError("segquant_modelopt needs nvidia-modelopt>=0.47: pip install 'segquant[modelopt]' "
                       f"(after installing torch) [{e}]") from e
 
-__all__: list[str] = []
+from .algorithm import SegQuantCalibConfig, SegQuantModeDescriptor, plan_of, segquant_calibrate
+from .configs import (SEGQUANT_CFG, SEGQUANT_FP8_CFG, SEGQUANT_INT8_CFG, SEGQUANT_INT8_PERCHANNEL_CFG,
+                      with_segquant)
+from .quantizer import SegmentTensorQuantizer, SegQuantFlag
+
+__all__ = ["SEGQUANT_CFG", "SEGQUANT_FP8_CFG", "SEGQUANT_INT8_CFG", "SEGQUANT_INT8_PERCHANNEL_CFG",
+           "SegQuantCalibConfig", "SegQuantModeDescriptor", "SegmentTensorQuantizer", "plan_of",
+           "SegQuantFlag", "segquant_calibrate", "with_segquant"]

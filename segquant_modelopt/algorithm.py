@@ -1,0 +1,305 @@
+"""The ModelOpt calibration algorithm ``"segquant"``: analyse the model on its first calibration batch,
+calibrate per segment and per sign, optionally smooth (SmoothQuant), and set the quantizers.
+
+Used through a config: ``{"quant_cfg": [...], "algorithm": {"method": "segquant", "alpha": 0.5}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor, nn
+from modelopt.torch.opt.config import ModeloptField
+from modelopt.torch.quantization.config import QuantizeAlgorithmConfig
+from modelopt.torch.quantization.mode import BaseCalibrateModeDescriptor, CalibrateModeRegistry
+from modelopt.torch.quantization.model_calib import max_calibrate
+from modelopt.torch.quantization.nn import TensorQuantizer
+
+from segquant import AnalysisOptions, SegQuantError, SegQuantPlan, analyze
+from segquant.numerics import scale_from_amax
+
+from .quantizer import is_marked, mark
+
+logger = logging.getLogger(__name__)
+
+
+class SegQuantCalibConfig(QuantizeAlgorithmConfig):
+    """The ``segquant`` calibration algorithm: SegLinear + DualScale on top of max calibration."""
+
+    method: Literal["segquant"] = ModeloptField("segquant", title="SegQuant calibration.",
+                                                description="SegLinear segments and DualScale from graph analysis.")
+    seg_linear: bool = ModeloptField(default=True, title="SegLinear on/off.",
+                                     description="Give each input/output segment its own scale.")
+    dual_scale: bool = ModeloptField(default=True, title="DualScale on/off.",
+                                     description="Separate negative-side scales for SiLU/GELU-fed inputs.")
+    realisation: Literal["split_k", "folded"] = ModeloptField(
+        default="split_k", title="Input segments realisation.",
+        description="split_k: per-K activation amax (exact); folded: scales folded into the weight, one "
+                    "per-tensor activation scale (pre_quant_scale), the TensorRT-friendly form.")
+    alpha: float | None = ModeloptField(default=None, title="SmoothQuant alpha.",
+                                        description="None = no smoothing; the paper uses 0.5.")
+    overrides: dict = ModeloptField(default={}, title="Plan overrides.",
+                                    description="{glob: {field: value}} applied to the plan (LinearPlan fields).")
+    head_segments: bool = ModeloptField(default=False, title="One input segment per attention head.",
+                                        description="See segquant.AnalysisOptions.head_segments.")
+    show_progress: bool = ModeloptField(default=True, title="Progress bar.",
+                                        description="Show a tqdm bar over calibration batches.")
+
+
+class _FirstBatch(Exception):
+    """Stops the forward loop once the first batch's inputs are captured."""
+
+
+@dataclass
+class _ChannelStats:
+    amax: Tensor
+    pos: Tensor
+    neg: Tensor
+    ndim: int
+    batches: int = 0
+
+    def update(self, x: Tensor, name: str) -> None:
+        x = x.detach().float()
+        if not torch.isfinite(x).all():
+            raise SegQuantError(f"{name}: calibration input contains NaN or Inf (batch {self.batches}); "
+                                "check the model's dtype and the calibration data")
+        flat = x.reshape(-1, x.shape[-1])
+        self.amax = torch.maximum(self.amax, flat.abs().amax(0))
+        self.pos = torch.maximum(self.pos, flat.clamp(min=0).amax(0))
+        self.neg = torch.maximum(self.neg, (-flat).clamp(min=0).amax(0))
+        self.batches += 1
+
+
+def _quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and isinstance(getattr(m, "input_quantizer", None), TensorQuantizer)
+            and isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer)}
+
+
+@contextlib.contextmanager
+def _quantizers_off(model: nn.Module):
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    states = [q._disabled for q in quantizers]
+    for q in quantizers:
+        q._disabled = True
+    try:
+        yield
+    finally:
+        for q, disabled in zip(quantizers, states):
+            q._disabled = disabled
+
+
+def _run_loop(forward_loop: Callable, model: nn.Module, what: str) -> None:
+    try:
+        forward_loop(model)
+    except (_FirstBatch, SegQuantError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's loop failed: say so, keep the cause
+        raise SegQuantError(f"forward_loop raised {type(e).__name__} during {what}: {e}") from e
+
+
+def _first_batch(model: nn.Module, forward_loop: Callable) -> tuple[tuple, dict]:
+    captured: dict[str, Any] = {}
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.update(args=args, kwargs=kwargs)
+        raise _FirstBatch
+
+    handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            _run_loop(forward_loop, model, "graph analysis")
+    except _FirstBatch:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise SegQuantError(f"forward_loop never called {type(model).__name__}; it must run the model on "
+                            "calibration inputs, e.g. `def forward_loop(m): [m(**batch) for batch in data]`")
+    return captured["args"], captured["kwargs"]
+
+
+def _format(quantizer: TensorQuantizer, name: str) -> tuple[str, float, float]:
+    """(format, qmax, negative divisor) of an input quantizer."""
+    bits = quantizer.num_bits
+    if bits == 8:
+        return "int8", 127.0, 128.0
+    if isinstance(bits, (list, tuple)) and tuple(bits) == (4, 3):
+        return "fp8", 448.0, 448.0
+    raise SegQuantError(f"{name}: SegQuant supports INT8 and FP8 (e4m3) input quantizers, got num_bits={bits}")
+
+
+def _expand(values: Tensor, segments: tuple[int, ...]) -> Tensor:
+    return values.repeat_interleave(torch.tensor(segments, device=values.device))
+
+
+def _segment_max(per_channel: Tensor, segments: tuple[int, ...]) -> Tensor:
+    return torch.stack([p.max() for p in per_channel.split(list(segments))])
+
+
+@dataclass
+class _LayerSettings:
+    weight: Tensor
+    weight_amax: Tensor
+    input_amax: Tensor
+    pre_quant_scale: Tensor | None
+    neg_amax: Tensor | None
+    dual_mask: Tensor | None
+
+
+def _settings(name: str, module: nn.Module, layer, stats: _ChannelStats, realisation: str,
+              alpha: float | None) -> _LayerSettings:
+    fmt, qmax, neg_div = _format(module.input_quantizer, name)
+    w = module.weight.detach().float()
+    if alpha is not None:
+        smooth = (w.abs().amax(0).clamp(min=1e-8).pow(1 - alpha) /
+                  stats.amax.clamp(min=1e-8).pow(alpha)).clamp(1e-4, 1e4)
+    else:
+        smooth = torch.ones_like(stats.amax)
+    segs = layer.in_segments
+    dual = set(layer.dual_scale_segments) if layer.dual_scale else set()
+    amax_s, pos_s, neg_s = (_segment_max(t * smooth, segs) for t in (stats.amax, stats.pos, stats.neg))
+    is_dual = torch.tensor([i in dual for i in range(len(segs))], device=w.device)
+    act_amax = torch.where(is_dual, pos_s, amax_s)  # DualScale segments: the positive side's amax
+    dual_mask = _expand(is_dual, segs) if dual else None
+    shape = [1] * (stats.ndim - 1) + [layer.in_features]
+    weight = w / smooth
+    if realisation == "folded":
+        col_scale = _expand(scale_from_amax(act_amax, fmt).to(w.device), segs)
+        weight = weight * col_scale
+        pre_quant_scale = smooth / col_scale
+        input_amax = torch.tensor(qmax)
+        neg_amax = None
+        if dual:
+            ratio = (neg_s / neg_div) / (act_amax / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+            neg_amax = _expand(torch.where(is_dual, ratio * qmax, torch.ones_like(ratio)), segs).reshape(shape)
+    else:
+        pre_quant_scale = smooth if alpha is not None else None
+        input_amax = act_amax[0].clone() if len(segs) == 1 else _expand(act_amax, segs).reshape(shape)
+        neg_amax = None
+        if dual:
+            neg = neg_s * (qmax / neg_div)  # ModelOpt's scale is amax / qmax: this gives amax(|x-|) / |qmin|
+            neg_amax = neg[0].clone() if len(segs) == 1 else _expand(torch.where(is_dual, neg, torch.ones_like(neg)),
+                                                                       segs).reshape(shape)
+    if module.weight_quantizer.axis == 0:
+        weight_amax = weight.abs().amax(1, keepdim=True)
+    else:  # per-tensor weights: one scale per output segment, exported as per-row Q/DQ
+        weight_amax = _expand(_segment_max(weight.abs().amax(1), layer.out_segments), layer.out_segments)[:, None]
+    return _LayerSettings(weight.to(module.weight.dtype), weight_amax, input_amax, pre_quant_scale, neg_amax, dual_mask)
+
+
+def _set_amax(quantizer: TensorQuantizer, amax: Tensor, axis: int | None) -> None:
+    if hasattr(quantizer, "_amax"):
+        delattr(quantizer, "_amax")
+    quantizer.axis = axis
+    quantizer.amax = amax
+
+
+def _apply(module: nn.Module, s: _LayerSettings) -> None:
+    module.weight.data.copy_(s.weight)
+    _set_amax(module.weight_quantizer, s.weight_amax.to(module.weight.device), 0)
+    quantizer = mark(module.input_quantizer)
+    _set_amax(quantizer, s.input_amax.to(module.weight.device), None if s.input_amax.dim() == 0 else -1)
+    if s.pre_quant_scale is not None:
+        if hasattr(quantizer, "_pre_quant_scale"):
+            delattr(quantizer, "_pre_quant_scale")
+        quantizer.pre_quant_scale = s.pre_quant_scale.to(module.weight.dtype)
+    if s.neg_amax is not None:
+        quantizer.set_dual_scale(s.neg_amax.to(module.weight.device), s.dual_mask)
+
+
+def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, seg_linear: bool = True,
+                       dual_scale: bool = True, realisation: str = "split_k", alpha: float | None = None,
+                       overrides: dict | None = None, head_segments: bool = False, show_progress: bool = True,
+                       **kwargs: Any) -> None:
+    """Calibrate ``model`` (already converted by ``mtq.quantize``'s quantize step) with SegQuant."""
+    if forward_loop is None:
+        raise SegQuantError("SegQuant calibration needs calibration data: call mtq.quantize(model, config, "
+                            "forward_loop) with forward_loop(model) running the model on a few batches")
+    layers = _quantized_linears(model)
+    twice = [n for n, m in layers.items() if is_marked(m.input_quantizer)]
+    if twice:
+        raise SegQuantError(f"{twice[0]} is already quantized by SegQuant ({len(twice)} layers); quantize "
+                            "a fresh copy of the float model instead")
+    args, kwargs_in = _first_batch(model, forward_loop)
+    with _quantizers_off(model):
+        plan = analyze(model, *args, analysis_options=AnalysisOptions(
+            seg_linear=seg_linear, dual_scale=dual_scale, head_segments=head_segments), **kwargs_in)
+    plan = plan.with_overrides(overrides or {})
+    active = {n: m for n, m in layers.items() if n in plan and m.input_quantizer.is_enabled}
+    for name, module in active.items():
+        if plan[name].in_features != module.in_features or plan[name].out_features != module.out_features:
+            raise SegQuantError(f"{name}: plan says {plan[name].in_features}->{plan[name].out_features}, layer is "
+                                f"{module.in_features}->{module.out_features}")
+        _format(module.input_quantizer, name)
+    stats: dict[str, _ChannelStats] = {}
+    hooks = []
+
+    def observe(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]
+            if name not in stats:
+                zeros = torch.zeros(x.shape[-1], device=x.device)
+                stats[name] = _ChannelStats(zeros, zeros.clone(), zeros.clone(), x.dim())
+            stats[name].update(x, name)
+        return hook
+
+    for name, module in active.items():
+        hooks.append(module.register_forward_pre_hook(observe(name)))
+    progress = _progress(model, show_progress)
+    try:
+        max_calibrate(model, lambda m: _run_loop(forward_loop, m, "calibration"))
+    finally:
+        for h in hooks:
+            h.remove()
+        progress.close()
+    missing = [n for n in active if n not in stats]
+    if missing:
+        raise SegQuantError(f"calibration data never reached {len(missing)} quantized layer(s), e.g. "
+                            f"{', '.join(missing[:3])}; run inputs that use them or disable their quantizers")
+    settings = {n: _settings(n, m, plan[n], stats[n], realisation, alpha) for n, m in active.items()}
+    for name, module in active.items():  # nothing above changed a layer: apply all or nothing
+        _apply(module, settings[name])
+    model._segquant_plan = plan
+    logger.info("SegQuant calibrated %d layers (%s, realisation=%s, alpha=%s)", len(active), plan.summary(),
+                realisation, alpha)
+
+
+class _Progress:
+    def __init__(self, bar: Any, handle: Any) -> None:
+        self.bar, self.handle = bar, handle
+
+    def close(self) -> None:
+        self.handle.remove()
+        self.bar.close()
+
+
+def _progress(model: nn.Module, show: bool) -> _Progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="SegQuant calibration", unit="batch", disable=not show)
+    handle = model.register_forward_pre_hook(lambda m, a: bar.update(1))
+    return _Progress(bar, handle)
+
+
+@CalibrateModeRegistry.register_mode
+class SegQuantModeDescriptor(BaseCalibrateModeDescriptor):
+    """Mode ``segquant_calibrate``: registered on ``import segquant_modelopt``."""
+
+    @property
+    def config_class(self) -> type[QuantizeAlgorithmConfig]:
+        return SegQuantCalibConfig
+
+    _calib_func = segquant_calibrate
+
+
+def plan_of(model: nn.Module) -> SegQuantPlan:
+    """The plan the last ``segquant`` calibration applied to ``model``."""
+    plan = getattr(model, "_segquant_plan", None)
+    if plan is None:
+        raise SegQuantError(f"{type(model).__name__} was not calibrated with the segquant algorithm")
+    return plan

@@ -1,0 +1,75 @@
+"""SegQuant configs in ModelOpt's list form, and ``with_segquant`` to add SegQuant to any preset.
+
+Unlike ModelOpt's INT8/FP8 presets, which switch off every ``*proj_out.*`` (in FLUX: all 38 single-block
+``proj_out``, the layers SegLinear exists for), these configs quantize them and leave only the model's
+final output projection (top-level ``proj_out``) and non-Linear layers in high precision.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import modelopt.torch.quantization as mtq
+
+from segquant import SegQuantError
+
+_KEEP_HIGH_PRECISION = [
+    {"quantizer_name": "proj_out.*", "enable": False},  # the denoiser's final output projection
+    {"quantizer_name": "*", "parent_class": "nn.Conv1d", "enable": False},
+    {"quantizer_name": "*", "parent_class": "nn.Conv2d", "enable": False},
+    {"quantizer_name": "*", "parent_class": "nn.Conv3d", "enable": False},
+]
+
+
+def with_segquant(base: dict[str, Any], **algorithm: Any) -> dict[str, Any]:
+    """A copy of the ModelOpt config ``base`` that calibrates with SegQuant and quantizes every Linear
+    but the final ``proj_out``.
+
+    Example:
+        >>> cfg = with_segquant(mtq.FP8_DEFAULT_CFG)
+        >>> cfg = with_segquant(mtq.INT8_SMOOTHQUANT_CFG, alpha=0.5, dual_scale=False)
+
+    Args:
+        base: a ModelOpt config in list form (``{"quant_cfg": [...], "algorithm": ...}``).
+        algorithm: fields of the ``segquant`` algorithm (``seg_linear``, ``dual_scale``, ``realisation``,
+            ``alpha``, ``overrides``, ``head_segments``, ``show_progress``). A SmoothQuant base keeps
+            smoothing with its alpha unless ``alpha`` is given.
+    """
+    if not isinstance(base, dict) or not isinstance(base.get("quant_cfg"), list):
+        raise SegQuantError("with_segquant expects a ModelOpt config in list form: {'quant_cfg': [...], "
+                            "'algorithm': ...} (e.g. mtq.INT8_DEFAULT_CFG)")
+    cfg = copy.deepcopy(base)
+    cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "*proj_out.*"]
+    cfg["quant_cfg"] += copy.deepcopy(_KEEP_HIGH_PRECISION)
+    base_algorithm = base.get("algorithm")
+    options = {"method": "segquant"}
+    if isinstance(base_algorithm, dict) and base_algorithm.get("method") == "smoothquant":
+        options["alpha"] = base_algorithm.get("alpha", 1.0)
+    elif base_algorithm == "smoothquant":
+        options["alpha"] = 1.0
+    options.update(algorithm)
+    cfg["algorithm"] = options
+    return cfg
+
+
+def _with_weights(base: dict[str, Any], axis: int | None) -> dict[str, Any]:
+    cfg = copy.deepcopy(base)
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
+            entry["cfg"]["axis"] = axis
+    return cfg
+
+
+SEGQUANT_INT8_CFG = with_segquant(_with_weights(mtq.INT8_DEFAULT_CFG, None), alpha=0.5)
+"""The paper's W8A8: INT8 per-tensor static weights (one scale per output segment) and activations
+(one per input segment, DualScale on SiLU/GELU inputs), SmoothQuant alpha 0.5."""
+
+SEGQUANT_INT8_PERCHANNEL_CFG = with_segquant(mtq.INT8_DEFAULT_CFG, alpha=0.5)
+"""INT8 per-channel weights and per-segment static activations (NVIDIA's diffusers INT8 recipe + SegQuant)."""
+
+SEGQUANT_FP8_CFG = with_segquant(mtq.FP8_DEFAULT_CFG)
+"""FP8 e4m3 per-tensor weights (per output segment) and activations (per input segment), no smoothing."""
+
+SEGQUANT_CFG = SEGQUANT_INT8_PERCHANNEL_CFG
+"""The recommended default: ``mtq.quantize(model, SEGQUANT_CFG, forward_loop)``."""

@@ -1,0 +1,230 @@
+"""segquant_modelopt on CPU: mtq.quantize with the segquant algorithm, every quantized layer against
+segquant.numerics, the ablation switches, save/restore and bad input."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+pytest.importorskip("diffusers")
+
+import modelopt.torch.opt as mto  # noqa: E402
+
+import segquant  # noqa: E402
+from segquant import SegmentAmaxObserver, SegQuantError  # noqa: E402
+from segquant import numerics as nx  # noqa: E402
+import segquant_modelopt as sm  # noqa: E402
+from _models import build_tiny  # noqa: E402
+
+# ModelOpt rounds x * (127 / amax) where the reference (and ONNX QuantizeLinear) rounds x / (amax / 127):
+# the codes are identical except within one float32 ulp of a rounding tie (about 1 weight in 10^5). A
+# flipped weight code moves one output column by one weight step. So: at least 99% of the outputs agree
+# to 1e-5 relative, and none is off by more than 1% of the layer's output range. A wrong scale (e.g.
+# one activation scale instead of one per segment) breaks the first condition on every segmented layer.
+RTOL, ATOL = 1e-5, 1e-5
+MATCHING, MAX_OFF = 0.99, 1e-2
+
+
+def assert_matches_up_to_ties(got, expected, name):
+    scale = expected.abs().max().item()
+    close = torch.isclose(got, expected, rtol=RTOL, atol=ATOL * scale)
+    fraction = close.float().mean().item()
+    worst = (got - expected).abs().max().item() / scale
+    assert fraction >= MATCHING and worst <= MAX_OFF, f"{name}: {fraction:.4f} close, worst {worst:.2e}"
+    return fraction
+
+
+def tiny(name="FluxTransformer2DModel", batches=3):
+    model = build_tiny(name)
+    data = []
+    for seed in range(batches):
+        torch.manual_seed(100 + seed)
+        data.append(segquant.example_inputs(model))
+    return model, data
+
+
+def loop_over(data):
+    def forward_loop(model):
+        for batch in data:
+            model(**batch)
+    return forward_loop
+
+
+def layer_inputs(model, data):
+    """Every Linear's inputs over the calibration batches (float model)."""
+    seen, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, a, n=name: seen.setdefault(n, []).append(a[0].detach().clone())))
+    with torch.no_grad():
+        loop_over(data)(model)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def quantize(model, data, base=None, **algorithm):
+    cfg = sm.with_segquant(base or mtq.INT8_DEFAULT_CFG, show_progress=False, **algorithm)
+    return mtq.quantize(copy.deepcopy(model), cfg, loop_over(data))
+
+
+def check_against_reference(model, quantized, data, spec):
+    plan = sm.plan_of(quantized)
+    inputs = layer_inputs(model, data)
+    modules = dict(quantized.named_modules())
+    checked = []
+    for name, float_layer in model.named_modules():
+        if not isinstance(float_layer, nn.Linear) or not modules[name].input_quantizer.is_enabled:
+            continue
+        observer = SegmentAmaxObserver(plan[name])
+        for x in inputs[name]:
+            observer.update(x)
+        x = inputs[name][0]
+        expected = nx.reference_linear(x, float_layer.weight, float_layer.bias, plan[name], spec, observer.stats())
+        with torch.no_grad():
+            got = modules[name](x)
+        assert_matches_up_to_ties(got, expected, name)
+        if plan[name].seg_linear or plan[name].dual_scale:  # the check would catch a plan that was ignored
+            plain = nx.reference_linear(x, float_layer.weight, float_layer.bias, plan[name].replace(
+                in_segments=(), out_segments=(), dual_scale=False), spec)
+            assert not torch.isclose(got, plain, rtol=RTOL, atol=ATOL * expected.abs().max().item()).all()
+        checked.append(name)
+    return plan, checked
+
+
+@pytest.mark.parametrize("name", ["FluxTransformer2DModel", "SD3Transformer2DModel", "UNet2DConditionModel"])
+def test_int8_layers_match_reference(name):
+    model, data = tiny(name)
+    quantized = quantize(model, data, base=sm.configs._with_weights(mtq.INT8_DEFAULT_CFG, None))
+    plan, checked = check_against_reference(model, quantized, data, nx.QuantSpec(weight_granularity="per_tensor"))
+    # every Linear but the final proj_out (kept in high precision by the SegQuant configs) is checked
+    expected = [n for n in plan.layers if n != "proj_out"]
+    assert sorted(checked) == sorted(expected)
+
+
+@pytest.mark.parametrize("realisation", ["split_k", "folded"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_realisations_and_formats_match_reference(realisation, fmt):
+    model, data = tiny()
+    base = mtq.INT8_DEFAULT_CFG if fmt == "int8" else sm.configs._with_weights(mtq.FP8_DEFAULT_CFG, None)
+    quantized = quantize(model, data, base=base, realisation=realisation)
+    spec = nx.QuantSpec(weight_format=fmt, act_format=fmt, realisation=realisation,
+                        weight_granularity="per_channel" if fmt == "int8" else "per_tensor")
+    check_against_reference(model, quantized, data, spec)
+    proj = quantized.single_transformer_blocks[0].proj_out.input_quantizer
+    assert isinstance(proj, sm.SegmentTensorQuantizer) and proj.dual_scale
+    if realisation == "folded":
+        assert proj.pre_quant_scale is not None and proj.amax.dim() == 0  # one per-tensor scale
+
+
+def test_smoothquant_is_an_exact_rescaling():
+    model, data = tiny()
+    quantized = quantize(model, data, alpha=0.5)
+    name = "transformer_blocks.0.ff.net.2"
+    layer, float_layer = dict(quantized.named_modules())[name], dict(model.named_modules())[name]
+    smooth = layer.input_quantizer.pre_quant_scale
+    assert smooth is not None and not torch.allclose(smooth, torch.ones_like(smooth))
+    torch.testing.assert_close(layer.weight * smooth, float_layer.weight, rtol=1e-5, atol=1e-6)
+    x = layer_inputs(model, data)[name][0]
+    with torch.no_grad():
+        assert nx.sqnr_db(float_layer(x), layer(x)) > 30
+
+
+def test_ablation_switches_change_exactly_the_planned_layers():
+    model, data = tiny()
+    full = quantize(model, data)
+    plan = sm.plan_of(full)
+
+    def features(q):
+        out = {}
+        for name, m in q.named_modules():
+            if isinstance(getattr(m, "input_quantizer", None), sm.SegmentTensorQuantizer):
+                out[name] = (m.input_quantizer.amax.numel() > 1, m.input_quantizer.dual_scale,
+                             m.weight_quantizer.amax.unique().numel() if name in plan.output_segmented() else 0)
+        return out
+
+    base = features(full)
+    no_seg = features(quantize(model, data, seg_linear=False))
+    no_dual = features(quantize(model, data, dual_scale=False))
+    changed_seg = sorted(n for n in base if base[n][0] != no_seg[n][0])
+    changed_dual = sorted(n for n in base if base[n][1] != no_dual[n][1])
+    # input segments: the 2 timestep/guidance embedders and the 2 single-block proj_out
+    assert changed_seg == sorted(plan.input_segmented()) == [
+        "single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out",
+        "time_text_embed.guidance_embedder.linear_1", "time_text_embed.timestep_embedder.linear_1"]
+    # DualScale: every SiLU/GELU-fed layer except the final proj_out left in high precision
+    assert changed_dual == sorted(n for n in plan.dual_scaled() if n != "proj_out")
+    assert len(changed_dual) == 16
+    assert all(not v[1] for v in no_dual.values())
+
+
+def test_save_restore_is_bit_identical(tmp_path):
+    model, data = tiny()
+    quantized = quantize(model, data, realisation="split_k")
+    mto.save(quantized, tmp_path / "segquant.pth")
+    restored = mto.restore(build_tiny("FluxTransformer2DModel"), tmp_path / "segquant.pth")
+    proj = restored.single_transformer_blocks[0].proj_out.input_quantizer
+    assert isinstance(proj, sm.SegmentTensorQuantizer) and proj.dual_scale
+    with torch.no_grad():
+        assert torch.equal(restored(**data[0])[0], quantized(**data[0])[0])
+
+
+def test_restore_without_the_plugin_fails_clearly(tmp_path):
+    model, data = tiny(batches=1)
+    mto.save(quantize(model, data), tmp_path / "segquant.pth")
+    code = ("import sys; sys.path[:0] = ['tests']; import modelopt.torch.opt as mto; from _models import build_tiny; "
+            f"mto.restore(build_tiny('FluxTransformer2DModel'), r'{tmp_path / 'segquant.pth'}')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0 and "segquant_modelopt.quantizer.SegQuantFlag" in done.stderr
+
+
+def test_bad_input():
+    model, data = tiny(batches=1)
+    with pytest.raises(SegQuantError, match="needs calibration data"):
+        mtq.quantize(copy.deepcopy(model), sm.SEGQUANT_CFG, None)
+
+    def broken(m):
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(SegQuantError, match="forward_loop raised RuntimeError during graph analysis: disk on fire"):
+        mtq.quantize(copy.deepcopy(model), sm.SEGQUANT_CFG, broken)
+    with pytest.raises(SegQuantError, match="never called FluxTransformer2DModel"):
+        mtq.quantize(copy.deepcopy(model), sm.SEGQUANT_CFG, lambda m: None)
+    nan_data = [dict(data[0], hidden_states=torch.full_like(data[0]["hidden_states"], float("nan")))]
+    with pytest.raises(SegQuantError, match="x_embedder: calibration input contains NaN or Inf"):
+        quantize(model, nan_data)
+    with pytest.raises(segquant.PlanError, match="in_segments"):
+        quantize(model, data, overrides={"single_transformer_blocks.*.proj_out": {"in_segments": [100]}})
+    quantized = quantize(model, data)
+    with pytest.raises(SegQuantError, match="already quantized by SegQuant"):
+        sm.segquant_calibrate(quantized, loop_over(data))
+    with pytest.raises(SegQuantError, match="list form"):
+        sm.with_segquant({"quant_cfg": {"*": {"enable": False}}})
+
+
+def test_configs_quantize_single_block_proj_out_but_not_the_final_one():
+    for cfg in (sm.SEGQUANT_CFG, sm.SEGQUANT_INT8_CFG, sm.SEGQUANT_FP8_CFG):
+        names = [e.get("quantizer_name") for e in cfg["quant_cfg"]]
+        assert "*proj_out.*" not in names and "proj_out.*" in names
+        assert cfg["algorithm"]["method"] == "segquant"
+    assert sm.SEGQUANT_INT8_CFG["algorithm"]["alpha"] == 0.5
+    assert "alpha" not in sm.SEGQUANT_FP8_CFG["algorithm"]
+    assert sm.with_segquant(mtq.INT8_SMOOTHQUANT_CFG)["algorithm"]["alpha"] == 1.0
+    model, data = tiny(batches=1)
+    quantized = mtq.quantize(copy.deepcopy(model), sm.with_segquant(sm.SEGQUANT_FP8_CFG, show_progress=False),
+                             loop_over(data))
+    assert quantized.single_transformer_blocks[0].proj_out.input_quantizer.is_enabled
+    assert not quantized.proj_out.input_quantizer.is_enabled
+
+
+def test_progress_bar_can_be_silenced(capsys):
+    model, data = tiny(batches=2)
+    quantize(model, data)
+    assert "SegQuant calibration" not in capsys.readouterr().err
+    mtq.quantize(copy.deepcopy(model), sm.with_segquant(mtq.INT8_DEFAULT_CFG), loop_over(data))
+    assert "SegQuant calibration" in capsys.readouterr().err
