@@ -14,12 +14,13 @@ import modelopt.torch.quantization as mtq
 
 from segquant import SegQuantError
 
-_KEEP_HIGH_PRECISION = [
-    {"quantizer_name": "proj_out.*", "enable": False},  # the denoiser's final output projection
-    {"quantizer_name": "*", "parent_class": "nn.Conv1d", "enable": False},
-    {"quantizer_name": "*", "parent_class": "nn.Conv2d", "enable": False},
-    {"quantizer_name": "*", "parent_class": "nn.Conv3d", "enable": False},
-]
+_NOT_LINEAR = ["nn.LayerNorm", "nn.InstanceNorm1d", "nn.InstanceNorm2d", "nn.InstanceNorm3d", "nn.Conv1d",
+               "nn.Conv2d", "nn.Conv3d", "nn.ConvTranspose1d", "nn.ConvTranspose2d", "nn.ConvTranspose3d",
+               "nn.MaxPool1d", "nn.MaxPool2d", "nn.MaxPool3d", "nn.AvgPool1d", "nn.AvgPool2d", "nn.AvgPool3d"]
+# SegQuant quantizes Linear layers only (SPEC section 1): ModelOpt's presets also quantize the inputs of
+# LayerNorms and convolutions, and the denoiser's final output projection stays in high precision.
+_KEEP_HIGH_PRECISION = [{"quantizer_name": "proj_out.*", "enable": False}] + [
+    {"quantizer_name": "*", "parent_class": cls, "enable": False} for cls in _NOT_LINEAR]
 
 
 def with_segquant(base: dict[str, Any], **algorithm: Any) -> dict[str, Any]:

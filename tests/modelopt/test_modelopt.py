@@ -228,3 +228,28 @@ def test_progress_bar_can_be_silenced(capsys):
     assert "SegQuant calibration" not in capsys.readouterr().err
     mtq.quantize(copy.deepcopy(model), sm.with_segquant(mtq.INT8_DEFAULT_CFG), loop_over(data))
     assert "SegQuant calibration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("realisation", ["split_k", "folded"])
+def test_onnx_export_runs_in_onnxruntime(realisation, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from segquant_modelopt.export import export_onnx, qdq_counts
+
+    model, data = tiny(batches=2)
+    quantized = quantize(model, data, realisation=realisation)
+    path = export_onnx(quantized, data[0], tmp_path / "flux.onnx")
+    plan = sm.plan_of(quantized)
+    quantized_layers = [n for n in plan.layers if n != "proj_out"]  # 49 of the 50 Linear layers
+    dual = [n for n in plan.dual_scaled() if n != "proj_out"]       # 16 with a second (negative) branch
+    expected = 2 * len(quantized_layers) + len(dual)                 # input + weight Q/DQ, + x- branch
+    assert qdq_counts(path) == {"QuantizeLinear": expected, "DequantizeLinear": expected} == {
+        "QuantizeLinear": 114, "DequantizeLinear": 114}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no Q/DQ fusion
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    out = session.run(None, {i.name: data[1][i.name].numpy() for i in session.get_inputs()})[0]
+    with torch.no_grad():
+        ref = quantized(**data[1])[0].numpy()
+    max_diff = float(abs(out - ref).max())
+    print(f"ONNX ({realisation}) vs PyTorch fake quant: max abs diff {max_diff:.2e} (output max {abs(ref).max():.2f})")
+    assert max_diff < 1e-5 * abs(ref).max()
