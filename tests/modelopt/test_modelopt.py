@@ -201,8 +201,12 @@ def test_bad_input():
     with pytest.raises(segquant.PlanError, match="in_segments"):
         quantize(model, data, overrides={"single_transformer_blocks.*.proj_out": {"in_segments": [100]}})
     quantized = quantize(model, data)
+    with torch.no_grad():
+        before = quantized(**data[0])[0]
     with pytest.raises(SegQuantError, match="already quantized by SegQuant"):
-        sm.segquant_calibrate(quantized, loop_over(data))
+        mtq.quantize(quantized, sm.with_segquant(mtq.INT8_DEFAULT_CFG, show_progress=False), loop_over(data))
+    with torch.no_grad():
+        assert torch.equal(quantized(**data[0])[0], before)
     with pytest.raises(SegQuantError, match="list form"):
         sm.with_segquant({"quant_cfg": {"*": {"enable": False}}})
 
@@ -253,3 +257,13 @@ def test_onnx_export_runs_in_onnxruntime(realisation, tmp_path):
     max_diff = float(abs(out - ref).max())
     print(f"ONNX ({realisation}) vs PyTorch fake quant: max abs diff {max_diff:.2e} (output max {abs(ref).max():.2f})")
     assert max_diff < 1e-5 * abs(ref).max()
+
+
+def test_example_runs_on_a_tiny_flux(tmp_path):
+    done = subprocess.run([sys.executable, "examples/modelopt_flux.py", "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SegQuant plan for FluxTransformer2DModel" in done.stdout
+    assert (tmp_path / "transformer_segquant.pth").is_file() and (tmp_path / "transformer_segquant.onnx").is_file()
+    restored = mto.restore(build_tiny("FluxTransformer2DModel"), tmp_path / "transformer_segquant.pth")
+    assert isinstance(restored.single_transformer_blocks[0].proj_out.input_quantizer, sm.SegmentTensorQuantizer)
