@@ -12,9 +12,9 @@ except ImportError as e:  # pragma: no cover - exercised only without modelopt
 
 from .algorithm import SegQuantCalibConfig, SegQuantModeDescriptor, plan_of, segquant_calibrate
 from .configs import (SEGQUANT_CFG, SEGQUANT_FP8_CFG, SEGQUANT_INT8_CFG, SEGQUANT_INT8_PERCHANNEL_CFG,
-                      with_segquant)
+                      SEGQUANT_W4A8_CFG, with_segquant)
 from .quantizer import SegmentTensorQuantizer, SegQuantFlag
 
-__all__ = ["SEGQUANT_CFG", "SEGQUANT_FP8_CFG", "SEGQUANT_INT8_CFG", "SEGQUANT_INT8_PERCHANNEL_CFG",
+__all__ = ["SEGQUANT_CFG", "SEGQUANT_FP8_CFG", "SEGQUANT_INT8_CFG", "SEGQUANT_INT8_PERCHANNEL_CFG", "SEGQUANT_W4A8_CFG",
            "SegQuantCalibConfig", "SegQuantModeDescriptor", "SegmentTensorQuantizer", "plan_of",
            "SegQuantFlag", "segquant_calibrate", "with_segquant"]

@@ -217,25 +217,38 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
                        overrides: dict | None = None, head_segments: bool = False, show_progress: bool = True,
                        **kwargs: Any) -> None:
     """Calibrate ``model`` (already converted by ``mtq.quantize``'s quantize step) with SegQuant."""
-    if forward_loop is None:
-        raise SegQuantError("SegQuant calibration needs calibration data: call mtq.quantize(model, config, "
-                            "forward_loop) with forward_loop(model) running the model on a few batches")
     layers = _quantized_linears(model)
+    dynamic_only = all(m.input_quantizer._dynamic for m in layers.values() if m.input_quantizer.is_enabled)
+    if forward_loop is None and not dynamic_only:
+        raise SegQuantError("SegQuant calibration needs calibration data for static activation scales: call "
+                            "mtq.quantize(model, config, forward_loop) with forward_loop(model) running the "
+                            "model on a few batches (a dynamic-activation config such as SEGQUANT_W4A8_CFG "
+                            "can run without one on a known diffusers model)")
     twice = [n for n, m in layers.items() if is_marked(m.input_quantizer)]
     if twice:
         raise SegQuantError(f"{twice[0]} is already quantized by SegQuant ({len(twice)} layers); quantize "
                             "a fresh copy of the float model instead")
-    args, kwargs_in = _first_batch(model, forward_loop)
+    if forward_loop is None:
+        from segquant import example_inputs
+
+        args, kwargs_in = (), example_inputs(model)
+    else:
+        args, kwargs_in = _first_batch(model, forward_loop)
     with _quantizers_off(model):
         plan = analyze(model, *args, analysis_options=AnalysisOptions(
             seg_linear=seg_linear, dual_scale=dual_scale, head_segments=head_segments), **kwargs_in)
     plan = plan.with_overrides(overrides or {})
-    active = {n: m for n, m in layers.items() if n in plan and m.input_quantizer.is_enabled}
-    for name, module in active.items():
+    enabled = {n: m for n, m in layers.items() if n in plan and m.input_quantizer.is_enabled}
+    active = {n: m for n, m in enabled.items() if not m.input_quantizer._dynamic}
+    dynamic = {n: m for n, m in enabled.items() if m.input_quantizer._dynamic}
+    for name, module in enabled.items():
         if plan[name].in_features != module.in_features or plan[name].out_features != module.out_features:
             raise SegQuantError(f"{name}: plan says {plan[name].in_features}->{plan[name].out_features}, layer is "
                                 f"{module.in_features}->{module.out_features}")
-        _format(module.input_quantizer, name)
+        if module.input_quantizer._dynamic and module.input_quantizer.num_bits != 8:
+            raise SegQuantError(f"{name}: dynamic SegQuant activations support INT8 only")
+        if not module.input_quantizer._dynamic:
+            _format(module.input_quantizer, name)
     stats: dict[str, _ChannelStats] = {}
     hooks = []
 
@@ -252,7 +265,7 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
         hooks.append(module.register_forward_pre_hook(observe(name)))
     progress = _progress(model, show_progress)
     try:
-        max_calibrate(model, lambda m: _run_loop(forward_loop, m, "calibration"))
+        max_calibrate(model, None if forward_loop is None else lambda m: _run_loop(forward_loop, m, "calibration"))
     finally:
         for h in hooks:
             h.remove()
@@ -264,8 +277,18 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
     settings = {n: _settings(n, m, plan[n], stats[n], realisation, alpha) for n, m in active.items()}
     for name, module in active.items():  # nothing above changed a layer: apply all or nothing
         _apply(module, settings[name])
+    for name, module in dynamic.items():
+        layer = plan[name]
+        w = module.weight.detach().float()
+        if module.weight_quantizer.axis == 0:
+            weight_amax = w.abs().amax(1, keepdim=True)
+        else:
+            weight_amax = _expand(_segment_max(w.abs().amax(1), layer.out_segments), layer.out_segments)[:, None]
+        _set_amax(module.weight_quantizer, weight_amax, 0)
+        mark(module.input_quantizer).set_dynamic_segments(
+            list(layer.in_segments), list(layer.dual_scale_segments) if layer.dual_scale else [])
     model._segquant_plan = plan
-    logger.info("SegQuant calibrated %d layers (%s, realisation=%s, alpha=%s)", len(active), plan.summary(),
+    logger.info("SegQuant calibrated %d layers (%s, realisation=%s, alpha=%s)", len(enabled), plan.summary(),
                 realisation, alpha)
 
 

@@ -72,5 +72,18 @@ SEGQUANT_INT8_PERCHANNEL_CFG = with_segquant(mtq.INT8_DEFAULT_CFG, alpha=0.5)
 SEGQUANT_FP8_CFG = with_segquant(mtq.FP8_DEFAULT_CFG)
 """FP8 e4m3 per-tensor weights (per output segment) and activations (per input segment), no smoothing."""
 
+SEGQUANT_W4A8_CFG = with_segquant({
+    "quant_cfg": [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 4, "axis": 0}},
+        {"quantizer_name": "*input_quantizer",
+         "cfg": {"num_bits": 8, "axis": None, "type": "dynamic", "block_sizes": {-1: None}}},
+    ],
+    "algorithm": "max",
+})
+"""INT4 per-channel weights, INT8 per-token dynamic activations (one scale per token and input segment,
+two on DualScale segments). Runs without a forward_loop on known diffusers models. The paper's W4A8 also
+uses GPTQ and a rank-64 SVD branch, which are not part of this config."""
+
 SEGQUANT_CFG = SEGQUANT_INT8_PERCHANNEL_CFG
 """The recommended default: ``mtq.quantize(model, SEGQUANT_CFG, forward_loop)``."""

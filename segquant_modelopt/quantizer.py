@@ -64,6 +64,30 @@ class SegmentTensorQuantizer(TensorQuantizer):
     def dual_scale(self) -> bool:
         return "_segquant_dual_mask" in self._buffers
 
+    def set_dynamic_segments(self, segments: list[int], dual_segments: list[int]) -> None:
+        """Per-token dynamic scales, one per input segment (two on DualScale segments)."""
+        if self.num_bits != 8:
+            raise ValueError(f"dynamic SegQuant activations support INT8 only, got num_bits={self.num_bits}")
+        self._segquant_segments = [int(s) for s in segments]
+        self._segquant_dual_segments = [int(i) for i in dual_segments]
+
+    def _dynamic_forward(self, x: Tensor) -> Tensor:
+        from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
+
+        def quant(part: Tensor, amax: Tensor) -> Tensor:
+            return fake_tensor_quant(part, amax, None, 8, False, self._narrow_range)
+
+        out = []
+        for i, part in enumerate(x.split(self._segquant_segments, dim=-1)):
+            if i in self._segquant_dual_segments:
+                pos, neg = part.clamp(min=0), part.clamp(max=0)
+                # amax(|x-|) * 127/128: ModelOpt's scale amax/127 becomes the negative side's amax/128
+                out.append(quant(pos, pos.abs().amax(-1, keepdim=True).float()) +
+                           quant(neg, neg.abs().amax(-1, keepdim=True).float() * (127 / 128)))
+            else:
+                out.append(quant(part, part.abs().amax(-1, keepdim=True).float()))
+        return torch.cat(out, dim=-1)
+
     def set_dual_scale(self, neg_amax: Tensor, dual_mask: Tensor) -> None:
         for name, value in (("_segquant_neg_amax", neg_amax), ("_segquant_dual_mask", dual_mask)):
             if name in self._buffers:
@@ -71,6 +95,9 @@ class SegmentTensorQuantizer(TensorQuantizer):
             self.register_buffer(name, value.detach().clone())
 
     def forward(self, inputs: Tensor) -> Tensor:
+        if getattr(self, "_segquant_segments", None) is not None and not self._disabled and inputs.numel():
+            x = inputs if self.pre_quant_scale is None else inputs * self.pre_quant_scale
+            return self._dynamic_forward(x)
         if not self.dual_scale or self._disabled or not self._if_quant or inputs.numel() == 0:
             return super().forward(inputs)
         x = inputs

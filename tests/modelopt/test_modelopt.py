@@ -163,13 +163,18 @@ def test_ablation_switches_change_exactly_the_planned_layers():
     assert all(not v[1] for v in no_dual.values())
 
 
-def test_save_restore_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("config", ["int8_split_k", "int8_folded", "w4a8"])
+def test_save_restore_is_bit_identical(config, tmp_path):
     model, data = tiny()
-    quantized = quantize(model, data, realisation="split_k")
+    if config == "w4a8":
+        quantized = mtq.quantize(copy.deepcopy(model), sm.with_segquant(sm.SEGQUANT_W4A8_CFG, show_progress=False))
+    else:
+        quantized = quantize(model, data, realisation=config.split("_", 1)[1], alpha=0.5)
     mto.save(quantized, tmp_path / "segquant.pth")
     restored = mto.restore(build_tiny("FluxTransformer2DModel"), tmp_path / "segquant.pth")
     proj = restored.single_transformer_blocks[0].proj_out.input_quantizer
-    assert isinstance(proj, sm.SegmentTensorQuantizer) and proj.dual_scale
+    assert isinstance(proj, sm.SegmentTensorQuantizer)
+    assert proj.dual_scale or proj._segquant_dual_segments == [1]
     with torch.no_grad():
         assert torch.equal(restored(**data[0])[0], quantized(**data[0])[0])
 
@@ -267,3 +272,24 @@ def test_example_runs_on_a_tiny_flux(tmp_path):
     assert (tmp_path / "transformer_segquant.pth").is_file() and (tmp_path / "transformer_segquant.onnx").is_file()
     restored = mto.restore(build_tiny("FluxTransformer2DModel"), tmp_path / "transformer_segquant.pth")
     assert isinstance(restored.single_transformer_blocks[0].proj_out.input_quantizer, sm.SegmentTensorQuantizer)
+
+
+def test_w4a8_dynamic_matches_reference_and_needs_no_loop():
+    model, data = tiny()
+    cfg = sm.with_segquant(sm.SEGQUANT_W4A8_CFG, show_progress=False)
+    quantized = mtq.quantize(copy.deepcopy(model), cfg, None)  # dynamic activations: no calibration data
+    plan = sm.plan_of(quantized)
+    inputs = layer_inputs(model, data)
+    modules = dict(quantized.named_modules())
+    spec = nx.QuantSpec(weight_format="int4", weight_granularity="per_channel", act_granularity="per_token")
+    checked = 0
+    for name, float_layer in model.named_modules():
+        if isinstance(float_layer, nn.Linear) and modules[name].input_quantizer.is_enabled:
+            x = inputs[name][0]
+            expected = nx.reference_linear(x, float_layer.weight, float_layer.bias, plan[name], spec)
+            with torch.no_grad():
+                assert_matches_up_to_ties(modules[name](x), expected, name)
+            checked += 1
+    assert checked == 49
+    with torch.no_grad():
+        assert nx.sqnr_db(model(**data[0])[0], quantized(**data[0])[0]) > 10
