@@ -74,6 +74,8 @@ def quantize(model, data, base=None, **algorithm):
 
 
 def check_against_reference(model, quantized, data, spec):
+    """With SmoothQuant (split_k), the reference sees the smoothed input x * s and weight W / s, s being
+    the plugin's pre_quant_scale (tested on its own in test_smoothquant_is_an_exact_rescaling)."""
     plan = sm.plan_of(quantized)
     inputs = layer_inputs(model, data)
     modules = dict(quantized.named_modules())
@@ -81,16 +83,19 @@ def check_against_reference(model, quantized, data, spec):
     for name, float_layer in model.named_modules():
         if not isinstance(float_layer, nn.Linear) or not modules[name].input_quantizer.is_enabled:
             continue
+        smooth = modules[name].input_quantizer.pre_quant_scale if spec.realisation == "split_k" else None
+        smooth = torch.ones(float_layer.in_features) if smooth is None else smooth
         observer = SegmentAmaxObserver(plan[name])
         for x in inputs[name]:
-            observer.update(x)
+            observer.update(x * smooth)
         x = inputs[name][0]
-        expected = nx.reference_linear(x, float_layer.weight, float_layer.bias, plan[name], spec, observer.stats())
+        expected = nx.reference_linear(x * smooth, float_layer.weight / smooth, float_layer.bias, plan[name], spec,
+                                       observer.stats())
         with torch.no_grad():
             got = modules[name](x)
         assert_matches_up_to_ties(got, expected, name)
         if plan[name].seg_linear or plan[name].dual_scale:  # the check would catch a plan that was ignored
-            plain = nx.reference_linear(x, float_layer.weight, float_layer.bias, plan[name].replace(
+            plain = nx.reference_linear(x * smooth, float_layer.weight / smooth, float_layer.bias, plan[name].replace(
                 in_segments=(), out_segments=(), dual_scale=False), spec)
             assert not torch.isclose(got, plain, rtol=RTOL, atol=ATOL * expected.abs().max().item()).all()
         checked.append(name)
@@ -100,7 +105,8 @@ def check_against_reference(model, quantized, data, spec):
 @pytest.mark.parametrize("name", ["FluxTransformer2DModel", "SD3Transformer2DModel", "UNet2DConditionModel"])
 def test_int8_layers_match_reference(name):
     model, data = tiny(name)
-    quantized = quantize(model, data, base=sm.configs._with_weights(mtq.INT8_DEFAULT_CFG, None))
+    cfg = sm.with_segquant(sm.SEGQUANT_INT8_CFG, show_progress=False)  # the paper's W8A8, SmoothQuant 0.5
+    quantized = mtq.quantize(copy.deepcopy(model), cfg, loop_over(data))
     plan, checked = check_against_reference(model, quantized, data, nx.QuantSpec(weight_granularity="per_tensor"))
     # every Linear but the final proj_out (kept in high precision by the SegQuant configs) is checked
     expected = [n for n in plan.layers if n != "proj_out"]
