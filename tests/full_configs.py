@@ -45,5 +45,50 @@ SDXL_BASE_UNET = {
     "use_linear_projection": True,
 }
 
-FULL_CONFIGS = {"flux.1-dev": FLUX_1_DEV, "sd3.5-large": SD3_5_LARGE, "sd3.5-medium": SD3_5_MEDIUM,
-                "sdxl-base": SDXL_BASE_UNET}
+FLUX_1_SCHNELL = dict(FLUX_1_DEV, guidance_embeds=False)
+
+PIXART_SIGMA = {'_class_name': 'PixArtTransformer2DModel',
+ 'activation_fn': 'gelu-approximate',
+ 'attention_bias': True,
+ 'attention_head_dim': 72,
+ 'attention_type': 'default',
+ 'caption_channels': 4096,
+ 'cross_attention_dim': 1152,
+ 'dropout': 0.0,
+ 'in_channels': 4,
+ 'interpolation_scale': 2,
+ 'norm_elementwise_affine': False,
+ 'norm_eps': 1e-06,
+ 'norm_num_groups': 32,
+ 'norm_type': 'ada_norm_single',
+ 'num_attention_heads': 16,
+ 'num_embeds_ada_norm': 1000,
+ 'num_layers': 28,
+ 'out_channels': 8,
+ 'patch_size': 2,
+ 'sample_size': 128,
+ 'upcast_attention': False,
+ 'use_additional_conditions': False}
+
+SANA_1600M = {'_class_name': 'SanaTransformer2DModel',
+ 'attention_bias': False,
+ 'attention_head_dim': 32,
+ 'caption_channels': 2304,
+ 'cross_attention_dim': 2240,
+ 'cross_attention_head_dim': 112,
+ 'dropout': 0.0,
+ 'in_channels': 32,
+ 'interpolation_scale': None,
+ 'mlp_ratio': 2.5,
+ 'norm_elementwise_affine': False,
+ 'norm_eps': 1e-06,
+ 'num_attention_heads': 70,
+ 'num_cross_attention_heads': 20,
+ 'num_layers': 20,
+ 'out_channels': 32,
+ 'patch_size': 1,
+ 'sample_size': 32}
+
+FULL_CONFIGS = {"flux.1-dev": FLUX_1_DEV, "flux.1-schnell": FLUX_1_SCHNELL, "sd3.5-large": SD3_5_LARGE,
+                "sd3.5-medium": SD3_5_MEDIUM, "sdxl-base": SDXL_BASE_UNET, "pixart-sigma": PIXART_SIGMA,
+                "sana-1600m": SANA_1600M}
