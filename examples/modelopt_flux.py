@@ -27,19 +27,27 @@ from segquant_modelopt.export import export_onnx
 
 
 
-def quantize_and_save(transformer, forward_loop, example_inputs, out: Path, onnx: bool) -> None:
-    reference = copy.deepcopy(transformer)
-    transformer = mtq.quantize(transformer, segquant_modelopt.SEGQUANT_CFG, forward_loop)
+def quantize_and_save(transformer, forward_loop, out: Path, onnx: bool):
+    """mtq.quantize with SegQuant, mto.save, optional ONNX export; returns the quantized transformer."""
+    captured = {}
+
+    def keep_first_inputs(module, args, kwargs):  # example inputs for the ONNX export
+        captured.setdefault("kwargs", dict(kwargs))
+
+    handle = transformer.register_forward_pre_hook(keep_first_inputs, with_kwargs=True)
+    try:
+        transformer = mtq.quantize(transformer, segquant_modelopt.SEGQUANT_CFG, forward_loop)
+    finally:
+        handle.remove()
     print(segquant_modelopt.plan_of(transformer))
     out.mkdir(parents=True, exist_ok=True)
     mto.save(transformer, out / "transformer_segquant.pth")
     print(f"saved {out / 'transformer_segquant.pth'} (restore: import segquant_modelopt; mto.restore(model, path))")
-    with torch.no_grad():
-        sqnr = segquant.numerics.sqnr_db(reference(**example_inputs)[0].float(), transformer(**example_inputs)[0].float())
-    print(f"denoiser output SQNR vs full precision on one calibration input: {sqnr:.1f} dB")
     if onnx:
+        example_inputs = captured["kwargs"]
         path = export_onnx(transformer, example_inputs, out / "transformer_segquant.onnx")
         print(f"exported {path}")
+    return transformer
 
 
 def run_tiny(out: Path, onnx: bool) -> None:
@@ -60,7 +68,11 @@ def run_tiny(out: Path, onnx: bool) -> None:
         for batch in batches:
             model(**batch)
 
-    quantize_and_save(transformer, forward_loop, batches[0], out, onnx)
+    reference = copy.deepcopy(transformer)  # tiny: affordable, and shows what quantization costs
+    quantized = quantize_and_save(transformer, forward_loop, out, onnx)
+    with torch.no_grad():
+        sqnr = segquant.numerics.sqnr_db(reference(**batches[0])[0], quantized(**batches[0])[0])
+    print(f"denoiser output SQNR vs full precision on one calibration input: {sqnr:.1f} dB")
 
 
 def run_pipeline(model_id: str, prompts_file: Path, out: Path, onnx: bool, steps: int, device: str) -> None:
@@ -70,21 +82,13 @@ def run_pipeline(model_id: str, prompts_file: Path, out: Path, onnx: bool, steps
     if not prompts:
         sys.exit(f"{prompts_file} holds no prompts")
     pipe = FluxPipeline.from_pretrained(model_id, torch_dtype=torch.bfloat16).to(device)
-    captured = []
-
-    def capture(module, args, kwargs):
-        if len(captured) < 1:
-            captured.append({k: v for k, v in kwargs.items()})
 
     def forward_loop(transformer):
         for prompt in prompts:
             pipe(prompt, num_inference_steps=steps, height=1024, width=1024, guidance_scale=3.5,
                  generator=torch.Generator(device).manual_seed(0))
 
-    handle = pipe.transformer.register_forward_pre_hook(capture, with_kwargs=True)
-    pipe(prompts[0], num_inference_steps=1)
-    handle.remove()
-    quantize_and_save(pipe.transformer, forward_loop, captured[0], out, onnx)
+    quantize_and_save(pipe.transformer, forward_loop, out, onnx)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,12 +8,13 @@ import torch
 from torch import Tensor
 
 from .errors import SegQuantError
-from .numerics import ActivationStats, activation_stats
+from .numerics import ActivationStats, reduce_segments
 from .plan import LinearPlan
 
 
 class SegmentAmaxObserver:
-    """Accumulates, per input segment of one Linear, the max of |x|, of x+ and of |x-| over batches.
+    """Accumulates, per input channel of one Linear, the max of |x|, of x+ and of |x-| over batches, and
+    reduces them to the plan's input segments (``stats()``) or keeps them per channel (SmoothQuant).
 
     Example:
         >>> obs = SegmentAmaxObserver(plan["single_transformer_blocks.0.proj_out"])
@@ -28,7 +29,8 @@ class SegmentAmaxObserver:
         self.segments = tuple(layer.in_segments if layer is not None else segments)
         self.name = name or (layer.name if layer is not None else "") or "<layer>"
         self.batches = 0
-        self._stats: ActivationStats | None = None
+        self.ndim = 0
+        self.channels: ActivationStats | None = None  # per-channel (K,) maxima
 
     def update(self, x: Tensor) -> None:
         """Fold one batch of inputs ``(..., K)`` into the running ranges.
@@ -42,18 +44,26 @@ class SegmentAmaxObserver:
         if not torch.isfinite(x).all():
             raise SegQuantError(f"{self.name}: calibration input contains NaN or Inf (batch "
                                 f"{self.batches}); check the model's dtype and the calibration data")
-        new = activation_stats(x, self.segments)
-        if self._stats is None:
-            self._stats = new
-        else:
-            old = self._stats
-            self._stats = ActivationStats(torch.maximum(old.amax, new.amax), torch.maximum(old.pos_amax, new.pos_amax),
-                                          torch.maximum(old.neg_amax, new.neg_amax))
+        flat = x.detach().float().reshape(-1, x.shape[-1])
+        new = ActivationStats(flat.abs().amax(0), flat.clamp(min=0).amax(0), (-flat).clamp(min=0).amax(0))
+        if self.channels is not None:
+            old = self.channels
+            new = ActivationStats(torch.maximum(old.amax, new.amax), torch.maximum(old.pos_amax, new.pos_amax),
+                                  torch.maximum(old.neg_amax, new.neg_amax))
+        self.channels = new
         self.batches += 1
+        self.ndim = x.dim()
 
-    def stats(self) -> ActivationStats:
-        """The accumulated ranges. Raises ``SegQuantError`` if no batch was seen."""
-        if self._stats is None:
+    def channel_stats(self) -> ActivationStats:
+        """Per-channel ``(K,)`` ranges. Raises ``SegQuantError`` if no batch was seen."""
+        if self.channels is None:
             raise SegQuantError(f"{self.name}: no calibration data reached this layer; run the forward "
                                 "loop over at least one batch that uses it")
-        return self._stats
+        return self.channels
+
+    def stats(self, scale: Tensor | None = None) -> ActivationStats:
+        """Per-segment ranges, of ``x * scale`` when a positive per-channel ``scale`` is given (smoothing)."""
+        ch = self.channel_stats()
+        scale = torch.ones_like(ch.amax) if scale is None else scale.to(ch.amax.device).float()
+        per_segment = (reduce_segments(t * scale, self.segments) for t in (ch.amax, ch.pos_amax, ch.neg_amax))
+        return ActivationStats(*per_segment)

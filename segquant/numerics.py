@@ -215,7 +215,8 @@ class QuantSpec:
         get_format(self.weight_format)
         get_format(self.act_format)
         if self.weight_granularity not in ("per_tensor", "per_channel"):
-            raise SegQuantError(f"weight_granularity must be per_tensor or per_channel, got {self.weight_granularity!r}")
+            raise SegQuantError("weight_granularity must be per_tensor or per_channel, "
+                                f"got {self.weight_granularity!r}")
         if self.act_granularity not in ("per_tensor", "per_token"):
             raise SegQuantError(f"act_granularity must be per_tensor or per_token, got {self.act_granularity!r}")
         if self.realisation not in ("split_k", "folded"):
@@ -229,6 +230,42 @@ class ActivationStats:
     amax: Tensor
     pos_amax: Tensor
     neg_amax: Tensor
+
+    def check(self, layer: LinearPlan) -> None:
+        """Raise ``PlanError`` unless there is one finite, non-negative entry per input segment of ``layer``."""
+        name = layer.name or "<layer>"
+        n = len(layer.in_segments)
+        for field_name in ("amax", "pos_amax", "neg_amax"):
+            value = getattr(self, field_name)
+            if not isinstance(value, Tensor) or value.shape != (n,):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise PlanError(f"{name}: calibration {field_name} has shape {shape}, the plan has {n} input "
+                                "segments; calibrate again with this plan")
+            if not torch.isfinite(value).all() or (value < 0).any():
+                raise PlanError(f"{name}: calibration {field_name} must be finite and non-negative")
+
+    def scales(self, layer: LinearPlan, fmt: str | QuantFormat) -> tuple[Tensor, Tensor]:
+        """Per-segment ``(activation scale, negative-side scale)``: DualScale segments take ``s+`` from
+        the positive amax and ``s-`` from the negative one; the others one symmetric scale from amax."""
+        self.check(layer)
+        dual = torch.tensor([layer.dual_scale and i in layer.dual_scale_segments
+                             for i in range(len(layer.in_segments))], device=self.amax.device)
+        return (scale_from_amax(torch.where(dual, self.pos_amax, self.amax), fmt),
+                scale_from_amax(self.neg_amax, fmt, negative=True))
+
+
+def reduce_segments(per_channel: Tensor, segments: Sequence[int]) -> Tensor:
+    """The max over each segment of a per-channel ``(K,)`` tensor -> ``(len(segments),)``."""
+    segs = _check_segments(segments, per_channel.shape[-1])
+    return torch.stack([p.max() for p in per_channel.split(segs, dim=-1)])
+
+
+def weight_amax(w: Tensor, out_segments: Sequence[int], per_channel: bool) -> Tensor:
+    """``(N, 1)`` weight amax: per output row, or one per output segment repeated over its rows."""
+    rows = w.detach().float().abs().amax(dim=1)
+    if not per_channel:
+        rows = expand_segments(reduce_segments(rows, out_segments), out_segments)
+    return rows[:, None]
 
 
 def activation_stats(x: Tensor, segments: Sequence[int]) -> ActivationStats:
@@ -254,11 +291,8 @@ def _quantize_input_segment(x: Tensor, fmt: QuantFormat, dual: bool, per_token: 
 
 
 def _quantize_weight(w: Tensor, layer: LinearPlan, spec: QuantSpec) -> Tensor:
-    if spec.weight_granularity == "per_channel":
-        return fake_quant_tensor(w, spec.weight_format, "per_channel", axis=0)
-    rows = [fake_quant_tensor(part, spec.weight_format, "per_tensor")
-            for part in w.split(list(layer.out_segments), dim=0)]
-    return torch.cat(rows, dim=0)
+    amax = weight_amax(w, layer.out_segments, spec.weight_granularity == "per_channel")
+    return fake_quant(w, scale_from_amax(amax, spec.weight_format), spec.weight_format)
 
 
 def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: LinearPlan,
@@ -282,9 +316,8 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
     if weight.shape != (layer.out_features, layer.in_features) or x.shape[-1] != layer.in_features:
         raise PlanError(f"{name}: plan is {layer.in_features}->{layer.out_features}, got weight "
                         f"{tuple(weight.shape)} and input last dim {x.shape[-1]}")
-    if stats is not None and stats.amax.shape != (len(layer.in_segments),):
-        raise PlanError(f"{name}: stats have {tuple(stats.amax.shape)} entries, plan has "
-                        f"{len(layer.in_segments)} input segments")
+    if stats is not None:
+        stats.check(layer)
     if spec.realisation == "folded" and per_token:
         raise SegQuantError(f"{name}: the folded realisation needs static per_tensor activation scales; "
                             "use realisation='split_k' with per_token activations")

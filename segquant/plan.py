@@ -100,6 +100,17 @@ class LinearPlan:
         """True when SegQuant changes nothing for this layer."""
         return not self.seg_linear and not self.dual_scale
 
+    def check_module(self, module: Any) -> None:
+        """Raise ``PlanError`` unless ``module`` is an ``nn.Linear`` of the planned shape."""
+        from torch import nn
+
+        name = self.name or "<layer>"
+        if not isinstance(module, nn.Linear):
+            raise PlanError(f"{name}: planned as a Linear but is a {type(module).__name__}")
+        if (module.in_features, module.out_features) != (self.in_features, self.out_features):
+            raise PlanError(f"{name}: the plan says {self.in_features}->{self.out_features}, the module is "
+                            f"{module.in_features}->{module.out_features}; re-run segquant.analyze on this model")
+
     def replace(self, **changes: Any) -> "LinearPlan":
         """A copy with ``changes`` applied and checked (``dual_scale_segments`` is re-derived when
         ``dual_scale`` or ``in_segments`` change without it)."""

@@ -19,8 +19,8 @@ from modelopt.torch.quantization.mode import BaseCalibrateModeDescriptor, Calibr
 from modelopt.torch.quantization.model_calib import max_calibrate
 from modelopt.torch.quantization.nn import TensorQuantizer
 
-from segquant import AnalysisOptions, SegQuantError, SegQuantPlan, analyze
-from segquant.numerics import scale_from_amax
+from segquant import AnalysisOptions, SegmentAmaxObserver, SegQuantError, SegQuantPlan, analyze
+from segquant.numerics import QuantFormat, expand_segments, get_format, weight_amax
 
 from .quantizer import is_marked, mark
 
@@ -52,26 +52,6 @@ class SegQuantCalibConfig(QuantizeAlgorithmConfig):
 
 class _FirstBatch(Exception):
     """Stops the forward loop once the first batch's inputs are captured."""
-
-
-@dataclass
-class _ChannelStats:
-    amax: Tensor
-    pos: Tensor
-    neg: Tensor
-    ndim: int
-    batches: int = 0
-
-    def update(self, x: Tensor, name: str) -> None:
-        x = x.detach().float()
-        if not torch.isfinite(x).all():
-            raise SegQuantError(f"{name}: calibration input contains NaN or Inf (batch {self.batches}); "
-                                "check the model's dtype and the calibration data")
-        flat = x.reshape(-1, x.shape[-1])
-        self.amax = torch.maximum(self.amax, flat.abs().amax(0))
-        self.pos = torch.maximum(self.pos, flat.clamp(min=0).amax(0))
-        self.neg = torch.maximum(self.neg, (-flat).clamp(min=0).amax(0))
-        self.batches += 1
 
 
 def _quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -123,22 +103,14 @@ def _first_batch(model: nn.Module, forward_loop: Callable) -> tuple[tuple, dict]
     return captured["args"], captured["kwargs"]
 
 
-def _format(quantizer: TensorQuantizer, name: str) -> tuple[str, float, float]:
-    """(format, qmax, negative divisor) of an input quantizer."""
+def _format(quantizer: TensorQuantizer, name: str) -> QuantFormat:
+    """The number format of an input quantizer (INT8 or FP8 e4m3)."""
     bits = quantizer.num_bits
     if bits == 8:
-        return "int8", 127.0, 128.0
+        return get_format("int8")
     if isinstance(bits, (list, tuple)) and tuple(bits) == (4, 3):
-        return "fp8", 448.0, 448.0
+        return get_format("fp8")
     raise SegQuantError(f"{name}: SegQuant supports INT8 and FP8 (e4m3) input quantizers, got num_bits={bits}")
-
-
-def _expand(values: Tensor, segments: tuple[int, ...]) -> Tensor:
-    return values.repeat_interleave(torch.tensor(segments, device=values.device))
-
-
-def _segment_max(per_channel: Tensor, segments: tuple[int, ...]) -> Tensor:
-    return torch.stack([p.max() for p in per_channel.split(list(segments))])
 
 
 @dataclass
@@ -151,45 +123,44 @@ class _LayerSettings:
     dual_mask: Tensor | None
 
 
-def _settings(name: str, module: nn.Module, layer, stats: _ChannelStats, realisation: str,
+def _settings(name: str, module: nn.Module, layer, observer: SegmentAmaxObserver, realisation: str,
               alpha: float | None) -> _LayerSettings:
-    fmt, qmax, neg_div = _format(module.input_quantizer, name)
+    """Quantizer settings of one layer. ModelOpt's scale is ``amax / qmax``, so every SegQuant scale s
+    (``segquant.numerics``: per segment, ``s+``/``s-`` on DualScale segments) is set as ``amax = s * qmax``."""
+    fmt = _format(module.input_quantizer, name)
     w = module.weight.detach().float()
-    if alpha is not None:
+    channels = observer.channel_stats()
+    if alpha is not None:  # SmoothQuant, as ModelOpt computes it, per input channel
         smooth = (w.abs().amax(0).clamp(min=1e-8).pow(1 - alpha) /
-                  stats.amax.clamp(min=1e-8).pow(alpha)).clamp(1e-4, 1e4)
+                  channels.amax.clamp(min=1e-8).pow(alpha)).clamp(1e-4, 1e4)
     else:
-        smooth = torch.ones_like(stats.amax)
+        smooth = torch.ones_like(channels.amax)
+    act_scale, neg_scale = observer.stats(smooth).scales(layer, fmt)
     segs = layer.in_segments
-    dual = set(layer.dual_scale_segments) if layer.dual_scale else set()
-    amax_s, pos_s, neg_s = (_segment_max(t * smooth, segs) for t in (stats.amax, stats.pos, stats.neg))
+    dual = layer.dual_scale_segments if layer.dual_scale else ()
     is_dual = torch.tensor([i in dual for i in range(len(segs))], device=w.device)
-    act_amax = torch.where(is_dual, pos_s, amax_s)  # DualScale segments: the positive side's amax
-    dual_mask = _expand(is_dual, segs) if dual else None
-    shape = [1] * (stats.ndim - 1) + [layer.in_features]
+    dual_mask = expand_segments(is_dual, segs) if dual else None
+    shape = [1] * (observer.ndim - 1) + [layer.in_features]
     weight = w / smooth
-    if realisation == "folded":
-        col_scale = _expand(scale_from_amax(act_amax, fmt).to(w.device), segs)
+    neg_amax = None
+    if realisation == "folded":  # a_s (s+ on DualScale segments) folded into the weight columns
+        col_scale = expand_segments(act_scale, segs)
         weight = weight * col_scale
         pre_quant_scale = smooth / col_scale
-        input_amax = torch.tensor(qmax)
-        neg_amax = None
-        if dual:
-            ratio = (neg_s / neg_div) / (act_amax / qmax).clamp(min=torch.finfo(torch.float32).tiny)
-            neg_amax = _expand(torch.where(is_dual, ratio * qmax, torch.ones_like(ratio)), segs).reshape(shape)
+        input_amax = torch.tensor(fmt.qmax)
+        if dual:  # x- / s+ is quantized with scale s- / s+
+            ratio = torch.where(is_dual, neg_scale / act_scale, torch.ones_like(act_scale))
+            neg_amax = expand_segments(ratio * fmt.qmax, segs).reshape(shape)
     else:
         pre_quant_scale = smooth if alpha is not None else None
-        input_amax = act_amax[0].clone() if len(segs) == 1 else _expand(act_amax, segs).reshape(shape)
-        neg_amax = None
+        amax = act_scale * fmt.qmax
+        input_amax = amax[0].clone() if len(segs) == 1 else expand_segments(amax, segs).reshape(shape)
         if dual:
-            neg = neg_s * (qmax / neg_div)  # ModelOpt's scale is amax / qmax: this gives amax(|x-|) / |qmin|
-            neg_amax = neg[0].clone() if len(segs) == 1 else _expand(torch.where(is_dual, neg, torch.ones_like(neg)),
-                                                                       segs).reshape(shape)
-    if module.weight_quantizer.axis == 0:
-        weight_amax = weight.abs().amax(1, keepdim=True)
-    else:  # per-tensor weights: one scale per output segment, exported as per-row Q/DQ
-        weight_amax = _expand(_segment_max(weight.abs().amax(1), layer.out_segments), layer.out_segments)[:, None]
-    return _LayerSettings(weight.to(module.weight.dtype), weight_amax, input_amax, pre_quant_scale, neg_amax, dual_mask)
+            neg = torch.where(is_dual, neg_scale, torch.ones_like(neg_scale)) * fmt.qmax
+            neg_amax = neg[0].clone() if len(segs) == 1 else expand_segments(neg, segs).reshape(shape)
+    per_channel = module.weight_quantizer.axis == 0
+    return _LayerSettings(weight.to(module.weight.dtype), weight_amax(weight, layer.out_segments, per_channel),
+                          input_amax, pre_quant_scale, neg_amax, dual_mask)
 
 
 def _set_amax(quantizer: TensorQuantizer, amax: Tensor, axis: int | None) -> None:
@@ -242,27 +213,14 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
     active = {n: m for n, m in enabled.items() if not m.input_quantizer._dynamic}
     dynamic = {n: m for n, m in enabled.items() if m.input_quantizer._dynamic}
     for name, module in enabled.items():
-        if plan[name].in_features != module.in_features or plan[name].out_features != module.out_features:
-            raise SegQuantError(f"{name}: plan says {plan[name].in_features}->{plan[name].out_features}, layer is "
-                                f"{module.in_features}->{module.out_features}")
+        plan[name].check_module(module)
         if module.input_quantizer._dynamic and module.input_quantizer.num_bits != 8:
             raise SegQuantError(f"{name}: dynamic SegQuant activations support INT8 only")
         if not module.input_quantizer._dynamic:
             _format(module.input_quantizer, name)
-    stats: dict[str, _ChannelStats] = {}
-    hooks = []
-
-    def observe(name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            x = inputs[0]
-            if name not in stats:
-                zeros = torch.zeros(x.shape[-1], device=x.device)
-                stats[name] = _ChannelStats(zeros, zeros.clone(), zeros.clone(), x.dim())
-            stats[name].update(x, name)
-        return hook
-
-    for name, module in active.items():
-        hooks.append(module.register_forward_pre_hook(observe(name)))
+    observers = {name: SegmentAmaxObserver(plan[name]) for name in active}
+    hooks = [module.register_forward_pre_hook(lambda m, inputs, o=observers[name]: o.update(inputs[0]))
+             for name, module in active.items()]
     progress = _progress(model, show_progress)
     try:
         max_calibrate(model, None if forward_loop is None else lambda m: _run_loop(forward_loop, m, "calibration"))
@@ -270,21 +228,17 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
         for h in hooks:
             h.remove()
         progress.close()
-    missing = [n for n in active if n not in stats]
+    missing = [n for n, o in observers.items() if o.batches == 0]
     if missing:
         raise SegQuantError(f"calibration data never reached {len(missing)} quantized layer(s), e.g. "
                             f"{', '.join(missing[:3])}; run inputs that use them or disable their quantizers")
-    settings = {n: _settings(n, m, plan[n], stats[n], realisation, alpha) for n, m in active.items()}
+    settings = {n: _settings(n, m, plan[n], observers[n], realisation, alpha) for n, m in active.items()}
     for name, module in active.items():  # nothing above changed a layer: apply all or nothing
         _apply(module, settings[name])
     for name, module in dynamic.items():
         layer = plan[name]
-        w = module.weight.detach().float()
-        if module.weight_quantizer.axis == 0:
-            weight_amax = w.abs().amax(1, keepdim=True)
-        else:
-            weight_amax = _expand(_segment_max(w.abs().amax(1), layer.out_segments), layer.out_segments)[:, None]
-        _set_amax(module.weight_quantizer, weight_amax, 0)
+        _set_amax(module.weight_quantizer, weight_amax(module.weight, layer.out_segments,
+                                                       module.weight_quantizer.axis == 0), 0)
         mark(module.input_quantizer).set_dynamic_segments(
             list(layer.in_segments), list(layer.dual_scale_segments) if layer.dual_scale else [])
     model._segquant_plan = plan

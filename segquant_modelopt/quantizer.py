@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from modelopt.torch.quantization.nn import TensorQuantizer
 
+from segquant.numerics import INT8
+
 
 class SegQuantFlag:
     """The value of a quantizer's ``_segquant`` property: marks it as a ``SegmentTensorQuantizer``."""
@@ -65,9 +67,7 @@ class SegmentTensorQuantizer(TensorQuantizer):
         return "_segquant_dual_mask" in self._buffers
 
     def set_dynamic_segments(self, segments: list[int], dual_segments: list[int]) -> None:
-        """Per-token dynamic scales, one per input segment (two on DualScale segments)."""
-        if self.num_bits != 8:
-            raise ValueError(f"dynamic SegQuant activations support INT8 only, got num_bits={self.num_bits}")
+        """Per-token dynamic scales, one per input segment (two on DualScale segments); INT8 only."""
         self._segquant_segments = [int(s) for s in segments]
         self._segquant_dual_segments = [int(i) for i in dual_segments]
 
@@ -81,9 +81,9 @@ class SegmentTensorQuantizer(TensorQuantizer):
         for i, part in enumerate(x.split(self._segquant_segments, dim=-1)):
             if i in self._segquant_dual_segments:
                 pos, neg = part.clamp(min=0), part.clamp(max=0)
-                # amax(|x-|) * 127/128: ModelOpt's scale amax/127 becomes the negative side's amax/128
+                # ModelOpt's scale is amax / qmax; the negative side's is amax(|x-|) / |qmin|
                 out.append(quant(pos, pos.abs().amax(-1, keepdim=True).float()) +
-                           quant(neg, neg.abs().amax(-1, keepdim=True).float() * (127 / 128)))
+                           quant(neg, neg.abs().amax(-1, keepdim=True).float() * (INT8.qmax / -INT8.qmin)))
             else:
                 out.append(quant(part, part.abs().amax(-1, keepdim=True).float()))
         return torch.cat(out, dim=-1)

@@ -8,6 +8,7 @@ Linear at a time (diffusers' ``TorchAoConfig``), where the handler changes the L
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 from collections import OrderedDict
@@ -104,11 +105,16 @@ class SegLinearConfig(AOBaseConfig):
                          self.fast_accum)
 
     def stats(self) -> ActivationStats | None:
-        if self.amax is None:
+        """Calibrated ranges carried by the config, checked against the layer's segments."""
+        given = [k for k in ("amax", "pos_amax", "neg_amax") if getattr(self, k) is not None]
+        if not given:
             return None
-        return ActivationStats(torch.tensor(self.amax, dtype=torch.float32),
-                               torch.tensor(self.pos_amax, dtype=torch.float32),
-                               torch.tensor(self.neg_amax, dtype=torch.float32))
+        if len(given) != 3:
+            raise SegQuantError(f"{self.name}: calibration needs amax, pos_amax and neg_amax, got only {given}")
+        stats = ActivationStats(*(torch.tensor(getattr(self, k), dtype=torch.float32)
+                                  for k in ("amax", "pos_amax", "neg_amax")))
+        stats.check(self.spec().layer())
+        return stats
 
 
 @register_quantize_module_handler(SegLinearConfig)
@@ -214,19 +220,21 @@ class SegQuantConfig(FqnToConfig):
         for pattern in self.skip:
             if not plan.matching(pattern):
                 raise PlanError(f"skip pattern {pattern!r} matches no layer of the plan")
+        # one template carries (and validates) the options every layer shares, even if skip leaves no layer
+        template = SegLinearConfig(precision=self.precision, activation=self.activation, step=self.step,
+                                   realisation=self.realisation, weight_granularity=self.weight_granularity,
+                                   fast_accum=self.fast_accum)
         self._session = _Session()
         layers: OrderedDict[str, AOBaseConfig] = OrderedDict()
         for name, layer in plan.layers.items():
             if any(fnmatch.fnmatchcase(name, p) for p in self.skip):
                 continue
             stats = calibration.get(name, {})
-            cfg = SegLinearConfig(name=name, in_features=layer.in_features, out_features=layer.out_features,
-                                  in_segments=list(layer.in_segments), out_segments=list(layer.out_segments),
-                                  dual_scale_segments=list(layer.dual_scale_segments), precision=self.precision,
-                                  activation=self.activation, step=self.step, realisation=self.realisation,
-                                  weight_granularity=self.weight_granularity, fast_accum=self.fast_accum,
-                                  amax=stats.get("amax"),
-                                  pos_amax=stats.get("pos_amax"), neg_amax=stats.get("neg_amax"))
+            cfg = dataclasses.replace(template, name=name, in_features=layer.in_features,
+                                      out_features=layer.out_features, in_segments=list(layer.in_segments),
+                                      out_segments=list(layer.out_segments),
+                                      dual_scale_segments=list(layer.dual_scale_segments), amax=stats.get("amax"),
+                                      pos_amax=stats.get("pos_amax"), neg_amax=stats.get("neg_amax"))
             cfg._session = self._session
             layers[name] = cfg
         self.fqn_to_config = layers
@@ -245,25 +253,22 @@ def check_plan(model: nn.Module, plan: SegQuantPlan | SegQuantConfig) -> None:
                         "re-run segquant.analyze on this model")
     modules = dict(model.named_modules())
     for name, layer in plan.layers.items():
-        module = modules.get(name)
-        if module is None:
+        if name not in modules:
             raise PlanError(f"{name}: in the plan but not in {type(model).__name__}; the plan belongs to "
                             f"{plan.model_class or 'another model'}: re-run segquant.analyze on this model")
-        if not isinstance(module, nn.Linear):
-            raise PlanError(f"{name}: planned as a Linear but is a {type(module).__name__}")
-        if (module.in_features, module.out_features) != (layer.in_features, layer.out_features):
-            raise PlanError(f"{name}: the plan says {layer.in_features}->{layer.out_features}, the module is "
-                            f"{module.in_features}->{module.out_features}")
+        layer.check_module(modules[name])
 
 
 def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
-    """``quantize_(model, config, filter_fn=None)`` after checking the whole plan against the model,
-    so that a mismatching plan leaves the model unchanged."""
+    """``quantize_(model, config, filter_fn=None)`` after checking the whole plan (and any calibration the
+    config carries) against the model, so that a mismatch leaves the model unchanged."""
     from torchao.quantization import quantize_
 
     if not isinstance(config, SegQuantConfig):
         raise SegQuantError(f"expected a SegQuantConfig, got {type(config).__name__}")
     check_plan(model, config)
+    for layer_config in config.fqn_to_config.values():
+        layer_config.stats()  # calibration carried by the config must fit every layer before any changes
     quantize_(model, config, filter_fn=None)
     return model
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from segquant.numerics import FP8_E4M3, INT8
+
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-INT8_MIN, INT8_MAX = -128.0, 127.0
 PRECISIONS = ("fp8", "int8")
+_FORMATS = {"fp8": FP8_E4M3, "int8": INT8}
 
 
 def kernel_multiple(precision: str) -> int:
@@ -22,23 +23,22 @@ def kernel_multiple(precision: str) -> int:
     return 16 if precision == "fp8" else 8
 
 
-def pad_to(x: Tensor, dim: int, multiple: int, minimum: int = 0) -> Tensor:
-    """Zero-pad ``dim`` of ``x`` up to a multiple of ``multiple`` (and above ``minimum``)."""
+def pad_to(x: Tensor, dim: int, multiple: int, minimum: int = 0, value: float = 0.0) -> Tensor:
+    """Pad ``dim`` of ``x`` with ``value`` up to a multiple of ``multiple`` (and above ``minimum``)."""
     size = x.shape[dim]
     target = max(-(-size // multiple) * multiple, minimum)
     if target == size:
         return x
     pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, target - size]
-    return torch.nn.functional.pad(x, pad)
+    return torch.nn.functional.pad(x, pad, value=value)
 
 
 def codes(x: Tensor, scale: Tensor | float, precision: str, lo: float | None = None,
           hi: float | None = None) -> Tensor:
     """Quantize ``x / scale`` to fp8 e4m3 or int8 codes, clamped to ``[lo, hi]`` (default: the format's range)."""
-    v = x.float() / scale
-    if precision == "fp8":
-        return v.clamp(-FP8_MAX if lo is None else lo, FP8_MAX if hi is None else hi).to(FP8_DTYPE)
-    return torch.round(v).clamp(INT8_MIN if lo is None else lo, INT8_MAX if hi is None else hi).to(torch.int8)
+    fmt = _FORMATS[precision]
+    v = (x.float() / scale).clamp(fmt.qmin if lo is None else lo, fmt.qmax if hi is None else hi)
+    return v.to(FP8_DTYPE) if precision == "fp8" else torch.round(v).to(torch.int8)
 
 
 def positive_codes(x: Tensor, scale: Tensor | float, precision: str) -> Tensor:

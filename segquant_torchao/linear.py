@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segquant import SegmentAmaxObserver, SegQuantError
-from segquant.numerics import ActivationStats, scale_from_amax
+from segquant import LinearPlan, SegmentAmaxObserver, SegQuantError
+from segquant.numerics import ActivationStats, scale_from_amax, weight_amax
 
 from .kernels import codes, dual_scale_mm, kernel_multiple, negative_codes, pad_to, \
     positive_codes, scaled_mm
@@ -42,22 +42,17 @@ class LayerSpec:
     weight_granularity: str  # "per_channel" | "per_tensor"
     fast_accum: bool = True  # fp8 GEMMs with Hopper's fast accumulation
 
-    @property
-    def bounds(self) -> list[tuple[int, int]]:
-        out, start = [], 0
+    bounds: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        edges = [0]
         for size in self.in_segments:
-            out.append((start, start + size))
-            start += size
-        return out
+            edges.append(edges[-1] + size)
+        object.__setattr__(self, "bounds", tuple(zip(edges, edges[1:])))
 
-
-def _weight_scale(w: Tensor, spec: LayerSpec) -> Tensor:
-    """(N, 1) float32 scales: per output row, or one per output segment (``per_tensor``)."""
-    if spec.weight_granularity == "per_channel":
-        amax = w.abs().amax(dim=1, keepdim=True)
-    else:
-        amax = torch.cat([p.abs().amax().expand(p.shape[0]) for p in w.split(list(spec.out_segments))])[:, None]
-    return scale_from_amax(amax, spec.precision)
+    def layer(self) -> LinearPlan:
+        return LinearPlan(self.in_features, self.out_features, self.in_segments, self.out_segments,
+                          dual_scale=bool(self.dual_segments), dual_scale_segments=self.dual_segments, name=self.name)
 
 
 class ObservedSegQuantLinear(nn.Linear):
@@ -106,16 +101,16 @@ class SegQuantLinear(nn.Linear):
                 neg = torch.zeros_like(v)
                 neg[:, lo:hi] = x[:, lo:hi].float().clamp(max=0) / self.neg_scale[i]
                 rows.append(negative_codes(neg, 1.0, spec.precision))
-                ratios.append(self.neg_scale[i] / self.act_scale[i])
+                ratios.append(self.neg_ratio[i])
             a = torch.cat(rows, dim=0)
             scale_a = torch.cat([x.new_ones(m, 1, dtype=torch.float32)] +
                                 [r.reshape(1, 1).expand(m, 1) for r in ratios], dim=0)
-            y = scaled_mm(a, self.qweight, scale_a, self.weight_scale.t(), torch.float32, fast_accum=spec.fast_accum)
-            y = y.reshape(len(rows), m, -1).sum(0)
+            y = scaled_mm(a, self.qweight, scale_a, self.weight_scale, torch.float32, fast_accum=spec.fast_accum)
+            y = y.reshape(len(rows), m, y.shape[-1]).sum(0)
             return _add_bias(y, bias).to(x.dtype)
         a = codes(v, 1.0, spec.precision)
         ones = x.new_ones(m, 1, dtype=torch.float32)
-        return scaled_mm(a, self.qweight, ones, self.weight_scale.t(), x.dtype, bias, spec.fast_accum)
+        return scaled_mm(a, self.qweight, ones, self.weight_scale, x.dtype, bias, spec.fast_accum)
 
     def _split(self, x: Tensor, bias: Tensor | None) -> Tensor:
         spec = self.segquant_spec
@@ -134,8 +129,8 @@ class SegQuantLinear(nn.Linear):
                     s_neg = scale_from_amax((-xf).clamp(min=0).amax(-1, keepdim=True), spec.precision, negative=True)
                 else:
                     s_pos, s_neg = self.act_scale[i].reshape(1, 1), self.neg_scale[i].reshape(1, 1)
-                out = dual_scale_mm(positive_codes(xf, s_pos, spec.precision), negative_codes(xf, s_neg, spec.precision),
-                                    weight, s_pos, s_neg, self.weight_scale.t(), acc_dtype, spec.fast_accum)
+                q_pos, q_neg = positive_codes(xf, s_pos, spec.precision), negative_codes(xf, s_neg, spec.precision)
+                out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, self.weight_scale, acc_dtype, spec.fast_accum)
             else:
                 if dynamic:
                     scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.precision)
@@ -143,7 +138,7 @@ class SegQuantLinear(nn.Linear):
                     scale = self.act_scale[i].reshape(1, 1)
                 single = len(spec.bounds) == 1
                 out = scaled_mm(codes(part, scale, spec.precision), weight, scale.expand(m, 1),
-                                self.weight_scale.t(), acc_dtype, bias if single else None, spec.fast_accum)
+                                self.weight_scale, acc_dtype, bias if single else None, spec.fast_accum)
                 if single:
                     return out.to(x.dtype)
             y = out if y is None else y + out
@@ -159,12 +154,9 @@ def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _check_module(module: nn.Module, spec: LayerSpec) -> None:
-    if not isinstance(module, nn.Linear) or isinstance(module, SegQuantLinear):
-        what = "already quantized by SegQuant" if isinstance(module, SegQuantLinear) else type(module).__name__
-        raise SegQuantError(f"{spec.name}: expected a float nn.Linear, got {what}")
-    if (module.in_features, module.out_features) != (spec.in_features, spec.out_features):
-        raise SegQuantError(f"{spec.name}: the plan says {spec.in_features}->{spec.out_features}, the module is "
-                            f"{module.in_features}->{module.out_features}; re-run segquant.analyze on this model")
+    if isinstance(module, SegQuantLinear):
+        raise SegQuantError(f"{spec.name}: already quantized by SegQuant; quantize a fresh copy of the float model")
+    spec.layer().check_module(module)
     if not module.weight.dtype.is_floating_point or module.weight.dtype in (torch.float8_e4m3fn,):
         raise SegQuantError(f"{spec.name}: weight dtype {module.weight.dtype} is not a float dtype SegQuant "
                             "can quantize (use float32, float16 or bfloat16)")
@@ -205,21 +197,20 @@ def convert_linear(module: nn.Linear, spec: LayerSpec, stats: ActivationStats | 
     w = module.weight.detach().float()
     device = w.device
     buffers: dict[str, Tensor] = {}
-    n_seg = len(spec.in_segments)
     if stats is not None:
-        act = torch.stack([scale_from_amax(stats.pos_amax[i] if i in spec.dual_segments else stats.amax[i],
-                                           spec.precision) for i in range(n_seg)]).to(device)
-        neg = scale_from_amax(stats.neg_amax, spec.precision, negative=True).to(device)
-        buffers["act_scale"], buffers["neg_scale"] = act, neg
+        act, neg = stats.scales(spec.layer(), spec.precision)
+        buffers["act_scale"], buffers["neg_scale"] = act.to(device), neg.to(device)
+        buffers["neg_ratio"] = (neg / act).to(device)
     if spec.activation == "static" and spec.realisation == "folded":
         col = torch.cat([buffers["act_scale"][i].expand(size) for i, size in enumerate(spec.in_segments)])
         w = w * col
         buffers["col_scale"] = col
         buffers["dual_mask"] = torch.cat([torch.full((size,), i in spec.dual_segments, dtype=torch.bool)
                                           for i, size in enumerate(spec.in_segments)]).to(device)
-    scale = _weight_scale(w, spec)
+    scale = scale_from_amax(weight_amax(w, spec.out_segments, spec.weight_granularity == "per_channel"),
+                            spec.precision)
     q = codes(w, scale, spec.precision)
-    buffers["weight_scale"] = pad_to(scale.float(), 0, multiple).clamp(min=torch.finfo(torch.float32).tiny)
+    buffers["weight_scale"] = pad_to(scale.float(), 0, multiple, value=1.0).t().contiguous()  # (1, N)
     if spec.activation == "static" and spec.realisation == "folded":
         buffers["qweight"] = _pad_weight(q, multiple)
     else:

@@ -299,3 +299,28 @@ def test_w4a8_dynamic_matches_reference_and_needs_no_loop():
     assert checked == 49
     with torch.no_grad():
         assert nx.sqnr_db(model(**data[0])[0], quantized(**data[0])[0]) > 10
+
+
+@pytest.mark.parametrize("realisation", ["split_k", "folded"])
+def test_dual_scale_segment_without_positive_values(realisation):
+    """SiLU outputs that are all negative: s+ falls back to 1 and the negative side keeps its precision."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-1.0)
+        model[0].weight[:, 0] = 0.5  # pre-activations in about [-2, 0): every SiLU output is negative
+    data = [torch.rand(32, 8) * 2 - 1 for _ in range(2)]
+    quantized = mtq.quantize(copy.deepcopy(model), sm.with_segquant(
+        mtq.INT8_DEFAULT_CFG, show_progress=False, realisation=realisation), lambda m: [m(x) for x in data])
+    h = torch.nn.functional.silu(model[0](data[0]))
+    assert h.max() < 0
+    observer = SegmentAmaxObserver(sm.plan_of(quantized)["2"])
+    for x in data:
+        observer.update(torch.nn.functional.silu(model[0](x)))
+    spec = nx.QuantSpec(weight_granularity="per_channel", realisation=realisation)
+    expected = nx.reference_linear(h, model[2].weight, model[2].bias, sm.plan_of(quantized)["2"], spec, observer.stats())
+    with torch.no_grad():
+        got = quantized[2](h)
+    assert_matches_up_to_ties(got, expected, "2")
+    assert nx.sqnr_db(model[2](h), got) > 30

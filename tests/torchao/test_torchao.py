@@ -275,7 +275,7 @@ def test_unsupported_dtype_and_double_quantization():
 
     model, kwargs, plan = tiny()
     quantize(model, SegQuantConfig(plan))
-    with pytest.raises(SegQuantError, match="expected a float nn.Linear, got already quantized by SegQuant"):
+    with pytest.raises(SegQuantError, match="already quantized by SegQuant; quantize a fresh copy"):
         quantize(model, SegQuantConfig(plan))
     layer = nn.Linear(16, 16).to(torch.float8_e4m3fn)
     config = SegLinearConfig(name="l", in_features=16, out_features=16)
@@ -328,3 +328,35 @@ def test_unaligned_layer_shapes():
             torch.testing.assert_close(q[2](h), nx.reference_linear(h, model[2].weight, model[2].bias, plan["2"], spec),
                                        rtol=RTOL, atol=ATOL)
             assert q(x).shape == (3, 10)
+
+
+def test_calibration_must_match_the_plan():
+    """Calibrated with the segmented plan, converted with SegLinear off: a clear error, not wrong scales."""
+    model, kwargs, plan = tiny()
+    calibration = static_quantize(copy.deepcopy(model), kwargs, plan)
+    before = _state(model)
+    with pytest.raises(PlanError, match="calibration amax has shape \\(2,\\), "
+                                        "the plan has 1 input segments"):
+        quantize(model, SegQuantConfig(plan, activation="static", seg_linear=False, calibration=calibration))
+    partial = {name: {"amax": c["amax"]} for name, c in calibration.items()}
+    with pytest.raises(SegQuantError, match="calibration needs amax, pos_amax and neg_amax"):
+        quantize(model, SegQuantConfig(plan, activation="static", calibration=partial))
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_empty_batch_through_every_realisation(precision):
+    model, kwargs, plan = tiny()
+    layer_plan = plan["single_transformer_blocks.0.proj_out"]
+    x = torch.randn(4, layer_plan.in_features)
+    for options in ({}, {"activation": "static", "realisation": "folded"},
+                    {"activation": "static", "realisation": "split_k"}):
+        layer = copy.deepcopy(model.single_transformer_blocks[0].proj_out)
+        stats = nx.activation_stats(x, layer_plan.in_segments)
+        amax = {k: getattr(stats, k).tolist() for k in ("amax", "pos_amax", "neg_amax")} if options else {}
+        from torchao.quantization import quantize_
+
+        quantize_(layer, SegLinearConfig(name="p", in_features=160, out_features=32, in_segments=[32, 128],
+                                         dual_scale_segments=[1], precision=precision, **options, **amax))
+        with torch.no_grad():
+            assert layer(torch.zeros(0, 160)).shape == (0, 32)
