@@ -45,7 +45,9 @@ def with_segquant(base: dict[str, Any], **algorithm: Any) -> dict[str, Any]:
     cfg["quant_cfg"] += copy.deepcopy(_KEEP_HIGH_PRECISION)
     base_algorithm = base.get("algorithm")
     options = {"method": "segquant"}
-    if isinstance(base_algorithm, dict) and base_algorithm.get("method") == "smoothquant":
+    if isinstance(base_algorithm, dict) and base_algorithm.get("method") == "segquant":
+        options = dict(base_algorithm)  # deriving from a SegQuant config keeps its options
+    elif isinstance(base_algorithm, dict) and base_algorithm.get("method") == "smoothquant":
         options["alpha"] = base_algorithm.get("alpha", 1.0)
     elif base_algorithm == "smoothquant":
         options["alpha"] = 1.0

@@ -108,6 +108,8 @@ def test_int8_layers_match_reference(name):
     cfg = sm.with_segquant(sm.SEGQUANT_INT8_CFG, show_progress=False)  # the paper's W8A8, SmoothQuant 0.5
     quantized = mtq.quantize(copy.deepcopy(model), cfg, loop_over(data))
     plan, checked = check_against_reference(model, quantized, data, nx.QuantSpec(weight_granularity="per_tensor"))
+    smoothed = [n for n in checked if dict(quantized.named_modules())[n].input_quantizer.pre_quant_scale is not None]
+    assert smoothed == checked  # SmoothQuant 0.5 ran on every quantized layer
     # every Linear but the final proj_out (kept in high precision by the SegQuant configs) is checked
     expected = [n for n in plan.layers if n != "proj_out"]
     assert sorted(checked) == sorted(expected)
@@ -230,6 +232,8 @@ def test_configs_quantize_single_block_proj_out_but_not_the_final_one():
     assert sm.SEGQUANT_INT8_CFG["algorithm"]["alpha"] == 0.5
     assert "alpha" not in sm.SEGQUANT_FP8_CFG["algorithm"]
     assert sm.with_segquant(mtq.INT8_SMOOTHQUANT_CFG)["algorithm"]["alpha"] == 1.0
+    derived = sm.with_segquant(sm.SEGQUANT_INT8_CFG, show_progress=False)
+    assert derived["algorithm"] == {"method": "segquant", "alpha": 0.5, "show_progress": False}
     model, data = tiny(batches=1)
     quantized = mtq.quantize(copy.deepcopy(model), sm.with_segquant(sm.SEGQUANT_FP8_CFG, show_progress=False),
                              loop_over(data))
