@@ -31,8 +31,9 @@ def quantize_and_save(transformer, forward_loop, out: Path, onnx: bool):
     """mtq.quantize with SegQuant, mto.save, optional ONNX export; returns the quantized transformer."""
     captured = {}
 
-    def keep_first_inputs(module, args, kwargs):  # example inputs for the ONNX export
-        captured.setdefault("kwargs", dict(kwargs))
+    def keep_first_inputs(module, args, kwargs) -> None:  # example inputs for the ONNX export
+        if "kwargs" not in captured:
+            captured["kwargs"] = dict(kwargs)
 
     handle = transformer.register_forward_pre_hook(keep_first_inputs, with_kwargs=True)
     try:
