@@ -4,8 +4,9 @@
 
 1. Every quantized layer of tiny FLUX, SD3 and SDXL-UNet models under SEGQUANT_INT8_CFG, against the
    reference on the same (smoothed) inputs: the share of output elements within 1e-5 relative and the worst
-   deviation. ModelOpt rounds x * (127 / amax) where the reference (like ONNX QuantizeLinear) rounds
-   x / (amax / 127), so codes differ only within a float32 ulp of a rounding tie.
+   deviation. (ModelOpt's own fake quant rounds x * (127 / amax) where the reference, like ONNX
+   QuantizeLinear, rounds x / (amax / 127); SegmentTensorQuantizer therefore fake-quantizes through
+   segquant.numerics and keeps ModelOpt's Q/DQ for the ONNX export.)
 2. The negative side of GELU outputs: mean squared error of DualScale over one symmetric scale, per format.
 """
 

@@ -277,9 +277,11 @@ def activation_stats(x: Tensor, segments: Sequence[int]) -> ActivationStats:
                            torch.stack([(-p).clamp(min=0).amax() for p in parts]))
 
 
-def _quantize_input_segment(x: Tensor, fmt: QuantFormat, dual: bool, per_token: bool,
-                            stats: ActivationStats | None, i: int) -> tuple[Tensor, Tensor]:
-    """(x_hat / unit, unit) of one input segment; ``unit`` is the scale that can be folded (a_s or s+)."""
+def quantize_input_segment(x: Tensor, fmt: QuantFormat, dual: bool, per_token: bool,
+                           stats: ActivationStats | None, i: int) -> tuple[Tensor, Tensor]:
+    """``(x_hat / unit, unit)`` of input segment ``i``; ``unit`` is the scale that can be folded (``a_s``
+    or ``s+``). Static from ``stats`` (per segment), else dynamic per tensor or per token. Backends that
+    fake-quantize in PyTorch call this so that their numbers are the oracle's."""
     if dual:
         pos = None if stats is None or per_token else stats.pos_amax[i]
         neg = None if stats is None or per_token else stats.neg_amax[i]
@@ -329,7 +331,7 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
     w = weight.float()
     dual = set(layer.dual_scale_segments) if layer.dual_scale else set()
     parts = x.float().split(list(layer.in_segments), dim=-1)
-    quantized = [_quantize_input_segment(p, act_fmt, i in dual, per_token, stats, i) for i, p in enumerate(parts)]
+    quantized = [quantize_input_segment(p, act_fmt, i in dual, per_token, stats, i) for i, p in enumerate(parts)]
     if spec.realisation == "folded":
         column_scale = torch.cat([u.reshape(1).expand(s) for (_, u), s in zip(quantized, layer.in_segments)])
         w_hat = _quantize_weight(w * column_scale, layer, spec)

@@ -121,6 +121,10 @@ class _LayerSettings:
     pre_quant_scale: Tensor | None
     neg_amax: Tensor | None
     dual_mask: Tensor | None
+    layer: Any = None
+    stats: Any = None  # per-segment ranges of the smoothed input, for the reference fake quantization
+    smooth: Tensor | None = None
+    folded: bool = False
 
 
 def _settings(name: str, module: nn.Module, layer, observer: SegmentAmaxObserver, realisation: str,
@@ -135,7 +139,8 @@ def _settings(name: str, module: nn.Module, layer, observer: SegmentAmaxObserver
                   channels.amax.clamp(min=1e-8).pow(alpha)).clamp(1e-4, 1e4)
     else:
         smooth = torch.ones_like(channels.amax)
-    act_scale, neg_scale = observer.stats(smooth).scales(layer, fmt)
+    stats = observer.stats(smooth)
+    act_scale, neg_scale = stats.scales(layer, fmt)
     segs = layer.in_segments
     dual = layer.dual_scale_segments if layer.dual_scale else ()
     is_dual = torch.tensor([i in dual for i in range(len(segs))], device=w.device)
@@ -159,8 +164,10 @@ def _settings(name: str, module: nn.Module, layer, observer: SegmentAmaxObserver
             neg = torch.where(is_dual, neg_scale, torch.ones_like(neg_scale)) * fmt.qmax
             neg_amax = neg[0].clone() if len(segs) == 1 else expand_segments(neg, segs).reshape(shape)
     per_channel = module.weight_quantizer.axis == 0
-    return _LayerSettings(weight.to(module.weight.dtype), weight_amax(weight, layer.out_segments, per_channel),
-                          input_amax, pre_quant_scale, neg_amax, dual_mask)
+    weight = weight.to(module.weight.dtype)
+    return _LayerSettings(weight, weight_amax(weight, layer.out_segments, per_channel), input_amax,
+                          pre_quant_scale, neg_amax, dual_mask, layer, stats,
+                          smooth.to(module.weight.dtype) if alpha is not None else None, realisation == "folded")
 
 
 def _set_amax(quantizer: TensorQuantizer, amax: Tensor, axis: int | None) -> None:
@@ -173,7 +180,10 @@ def _set_amax(quantizer: TensorQuantizer, amax: Tensor, axis: int | None) -> Non
 def _apply(module: nn.Module, s: _LayerSettings) -> None:
     module.weight.data.copy_(s.weight)
     _set_amax(module.weight_quantizer, s.weight_amax.to(module.weight.device), 0)
+    mark(module.weight_quantizer).set_weight_role()
     quantizer = mark(module.input_quantizer)
+    quantizer.set_input_role(list(s.layer.in_segments), list(s.layer.dual_scale_segments) if s.layer.dual_scale else [],
+                             s.stats, s.smooth, s.folded)
     _set_amax(quantizer, s.input_amax.to(module.weight.device), None if s.input_amax.dim() == 0 else -1)
     if s.pre_quant_scale is not None:
         if hasattr(quantizer, "_pre_quant_scale"):
@@ -239,8 +249,9 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
         layer = plan[name]
         _set_amax(module.weight_quantizer, weight_amax(module.weight, layer.out_segments,
                                                        module.weight_quantizer.axis == 0), 0)
-        mark(module.input_quantizer).set_dynamic_segments(
-            list(layer.in_segments), list(layer.dual_scale_segments) if layer.dual_scale else [])
+        mark(module.weight_quantizer).set_weight_role()
+        mark(module.input_quantizer).set_input_role(
+            list(layer.in_segments), list(layer.dual_scale_segments) if layer.dual_scale else [], None, None, False)
     model._segquant_plan = plan
     logger.info("SegQuant calibrated %d layers (%s, realisation=%s, alpha=%s)", len(enabled), plan.summary(),
                 realisation, alpha)

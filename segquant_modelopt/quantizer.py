@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from modelopt.torch.quantization.nn import TensorQuantizer
 
-from segquant.numerics import INT8
+from segquant.numerics import ActivationStats, QuantFormat, fake_quant, get_format, quantize_input_segment, \
+    scale_from_amax
 
 
 class SegQuantFlag:
@@ -54,50 +55,77 @@ torch.serialization.add_safe_globals([SegQuantFlag])
 
 
 class SegmentTensorQuantizer(TensorQuantizer):
-    """An input quantizer with per-segment amax and, on DualScale columns, a separate negative amax.
+    """A ModelOpt quantizer whose PyTorch fake quantization is ``segquant.numerics`` itself.
 
-    Buffers (set by the ``segquant`` calibration algorithm):
-        _amax: per-tensor or per-K amax of the positive side (whole input on non-DualScale columns).
-        _segquant_neg_amax: amax of the negative side on DualScale columns (per-tensor or per-K).
-        _segquant_dual_mask: ``(K,)`` bool, True on DualScale columns.
+    ModelOpt rounds ``x * (qmax / amax)``; the reference (like ONNX QuantizeLinear) rounds ``x / scale``.
+    To give exactly the reference's numbers, a SegQuant quantizer fake-quantizes through
+    ``segquant.numerics`` (per segment, DualScale, per token) and keeps ModelOpt's own buffers (``_amax``,
+    ``_pre_quant_scale``, ``_segquant_neg_amax``, ``_segquant_dual_mask``) for calibration plumbing and for
+    ONNX export, where it emits standard QuantizeLinear/DequantizeLinear pairs.
+
+    Roles (properties, saved with the model): ``_segquant_role`` is ``"weight"`` (per-row amax),
+    ``"input"`` (static per-segment ranges in ``_segquant_seg_amax/_pos/_neg``, optional
+    ``_segquant_smooth``, ``_segquant_folded``) or ``"dynamic"`` (per-token scales per segment).
     """
 
     @property
     def dual_scale(self) -> bool:
         return "_segquant_dual_mask" in self._buffers
 
-    def set_dynamic_segments(self, segments: list[int], dual_segments: list[int]) -> None:
-        """Per-token dynamic scales, one per input segment (two on DualScale segments); INT8 only."""
-        self._segquant_segments = [int(s) for s in segments]
-        self._segquant_dual_segments = [int(i) for i in dual_segments]
+    @property
+    def segquant_format(self) -> QuantFormat:
+        bits = self.num_bits
+        if isinstance(bits, (list, tuple)) and tuple(bits) == (4, 3):
+            return get_format("fp8")
+        return get_format({8: "int8", 6: "int6", 4: "int4"}.get(bits, "int8"))
 
-    def _dynamic_forward(self, x: Tensor) -> Tensor:
-        from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
-
-        def quant(part: Tensor, amax: Tensor) -> Tensor:
-            return fake_tensor_quant(part, amax, None, 8, False, self._narrow_range)
-
-        out = []
-        for i, part in enumerate(x.split(self._segquant_segments, dim=-1)):
-            if i in self._segquant_dual_segments:
-                pos, neg = part.clamp(min=0), part.clamp(max=0)
-                # ModelOpt's scale is amax / qmax; the negative side's is amax(|x-|) / |qmin|
-                out.append(quant(pos, pos.abs().amax(-1, keepdim=True).float()) +
-                           quant(neg, neg.abs().amax(-1, keepdim=True).float() * (INT8.qmax / -INT8.qmin)))
-            else:
-                out.append(quant(part, part.abs().amax(-1, keepdim=True).float()))
-        return torch.cat(out, dim=-1)
-
-    def set_dual_scale(self, neg_amax: Tensor, dual_mask: Tensor) -> None:
-        for name, value in (("_segquant_neg_amax", neg_amax), ("_segquant_dual_mask", dual_mask)):
-            if name in self._buffers:
-                del self._buffers[name]
+    def _set_buffer(self, name: str, value: Tensor | None) -> None:
+        if name in self._buffers:
+            del self._buffers[name]
+        if value is not None:
             self.register_buffer(name, value.detach().clone())
 
+    def set_weight_role(self) -> None:
+        self._segquant_role = "weight"
+
+    def set_input_role(self, segments: list[int], dual_segments: list[int], stats: ActivationStats | None,
+                       smooth: Tensor | None, folded: bool) -> None:
+        """Static (``stats`` per segment, of the smoothed input) or dynamic (``stats`` None) input scales."""
+        self._segquant_role = "dynamic" if stats is None else "input"
+        self._segquant_segments = [int(x) for x in segments]
+        self._segquant_dual_segments = [int(i) for i in dual_segments]
+        self._segquant_folded = bool(folded)
+        for name, value in (("_segquant_seg_amax", None if stats is None else stats.amax),
+                            ("_segquant_seg_pos", None if stats is None else stats.pos_amax),
+                            ("_segquant_seg_neg", None if stats is None else stats.neg_amax),
+                            ("_segquant_smooth", smooth)):
+            self._set_buffer(name, value)
+
+    def set_dual_scale(self, neg_amax: Tensor, dual_mask: Tensor) -> None:
+        """ModelOpt-side DualScale state, used by the ONNX export (two Q/DQ branches)."""
+        self._set_buffer("_segquant_neg_amax", neg_amax)
+        self._set_buffer("_segquant_dual_mask", dual_mask)
+
+    def _reference_forward(self, x: Tensor) -> Tensor:
+        fmt = self.segquant_format
+        if self._segquant_role == "weight":
+            return fake_quant(x, scale_from_amax(self._amax, fmt), fmt)
+        v = x * self._segquant_smooth if "_segquant_smooth" in self._buffers else x
+        stats = None
+        if self._segquant_role == "input":
+            stats = ActivationStats(self._segquant_seg_amax, self._segquant_seg_pos, self._segquant_seg_neg)
+        dual = set(self._segquant_dual_segments)
+        parts = [quantize_input_segment(part, fmt, i in dual, stats is None, stats, i)
+                 for i, part in enumerate(v.split(self._segquant_segments, dim=-1))]
+        if self._segquant_folded:
+            return torch.cat([q for q, _ in parts], dim=-1).to(x.dtype)
+        return torch.cat([q * unit for q, unit in parts], dim=-1).to(x.dtype)
+
     def forward(self, inputs: Tensor) -> Tensor:
-        if getattr(self, "_segquant_segments", None) is not None and not self._disabled and inputs.numel():
-            x = inputs if self.pre_quant_scale is None else inputs * self.pre_quant_scale
-            return self._dynamic_forward(x)
+        exporting = torch.onnx.is_in_onnx_export()
+        if (getattr(self, "_segquant_role", None) and not exporting and not self._disabled and self._if_quant
+                and not self._if_calib and inputs.numel()):
+            return self._reference_forward(inputs)
         if not self.dual_scale or self._disabled or not self._if_quant or inputs.numel() == 0:
             return super().forward(inputs)
         x = inputs
