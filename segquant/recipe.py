@@ -82,10 +82,6 @@ class Recipe:
             raise SegQuantError(f"recipe {self.name}: smoothquant_alpha must be in [0, 1]")
         object.__setattr__(self, "skip", tuple(self.skip))
 
-    @property
-    def family_model(self) -> str:
-        return self.name.split("/", 1)[0]
-
     def validate(self, plan: SegQuantPlan) -> None:
         """Raise ``PlanError`` if the plan is of another model class or a glob matches no layer."""
         if plan.model_class and plan.model_class != self.model_class:
