@@ -20,9 +20,9 @@ from modelopt.torch.quantization.model_calib import max_calibrate
 from modelopt.torch.quantization.nn import TensorQuantizer
 
 from segquant import AnalysisOptions, SegmentAmaxObserver, SegQuantError, SegQuantPlan, analyze
-from segquant.numerics import QuantFormat, expand_segments, get_format, weight_amax
+from segquant.numerics import QuantFormat, expand_segments, weight_amax
 
-from .quantizer import is_marked, mark
+from .quantizer import format_of, is_marked, mark
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +104,12 @@ def _first_batch(model: nn.Module, forward_loop: Callable) -> tuple[tuple, dict]
 
 
 def _format(quantizer: TensorQuantizer, name: str) -> QuantFormat:
-    """The number format of an input quantizer (INT8 or FP8 e4m3)."""
-    bits = quantizer.num_bits
-    if bits == 8:
-        return get_format("int8")
-    if isinstance(bits, (list, tuple)) and tuple(bits) == (4, 3):
-        return get_format("fp8")
-    raise SegQuantError(f"{name}: SegQuant supports INT8 and FP8 (e4m3) input quantizers, got num_bits={bits}")
+    """The number format of a static input quantizer: INT8 or FP8 e4m3."""
+    fmt = format_of(quantizer)
+    if fmt is None or fmt.name not in ("int8", "fp8_e4m3"):
+        raise SegQuantError(f"{name}: SegQuant supports INT8 and FP8 (e4m3) input quantizers, got "
+                            f"num_bits={quantizer.num_bits}")
+    return fmt
 
 
 @dataclass
@@ -224,6 +223,9 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
     dynamic = {n: m for n, m in enabled.items() if m.input_quantizer._dynamic}
     for name, module in enabled.items():
         plan[name].check_module(module)
+        if format_of(module.weight_quantizer) is None:
+            raise SegQuantError(f"{name}: SegQuant has no reference format for weight num_bits="
+                                f"{module.weight_quantizer.num_bits}; use INT8, INT6, INT4 or FP8 (e4m3)")
         if module.input_quantizer._dynamic and module.input_quantizer.num_bits != 8:
             raise SegQuantError(f"{name}: dynamic SegQuant activations support INT8 only")
         if not module.input_quantizer._dynamic:

@@ -54,6 +54,14 @@ class _PromoteOnSet:
 torch.serialization.add_safe_globals([SegQuantFlag])
 
 
+def format_of(quantizer: TensorQuantizer) -> QuantFormat | None:
+    """The ``segquant.numerics`` format of a quantizer's ``num_bits`` (INT8/6/4, FP8 e4m3), or None."""
+    bits = quantizer.num_bits
+    if isinstance(bits, (list, tuple)):
+        return get_format("fp8") if tuple(bits) == (4, 3) else None
+    return {8: get_format("int8"), 6: get_format("int6"), 4: get_format("int4")}.get(bits)
+
+
 class SegmentTensorQuantizer(TensorQuantizer):
     """A ModelOpt quantizer whose PyTorch fake quantization is ``segquant.numerics`` itself.
 
@@ -74,10 +82,10 @@ class SegmentTensorQuantizer(TensorQuantizer):
 
     @property
     def segquant_format(self) -> QuantFormat:
-        bits = self.num_bits
-        if isinstance(bits, (list, tuple)) and tuple(bits) == (4, 3):
-            return get_format("fp8")
-        return get_format({8: "int8", 6: "int6", 4: "int4"}.get(bits, "int8"))
+        fmt = format_of(self)
+        if fmt is None:
+            raise ValueError(f"SegQuant has no reference format for num_bits={self.num_bits}")
+        return fmt
 
     def _set_buffer(self, name: str, value: Tensor | None) -> None:
         if name in self._buffers:
