@@ -272,7 +272,11 @@ def _progress(model: nn.Module, show: bool) -> _Progress:
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="SegQuant calibration", unit="batch", disable=not show)
-    handle = model.register_forward_pre_hook(lambda m, a: bar.update(1))
+
+    def count(module: nn.Module, args: tuple) -> None:  # a pre-hook's return value replaces the inputs:
+        bar.update(1)                                    # tqdm.update returns True whenever it redraws
+
+    handle = model.register_forward_pre_hook(count)
     return _Progress(bar, handle)
 
 
