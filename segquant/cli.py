@@ -95,6 +95,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize_job import job_from_args, quantize_pipeline
+
+    result = quantize_pipeline(job_from_args(args))
+    print(f"quantized {args.model} with {result.recipe.name} ({args.backend}); plan: {result.plan.summary()}")
+    for path in result.files:
+        print(f"wrote {path}")
+    print(f"load: segquant.quantize_job.load_quantized({str(args.out)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segquant", description="SegQuant: segment-aware, dual-scale "
                                      "post-training quantization for diffusion models")
@@ -117,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-layers", action="store_true", help="list plain layers too")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=cmd_analyze)
+    from .quantize_job import add_job_arguments
+
+    q = sub.add_parser("quantize", help="quantize a diffusers pipeline's denoiser with a recipe and save it",
+                       description="Load the pipeline (local files only when HF_HUB_OFFLINE is set), calibrate "
+                       "on a prompt file, quantize the denoiser with the backend and recipe, save a checkpoint "
+                       "that segquant.quantize_job.load_quantized loads back, optionally export ONNX.")
+    add_job_arguments(q)
+    q.set_defaults(func=cmd_quantize)
     return parser
 
 

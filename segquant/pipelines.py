@@ -1,0 +1,180 @@
+"""Diffusers pipelines for ``segquant quantize``: loading (local files only when offline), the denoiser,
+the recipe family of a model, calibration prompts and the calibration loop.
+
+diffusers is imported inside the functions, so ``segquant`` itself needs only torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import SegQuantError
+from .recipe import CalibrationSettings, bundled_recipes, load_recipe
+
+logger = logging.getLogger(__name__)
+
+HUB_FAMILIES = {
+    "black-forest-labs/flux.1-dev": "flux.1-dev",
+    "black-forest-labs/flux.1-schnell": "flux.1-schnell",
+    "stabilityai/stable-diffusion-3.5-large": "sd3.5-large",
+    "stabilityai/stable-diffusion-3.5-medium": "sd3.5-medium",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
+    "pixart-alpha/pixart-sigma-xl-2-1024-ms": "pixart-sigma",
+    "efficient-large-model/sana_1600m_1024px_diffusers": "sana-1600m",
+}
+"""Hub ids (lower case) of the models the bundled recipes are written for -> recipe family."""
+
+DENOISERS = ("transformer", "unet")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_PROMPTS = "coco_style_64.txt"
+
+
+def _offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SegQuantError(f"unknown dtype {name!r}; one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _not_available(model: str, offline: bool, error: Exception) -> SegQuantError:
+    if Path(model).is_dir():
+        where = (f"the folder {model} is not a complete diffusers pipeline (model_index.json and every "
+                 "component's config and weights)")
+    else:
+        where = (f"{model!r} is not a local folder and its weights are not in the local Hugging Face cache"
+                 + (" (offline: HF_HUB_OFFLINE is set, local files only)" if offline else ""))
+    return SegQuantError(f"cannot load {model}: {where}. Download it first (`huggingface-cli download "
+                         f"{model}`) or pass --model /path/to/pipeline [{type(error).__name__}: {error}]")
+
+
+def load_pipeline(model: str, dtype: str = "bfloat16", device: str = "cpu", **components: Any):
+    """``DiffusionPipeline.from_pretrained`` with local files only when offline (``HF_HUB_OFFLINE``).
+
+    Args:
+        model: a hub id or a local diffusers pipeline folder.
+        components: components passed to ``from_pretrained`` instead of being loaded (e.g. a quantized
+            ``transformer``).
+    Raises:
+        SegQuantError: the weights are not available locally, or the folder is not a pipeline.
+    """
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise SegQuantError("segquant quantize needs diffusers: pip install 'segquant[diffusers]'") from None
+    offline = _offline()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype_of(dtype), local_files_only=offline,
+                                                 **components)
+    except (OSError, ValueError) as e:  # HF hub errors are OSErrors; invalid ids are ValueErrors
+        raise _not_available(model, offline, e) from None
+    return pipe.to(device)
+
+
+def load_component(model: str, subfolder: str, class_name: str, dtype: str = "bfloat16") -> nn.Module:
+    """One diffusers model of a pipeline (``transformer``, ``unet``), loaded as ``load_pipeline`` does."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise SegQuantError(f"{class_name} is not a diffusers model class")
+    offline = _offline()
+    try:
+        return cls.from_pretrained(model, subfolder=subfolder, torch_dtype=dtype_of(dtype), local_files_only=offline)
+    except (OSError, ValueError) as e:
+        raise _not_available(model, offline, e) from None
+
+
+def denoiser_name(pipe: Any) -> str:
+    """``"transformer"`` or ``"unet"``: the component SegQuant quantizes."""
+    for name in DENOISERS:
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            return name
+    raise SegQuantError(f"{type(pipe).__name__} has no transformer or unet component to quantize")
+
+
+def family_of(model: str, denoiser: nn.Module) -> str:
+    """The recipe family of a model: from its hub id (or a folder named like one), else the bundled
+    full-size config of the denoiser's class that shares the most config values with it."""
+    key = model.strip("/").lower()
+    for hub_id, family in HUB_FAMILIES.items():
+        if key == hub_id or key.rsplit("/", 1)[-1] == hub_id.rsplit("/", 1)[-1]:
+            return family
+    from .cli import bundled_configs
+
+    class_name = type(denoiser).__name__
+    config = dict(denoiser.config)
+    best, best_score = None, -1
+    for family in sorted({name.split("/")[0] for name in bundled_recipes()}):
+        full = json.loads(bundled_configs()[load_recipe(f"{family}/fp8").config].read_text())
+        if full.get("_class_name") != class_name:
+            continue
+        score = sum(1 for k, v in full.items() if not k.startswith("_") and _same(config.get(k), v))
+        if score > best_score:
+            best, best_score = family, score
+    if best is None:
+        raise SegQuantError(f"no bundled recipe for a {class_name} ({model}); pass --recipe with a recipe file")
+    return best
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+
+def read_prompts(path: str | Path | None = None) -> list[str]:
+    """Non-blank lines of a prompt file; the bundled 64 COCO-style captions when ``path`` is None."""
+    if path is None:
+        return read_prompts(Path(str(resources.files("segquant") / "prompts" / DEFAULT_PROMPTS)))
+    path = Path(path)
+    if not path.is_file():
+        raise SegQuantError(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SegQuantError(f"prompt file {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def call_kwargs(pipe: Any, settings: CalibrationSettings) -> dict[str, Any]:
+    """Keyword arguments of a pipeline call with the recipe's steps, guidance and size. Resolution
+    binning is off: the size is used as given (SDXL-style pipelines have no binning)."""
+    kwargs = dict(num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=settings.height,
+                  width=settings.width)
+    if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
+        kwargs["use_resolution_binning"] = False
+    return kwargs
+
+
+def calibration_loop(pipe: Any, prompts: list[str], settings: CalibrationSettings, seed: int = 0,
+                     show_progress: bool = True) -> Callable[[nn.Module], None]:
+    """A ``forward_loop(denoiser)`` that runs the pipeline on every prompt (one fixed seed per prompt),
+    so that every sampling step's denoiser input is a calibration batch. Images are not decoded."""
+    from tqdm.auto import tqdm
+
+    kwargs = call_kwargs(pipe, settings)
+    pipe.set_progress_bar_config(disable=True)
+
+    def forward_loop(denoiser: nn.Module) -> None:
+        with torch.no_grad(), tqdm(prompts, desc="calibration prompts", unit="prompt",
+                                   disable=not show_progress) as bar:
+            for i, prompt in enumerate(bar):
+                generator = torch.Generator(pipe.device).manual_seed(seed + i)
+                pipe(prompt, generator=generator, output_type="latent", **kwargs)
+
+    return forward_loop

@@ -1,0 +1,246 @@
+"""``segquant quantize``: load a diffusers pipeline, calibrate on prompts, quantize its denoiser with a
+recipe through a backend, save a checkpoint that loads back (``load_quantized``), optionally export ONNX.
+
+The backends do the library-specific part (``segquant_modelopt.job``, ``segquant_torchao.job``, each with
+``PRECISIONS``, ``quantize_and_save`` and ``load_denoiser``); everything else is here.
+
+Example:
+    >>> job = QuantizeJob(model="black-forest-labs/FLUX.1-dev", out="flux_int8", backend="modelopt")
+    >>> result = quantize_pipeline(job)
+    >>> pipe = load_quantized("flux_int8")      # later, in a fresh process
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SegQuantError
+from .pipelines import (DTYPES, calibration_loop, denoiser_name, family_of, load_component, load_pipeline,
+                        read_prompts)
+from .plan import SegQuantPlan
+from .recipe import PRECISIONS, CalibrationSettings, Recipe, load_recipe
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = {"modelopt": "segquant_modelopt.job", "torchao": "segquant_torchao.job"}
+MANIFEST = "segquant.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """One ``segquant quantize`` run.
+
+    Args:
+        model: hub id or local diffusers pipeline folder.
+        out: output folder (created).
+        backend: ``modelopt`` or ``torchao``.
+        precision: one of ``segquant.recipe.PRECISIONS`` (default ``int8_w8a8``, the paper's W8A8).
+        recipe: a recipe name (``flux.1-dev/fp8``) or file; default: ``<family of model>/<precision>``.
+        prompts: calibration prompt file, one per line; default: the bundled 64 COCO-style captions.
+        num_prompts, steps, guidance, height, width: override the recipe's calibration settings.
+        dtype: weights dtype for loading (``bfloat16``, ``float16``, ``float32``).
+        device: where the pipeline runs.
+        seed: the first calibration prompt's seed (prompt i uses ``seed + i``).
+        onnx: also export the quantized denoiser to ONNX (ModelOpt only).
+        show_progress: tqdm over calibration prompts.
+    """
+
+    model: str
+    out: str | Path
+    backend: str = "modelopt"
+    precision: str = "int8_w8a8"
+    recipe: str | Path | None = None
+    prompts: str | Path | None = None
+    num_prompts: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    seed: int = 0
+    onnx: bool = False
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise SegQuantError(f"unknown backend {self.backend!r}; one of {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise SegQuantError(f"unknown precision {self.precision!r}; one of {', '.join(PRECISIONS)}")
+        if self.dtype not in DTYPES:
+            raise SegQuantError(f"unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
+        if self.onnx and self.backend != "modelopt":
+            raise SegQuantError("ONNX export is a ModelOpt path: use --backend modelopt with --onnx")
+
+    def calibration(self, recipe: Recipe) -> CalibrationSettings:
+        """The recipe's calibration settings with this job's overrides."""
+        changes = {k: getattr(self, k) for k in ("num_prompts", "steps", "guidance", "height", "width")
+                   if getattr(self, k) is not None}
+        return dataclasses.replace(recipe.calibration, **changes)
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize_pipeline`` produced: the quantized pipeline (in memory), its recipe, the
+    calibration settings used, the plan and the files written."""
+
+    pipe: Any
+    recipe: Recipe
+    calibration: CalibrationSettings
+    plan: SegQuantPlan
+    files: list[Path]
+
+
+def backend_module(name: str) -> ModuleType:
+    """The adapter module of a backend; a clear error when its library is not installed."""
+    if name not in BACKENDS:
+        raise SegQuantError(f"unknown backend {name!r}; one of {', '.join(BACKENDS)}")
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ImportError as e:
+        raise SegQuantError(f"backend {name} is not available: {e}") from None
+
+
+def meta_plan(denoiser: nn.Module) -> SegQuantPlan:
+    """The SegQuant plan of ``denoiser``'s architecture, analysed on a copy built on ``meta`` (no weights)."""
+    from .graph import analyze
+    from .inputs import example_inputs
+
+    with torch.device("meta"):
+        skeleton = type(denoiser).from_config(denoiser.config)
+    return analyze(skeleton, **example_inputs(skeleton))
+
+
+def resolve_recipe(job: QuantizeJob, denoiser: nn.Module, plan: SegQuantPlan) -> Recipe:
+    """The job's recipe, checked against the model: its class and every glob must match."""
+    if job.recipe is not None:
+        recipe = load_recipe(job.recipe)
+    else:
+        recipe = load_recipe(f"{family_of(job.model, denoiser)}/{job.precision}")
+    recipe.validate(plan)
+    return recipe
+
+
+def _call_capture(denoiser: nn.Module) -> tuple[dict[str, Any], Any]:
+    """Record the first call's arguments by name (ONNX example inputs); returns (store, hook handle)."""
+    store: dict[str, Any] = {}
+    signature = inspect.signature(denoiser.forward)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not store:
+            store.update(signature.bind_partial(*args, **kwargs).arguments)
+
+    return store, denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
+    """Load, calibrate, quantize, save (and optionally export ONNX). See ``QuantizeJob``.
+
+    Raises:
+        SegQuantError: weights not available locally, a recipe for another model, an empty prompt file,
+            a precision the backend does not support, or a backend that is not installed.
+    """
+    backend = backend_module(job.backend)
+    if job.precision not in backend.PRECISIONS and job.recipe is None:
+        raise SegQuantError(f"backend {job.backend} supports {', '.join(backend.PRECISIONS)}, not {job.precision}")
+    prompts = read_prompts(job.prompts)
+    pipe = load_pipeline(job.model, job.dtype, job.device)
+    name = denoiser_name(pipe)
+    denoiser = getattr(pipe, name)
+    plan = meta_plan(denoiser)
+    recipe = resolve_recipe(job, denoiser, plan)
+    if recipe.precision not in backend.PRECISIONS:
+        raise SegQuantError(f"recipe {recipe.name}: backend {job.backend} supports "
+                            f"{', '.join(backend.PRECISIONS)}, not {recipe.precision}")
+    settings = job.calibration(recipe)
+    prompts = prompts[:settings.num_prompts]
+    logger.info("calibrating %s (%s) on %d prompts x %d steps", recipe.name, job.backend, len(prompts), settings.steps)
+    forward_loop = calibration_loop(pipe, prompts, settings, job.seed, job.show_progress)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs, handle = _call_capture(denoiser)
+    try:
+        quantized, files = backend.quantize_and_save(denoiser, recipe, recipe.apply(plan), forward_loop, out,
+                                                     name, job.show_progress)
+    finally:
+        handle.remove()
+    setattr(pipe, name, quantized)
+    manifest = {"version": MANIFEST_VERSION, "backend": job.backend, "recipe": recipe.name,
+                "base_model": _base_reference(job.model), "denoiser": name,
+                "denoiser_class": type(denoiser).__name__, "dtype": job.dtype, "files": [f.name for f in files]}
+    if job.onnx:
+        files.append(backend.export_onnx(quantized, inputs, out / f"{name}.onnx"))
+        manifest["files"].append(files[-1].name)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return QuantizeResult(pipe, recipe, settings, plan, [out / MANIFEST, *files])
+
+
+def _base_reference(model: str) -> str:
+    """A hub id as given; a local folder as an absolute path (the checkpoint refers to it)."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SegQuantError(f"{folder} is not a SegQuant checkpoint: no {MANIFEST} (write one with segquant quantize)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise SegQuantError(f"{path}: version {manifest.get('version')}, this SegQuant reads {MANIFEST_VERSION}")
+    return manifest
+
+
+def load_quantized(folder: str | Path, device: str = "cpu", dtype: str | None = None):
+    """A fresh pipeline from a ``segquant quantize`` checkpoint: the base model's components (loaded as
+    ``load_pipeline`` does) with the quantized denoiser restored by its backend."""
+    manifest = read_manifest(folder)
+    backend = backend_module(manifest["backend"])
+    dtype = dtype or manifest["dtype"]
+    name, base = manifest["denoiser"], manifest["base_model"]
+
+    def float_denoiser() -> nn.Module:
+        return load_component(base, name, manifest["denoiser_class"], dtype)
+
+    denoiser = backend.load_denoiser(Path(folder), manifest, float_denoiser, DTYPES[dtype])
+    return load_pipeline(base, dtype, device, **{name: denoiser})
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, model: str | None = None, backend: str = "modelopt") -> None:
+    """The arguments of ``QuantizeJob`` (shared by ``segquant quantize`` and the examples)."""
+    parser.add_argument("--model", default=model, required=model is None,
+                        help="hub id or local diffusers pipeline folder" + (f" (default {model})" if model else ""))
+    parser.add_argument("--out", type=Path, required=True, help="output folder for the checkpoint")
+    parser.add_argument("--backend", default=backend, choices=sorted(BACKENDS), help=f"default {backend}")
+    parser.add_argument("--precision", default="int8_w8a8", choices=PRECISIONS, help="default int8_w8a8")
+    parser.add_argument("--recipe", help="recipe name (flux.1-dev/fp8) or file; default: the model's family")
+    parser.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: bundled 64)")
+    parser.add_argument("--num-prompts", type=int, help="override the recipe's number of prompts")
+    parser.add_argument("--steps", type=int, help="override the recipe's sampling steps")
+    parser.add_argument("--guidance", type=float, help="override the recipe's guidance scale")
+    parser.add_argument("--height", type=int, help="override the recipe's image height")
+    parser.add_argument("--width", type=int, help="override the recipe's image width")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="default bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--onnx", action="store_true", help="also export the denoiser to ONNX (modelopt)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def job_from_args(args: argparse.Namespace) -> QuantizeJob:
+    return QuantizeJob(model=args.model, out=args.out, backend=args.backend, precision=args.precision,
+                       recipe=args.recipe, prompts=args.prompts, num_prompts=args.num_prompts, steps=args.steps,
+                       guidance=args.guidance, height=args.height, width=args.width, dtype=args.dtype,
+                       device=args.device, seed=args.seed, onnx=args.onnx, show_progress=not args.no_progress)
