@@ -266,16 +266,6 @@ def test_onnx_export_runs_in_onnxruntime(realisation, tmp_path):
     assert max_diff < 1e-5 * abs(ref).max()
 
 
-def test_example_runs_on_a_tiny_flux(tmp_path):
-    done = subprocess.run([sys.executable, "examples/modelopt_flux.py", "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "SegQuant plan for FluxTransformer2DModel" in done.stdout
-    assert (tmp_path / "transformer_segquant.pth").is_file() and (tmp_path / "transformer_segquant.onnx").is_file()
-    restored = mto.restore(build_tiny("FluxTransformer2DModel"), tmp_path / "transformer_segquant.pth")
-    assert isinstance(restored.single_transformer_blocks[0].proj_out.input_quantizer, sm.SegmentTensorQuantizer)
-
-
 def test_w4a8_dynamic_matches_reference_and_needs_no_loop():
     model, data = tiny()
     cfg = sm.with_segquant(sm.SEGQUANT_W4A8_CFG, show_progress=False)
