@@ -106,6 +106,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run_job import RunSettings, run
+
+    settings = RunSettings(model=args.model, backend=args.backend, recipe=args.recipe, num_samples=args.num_samples,
+                           calib_samples=args.calib_samples, steps=args.steps, out=args.out, device=args.device,
+                           seed=args.seed, progress=not args.quiet)
+    metrics = run(settings)
+    if not args.quiet:
+        for label, row in metrics["rows"].items():
+            print(f"{label:60s} PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  "
+                  f"class accuracy {row['class_accuracy']:.3f}")
+        print(f"report: {Path(args.out) / 'report.md'} (grid.png, layers.png, metrics.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segquant", description="SegQuant: segment-aware, dual-scale "
                                      "post-training quantization for diffusion models")
@@ -136,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "that segquant.quantize_job.load_quantized loads back, optionally export ONNX.")
     add_job_arguments(q)
     q.set_defaults(func=cmd_quantize)
+
+    r = sub.add_parser("run", help="the main job: quantize an embedded MNIST model with SegQuant and the "
+                       "backend's preset, and write a report", description="Quantize an embedded model (or a "
+                       "folder in its layout) with the backend's own preset and with SegQuant, sample every row "
+                       "from the same noise and write metrics.json, report.md, grid.png and layers.png.")
+    r.add_argument("--model", default="mnist-flux", help="mnist-flux (default), mnist-unet, or a folder written "
+                   "by examples/train_mnist_models.py")
+    r.add_argument("--backend", default="modelopt", choices=("modelopt", "torchao"))
+    r.add_argument("--recipe", default="int8_w8a8", help="a precision (int8_w8a8, int8_perchannel, fp8, w4a8), a "
+                   "bundled recipe name (mnist-flux/fp8) or a recipe file")
+    r.add_argument("--num-samples", type=int, default=8, help="images per row (default 8)")
+    r.add_argument("--calib-samples", type=int, help="calibration images (default: the recipe's)")
+    r.add_argument("--steps", type=int, help="Euler steps (default: the recipe's)")
+    r.add_argument("--out", default="segquant-run", help="report folder (default ./segquant-run)")
+    r.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    r.add_argument("--seed", type=int, default=0, help="noise seed of the evaluated images")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars, print nothing")
+    r.set_defaults(func=cmd_run)
     return parser
 
 

@@ -75,8 +75,21 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     if min(len(features_a), len(features_b)) < 2:
         raise SegQuantError("Frechet distance needs at least 2 samples per set")
     a, b = features_a.double(), features_b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    return frechet_distance_to_stats(a, b.mean(0), torch.cov(b.T).reshape(b.shape[1], -1))
+
+
+def frechet_distance_to_stats(features: Tensor, mean: Tensor, cov: Tensor) -> float:
+    """Frechet distance between a Gaussian fitted to ``(N, D)`` features and one given by ``mean``/``cov``
+    (e.g. shipped statistics of a reference dataset)."""
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise SegQuantError(f"expected (N >= 2, D) features, got {tuple(features.shape)}")
+    d = features.shape[1]
+    if mean.shape != (d,) or cov.shape != (d, d):
+        raise SegQuantError(f"reference statistics of shape {tuple(mean.shape)}/{tuple(cov.shape)} do not fit "
+                            f"{d}-d features")
+    a = features.double()
+    mu_a, mu_b, cov_b = a.mean(0), mean.double(), cov.double()
+    cov_a = torch.cov(a.T).reshape(d, -1)
     root_a = _sqrtm_psd(cov_a)
     cross = _sqrtm_psd(root_a @ cov_b @ root_a)
     value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross)

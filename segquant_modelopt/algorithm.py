@@ -48,6 +48,10 @@ class SegQuantCalibConfig(QuantizeAlgorithmConfig):
                                         description="See segquant.AnalysisOptions.head_segments.")
     show_progress: bool = ModeloptField(default=True, title="Progress bar.",
                                         description="Show a tqdm bar over calibration batches.")
+    plan: dict | None = ModeloptField(default=None, title="A precomputed plan.",
+                                      description="SegQuantPlan.to_dict() used instead of analysing the first "
+                                      "batch (e.g. to quantize many copies of one model); seg_linear, dual_scale "
+                                      "and overrides still apply.")
 
 
 class _FirstBatch(Exception):
@@ -104,10 +108,11 @@ def _first_batch(model: nn.Module, forward_loop: Callable) -> tuple[tuple, dict]
 
 
 def _format(quantizer: TensorQuantizer, name: str) -> QuantFormat:
-    """The number format of a static input quantizer: INT8 or FP8 e4m3."""
+    """The number format of a static input quantizer: INT8, FP8 e4m3, or INT6 (W8A6 studies; simulated in
+    PyTorch, not an ONNX/TensorRT format)."""
     fmt = format_of(quantizer)
-    if fmt is None or fmt.name not in ("int8", "fp8_e4m3"):
-        raise SegQuantError(f"{name}: SegQuant supports INT8 and FP8 (e4m3) input quantizers, got "
+    if fmt is None or fmt.name not in ("int8", "int6", "fp8_e4m3"):
+        raise SegQuantError(f"{name}: SegQuant supports INT8, INT6 and FP8 (e4m3) input quantizers, got "
                             f"num_bits={quantizer.num_bits}")
     return fmt
 
@@ -195,7 +200,7 @@ def _apply(module: nn.Module, s: _LayerSettings) -> None:
 def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, seg_linear: bool = True,
                        dual_scale: bool = True, realisation: str = "split_k", alpha: float | None = None,
                        overrides: dict | None = None, head_segments: bool = False, show_progress: bool = True,
-                       **kwargs: Any) -> None:
+                       plan: dict | None = None, **kwargs: Any) -> None:
     """Calibrate ``model`` (already converted by ``mtq.quantize``'s quantize step) with SegQuant."""
     layers = _quantized_linears(model)
     dynamic_only = all(m.input_quantizer._dynamic for m in layers.values() if m.input_quantizer.is_enabled)
@@ -208,15 +213,22 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
     if twice:
         raise SegQuantError(f"{twice[0]} is already quantized by SegQuant ({len(twice)} layers); quantize "
                             "a fresh copy of the float model instead")
-    if forward_loop is None:
-        from segquant import example_inputs
-
-        args, kwargs_in = (), example_inputs(model)
+    if plan is not None:
+        plan = SegQuantPlan.from_dict(plan).ablate(seg_linear=seg_linear, dual_scale=dual_scale)
+        missing = [n for n in layers if n not in plan and layers[n].input_quantizer.is_enabled]
+        if missing:
+            raise SegQuantError(f"the given plan has no entry for {missing[0]} ({len(missing)} quantized layers); "
+                                "it is not a plan of this model")
     else:
-        args, kwargs_in = _first_batch(model, forward_loop)
-    with _quantizers_off(model):
-        plan = analyze(model, *args, analysis_options=AnalysisOptions(
-            seg_linear=seg_linear, dual_scale=dual_scale, head_segments=head_segments), **kwargs_in)
+        if forward_loop is None:
+            from segquant import example_inputs
+
+            args, kwargs_in = (), example_inputs(model)
+        else:
+            args, kwargs_in = _first_batch(model, forward_loop)
+        with _quantizers_off(model):
+            plan = analyze(model, *args, analysis_options=AnalysisOptions(
+                seg_linear=seg_linear, dual_scale=dual_scale, head_segments=head_segments), **kwargs_in)
     plan = plan.with_overrides(overrides or {})
     enabled = {n: m for n, m in layers.items() if n in plan and m.input_quantizer.is_enabled}
     active = {n: m for n, m in enabled.items() if not m.input_quantizer._dynamic}

@@ -61,3 +61,38 @@ def export_onnx(denoiser: nn.Module, example_kwargs: dict[str, Any], path: Path)
     if not example_kwargs:
         raise SegQuantError("no denoiser call was recorded during calibration: nothing to export")
     return _export_onnx(denoiser, example_kwargs, path)
+
+
+BASELINE_PRESETS = {"int8_w8a8": "INT8_SMOOTHQUANT_CFG", "int8_perchannel": "INT8_DEFAULT_CFG",
+                    "fp8": "FP8_DEFAULT_CFG", "w4a8": "W4A8_AWQ_BETA_CFG"}
+"""The ModelOpt preset each SegQuant precision is compared with (``segquant run``'s baseline row)."""
+
+
+def quantize_baseline(denoiser: nn.Module, precision: str, forward_loop: Callable[[nn.Module], None]) \
+        -> tuple[nn.Module, str]:
+    """Quantize with ModelOpt's own preset for ``precision``, as shipped (with the layers it skips)."""
+    if precision not in BASELINE_PRESETS:
+        raise SegQuantError(f"no ModelOpt baseline preset for precision {precision!r}")
+    name = BASELINE_PRESETS[precision]
+    return mtq.quantize(denoiser, copy.deepcopy(getattr(mtq, name)), forward_loop), f"ModelOpt {name}"
+
+
+def quantize_segquant(denoiser: nn.Module, recipe: Recipe, plan: SegQuantPlan,
+                      forward_loop: Callable[[nn.Module], None], show_progress: bool = True) -> nn.Module:
+    """SegQuant in memory (no checkpoint): ``mtq.quantize`` with the recipe's config and ``plan`` (so the
+    algorithm quantizes exactly the plan the caller reports on, without analysing again)."""
+    cfg = config_for(recipe, show_progress)
+    cfg["algorithm"]["plan"] = plan.to_dict()
+    return mtq.quantize(denoiser, cfg, forward_loop)
+
+
+def quantized_linears(denoiser: nn.Module) -> set[str]:
+    """Names of the Linear layers whose weight or input is quantized."""
+    out = set()
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        quantizers = [getattr(module, q, None) for q in ("weight_quantizer", "input_quantizer")]
+        if any(q is not None and getattr(q, "is_enabled", False) for q in quantizers):
+            out.add(name)
+    return out

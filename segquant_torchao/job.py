@@ -72,3 +72,41 @@ def load_denoiser(folder: Path, manifest: dict[str, Any], float_denoiser: Callab
 
 def export_onnx(denoiser: nn.Module, example_kwargs: dict[str, Any], path: Path) -> Path:
     raise SegQuantError("ONNX export is a ModelOpt path: use --backend modelopt")
+
+
+def quantize_baseline(denoiser: nn.Module, precision: str, forward_loop: Callable[[nn.Module], None]) \
+        -> tuple[nn.Module, str]:
+    """torchao's own dynamic config for ``precision`` (int8: per-token int8 activations and per-channel
+    int8 weights; fp8: per-row e4m3), on every Linear; needs no calibration."""
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
+                                      Int8DynamicActivationInt8WeightConfig, PerRow, quantize_)
+
+    if precision in ("int8_w8a8", "int8_perchannel"):
+        config, label = Int8DynamicActivationInt8WeightConfig(), "torchao Int8DynamicActivationInt8WeightConfig"
+    elif precision == "fp8":
+        config, label = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                         "torchao Float8DynamicActivationFloat8WeightConfig(PerRow)")
+    else:
+        raise SegQuantError(f"no torchao baseline for precision {precision!r}; torchao supports {PRECISIONS}")
+    quantize_(denoiser, config)
+    return denoiser, label
+
+
+def quantize_segquant(denoiser: nn.Module, recipe: Recipe, plan: SegQuantPlan,
+                      forward_loop: Callable[[nn.Module], None], show_progress: bool = True) -> nn.Module:
+    """Static SegQuant in memory (no checkpoint): prepare, calibrate, convert."""
+    options = options_for(recipe)
+    quantize(denoiser, SegQuantConfig(plan, step="prepare", **options))
+    forward_loop(denoiser)
+    quantize(denoiser, SegQuantConfig(plan, step="convert", **options))
+    return denoiser
+
+
+def quantized_linears(denoiser: nn.Module) -> set[str]:
+    """Names of the Linear layers that run quantized (SegQuant layers or torchao quantized weights)."""
+    from torchao.utils import TorchAOBaseTensor
+
+    from .linear import SegQuantLinear
+
+    return {name for name, m in denoiser.named_modules() if isinstance(m, nn.Linear)
+            and (isinstance(m, SegQuantLinear) or isinstance(m.weight, TorchAOBaseTensor))}

@@ -1,0 +1,438 @@
+"""Quality benchmark on the embedded MNIST models (issue 6): ModelOpt's presets, torchao's dynamic configs
+and the SegQuant ablation, all sampled from the same noise and calibrated on the same calibration sets.
+
+    python benchmarks/quality.py --device cuda --out benchmarks/results          # what produced the results
+    python benchmarks/quality.py --models mnist-unet --num-samples 8 --seeds 2 --steps 2   # a quick CPU check
+
+For every calibration seed, every row is calibrated on the SAME calibration set (labels and noise of that
+seed) and evaluated on the SAME evaluation noise. Per-image PSNR/SSIM pairs (image, seed) give paired
+differences against each row's baseline with 95% bootstrap intervals. ModelOpt's CUDA extensions are not
+built here: ModelOpt's own PyTorch fallback fake quant runs (as on CPU). Results: quality.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from segquant import analyze  # noqa: E402
+from segquant.embedded import (load_classifier, load_denoiser, mnist_test_feature_stats, sample,  # noqa: E402
+                               sample_labels)
+from segquant.evaluation import (layer_sqnr, linear_flops, quantized_flop_fraction, record_linear_io,  # noqa: E402
+                                 score_images)
+from segquant.metrics import paired_interval  # noqa: E402
+
+PRECISIONS = ("int8_w8a8", "int8_perchannel", "fp8", "w8a6", "w4a8")
+VARIANTS = {"baseline": (False, False), "+SegLinear": (True, False), "+DualScale": (False, True),
+            "SegQuant": (True, True)}
+GROUPS_FLUX = {
+    "embedders": ("x_embedder", "context_embedder", "time_text_embed"),
+    "adaLN": ("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear"),
+    "qkv": ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"),
+    "attention out": ("to_out", "to_add_out"),
+    "MLP up": ("ff.net.0", "ff_context.net.0", "proj_mlp"),
+    "MLP down": ("ff.net.2", "ff_context.net.2"),
+    "single proj_out": ("single_transformer_blocks.",),
+    "final proj_out": ("proj_out",),
+}
+GROUPS_UNET = {
+    "embedders": ("time_embedding",),
+    "resnet time proj": ("time_emb_proj",),
+    "qkv": ("to_q", "to_k", "to_v"),
+    "attention out": ("to_out",),
+    "MLP up (GEGLU)": ("ff.net.0",),
+    "MLP down": ("ff.net.2",),
+    "proj_in/out": ("proj_in", "proj_out"),
+}
+
+
+def group_of(name: str, family: str) -> str:
+    groups = GROUPS_FLUX if family == "flux" else GROUPS_UNET
+    if family == "flux" and name.startswith("single_transformer_blocks.") and name.endswith("proj_out"):
+        return "single proj_out"
+    for group, keys in groups.items():
+        if group == "single proj_out":
+            continue
+        if group == "final proj_out":
+            if name == "proj_out":
+                return group
+            continue
+        if any(k in name for k in keys):
+            return group
+    return "other"
+
+
+def modelopt():
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization import extensions
+
+    for fn in (extensions.get_cuda_ext, extensions.get_cuda_ext_fp8):
+        fn.extension = None  # no JIT build: ModelOpt's PyTorch fallback, as on CPU
+    return mtq
+
+
+def preset_config(name: str, every_linear: bool) -> dict:
+    """A ModelOpt preset as shipped, or with its ``*proj_out*`` skip removed and only Linear layers quantized."""
+    from segquant_modelopt.configs import _NOT_LINEAR
+
+    cfg = copy.deepcopy(getattr(modelopt(), name))
+    if every_linear:
+        cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "*proj_out.*"]
+        cfg["quant_cfg"] += [{"quantizer_name": "*", "parent_class": c, "enable": False} for c in _NOT_LINEAR]
+    return cfg
+
+
+def segquant_config(precision: str, seg_linear: bool, dual_scale: bool, plan: dict) -> dict:
+    """SegQuant config of a precision, every Linear quantized (the final proj_out too)."""
+    from segquant_modelopt import configs
+
+    base = {"int8_w8a8": configs.SEGQUANT_INT8_CFG, "int8_perchannel": configs.SEGQUANT_INT8_PERCHANNEL_CFG,
+            "fp8": configs.SEGQUANT_FP8_CFG, "w8a6": configs.SEGQUANT_INT8_CFG,
+            "w4a8": configs.SEGQUANT_W4A8_CFG}[precision]
+    cfg = copy.deepcopy(base)
+    cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "proj_out.*"]
+    if precision == "w8a6":
+        for e in cfg["quant_cfg"]:
+            if e.get("quantizer_name") == "*input_quantizer" and "cfg" in e:
+                e["cfg"]["num_bits"] = 6
+    cfg["algorithm"] = dict(cfg["algorithm"], seg_linear=seg_linear, dual_scale=dual_scale, plan=plan,
+                            show_progress=False)
+    return cfg
+
+
+def quantized_other_layers(model: torch.nn.Module) -> int:
+    """Non-Linear modules with an enabled quantizer (ModelOpt presets also quantize convolutions)."""
+    n = 0
+    for _, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            q = [getattr(m, a, None) for a in ("input_quantizer", "weight_quantizer")]
+            n += any(x is not None and getattr(x, "is_enabled", False) for x in q)
+    return n
+
+
+def build_rows(family: str) -> list[dict]:
+    rows = []
+    for preset in ("INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "FP8_DEFAULT_CFG"):
+        for every in (False, True):
+            rows.append({"name": f"ModelOpt {preset} ({'every Linear' if every else 'as shipped'})",
+                         "kind": "modelopt", "preset": preset, "every_linear": every, "calibrated": True})
+    rows.append({"name": "torchao int8 dynamic", "kind": "torchao", "precision": "int8", "calibrated": False})
+    rows.append({"name": "torchao fp8 dynamic per-row", "kind": "torchao", "precision": "fp8", "calibrated": False})
+    for precision in PRECISIONS:
+        for variant, (seg, dual) in VARIANTS.items():
+            rows.append({"name": f"{precision} {variant}", "kind": "segquant", "precision": precision,
+                         "variant": variant, "seg_linear": seg, "dual_scale": dual, "calibrated": True})
+    return rows
+
+
+def quantize_row(row: dict, den, forward_loop, plan_dict: dict):
+    model = den.model
+    if row["kind"] == "modelopt":
+        return modelopt().quantize(model, preset_config(row["preset"], row["every_linear"]), forward_loop)
+    if row["kind"] == "segquant":
+        import segquant_modelopt  # noqa: F401  registers the algorithm
+
+        cfg = segquant_config(row["precision"], row["seg_linear"], row["dual_scale"], plan_dict)
+        return modelopt().quantize(model, cfg, forward_loop)
+    from segquant_torchao.job import quantize_baseline, quantized_linears  # noqa: F401
+
+    return quantize_baseline(model, "fp8" if row["precision"] == "fp8" else "int8_w8a8", forward_loop)[0]
+
+
+def quantized_names(row: dict, model) -> set[str]:
+    if row["kind"] == "torchao":
+        from segquant_torchao.job import quantized_linears
+    else:
+        from segquant_modelopt.job import quantized_linears
+    return quantized_linears(model)
+
+
+def restrict_to_group(model, names: set[str]) -> None:
+    """Disable every quantizer outside the Linear layers ``names``."""
+    for name, m in model.named_modules():
+        if name in names:
+            continue
+        for a in ("input_quantizer", "weight_quantizer", "output_quantizer"):
+            q = getattr(m, a, None)
+            if q is not None and getattr(q, "is_enabled", False):
+                q.disable()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["mnist-flux", "mnist-unet"])
+    p.add_argument("--num-samples", type=int, default=200)
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--rows", nargs="*", help="only rows whose name contains one of these strings")
+    p.add_argument("--no-budget", action="store_true", help="skip the per-group error budget")
+    args = p.parse_args(argv)
+    if args.num_samples < 2 or args.seeds < 1:
+        raise SystemExit("--num-samples must be >= 2 and --seeds >= 1")
+    torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 reference math
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "quality_runs.jsonl"
+    log = open(log_path, "w")
+    classifier = load_classifier(args.device)
+    mnist = mnist_test_feature_stats()
+    labels = sample_labels(args.num_samples)
+    calib_labels = sample_labels(args.calib_samples)
+    result = {"settings": vars(args), "models": {}, "environment": {
+        "torch": torch.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "command": "python " + " ".join(sys.argv)}}
+    started = time.time()
+    for model_name in args.models:
+        fp = load_denoiser(model_name, args.device)
+        family = fp.family
+        example = fp.example_inputs(2)
+        plan = analyze(fp.model, **example)
+        plan_dict = plan.to_dict()
+        changed = sorted(n for n, lp in plan.layers.items() if not lp.is_plain)
+        ref_io = record_linear_io(fp.model, lambda: fp.model(**example))
+        flops = linear_flops(ref_io)
+        fp_images = sample(fp, labels, seed=0, steps=args.steps, progress=False)
+        fp_scores = score_images(fp_images, fp_images, labels, classifier)
+        model_result = {"fp": fp_scores.summary(None, mnist), "plan": plan.summary(), "changed_layers": changed,
+                        "rows": {}}
+        rows = build_rows(family)
+        if args.rows:
+            rows = [r for r in rows if any(s in r["name"] for s in args.rows)]
+        per_image: dict[str, dict[str, list]] = {}
+        for row in rows:
+            seeds = range(args.seeds) if row["calibrated"] else [None]
+            runs = []
+            for seed in seeds:
+                t = time.time()
+                den = copy.deepcopy(fp)
+
+                def forward_loop(_model, den=den, seed=seed):
+                    sample(den, calib_labels, seed=1000 + (seed or 0), steps=args.steps, progress=False)
+
+                try:
+                    den.model = quantize_row(row, den, forward_loop, plan_dict)
+                    images = sample(den, labels, seed=0, steps=args.steps, progress=False)
+                except Exception as e:  # noqa: BLE001 - a failing row is a result, recorded as such
+                    runs.append({"seed": seed, "error": f"{type(e).__name__}: {e}"[:400]})
+                    print(f"{model_name} | {row['name']} | seed {seed}: FAILED {runs[-1]['error']}", flush=True)
+                    break
+                scores = score_images(images, fp_images, labels, classifier)
+                sq = layer_sqnr(den.model, ref_io)
+                qnames = quantized_names(row, den.model)
+                vals = [sq[c] for c in changed if c in sq and c in qnames]
+                run = {"seed": seed, **scores.summary(fp_scores, mnist),
+                       "quantized_linear_flop_fraction": quantized_flop_fraction(flops, qnames),
+                       "quantized_other_layers": quantized_other_layers(den.model),
+                       "mean_sqnr_db_changed_layers": sum(vals) / len(vals) if vals else None,
+                       "layer_sqnr_db": sq, "seconds": time.time() - t}
+                runs.append(run)
+                rec = per_image.setdefault(row["name"], {"psnr": [], "ssim": [], "correct": []})
+                rec["psnr"].append(scores.psnr)
+                rec["ssim"].append(scores.ssim)
+                rec["correct"].append(scores.correct.float())
+                log.write(json.dumps({"model": model_name, "row": row["name"],
+                                      **{k: v for k, v in run.items() if k != "layer_sqnr_db"}}) + "\n")
+                log.flush()
+                print(f"{model_name} | {row['name']} | seed {seed}: PSNR {run['psnr_db']:.2f} SSIM {run['ssim']:.4f} "
+                      f"acc {run['class_accuracy']:.3f} ({run['seconds']:.1f}s, total {time.time() - started:.0f}s)",
+                      flush=True)
+            model_result["rows"][row["name"]] = {"spec": row, "runs": runs}
+        model_result["paired"] = paired_comparisons(rows, per_image, args.seeds)
+        if not args.no_budget:
+            model_result["error_budget"] = error_budget(fp, family, plan_dict, labels, calib_labels, fp_images,
+                                                        ref_io, flops, args)
+        result["models"][model_name] = model_result
+    result["seconds"] = time.time() - started
+    (out / "quality.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    (out / "quality.md").write_text(markdown(result))
+    plot(result, out / "quality.png")
+    print(f"wrote {out / 'quality.json'}, quality.md, quality.png in {result['seconds']:.0f}s")
+
+
+def _stack(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(values).flatten()
+
+
+def paired_comparisons(rows: list[dict], per_image: dict, seeds: int) -> list[dict]:
+    """Paired differences (row - its baseline) over (image, seed) pairs, 95% bootstrap intervals."""
+    pairs = []
+    for row in rows:
+        if row["kind"] == "segquant" and row["variant"] != "baseline":
+            pairs.append((row["name"], f"{row['precision']} baseline"))
+    for precision, preset in (("int8_w8a8", "INT8_SMOOTHQUANT_CFG"), ("int8_perchannel", "INT8_DEFAULT_CFG"),
+                              ("fp8", "FP8_DEFAULT_CFG")):
+        for shipped in ("as shipped", "every Linear"):
+            pairs.append((f"{precision} SegQuant", f"ModelOpt {preset} ({shipped})"))
+    out = []
+    for a, b in pairs:
+        if a not in per_image or b not in per_image:
+            continue
+        if len(per_image[a]["psnr"]) != len(per_image[b]["psnr"]):
+            continue
+        entry = {"row": a, "baseline": b}
+        for metric in ("psnr", "ssim", "correct"):
+            x, y = _stack(per_image[a][metric]), _stack(per_image[b][metric])
+            finite = torch.isfinite(x) & torch.isfinite(y)
+            iv = paired_interval(x[finite], y[finite])
+            entry[metric] = {"mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n, "significant": iv.significant}
+        out.append(entry)
+    return out
+
+
+def error_budget(fp, family, plan_dict, labels, calib_labels, fp_images, ref_io, flops, args) -> dict:
+    """INT8 W8A8, seed 0: the end-to-end PSNR with ONE layer group quantized (all others in full precision),
+    for the SegQuant baseline and full SegQuant: where the error comes from, and whether SegQuant's gains sit
+    in the groups that dominate it."""
+    groups: dict[str, set[str]] = {}
+    for name in ref_io:
+        groups.setdefault(group_of(name, family), set()).add(name)
+    out = {}
+    for variant in ("baseline", "SegQuant"):
+        seg, dual = VARIANTS[variant]
+        base = copy.deepcopy(fp)
+
+        def forward_loop(_model, den=base):
+            sample(den, calib_labels, seed=1000, steps=args.steps, progress=False)
+
+        import segquant_modelopt  # noqa: F401
+
+        base.model = modelopt().quantize(base.model, segquant_config("int8_w8a8", seg, dual, plan_dict), forward_loop)
+        entries = {}
+        for group, names in [("all", set(ref_io))] + sorted(groups.items()):
+            den = copy.deepcopy(base)
+            restrict_to_group(den.model, names)
+            images = sample(den, labels, seed=0, steps=args.steps, progress=False)
+            scores = score_images(images, fp_images, labels, classifier_cache(args.device))
+            sq = layer_sqnr(den.model, {n: ref_io[n] for n in names})
+            entries[group] = {"layers": len(names), "flop_share": sum(flops[n] for n in names) / sum(flops.values()),
+                              "psnr_db": float(scores.psnr[torch.isfinite(scores.psnr)].mean()),
+                              "mse": float((((images + 1) / 2 - (fp_images + 1) / 2) ** 2).mean()),
+                              "mean_layer_sqnr_db": sum(sq.values()) / len(sq)}
+            print(f"budget {variant} {group}: PSNR {entries[group]['psnr_db']:.2f}", flush=True)
+        out[variant] = entries
+    return out
+
+
+_CLASSIFIER = {}
+
+
+def classifier_cache(device):
+    if device not in _CLASSIFIER:
+        _CLASSIFIER[device] = load_classifier(device)
+    return _CLASSIFIER[device]
+
+
+def _mean(runs: list[dict], key: str):
+    vals = [r[key] for r in runs if r.get(key) is not None and "error" not in r]
+    if not vals:
+        return None
+    return sum(vals) / len(vals)
+
+
+def _std(runs: list[dict], key: str):
+    vals = [r[key] for r in runs if r.get(key) is not None and "error" not in r]
+    if len(vals) < 2:
+        return None
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def _f(v, d=2):
+    return "-" if v is None else f"{v:.{d}f}"
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    env = result["environment"]
+    lines = ["# Quality on the embedded MNIST models", "",
+             f"Command: `{env['command']}`. Device: {env['device']}, torch {env['torch']}. {s['num_samples']} images "
+             f"per run from the same noise, {s['steps']} Euler steps, {s['calib_samples']} calibration images, "
+             f"{s['seeds']} calibration seeds (every row sees the same calibration set per seed). PSNR/SSIM against the "
+             "full-precision samples; FID on the embedded classifier's 128-d features (vs FP samples and vs the "
+             "MNIST test set); mean +- std over seeds. Total time "
+             f"{result['seconds']:.0f} s.", ""]
+    for model, mr in result["models"].items():
+        lines += [f"## {model}", "", f"Plan: {mr['plan']}. Full precision: class accuracy "
+                  f"{mr['fp']['class_accuracy']:.3f}, FID vs MNIST {_f(mr['fp'].get('fid_vs_mnist'))}.", "",
+                  "| row | PSNR dB | SSIM | class acc | FID vs FP | FID vs MNIST | Linear FLOPs quantized | "
+                  "other layers quantized | SQNR of SegQuant's layers dB |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, rr in mr["rows"].items():
+            runs = rr["runs"]
+            if runs and "error" in runs[-1]:
+                lines.append(f"| {name} | failed: {runs[-1]['error'][:120]} | | | | | | | |")
+                continue
+            psd = _std(runs, "psnr_db")
+            lines.append(f"| {name} | {_f(_mean(runs, 'psnr_db'))}{'' if psd is None else ' +- ' + _f(psd)} | "
+                         f"{_f(_mean(runs, 'ssim'), 4)} | {_f(_mean(runs, 'class_accuracy'), 3)} | "
+                         f"{_f(_mean(runs, 'fid_vs_fp'))} | {_f(_mean(runs, 'fid_vs_mnist'))} | "
+                         f"{_f(100 * (_mean(runs, 'quantized_linear_flop_fraction') or 0), 1)}% | "
+                         f"{_f(_mean(runs, 'quantized_other_layers'), 0)} | "
+                         f"{_f(_mean(runs, 'mean_sqnr_db_changed_layers'))} |")
+        lines += ["", "Paired differences (row - baseline) over (image, seed) pairs, 95% bootstrap interval; "
+                  "**bold** = the interval excludes 0.", "",
+                  "| row | vs | dPSNR dB | dSSIM | d class acc |", "|---|---|---|---|---|"]
+        for e in mr["paired"]:
+            cells = []
+            for metric, d in (("psnr", 2), ("ssim", 4), ("correct", 3)):
+                v = e[metric]
+                text = f"{v['mean']:+.{d}f} [{v['low']:+.{d}f}, {v['high']:+.{d}f}]"
+                cells.append(f"**{text}**" if v["significant"] else text)
+            lines.append(f"| {e['row']} | {e['baseline']} | {' | '.join(cells)} |")
+        if "error_budget" in mr:
+            lines += ["", "Error budget (INT8 W8A8, seed 0): end-to-end PSNR with only one layer group quantized.", "",
+                      "| group | layers | Linear FLOP share | PSNR baseline | PSNR SegQuant | layer SQNR baseline | "
+                      "layer SQNR SegQuant |", "|---|---|---|---|---|---|---|"]
+            b, q = mr["error_budget"]["baseline"], mr["error_budget"]["SegQuant"]
+            for g in b:
+                lines.append(f"| {g} | {b[g]['layers']} | {100 * b[g]['flop_share']:.1f}% | {_f(b[g]['psnr_db'])} | "
+                             f"{_f(q[g]['psnr_db'])} | {_f(b[g]['mean_layer_sqnr_db'])} | "
+                             f"{_f(q[g]['mean_layer_sqnr_db'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), dpi=110, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        entries = result["models"][model]["paired"]
+        ys = range(len(entries))
+        for y, e in zip(ys, entries):
+            v = e["psnr"]
+            color = "tab:green" if v["significant"] and v["mean"] > 0 else (
+                "tab:red" if v["significant"] else "tab:gray")
+            ax.errorbar(v["mean"], y, xerr=[[v["mean"] - v["low"]], [v["high"] - v["mean"]]], fmt="o", color=color,
+                        capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels([f"{e['row']} vs {e['baseline']}" for e in entries], fontsize=6)
+        ax.set_xlabel("paired PSNR difference, dB (95% CI)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

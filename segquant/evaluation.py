@@ -1,0 +1,91 @@
+"""Measurements shared by ``segquant run`` and the quality benchmark: per-layer SQNR of a quantized model
+against its full-precision twin on the same inputs, the share of Linear FLOPs that run quantized, and image
+metrics of the embedded models against full-precision samples and MNIST."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .metrics import frechet_distance, frechet_distance_to_stats, psnr, ssim
+from .numerics import sqnr_db
+
+
+def record_linear_io(model: nn.Module, call: Callable[[], Any]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Run ``call`` once and return every Linear's (input, output) of the first call of that Linear."""
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            def hook(mod, args, out, name=name):
+                if name not in seen:
+                    seen[name] = (args[0].detach().clone(), out.detach().clone())
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def layer_sqnr(quantized: nn.Module, reference_io: dict[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """SQNR (dB) of each quantized Linear against the full-precision output, fed the SAME full-precision
+    input: the error each layer adds on its own, free of the error that reaches it from earlier layers."""
+    out = {}
+    with torch.no_grad():
+        for name, (x, y) in reference_io.items():
+            layer = quantized.get_submodule(name)
+            out[name] = sqnr_db(y.float(), layer(x.to(layer.weight.dtype if layer.weight.is_floating_point()
+                                                       else x.dtype)).float())
+    return out
+
+
+def linear_flops(reference_io: dict[str, tuple[Tensor, Tensor]]) -> dict[str, int]:
+    """Multiply-accumulates of each Linear in the recorded call (rows x in_features x out_features)."""
+    return {name: (x.numel() // x.shape[-1]) * x.shape[-1] * y.shape[-1] for name, (x, y) in reference_io.items()}
+
+
+def quantized_flop_fraction(flops: dict[str, int], quantized: Iterable[str]) -> float:
+    """Share of the Linear FLOPs that run quantized."""
+    quantized = set(quantized)
+    total = sum(flops.values())
+    return sum(v for k, v in flops.items() if k in quantized) / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class ImageScores:
+    """Per-image scores of one row against the full-precision samples (same noise, same labels)."""
+
+    psnr: Tensor      # (N,) dB, images mapped to [0, 1]
+    ssim: Tensor      # (N,)
+    correct: Tensor   # (N,) bool, classifier agrees with the requested class
+    features: Tensor  # (N, D) classifier features
+
+    def summary(self, reference: "ImageScores | None", mnist_stats: tuple[Tensor, Tensor] | None) -> dict[str, Any]:
+        """Means, plus feature-FID against the reference row and against MNIST (with fewer samples than
+        feature dimensions the FID is dominated by its estimation noise: compare rows, not absolutes)."""
+        out: dict[str, Any] = {"class_accuracy": float(self.correct.float().mean())}
+        finite = torch.isfinite(self.psnr)
+        out["psnr_db"] = float(self.psnr[finite].mean()) if finite.any() else float("inf")
+        out["ssim"] = float(self.ssim.mean())
+        n = self.features.shape[0]
+        if reference is not None and n >= 2:
+            out["fid_vs_fp"] = frechet_distance(self.features, reference.features)
+        if mnist_stats is not None and n >= 2:
+            out["fid_vs_mnist"] = frechet_distance_to_stats(self.features, *mnist_stats)
+        return out
+
+
+def score_images(images: Tensor, reference: Tensor, labels: Tensor, classifier: nn.Module) -> ImageScores:
+    """Score ``images`` (N, 1, H, W) in [-1, 1] against the full-precision ``reference`` of the same noise."""
+    a, b = (reference.float() + 1) / 2, (images.float() + 1) / 2
+    device = next(classifier.parameters()).device
+    with torch.no_grad():
+        feats = classifier.features(images.float().to(device))
+        logits = classifier.head(feats)
+    return ImageScores(psnr(a, b), ssim(a, b), (logits.argmax(1).cpu() == labels.cpu()), feats.cpu().double())

@@ -1,0 +1,108 @@
+"""The report folder of ``segquant run``: metrics.json, report.md, grid.png and layers.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from .embedded.images import grid
+from .errors import SegQuantError
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SegQuantError("the report's plots need matplotlib: pip install 'segquant[run]'") from None
+    return plt
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def save_grid_png(rows: Sequence[Any], path: Path, max_images: int = 16) -> None:
+    """Rows of images (full precision, baseline, SegQuant), one labelled row each."""
+    plt = _plt()
+    mosaic = grid([row.images[:max_images] for row in rows], pad=2)
+    fig_w = max(4.0, mosaic.shape[1] / 34 * 0.9)
+    fig, ax = plt.subplots(figsize=(fig_w + 2.6, mosaic.shape[0] / 34 * 0.9 + 0.4), dpi=110)
+    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    h = rows[0].images.shape[-2] + 2
+    ax.set_yticks([2 + h * i + h / 2 for i in range(len(rows))])
+    ax.set_yticklabels([row.label for row in rows], fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_layers_png(metrics: dict[str, Any], path: Path) -> None:
+    """Per-layer SQNR of the baseline and SegQuant rows (same full-precision inputs); the layers SegQuant
+    changes are marked."""
+    plt = _plt()
+    labels = list(metrics["layer_sqnr_db"])
+    names = list(metrics["layer_sqnr_db"][labels[-1]])
+    changed = set(metrics["segquant_changed_layers"])
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.12), 4.2), dpi=110)
+    xs = range(len(names))
+    for label, marker in zip(labels, ("o", "s")):
+        ys = [min(metrics["layer_sqnr_db"][label].get(n, float("nan")), 80) for n in names]
+        ax.plot(xs, ys, marker=marker, markersize=3, linewidth=0.8, label=label)
+    for i, n in enumerate(names):
+        if n in changed:
+            ax.axvspan(i - 0.4, i + 0.4, color="tab:green", alpha=0.15, linewidth=0)
+    ax.set_xlabel("Linear layer (execution order); shaded: layers SegQuant changes (segments / DualScale)")
+    ax.set_ylabel("layer SQNR, dB (capped at 80 = not quantized)")
+    ax.set_title(f"{metrics['model_class']}: per-layer SQNR on the same full-precision inputs")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(metrics: dict[str, Any]) -> str:
+    s = metrics["settings"]
+    lines = [
+        f"# segquant run: {s['model']} ({metrics['model_class']}), {metrics['recipe']}, backend {s['backend']}", "",
+        f"{s['num_samples']} images per row from the same noise (seed {s['seed']}), {metrics['steps']} Euler steps; "
+        f"calibration on {metrics['calib_samples']} images of other noise. Device: {metrics['environment']['device']}, "
+        f"torch {metrics['environment']['torch']}. Total {metrics['seconds']:.0f} s.", "",
+        "| row | PSNR vs FP (dB) | SSIM vs FP | class accuracy | FID vs FP | FID vs MNIST | quantized Linear FLOPs "
+        "| mean SQNR of SegQuant's layers (dB) | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in metrics["rows"].items():
+        frac = r.get("quantized_linear_flop_fraction")
+        lines.append(f"| {label} | {_fmt(r['psnr_db'])} | {_fmt(r['ssim'], 4)} | {_fmt(r['class_accuracy'], 3)} | "
+                     f"{_fmt(r.get('fid_vs_fp'))} | {_fmt(r.get('fid_vs_mnist'))} | "
+                     f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {_fmt(r.get('mean_sqnr_db_changed_layers'))} "
+                     f"| {r['seconds']:.1f} |")
+    n = s["num_samples"]
+    lines += ["", f"FID uses the 128-d features of the embedded classifier; with {n} images it is dominated by "
+              "estimation noise (compare rows, not absolute values). `benchmarks/quality.py` gives the statistics "
+              "(several calibration seeds, paired confidence intervals).", "",
+              f"SegQuant changes {len(metrics['segquant_changed_layers'])} layers (input/output segments or DualScale); "
+              "their per-layer SQNR is in `layers.png` and `metrics.json`.", "",
+              "![grid](grid.png)", "", "![layers](layers.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, metrics: dict[str, Any], rows: Sequence[Any], reference_io: Any = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
+    (out / "report.md").write_text(markdown(metrics))
+    save_grid_png(rows, out / "grid.png")
+    save_layers_png(metrics, out / "layers.png")
