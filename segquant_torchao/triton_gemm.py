@@ -19,7 +19,6 @@ anything else to a float32 torch path with the same numbers (the CPU fallback). 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import Tensor
@@ -37,11 +36,12 @@ except ImportError:  # pragma: no cover - exercised only without triton
 FP8_DTYPE = torch.float8_e4m3fn
 CODE_DTYPES = (FP8_DTYPE, torch.int8)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 
 def interpreting() -> bool:
-    """True when Triton runs its kernels on the CPU (``TRITON_INTERPRET=1``, set before import)."""
-    return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when this module's kernels run on Triton's CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return HAS_TRITON and type(_scaled_gemm_kernel).__name__ == "InterpretedFunction"
 
 
 def triton_usable(t: Tensor) -> bool:
@@ -242,6 +242,8 @@ def _launch_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_scal
             bias if bias is not None else out, m, n, k, a8.stride(0), w8.stride(0), out.stride(0),
             0 if s_pos.numel() == 1 else 1, 0 if s_neg.numel() == 1 else 1, dual_lo, dual_hi)
     flags = dict(IS_FP8=a.dtype == FP8_DTYPE, DUAL=dual, HAS_BIAS=bias is not None)
+    if config is None and interpreting():
+        config = INTERPRETER_CONFIG  # autotuning times configs with CUDA events
     if config is not None:
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         _scaled_gemm_kernel[grid](*args, **flags, **config)
