@@ -159,8 +159,8 @@ def _layer_gain(name: str, layer: LinearPlan, linear: nn.Module | None, inputs: 
         return None
     if not isinstance(linear, nn.Linear):
         raise SegQuantError(f"{name}: in the plan but not an nn.Linear of {model_class}")
-    x = inputs[name].detach().float().reshape(-1, layer.in_features)
     w = linear.weight.detach().float()
+    x = inputs[name].detach().to(w.device).float().reshape(-1, layer.in_features)
     exact = x @ w.t() + (0 if linear.bias is None else linear.bias.detach().float())
     full = _sqnr(x, linear, layer, spec, exact)
     dual = full - _sqnr(x, linear, layer.replace(dual_scale=False), spec, exact) if layer.dual_scale else 0.0
@@ -235,6 +235,14 @@ def sweep(plan: SegQuantPlan, gains: Mapping[str, LayerGain], cost: CostModel,
     return points
 
 
+def _rows(x: Tensor, max_rows: int) -> Tensor:
+    """At most ``max_rows`` evenly spaced rows of ``x`` flattened to ``(rows, K)``, chosen on its device."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    if flat.shape[0] > max_rows:
+        flat = flat[torch.linspace(0, flat.shape[0] - 1, max_rows, device=flat.device).long()]
+    return flat.cpu()
+
+
 def capture_linear_inputs(model: nn.Module, batches: Sequence[Mapping[str, Any]], names: Iterable[str] | None = None,
                           max_rows: int = 4096) -> dict[str, Tensor]:
     """Inputs of every (or the named) ``nn.Linear`` over calibration ``batches`` (kwargs of ``model``),
@@ -245,7 +253,7 @@ def capture_linear_inputs(model: nn.Module, batches: Sequence[Mapping[str, Any]]
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and (wanted is None or name in wanted):
             hooks.append(module.register_forward_pre_hook(
-                lambda m, a, n=name: seen.setdefault(n, []).append(a[0].detach().reshape(-1, a[0].shape[-1]).cpu())))
+                lambda m, a, n=name: seen.setdefault(n, []).append(_rows(a[0], max_rows))))
     try:
         with torch.no_grad():
             for batch in batches:
