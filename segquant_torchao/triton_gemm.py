@@ -55,27 +55,30 @@ if HAS_TRITON:
     def _tile_dot(a_ptr, w_ptr, offs_m, offs_n, offs_k, k0, M, N, K, stride_am, stride_wn, acc_p, acc_n,
                   dual_lo, dual_hi, IS_FP8: tl.constexpr, SPLIT: tl.constexpr):
         kk = k0 + offs_k
-        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + kk[None, :],
-                    mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0)
-        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None],
-                    mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0)
+        a_mask = (offs_m[:, None] < M) & (kk[None, :] < K)
+        w_mask = (kk[:, None] < K) & (offs_n[None, :] < N)
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + kk[None, :]
+        w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None]
         if IS_FP8:
-            # codes travel as int8 bits: the sign test is an integer compare, fp8 has no ordered compare
-            w = w.to(tl.float8e4nv, bitcast=True)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=a_mask, other=0)
+            w = tl.load(w_ptrs, mask=w_mask, other=0)
         if SPLIT:
-            neg = (a < 0) & (kk[None, :] >= dual_lo) & (kk[None, :] < dual_hi)
-            zero = tl.zeros_like(a)
-            a_p = tl.where(neg, zero, a)
-            a_n = tl.where(neg, a, zero)
+            # the sign test on the code's bits: an integer compare (fp8 has no ordered compare)
+            bits = a.to(tl.int8, bitcast=True) if IS_FP8 else a
+            neg = (bits < 0) & (kk[None, :] >= dual_lo) & (kk[None, :] < dual_hi)
+            zero = tl.zeros_like(bits)
+            a_p = tl.where(neg, zero, bits)
+            a_n = tl.where(neg, bits, zero)
             if IS_FP8:
                 a_p = a_p.to(tl.float8e4nv, bitcast=True)
                 a_n = a_n.to(tl.float8e4nv, bitcast=True)
-            acc_p = tl.dot(a_p, w, acc_p)
-            acc_n = tl.dot(a_n, w, acc_n)
+            acc_p = tl.dot(a_p, w, acc_p, out_dtype=acc_p.dtype)
+            acc_n = tl.dot(a_n, w, acc_n, out_dtype=acc_n.dtype)
         else:
-            if IS_FP8:
-                a = a.to(tl.float8e4nv, bitcast=True)
-            acc_p = tl.dot(a, w, acc_p)
+            acc_p = tl.dot(a, w, acc_p, out_dtype=acc_p.dtype)
         return acc_p, acc_n
 
     @triton.jit
@@ -156,12 +159,13 @@ if HAS_TRITON:
             amax_n = tl.maximum(amax_n, -v)
         a_p = tl.max(amax_p, axis=0)
         a_n = tl.max(amax_n, axis=0)
+        # IEEE divisions (div_rn), as torch's: the default fp32 division may be approximate on the GPU
         if DUAL:
-            s_p = tl.where(a_p > 0, tl.maximum(a_p / QMAX, 1.1754943508222875e-38), 1.0)
-            s_n = tl.where(a_n > 0, tl.maximum(a_n / QNEG, 1.1754943508222875e-38), 1.0)
+            s_p = tl.where(a_p > 0, tl.maximum(tl.math.div_rn(a_p, QMAX), 1.1754943508222875e-38), 1.0)
+            s_n = tl.where(a_n > 0, tl.maximum(tl.math.div_rn(a_n, QNEG), 1.1754943508222875e-38), 1.0)
         else:
             a = tl.maximum(a_p, a_n)
-            s_p = tl.where(a > 0, tl.maximum(a / QMAX, 1.1754943508222875e-38), 1.0)
+            s_p = tl.where(a > 0, tl.maximum(tl.math.div_rn(a, QMAX), 1.1754943508222875e-38), 1.0)
             s_n = s_p
         tl.store(sp_ptr + row, s_p)
         tl.store(sn_ptr + row, s_n)
@@ -169,14 +173,18 @@ if HAS_TRITON:
             offs = k0 + tl.arange(0, BLOCK)
             v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
             if DUAL:
-                c = tl.where(v >= 0, tl.minimum(v / s_p, QMAX), tl.maximum(v / s_n, -QNEG))
+                c = tl.where(v >= 0, tl.minimum(tl.math.div_rn(v, s_p), QMAX),
+                             tl.maximum(tl.math.div_rn(v, s_n), -QNEG))
             else:
-                c = tl.minimum(tl.maximum(v / s_p, -QNEG), QMAX)
+                c = tl.minimum(tl.maximum(tl.math.div_rn(v, s_p), -QNEG), QMAX)
             if IS_FP8:
                 code = c.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.int8, bitcast=True)
             else:
-                # round half to even, as torch.round: adding 1.5 * 2^23 leaves the rounded value in fp32
-                code = ((c + 12582912.0) - 12582912.0).to(tl.int8)
+                # round half to even, as torch.round, from exact float ops only
+                f = tl.floor(c)
+                d = c - f
+                odd = f - 2.0 * tl.floor(f * 0.5)
+                code = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd)).to(tl.int8)
             tl.store(q_ptr + row * stride_qm + offs, code, mask=offs < K)
 
 
@@ -234,10 +242,8 @@ def _launch_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_scal
     if bias is not None and bias.numel() != n:
         bias = torch.nn.functional.pad(bias, (0, n - bias.numel()))
     dual = dual_hi > dual_lo
-    a8 = a.contiguous().view(torch.int8)
-    w8 = weight.view(torch.int8)
-    if w8.stride(1) != 1:
-        w8 = w8.contiguous()
+    a8 = a if a.stride(1) == 1 else a.contiguous()
+    w8 = weight if weight.stride(1) == 1 else weight.contiguous()
     args = (a8, w8, out, s_pos, s_neg, w_scale.float().reshape(-1).contiguous(),
             bias if bias is not None else out, m, n, k, a8.stride(0), w8.stride(0), out.stride(0),
             0 if s_pos.numel() == 1 else 1, 0 if s_neg.numel() == 1 else 1, dual_lo, dual_hi)

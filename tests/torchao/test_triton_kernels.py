@@ -97,6 +97,8 @@ def test_quantize_rows_kernel_matches_reference(precision, dual):
     gen = torch.Generator().manual_seed(2)
     x = gelu_input(9, 100, gen)
     x[3] = 0.0  # an all-zero row gets scale 1
+    x[5] = 0.0  # scale exactly 1 (amax 127, no negative side), codes at ties: round half to even
+    x[5, :7] = torch.tensor([127.0, 0.5, 1.5, 2.5, 3.5, 100.5, 0.49])
     q, sp, sn = tg.quantize_rows(x, precision, dual, block=32)
     if dual:
         ref_q, ref_sp, ref_sn = nx.dual_scale_quantize(x, precision, per_token=True)
