@@ -193,6 +193,9 @@ def run_variant(variant: str, args) -> dict:
         out = fn(**inputs)[0]
         _sync()
         record["compile_s"] = round(time.perf_counter() - start, 1)  # first call: compile + autotune + run
+        from torch._dynamo.utils import counters
+
+        record["dynamo_graphs"] = int(counters["stats"]["unique_graphs"])  # recompiles show here
         print(f"{variant}: first call {record['compile_s']} s", flush=True)
         for _ in range(2):
             fn(**inputs)
@@ -208,9 +211,10 @@ def run_variant(variant: str, args) -> dict:
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     record.update(ms_median=round(statistics.median(times), 2), ms_min=round(min(times), 2),
                   ms_max=round(max(times), 2), iters=args.iters, peak_gb=round(peak / 2 ** 30, 3))
-    ref_path = args.out / f"bf16_out_{args.blocks or 'full'}.pt"
+    ref_name = f"bf16_out_{args.blocks or 'full'}.pt"
+    ref_path = (args.ref_dir or args.out) / ref_name
     if variant == "bf16":
-        torch.save(out.float().cpu(), ref_path)
+        torch.save(out.float().cpu(), args.out / ref_name)
     elif ref_path.exists():
         from segquant.numerics import sqnr_db
 
@@ -244,6 +248,7 @@ def driver(args) -> None:
                    "--fused-factor", str(args.fused_factor), "--gain-rows", str(args.gain_rows)]
     passthrough += ["--blocks", str(args.blocks)] if args.blocks else []
     passthrough += ["--config", str(args.config)] if args.config else []
+    passthrough += ["--ref-dir", str(args.ref_dir)] if args.ref_dir else []
     passthrough += ["--quantize-small"] if args.quantize_small else []
     passthrough += ["--cpu-smoke"] if args.cpu_smoke else []
     begin = time.perf_counter()
@@ -274,7 +279,7 @@ def report(out_dir: Path, command: str) -> None:
     rows = [json.loads(line) for line in (out_dir / "speed.jsonl").read_text().splitlines() if line.strip()]
     groups: dict = {}
     for r in rows:
-        groups.setdefault(str(r.get("blocks")), []).append(r)
+        groups.setdefault(f"{r.get('blocks')}, compile {r.get('compile', '?')}", []).append(r)
     lines = ["# FLUX.1-dev-size denoiser, one call at 1024x1024 (4608 tokens), batch 1", "",
              "Random bf16 weights, full FLUX.1-dev config unless `blocks` says otherwise; torch.compile + "
              "inference_mode; one variant per process; median of the timed calls (host clock around each "
@@ -285,8 +290,9 @@ def report(out_dir: Path, command: str) -> None:
         ok = {r["variant"]: r for r in sub if "ms_median" in r}
         base = ok.get("bf16", {}).get("ms_median")
         ao = ok.get("torchao_fp8_rowwise", {}).get("ms_median")
-        device = next((r["device"] for r in sub if "device" in r), "?")
-        lines += [f"## blocks: {blocks}, {device}", "",
+        devices = sorted({r["device"] for r in sub if "device" in r})
+        lines += [f"## blocks: {blocks}, {' / '.join(devices) or '?'}"
+                  + (" (MIXED DEVICES: compare rows of one device only)" if len(devices) > 1 else ""), "",
                   "| variant | ms | range | x bf16 | vs torchao fp8 | weight GB | peak GB | compile s | SQNR dB | notes |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
@@ -296,7 +302,8 @@ def report(out_dir: Path, command: str) -> None:
             ms = r["ms_median"]
             x_bf16 = f"{base / ms:.3f}" if base else "-"
             x_ao = f"{ao / ms:.3f}" if ao else "-"
-            notes = "; ".join(f"{k}={r[k]}" for k in ("plan", "dual_scale_layers", "quantize_s") if k in r)
+            notes = "; ".join(f"{k}={r[k]}" for k in ("plan", "dual_scale_layers", "quantize_s", "dynamo_graphs")
+                              if k in r)
             lines.append(f"| {r['variant']} | {ms:.1f} | {r['ms_min']:.1f}-{r['ms_max']:.1f} | {x_bf16} | {x_ao} | "
                          f"{r['weight_gb']} | {r['peak_gb']} | {r['compile_s']} | {r.get('sqnr_vs_bf16_db', '-')} | "
                          f"{notes} |")
@@ -360,6 +367,8 @@ def main() -> None:
     parser.add_argument("--git", default=os.environ.get("GIT_SHA", "unknown"))
     parser.add_argument("--command", default="python benchmarks/speed.py --out $OUT")
     parser.add_argument("--config", type=Path, default=None, help="another FluxTransformer2DModel config JSON")
+    parser.add_argument("--ref-dir", type=Path, default=None,
+                        help="folder with bf16_out_<blocks>.pt from an earlier bf16 run (default: --out)")
     parser.add_argument("--cpu-smoke", action="store_true", help="run --variant on the CPU (tests the script)")
     args = parser.parse_args()
     if args.quick:
