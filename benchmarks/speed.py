@@ -154,8 +154,9 @@ def cost_aware(model, plan, inputs, args):
     from segquant.numerics import QuantSpec
 
     names = [n for n, p in plan.layers.items() if not p.is_plain]
-    captured = capture_linear_inputs(model, [inputs], names=names, max_rows=args.gain_rows)
-    gains = layer_gains(model, plan, captured, QuantSpec("fp8", "per_channel", "fp8", "per_tensor", "folded"))
+    rows: dict[str, int] = {}
+    captured = capture_linear_inputs(model, [inputs], names=names, max_rows=args.gain_rows, rows=rows)
+    gains = layer_gains(model, plan, captured, QuantSpec("fp8", "per_channel", "fp8", "per_tensor", "folded"), rows)
     cost = CostModel(kernel="fused", fused_dual_factor=args.fused_factor, tokens=IMAGE_TOKENS + TEXT_TOKENS)
     points = sweep(plan, gains, cost, [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf")])
     chosen = select(plan, gains, cost, args.threshold)

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -135,13 +136,15 @@ def _sqnr(x: Tensor, linear: nn.Linear, layer: LinearPlan, spec: QuantSpec, exac
 
 
 def layer_gains(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Tensor],
-                spec: QuantSpec = QuantSpec()) -> dict[str, LayerGain]:
+                spec: QuantSpec = QuantSpec(), tokens: Mapping[str, int] | None = None) -> dict[str, LayerGain]:
     """SQNR gains of DualScale and segments per layer, from calibration inputs (static scales are
     calibrated on the same inputs; ``spec.act_granularity="per_token"`` measures dynamic scales).
 
     Args:
         inputs: layer name -> ``(..., K)`` calibration inputs (``capture_linear_inputs``); layers without
             inputs are left out (they keep their plan entry).
+        tokens: rows (M) per call of each layer, for the cost model, when ``inputs`` were subsampled
+            (``capture_linear_inputs(rows=...)``); default: the rows of ``inputs``.
     """
     modules = dict(model.named_modules())
     gains = {}
@@ -149,7 +152,8 @@ def layer_gains(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Tenso
         for name, layer in plan.layers.items():
             gain = _layer_gain(name, layer, modules.get(name), inputs, spec, type(model).__name__)
             if gain is not None:
-                gains[name] = gain
+                gains[name] = gain if tokens is None or name not in tokens else \
+                    dataclasses.replace(gain, tokens=int(tokens[name]))
     return gains
 
 
@@ -244,16 +248,22 @@ def _rows(x: Tensor, max_rows: int) -> Tensor:
 
 
 def capture_linear_inputs(model: nn.Module, batches: Sequence[Mapping[str, Any]], names: Iterable[str] | None = None,
-                          max_rows: int = 4096) -> dict[str, Tensor]:
+                          max_rows: int = 4096, rows: dict[str, int] | None = None) -> dict[str, Tensor]:
     """Inputs of every (or the named) ``nn.Linear`` over calibration ``batches`` (kwargs of ``model``),
-    flattened to ``(rows, K)`` on the CPU, at most ``max_rows`` rows per layer (evenly subsampled)."""
+    flattened to ``(rows, K)`` on the CPU, at most ``max_rows`` rows per layer call and in all (evenly
+    subsampled). ``rows``, when given, receives each layer's largest M of one call (for ``layer_gains``)."""
     wanted = set(names) if names is not None else None
     seen: dict[str, list[Tensor]] = {}
     hooks = []
+
+    def hook(name: str, x: Tensor) -> None:
+        seen.setdefault(name, []).append(_rows(x, max_rows))
+        if rows is not None:
+            rows[name] = max(rows.get(name, 0), x.numel() // x.shape[-1])
+
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and (wanted is None or name in wanted):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, a, n=name: seen.setdefault(n, []).append(_rows(a[0], max_rows))))
+            hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: hook(n, a[0])))
     try:
         with torch.no_grad():
             for batch in batches:

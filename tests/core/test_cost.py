@@ -101,6 +101,9 @@ def test_gains_on_tiny_flux(precision):
     spec = QuantSpec(precision, "per_channel", precision, "per_tensor", "folded")
     gains = layer_gains(model, plan, inputs, spec)
     assert set(gains) == set(plan.layers)
+    proj_name = "single_transformer_blocks.0.proj_out"
+    scaled = layer_gains(model, plan, {proj_name: inputs[proj_name]}, spec, tokens={proj_name: 4608})
+    assert scaled[proj_name].tokens == 4608 and scaled[proj_name].dual_gain_db == gains[proj_name].dual_gain_db
     proj = gains["single_transformer_blocks.0.proj_out"]
     # GELU's negative side on its own scale is the point of DualScale; fp8's exponent already keeps
     # small values, so its gain is smaller than int8's
@@ -127,6 +130,8 @@ def test_capture_linear_inputs_subsamples():
         def forward(self, x):
             return self.l(x)
 
-    inputs = capture_linear_inputs(Wrap(), [{"x": torch.randn(5, 7, 4)}, {"x": torch.randn(2, 4)}], max_rows=10)
-    assert inputs["l.0"].shape == (10, 4)
+    rows = {}
+    inputs = capture_linear_inputs(Wrap(), [{"x": torch.randn(5, 7, 4)}, {"x": torch.randn(2, 4)}], max_rows=10,
+                                   rows=rows)
+    assert inputs["l.0"].shape == (10, 4) and rows == {"l.0": 35}
     assert capture_linear_inputs(Wrap(), [{"x": torch.randn(3, 4)}], names=["other"]) == {}
