@@ -153,13 +153,20 @@ def cost_aware(model, plan, inputs, args):
     from segquant.cost import CostModel, capture_linear_inputs, layer_gains, select, sweep
     from segquant.numerics import QuantSpec
 
-    names = [n for n, p in plan.layers.items() if not p.is_plain]
+    import dataclasses
+
+    # the sweep and the choice cover the layers this variant quantizes (M = batch layers stay bf16)
+    quantized = {n: p for n, p in plan.layers.items() if args.quantize_small or not small_layer(n)}
+    sub = dataclasses.replace(plan, layers=quantized)
     rows: dict[str, int] = {}
-    captured = capture_linear_inputs(model, [inputs], names=names, max_rows=args.gain_rows, rows=rows)
-    gains = layer_gains(model, plan, captured, QuantSpec("fp8", "per_channel", "fp8", "per_tensor", "folded"), rows)
+    captured = capture_linear_inputs(model, [inputs], names=[n for n, p in quantized.items() if not p.is_plain],
+                                     max_rows=args.gain_rows, rows=rows)
+    rows.update({n: IMAGE_TOKENS + TEXT_TOKENS for n in quantized if n not in rows})  # plain layers: full M
+    gains = layer_gains(model, sub, captured, QuantSpec("fp8", "per_channel", "fp8", "per_tensor", "folded"), rows)
     cost = CostModel(kernel="fused", fused_dual_factor=args.fused_factor, tokens=IMAGE_TOKENS + TEXT_TOKENS)
-    points = sweep(plan, gains, cost, [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf")])
-    chosen = select(plan, gains, cost, args.threshold)
+    points = sweep(sub, gains, cost, [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf")])
+    chosen_sub = select(sub, gains, cost, args.threshold)
+    chosen = dataclasses.replace(plan, layers={**plan.layers, **chosen_sub.layers})
     return chosen, [dict(threshold=p.threshold, extra_time=round(p.extra_time, 4), gain_db=round(p.gain_db, 2),
                          dual_layers=p.dual_layers, segmented_layers=p.segmented_layers) for p in points]
 
