@@ -153,8 +153,11 @@ class SegQuantLinear(nn.Linear):
                 else:
                     s_pos, s_neg = self.act_scale[i].reshape(1, 1), self.neg_scale[i].reshape(1, 1)
                 if spec.kernel == "fused":
+                    single = len(spec.bounds) == 1  # then the bias goes into the kernel's epilogue
                     q = _dual_codes(xf, s_pos, s_neg, spec.precision)
-                    out = _fused_gemm(q, weight, s_pos, self.weight_scale, acc_dtype, None, s_neg)
+                    out = _fused_gemm(q, weight, s_pos, self.weight_scale, acc_dtype, bias if single else None, s_neg)
+                    if single:
+                        return out.to(x.dtype)
                 else:
                     q_pos, q_neg = positive_codes(xf, s_pos, spec.precision), negative_codes(xf, s_neg, spec.precision)
                     out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, self.weight_scale, acc_dtype,
