@@ -35,6 +35,7 @@ ACTIVATION_MODES = ("dynamic", "static")
 STEPS = ("prepare", "convert")
 REALISATIONS = ("folded", "split_k")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+KERNELS = ("naive", "fused")
 
 
 class _Session:
@@ -68,6 +69,8 @@ class SegLinearConfig(AOBaseConfig):
             ``"split_k"`` (one GEMM per segment).
         weight_granularity: ``"per_channel"`` (default) or ``"per_tensor"`` (one scale per output segment).
         fast_accum: fp8 GEMMs with Hopper's fast accumulation (default True, as torchao's fp8 inference).
+        kernel: ``"naive"`` (torch's GEMMs, DualScale with M doubled; default) or ``"fused"`` (the Triton
+            DualScale GEMM and Triton int8 GEMM of ``triton_gemm.py``; a torch fallback off CUDA).
         amax, pos_amax, neg_amax: calibrated ranges per input segment; when given, a static convert
             needs no observers (e.g. inside ``from_pretrained``).
     """
@@ -84,6 +87,7 @@ class SegLinearConfig(AOBaseConfig):
     realisation: str = "folded"
     weight_granularity: str = "per_channel"
     fast_accum: bool = True
+    kernel: str = "naive"
     amax: list | None = None
     pos_amax: list | None = None
     neg_amax: list | None = None
@@ -94,6 +98,7 @@ class SegLinearConfig(AOBaseConfig):
         _choice(self.step, STEPS, "step")
         _choice(self.realisation, REALISATIONS, "realisation")
         _choice(self.weight_granularity, WEIGHT_GRANULARITIES, "weight_granularity")
+        _choice(self.kernel, KERNELS, "kernel")
         if self.activation == "dynamic" and self.step == "prepare":
             raise SegQuantError("dynamic activation scales need no prepare step; use step='convert'")
 
@@ -102,7 +107,7 @@ class SegLinearConfig(AOBaseConfig):
                          tuple(self.in_segments or [self.in_features]),
                          tuple(self.out_segments or [self.out_features]), tuple(self.dual_scale_segments),
                          self.precision, self.activation, self.realisation, self.weight_granularity,
-                         self.fast_accum)
+                         self.fast_accum, self.kernel)
 
     def stats(self) -> ActivationStats | None:
         """Calibrated ranges carried by the config, checked against the layer's segments."""
@@ -177,7 +182,8 @@ class SegQuantConfig(FqnToConfig):
 
     Args:
         plan: a ``SegQuantPlan``, its dict, or a path to a saved plan.
-        precision, activation, step, realisation, weight_granularity, fast_accum: as in ``SegLinearConfig``.
+        precision, activation, step, realisation, weight_granularity, fast_accum, kernel: as in
+            ``SegLinearConfig``.
         skip: globs of layer names left in high precision (e.g. ``["proj_out"]``).
         seg_linear, dual_scale: switch SegLinear / DualScale off everywhere (the ablation).
         calibration: ``{layer: {"amax": [...], "pos_amax": [...], "neg_amax": [...]}}`` from
@@ -191,6 +197,7 @@ class SegQuantConfig(FqnToConfig):
     realisation: str = "folded"
     weight_granularity: str = "per_channel"
     fast_accum: bool = True
+    kernel: str = "naive"
     skip: list = field(default_factory=list)
     seg_linear: bool = True
     dual_scale: bool = True
@@ -198,12 +205,13 @@ class SegQuantConfig(FqnToConfig):
 
     def __init__(self, plan: Any = None, precision: str = "fp8", activation: str = "dynamic", step: str = "convert",
                  realisation: str = "folded", weight_granularity: str = "per_channel", fast_accum: bool = True,
-                 skip: list | None = None,
+                 kernel: str = "naive", skip: list | None = None,
                  seg_linear: bool = True, dual_scale: bool = True, calibration: dict | None = None,
                  fqn_to_config: Any = None, module_fqn_to_config: Any = None, version: int = 1) -> None:
         # fqn_to_config/module_fqn_to_config are derived from the plan; accepted for config_from_dict.
         self.plan, self.precision, self.activation, self.step = plan, precision, activation, step
         self.realisation, self.weight_granularity, self.fast_accum = realisation, weight_granularity, fast_accum
+        self.kernel = kernel
         self.skip, self.seg_linear, self.dual_scale = list(skip or []), seg_linear, dual_scale
         self.calibration, self.version = calibration, version
         self.__post_init__()
@@ -223,7 +231,7 @@ class SegQuantConfig(FqnToConfig):
         # one template carries (and validates) the options every layer shares, even if skip leaves no layer
         template = SegLinearConfig(precision=self.precision, activation=self.activation, step=self.step,
                                    realisation=self.realisation, weight_granularity=self.weight_granularity,
-                                   fast_accum=self.fast_accum)
+                                   fast_accum=self.fast_accum, kernel=self.kernel)
         self._session = _Session()
         layers: OrderedDict[str, AOBaseConfig] = OrderedDict()
         for name, layer in plan.layers.items():

@@ -6,6 +6,12 @@ Realisations (see SPEC sections 2-3):
   doubled (rows ``[q+ ; q-]``) when some input segment is DualScale.
 - static ``split_k``: one GEMM per input segment, ``y = sum_s a_s (W_s q_s)``.
 - ``dynamic``: per-token scales per segment (split-K), DualScale with per-token ``s+``/``s-``.
+
+Kernels (``LayerSpec.kernel``): ``naive`` runs every GEMM on ``torch._scaled_mm``/``torch._int_mm`` and
+DualScale with M doubled; ``fused`` runs DualScale GEMMs on the fused Triton kernel (one code tensor, the
+sign selects the scale; ``triton_gemm.py``) and int8 GEMMs on the Triton int8 GEMM, fp8 plain GEMMs staying on
+cuBLAS. Under ``fused`` the activations are still quantized by torch ops, which ``torch.compile`` fuses into
+the producer of ``x`` (the GELU/SiLU), a pass the Triton GEMM cannot see into.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class LayerSpec:
     realisation: str  # "folded" | "split_k"
     weight_granularity: str  # "per_channel" | "per_tensor"
     fast_accum: bool = True  # fp8 GEMMs with Hopper's fast accumulation
+    kernel: str = "naive"  # "naive" | "fused" (module docstring)
 
     bounds: tuple[tuple[int, int], ...] = ()
 
@@ -92,6 +99,8 @@ class SegQuantLinear(nn.Linear):
         spec = self.segquant_spec
         m = x.shape[0]
         v = x.float() / self.col_scale
+        if spec.dual_segments and spec.kernel == "fused" and len(spec.dual_segments) == 1:
+            return self._folded_fused(x, v, bias)
         if spec.dual_segments:
             top = torch.where(self.dual_mask, v.clamp(min=0), v)
             rows = [codes(top, 1.0, spec.precision)]
@@ -110,7 +119,21 @@ class SegQuantLinear(nn.Linear):
             return _add_bias(y, bias).to(x.dtype)
         a = codes(v, 1.0, spec.precision)
         ones = x.new_ones(m, 1, dtype=torch.float32)
+        if spec.kernel == "fused" and spec.precision == "int8":
+            return _fused_gemm(a, self.qweight, ones[:1], self.weight_scale, x.dtype, bias)
         return scaled_mm(a, self.qweight, ones, self.weight_scale, x.dtype, bias, spec.fast_accum)
+
+    def _folded_fused(self, x: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """ONE code tensor: inside the DualScale segment the negative codes are ``x / s-`` (weight columns
+        carry ``s+``, so their accumulator is scaled by ``s- / s+``), everything else ``x / a_s``."""
+        spec = self.segquant_spec
+        i = spec.dual_segments[0]
+        lo, hi = spec.bounds[i]
+        neg = self.dual_mask & (x < 0)
+        q = codes(torch.where(neg, x.float() / self.neg_scale[i], v), 1.0, spec.precision)
+        ones = self.neg_ratio.new_ones(1)
+        return _fused_gemm(q, self.qweight, ones, self.weight_scale, x.dtype, bias, self.neg_ratio[i:i + 1],
+                           (lo, hi))
 
     def _split(self, x: Tensor, bias: Tensor | None) -> Tensor:
         spec = self.segquant_spec
@@ -129,20 +152,44 @@ class SegQuantLinear(nn.Linear):
                     s_neg = scale_from_amax((-xf).clamp(min=0).amax(-1, keepdim=True), spec.precision, negative=True)
                 else:
                     s_pos, s_neg = self.act_scale[i].reshape(1, 1), self.neg_scale[i].reshape(1, 1)
-                q_pos, q_neg = positive_codes(xf, s_pos, spec.precision), negative_codes(xf, s_neg, spec.precision)
-                out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, self.weight_scale, acc_dtype, spec.fast_accum)
+                if spec.kernel == "fused":
+                    single = len(spec.bounds) == 1  # then the bias goes into the kernel's epilogue
+                    q = _dual_codes(xf, s_pos, s_neg, spec.precision)
+                    out = _fused_gemm(q, weight, s_pos, self.weight_scale, acc_dtype, bias if single else None, s_neg)
+                    if single:
+                        return out.to(x.dtype)
+                else:
+                    q_pos, q_neg = positive_codes(xf, s_pos, spec.precision), negative_codes(xf, s_neg, spec.precision)
+                    out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, self.weight_scale, acc_dtype,
+                                        spec.fast_accum)
             else:
                 if dynamic:
                     scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.precision)
                 else:
                     scale = self.act_scale[i].reshape(1, 1)
                 single = len(spec.bounds) == 1
-                out = scaled_mm(codes(part, scale, spec.precision), weight, scale.expand(m, 1),
-                                self.weight_scale, acc_dtype, bias if single else None, spec.fast_accum)
+                q = codes(part, scale, spec.precision)
+                if spec.kernel == "fused" and spec.precision == "int8":
+                    out = _fused_gemm(q, weight, scale, self.weight_scale, acc_dtype, bias if single else None)
+                else:
+                    out = scaled_mm(q, weight, scale.expand(m, 1), self.weight_scale, acc_dtype,
+                                    bias if single else None, spec.fast_accum)
                 if single:
                     return out.to(x.dtype)
             y = out if y is None else y + out
         return _add_bias(y, bias).to(x.dtype)
+
+
+def _dual_codes(x: Tensor, s_pos: Tensor, s_neg: Tensor, precision: str) -> Tensor:
+    """DualScale's one code tensor: ``x+ / s+`` where ``x >= 0``, ``x- / s-`` elsewhere."""
+    return codes(torch.where(x >= 0, x / s_pos, x / s_neg), 1.0, precision)
+
+
+def _fused_gemm(q: Tensor, weight: Tensor, s_pos: Tensor, w_scale: Tensor, out_dtype: torch.dtype,
+                bias: Tensor | None, s_neg: Tensor | None = None, dual_range: tuple[int, int] | None = None) -> Tensor:
+    from .triton_gemm import scaled_gemm
+
+    return scaled_gemm(q, weight, s_pos, w_scale, out_dtype, bias=bias, s_neg=s_neg, dual_range=dual_range)
 
 
 def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:

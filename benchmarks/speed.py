@@ -1,0 +1,402 @@
+"""End-to-end speed of one FLUX.1-dev-size denoiser call at 1024x1024 (4096 image + 512 text tokens, batch 1):
+a FluxTransformer2DModel of the full FLUX.1-dev config with random bf16 weights, every variant under
+``torch.compile`` and ``torch.inference_mode``, ONE VARIANT PER PROCESS (a driver launches them with a
+timeout each and appends one JSON line per variant to DIR/speed.jsonl as soon as it has it).
+
+Variants: bf16; torchao fp8 per-row dynamic; torchao int8 dynamic; SegQuant fp8 static (segments + DualScale,
+fused Triton DualScale kernel), its naive-kernel and no-DualScale twins, SegQuant fp8 dynamic, SegQuant int8
+static (Triton int8 GEMM), SegQuant fp8 cost-aware (``segquant.cost`` at ``--threshold``).
+Layers that run with M = batch (adaLN modulation, time/guidance embedders) stay bf16 in every quantized
+variant (``--quantize-small`` quantizes them too): they are memory-bound and torchao int8 rejects M = 1.
+
+    python benchmarks/speed.py --out DIR --blocks 1 --quick        # iterate: 1 double + 2 single blocks
+    python benchmarks/speed.py --out DIR --variants bf16,torchao_fp8_rowwise --timeout 280
+    python benchmarks/speed.py --report DIR                         # DIR/speed.jsonl -> speed.md + speed.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("bf16", "torchao_fp8_rowwise", "torchao_int8_dynamic", "segquant_fp8_static", "segquant_fp8_dynamic",
+            "segquant_int8_static", "segquant_fp8_static_nodual", "segquant_fp8_static_naive",
+            "segquant_fp8_costaware")
+SMALL_M = ["*norm1.linear", "*norm1_context.linear", "*.norm.linear", "norm_out.linear", "time_text_embed.*"]
+IMAGE_TOKENS, TEXT_TOKENS = 4096, 512
+DEVICE = "cuda"  # the CPU smoke test (--cpu-smoke) swaps in "cpu" and a tiny config
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(blocks: int | None, config: Path = ROOT / "segquant/configs/flux.1-dev.json"):
+    """FLUX.1-dev-size transformer, random weights made on the GPU (std 0.02, biases 0, norm weights 1)."""
+    from diffusers import FluxTransformer2DModel
+
+    cfg = json.loads(config.read_text())
+    cfg.pop("_class_name", None)
+    if blocks is not None:
+        cfg.update(num_layers=blocks, num_single_layers=2 * blocks)
+    with torch.device("meta"):
+        meta = FluxTransformer2DModel(**cfg)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**cfg).to(torch.bfloat16)
+    model = model.to_empty(device=DEVICE).eval()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name and p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=DEVICE) * 0.02)
+    return model, meta
+
+
+def make_inputs(model) -> dict:
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    bf16 = torch.bfloat16
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEVICE).to(bf16)
+
+    side = int(IMAGE_TOKENS ** 0.5)
+    ids = torch.zeros(side, side, 3, device=DEVICE)
+    ids[..., 1] = torch.arange(side, device=DEVICE)[:, None]
+    ids[..., 2] = torch.arange(side, device=DEVICE)[None, :]
+    return dict(hidden_states=randn(1, IMAGE_TOKENS, model.config.in_channels),
+                encoder_hidden_states=randn(1, TEXT_TOKENS, model.config.joint_attention_dim),
+                pooled_projections=randn(1, model.config.pooled_projection_dim),
+                timestep=torch.tensor([0.5], device=DEVICE, dtype=bf16), img_ids=ids.reshape(-1, 3),
+                txt_ids=torch.zeros(TEXT_TOKENS, 3, device=DEVICE),
+                guidance=torch.tensor([3.5], device=DEVICE, dtype=bf16), return_dict=False)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor, tensor subclasses (torchao) counted by their inner tensors."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model) -> int:
+    return sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
+
+
+def small_layer(fqn: str) -> bool:
+    return any(fnmatch.fnmatchcase(fqn, g) for g in SMALL_M)
+
+
+def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
+    """Quantize ``model`` in place for ``variant``; returns notes for the record."""
+    notes: dict = {}
+    if variant == "bf16":
+        return notes
+    if variant.startswith("torchao"):
+        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
+                                          Int8DynamicActivationInt8WeightConfig, PerRow, quantize_)
+
+        cfg = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+               if "fp8" in variant else Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+        quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and
+                  (args.quantize_small or not small_layer(fqn)))
+        return notes
+    import segquant
+    from segquant_torchao import SegQuantConfig, calibration_from
+    from segquant_torchao import quantize as sq_quantize
+
+    start = time.perf_counter()
+    plan = segquant.analyze(meta, **segquant.example_inputs(meta))
+    notes["analyze_s"] = round(time.perf_counter() - start, 1)
+    precision = "int8" if "int8" in variant else "fp8"
+    kernel = "naive" if variant.endswith("_naive") else "fused"
+    if variant.endswith("_nodual"):
+        plan = plan.ablate(dual_scale=False)
+    skip = [] if args.quantize_small else [g for g in SMALL_M if plan.matching(g)]
+    common = dict(precision=precision, kernel=kernel, skip=skip)
+    if variant == "segquant_fp8_costaware":
+        plan, notes["sweep"] = cost_aware(model, plan, inputs, args)
+    if variant == "segquant_fp8_dynamic":
+        sq_quantize(model, SegQuantConfig(plan, **common))
+    else:
+        sq_quantize(model, SegQuantConfig(plan, activation="static", step="prepare", **common))
+        with torch.inference_mode():
+            model(**inputs)
+        sq_quantize(model, SegQuantConfig(plan, activation="static", step="convert",
+                                          calibration=calibration_from(model), **common))
+    notes["plan"] = plan.summary()
+    notes["dual_scale_layers"] = sum(1 for n in plan.dual_scaled() if n not in skip and not small_layer(n))
+    return notes
+
+
+def cost_aware(model, plan, inputs, args):
+    """``segquant.cost.select`` on this model's own calibration inputs; returns the plan and the sweep."""
+    from segquant.cost import CostModel, capture_linear_inputs, layer_gains, select, sweep
+    from segquant.numerics import QuantSpec
+
+    import dataclasses
+
+    # the sweep and the choice cover the layers this variant quantizes (M = batch layers stay bf16)
+    quantized = {n: p for n, p in plan.layers.items() if args.quantize_small or not small_layer(n)}
+    sub = dataclasses.replace(plan, layers=quantized)
+    rows: dict[str, int] = {}
+    captured = capture_linear_inputs(model, [inputs], names=[n for n, p in quantized.items() if not p.is_plain],
+                                     max_rows=args.gain_rows, rows=rows)
+    rows.update({n: IMAGE_TOKENS + TEXT_TOKENS for n in quantized if n not in rows})  # plain layers: full M
+    gains = layer_gains(model, sub, captured, QuantSpec("fp8", "per_channel", "fp8", "per_tensor", "folded"), rows)
+    cost = CostModel(kernel="fused", fused_dual_factor=args.fused_factor, tokens=IMAGE_TOKENS + TEXT_TOKENS)
+    points = sweep(sub, gains, cost, [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf")])
+    chosen_sub = select(sub, gains, cost, args.threshold)
+    chosen = dataclasses.replace(plan, layers={**plan.layers, **chosen_sub.layers})
+    return chosen, [dict(threshold=p.threshold, extra_time=round(p.extra_time, 4), gain_db=round(p.gain_db, 2),
+                         dual_layers=p.dual_layers, segmented_layers=p.segmented_layers) for p in points]
+
+
+def run_variant(variant: str, args) -> dict:
+    torch._dynamo.config.cache_size_limit = 1024
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    record: dict = dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
+                        tokens=IMAGE_TOKENS + TEXT_TOKENS,
+                        device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch=torch.__version__,
+                        git=args.git, compile=args.compile, compile_mode=args.compile_mode,
+                        quantize_small=args.quantize_small)
+    start = time.perf_counter()
+    model, meta = build_model(args.blocks, *([args.config] if args.config else []))
+    inputs = make_inputs(model)
+    record["build_s"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    record.update(quantize(model, meta, variant, inputs, args))
+    _sync()
+    record["quantize_s"] = round(time.perf_counter() - start, 1)
+    record["weight_gb"] = round(weight_bytes(model) / 2 ** 30, 3)
+    print(json.dumps({k: v for k, v in record.items() if k != "sweep"}), flush=True)
+    if args.compile == "full":
+        fn = torch.compile(model, mode=args.compile_mode)
+    elif args.compile == "regional":
+        model.compile_repeated_blocks(mode=args.compile_mode)
+        fn = model
+    else:
+        fn = model
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = fn(**inputs)[0]
+        _sync()
+        record["compile_s"] = round(time.perf_counter() - start, 1)  # first call: compile + autotune + run
+        from torch._dynamo.utils import counters
+
+        record["dynamo_graphs"] = int(counters["stats"]["unique_graphs"])  # recompiles show here
+        print(f"{variant}: first call {record['compile_s']} s", flush=True)
+        for _ in range(2):
+            fn(**inputs)
+        _sync()
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            fn(**inputs)
+            _sync()  # one call is ~100 ms: host timing around a synchronised call is exact enough
+            times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+    record.update(ms_median=round(statistics.median(times), 2), ms_min=round(min(times), 2),
+                  ms_max=round(max(times), 2), iters=args.iters, peak_gb=round(peak / 2 ** 30, 3))
+    ref_name = f"bf16_out_{args.blocks or 'full'}.pt"
+    ref_path = (args.ref_dir or args.out) / ref_name
+    if variant == "bf16":
+        torch.save(out.float().cpu(), args.out / ref_name)
+    elif ref_path.exists():
+        from segquant.numerics import sqnr_db
+
+        record["sqnr_vs_bf16_db"] = round(sqnr_db(torch.load(ref_path), out.float().cpu()), 2)
+    record["finite"] = bool(torch.isfinite(out).all())
+    return record
+
+
+def child(args) -> int:
+    path = args.out / "speed.jsonl"
+    try:
+        record = run_variant(args.variant, args)
+    except Exception as e:  # noqa: BLE001 - the error is the result of this variant
+        traceback.print_exc()
+        record = dict(bench="flux_e2e", variant=args.variant, blocks=args.blocks or "full (19+38)",
+                      error=f"{type(e).__name__}: {str(e)[:400]}")
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+    return 0 if "error" not in record else 1
+
+
+def driver(args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        sys.exit(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+    passthrough = ["--out", str(args.out), "--iters", str(args.iters), "--compile", args.compile,
+                   "--compile-mode", args.compile_mode, "--git", args.git, "--threshold", str(args.threshold),
+                   "--fused-factor", str(args.fused_factor), "--gain-rows", str(args.gain_rows)]
+    passthrough += ["--blocks", str(args.blocks)] if args.blocks else []
+    passthrough += ["--config", str(args.config)] if args.config else []
+    passthrough += ["--ref-dir", str(args.ref_dir)] if args.ref_dir else []
+    passthrough += ["--quantize-small"] if args.quantize_small else []
+    passthrough += ["--cpu-smoke"] if args.cpu_smoke else []
+    begin = time.perf_counter()
+    for variant in variants:
+        left = args.budget - (time.perf_counter() - begin)
+        if left < 60:
+            print(f"budget spent: {variant} and later variants not run", flush=True)
+            break
+        timeout = min(args.timeout, left - 10)
+        log = args.out / f"speed_{variant}.log"
+        print(f"== {variant} (timeout {timeout:.0f} s, log {log.name})", flush=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with log.open("w") as fh:
+            proc = subprocess.Popen([sys.executable, __file__, "--variant", variant, *passthrough], stdout=fh,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                with (args.out / "speed.jsonl").open("a") as out:
+                    out.write(json.dumps(dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
+                                              error=f"timeout after {timeout:.0f} s")) + "\n")
+        print(log.read_text()[-1500:], flush=True)
+
+
+def report(out_dir: Path, command: str) -> None:
+    rows = [json.loads(line) for line in (out_dir / "speed.jsonl").read_text().splitlines() if line.strip()]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(f"{r.get('blocks')}, compile {r.get('compile', '?')}", []).append(r)
+    lines = ["# FLUX.1-dev-size denoiser, one call at 1024x1024 (4608 tokens), batch 1", "",
+             "Random bf16 weights, full FLUX.1-dev config unless `blocks` says otherwise; torch.compile + "
+             "inference_mode; one variant per process; median of the timed calls (host clock around each "
+             "synchronised call) after 3 warm-up calls. `compile s` = first call (compile, autotuning, run). Layers with M = batch (adaLN, "
+             "embedders) stay bf16 in every quantized variant unless `quantize_small`. SQNR is of the output "
+             "against the bf16 output of the same weights and inputs.", f"Command: `{command}`", ""]
+    for blocks, sub in groups.items():
+        ok = {r["variant"]: r for r in sub if "ms_median" in r}
+        base = ok.get("bf16", {}).get("ms_median")
+        ao = ok.get("torchao_fp8_rowwise", {}).get("ms_median")
+        devices = sorted({r["device"] for r in sub if "device" in r})
+        lines += [f"## blocks: {blocks}, {' / '.join(devices) or '?'}"
+                  + (" (MIXED DEVICES: compare rows of one device only)" if len(devices) > 1 else ""), "",
+                  "| variant | ms | range | x bf16 | vs torchao fp8 | weight GB | peak GB | compile s | SQNR dB | notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sub:
+            if "ms_median" not in r:
+                lines.append(f"| {r['variant']} | error: {r.get('error', '?')[:120]} |||||||||")
+                continue
+            ms = r["ms_median"]
+            x_bf16 = f"{base / ms:.3f}" if base else "-"
+            x_ao = f"{ao / ms:.3f}" if ao else "-"
+            notes = "; ".join(f"{k}={r[k]}" for k in ("plan", "dual_scale_layers", "quantize_s", "dynamo_graphs")
+                              if k in r)
+            lines.append(f"| {r['variant']} | {ms:.1f} | {r['ms_min']:.1f}-{r['ms_max']:.1f} | {x_bf16} | {x_ao} | "
+                         f"{r['weight_gb']} | {r['peak_gb']} | {r['compile_s']} | {r.get('sqnr_vs_bf16_db', '-')} | "
+                         f"{notes} |")
+        for r in sub:
+            if "sweep" in r:
+                lines += ["", f"Cost-aware sweep ({r['variant']}; est. extra GEMM time as a fraction of the plain "
+                          "GEMM time, summed per-layer SQNR gain):", "",
+                          "| threshold dB/% | extra time | gain dB | DualScale layers | segmented layers |",
+                          "|---|---|---|---|---|"]
+                lines += [f"| {p['threshold']} | {p['extra_time']} | {p['gain_db']} | {p['dual_layers']} | "
+                          f"{p['segmented_layers']} |" for p in r["sweep"]]
+        lines.append("")
+    (out_dir / "speed.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib missing: no speed.png")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    for ax, (blocks, sub) in zip(axes[0], groups.items()):
+        ok = [r for r in sub if "ms_median" in r]
+        base = next((r["ms_median"] for r in ok if r["variant"] == "bf16"), None)
+        if not ok or base is None:
+            continue
+        ax.barh(range(len(ok)), [base / r["ms_median"] for r in ok],
+                color=["grey" if r["variant"] == "bf16" else "tab:blue" if r["variant"].startswith("torchao")
+                       else "tab:orange" for r in ok])
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_yticks(range(len(ok)))
+        ax.set_yticklabels([r["variant"] for r in ok], fontsize=7)
+        ax.set_xlabel("speed-up vs compiled bf16 (higher is faster)", fontsize=8)
+        ax.set_title(f"FLUX.1-dev-size denoiser call, blocks {blocks}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "speed.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="output folder (speed.jsonl, logs)")
+    parser.add_argument("--report", type=Path, help="DIR/speed.jsonl -> speed.md + speed.png")
+    parser.add_argument("--variant", choices=VARIANTS, help="run this one variant in this process")
+    parser.add_argument("--variants", default="", help="driver: comma-separated variants (default all)")
+    parser.add_argument("--blocks", type=int, default=None, help="N double + 2N single blocks (default: full)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="3 timed calls")
+    parser.add_argument("--timeout", type=float, default=420, help="driver: seconds per variant")
+    parser.add_argument("--budget", type=float, default=570, help="driver: seconds for all variants")
+    parser.add_argument("--compile", choices=("full", "regional", "none"), default="full",
+                        help="torch.compile the whole model, or each repeated block (diffusers' "
+                             "compile_repeated_blocks), or not at all")
+    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--quantize-small", action="store_true", help="quantize the M = batch layers too")
+    parser.add_argument("--threshold", type=float, default=0.1, help="cost-aware: dB per %% of GEMM time")
+    parser.add_argument("--fused-factor", type=float, default=1.0,
+                        help="cost-aware: extra time of the fused DualScale share (kernel_bench: fused/plain - 1 "
+                             "on ff_down)")
+    parser.add_argument("--gain-rows", type=int, default=512, help="cost-aware: calibration rows per layer")
+    parser.add_argument("--git", default=os.environ.get("GIT_SHA", "unknown"))
+    parser.add_argument("--command", default="python benchmarks/speed.py --out $OUT")
+    parser.add_argument("--config", type=Path, default=None, help="another FluxTransformer2DModel config JSON")
+    parser.add_argument("--ref-dir", type=Path, default=None,
+                        help="folder with bf16_out_<blocks>.pt from an earlier bf16 run (default: --out)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="run --variant on the CPU (tests the script)")
+    args = parser.parse_args()
+    if args.quick:
+        args.iters = min(args.iters, 3)
+    if args.report:
+        report(args.report, args.command)
+        return
+    if args.out is None:
+        parser.error("--out DIR is needed (or --report DIR)")
+    if args.cpu_smoke:
+        global DEVICE, IMAGE_TOKENS, TEXT_TOKENS
+        DEVICE, IMAGE_TOKENS, TEXT_TOKENS = "cpu", 16, 8
+    elif not torch.cuda.is_available():
+        sys.exit("speed.py needs a CUDA device")
+    if args.variant:
+        args.out.mkdir(parents=True, exist_ok=True)
+        sys.exit(child(args))
+    driver(args)
+    report(args.out, args.command)
+
+
+if __name__ == "__main__":
+    main()

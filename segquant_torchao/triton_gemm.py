@@ -1,0 +1,354 @@
+"""Triton GEMMs for Hopper: a fused DualScale GEMM and a plain 8-bit GEMM with per-row x per-column scales.
+
+DualScale (SPEC section 3) keeps ONE 8-bit code tensor ``q``; inside the DualScale K range ``[dual_lo,
+dual_hi)`` the sign of a code selects its scale. The fused kernel loads each A tile and each weight tile
+once, splits the A tile by sign in registers and issues two dots against the same weight tile into two
+accumulators; the epilogue computes ``y = (acc+ * s+ + acc- * s-) * w_scale + bias``. K tiles wholly outside
+the DualScale range take one dot (FLUX ``proj_out``: only its GELU segment pays the second dot).
+Inside the range the MMA work is still doubled; what the fusion saves against the naive M-doubled GEMM is
+the second pass over the weight, the concatenated activation and the extra output halves.
+
+Codes: fp8 e4m3 (fp32 accumulation) or int8 (int32 accumulation). Both operands are K-major: activations
+``(M, K)`` and weights ``(N, K)`` row-major, as ``torch._scaled_mm`` takes them.
+
+Every entry point runs on any device: CUDA tensors go to the Triton kernels when Triton is importable,
+anything else to a float32 torch path with the same numbers (the CPU fallback). The GEMM is the custom op
+``segquant::scaled_gemm`` with a fake implementation, so that ``torch.compile(fullgraph=True)`` sees through it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only without triton
+    HAS_TRITON = False
+
+FP8_DTYPE = torch.float8_e4m3fn
+CODE_DTYPES = (FP8_DTYPE, torch.int8)
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+def interpreting() -> bool:
+    """True when this module's kernels run on Triton's CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return HAS_TRITON and type(_scaled_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+def triton_usable(t: Tensor) -> bool:
+    """Whether ``t``'s GEMM goes to the Triton kernel (CUDA, or the interpreter on the CPU)."""
+    return HAS_TRITON and (t.is_cuda or (interpreting() and t.device.type == "cpu"))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tile_dot(a_ptr, w_ptr, offs_m, offs_n, offs_k, k0, M, N, K, stride_am, stride_wn, acc_p, acc_n,
+                  dual_lo, dual_hi, IS_FP8: tl.constexpr, SPLIT: tl.constexpr):
+        kk = k0 + offs_k
+        a_mask = (offs_m[:, None] < M) & (kk[None, :] < K)
+        w_mask = (kk[:, None] < K) & (offs_n[None, :] < N)
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + kk[None, :]
+        w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None]
+        if IS_FP8:
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=a_mask, other=0)
+            w = tl.load(w_ptrs, mask=w_mask, other=0)
+        if SPLIT:
+            # the sign test on the code's bits: an integer compare (fp8 has no ordered compare)
+            bits = a.to(tl.int8, bitcast=True) if IS_FP8 else a
+            neg = (bits < 0) & (kk[None, :] >= dual_lo) & (kk[None, :] < dual_hi)
+            zero = tl.zeros_like(bits)
+            a_p = tl.where(neg, zero, bits)
+            a_n = tl.where(neg, bits, zero)
+            if IS_FP8:
+                a_p = a_p.to(tl.float8e4nv, bitcast=True)
+                a_n = a_n.to(tl.float8e4nv, bitcast=True)
+            acc_p = tl.dot(a_p, w, acc_p, out_dtype=acc_p.dtype)
+            acc_n = tl.dot(a_n, w, acc_n, out_dtype=acc_n.dtype)
+        else:
+            acc_p = tl.dot(a, w, acc_p, out_dtype=acc_p.dtype)
+        return acc_p, acc_n
+
+    @triton.jit
+    def _scaled_gemm_kernel(a_ptr, w_ptr, out_ptr, sp_ptr, sn_ptr, ws_ptr, bias_ptr, M, N, K,
+                            stride_am, stride_wn, stride_om, stride_sp, stride_sn, dual_lo, dual_hi,
+                            IS_FP8: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_size
+        pid_n = (pid % per_group) // group_size
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc_type = tl.float32 if IS_FP8 else tl.int32
+        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_type)
+        if DUAL:
+            acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_type)
+            # three K ranges: before, inside and after the DualScale range (tile-aligned outwards)
+            lo = tl.minimum((dual_lo // BLOCK_K) * BLOCK_K, K)
+            hi = tl.minimum(tl.cdiv(dual_hi, BLOCK_K) * BLOCK_K, K)
+            for k0 in range(0, lo, BLOCK_K):
+                acc_p, acc_n = _tile_dot(a_ptr, w_ptr, offs_m, offs_n, offs_k, k0, M, N, K, stride_am, stride_wn,
+                                         acc_p, acc_n, dual_lo, dual_hi, IS_FP8, False)
+            for k0 in range(lo, hi, BLOCK_K):
+                acc_p, acc_n = _tile_dot(a_ptr, w_ptr, offs_m, offs_n, offs_k, k0, M, N, K, stride_am, stride_wn,
+                                         acc_p, acc_n, dual_lo, dual_hi, IS_FP8, True)
+            for k0 in range(hi, K, BLOCK_K):
+                acc_p, acc_n = _tile_dot(a_ptr, w_ptr, offs_m, offs_n, offs_k, k0, M, N, K, stride_am, stride_wn,
+                                         acc_p, acc_n, dual_lo, dual_hi, IS_FP8, False)
+        else:
+            acc_n = tl.zeros((1, 1), dtype=acc_type)  # unused: keeps the plain GEMM at one accumulator
+            for k0 in range(0, K, BLOCK_K):
+                acc_p, acc_n = _tile_dot(a_ptr, w_ptr, offs_m, offs_n, offs_k, k0, M, N, K, stride_am, stride_wn,
+                                         acc_p, acc_n, dual_lo, dual_hi, IS_FP8, False)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        s_p = tl.load(sp_ptr + offs_m * stride_sp, mask=m_ok, other=0.0)
+        y = acc_p.to(tl.float32) * s_p[:, None]
+        if DUAL:
+            s_n = tl.load(sn_ptr + offs_m * stride_sn, mask=m_ok, other=0.0)
+            y += acc_n.to(tl.float32) * s_n[:, None]
+        y = y * tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    def _configs(dual: bool) -> list:
+        # two fp32 accumulators of 128x256 would spill: the dual kernel stays at 128x128 / 64x256 tiles
+        shapes = [(128, 128, 128, 8, 4), (128, 128, 64, 8, 4), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4)] if dual \
+            else [(128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 4), (256, 128, 64, 8, 3),
+                  (64, 128, 128, 4, 4)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                for m, n, k, w, s in shapes]
+
+    _KEY = ["M", "N", "K", "IS_FP8", "HAS_BIAS"]
+    _dual_tuned = triton.autotune(configs=_configs(True), key=_KEY)(_scaled_gemm_kernel)
+    _plain_tuned = triton.autotune(configs=_configs(False), key=_KEY)(_scaled_gemm_kernel)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, sp_ptr, sn_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr,
+                              QNEG: tl.constexpr, IS_FP8: tl.constexpr, DUAL: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: per-token amax (DualScale: of x+ and of |x-|), scales, then the codes, in one program."""
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_xm
+        amax_p = tl.zeros((BLOCK,), dtype=tl.float32)
+        amax_n = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax_p = tl.maximum(amax_p, v)
+            amax_n = tl.maximum(amax_n, -v)
+        a_p = tl.max(amax_p, axis=0)
+        a_n = tl.max(amax_n, axis=0)
+        # IEEE divisions (div_rn), as torch's: the default fp32 division may be approximate on the GPU
+        if DUAL:
+            s_p = tl.where(a_p > 0, tl.maximum(tl.math.div_rn(a_p, QMAX), 1.1754943508222875e-38), 1.0)
+            s_n = tl.where(a_n > 0, tl.maximum(tl.math.div_rn(a_n, QNEG), 1.1754943508222875e-38), 1.0)
+        else:
+            a = tl.maximum(a_p, a_n)
+            s_p = tl.where(a > 0, tl.maximum(tl.math.div_rn(a, QMAX), 1.1754943508222875e-38), 1.0)
+            s_n = s_p
+        tl.store(sp_ptr + row, s_p)
+        tl.store(sn_ptr + row, s_n)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if DUAL:
+                c = tl.where(v >= 0, tl.minimum(tl.math.div_rn(v, s_p), QMAX),
+                             tl.maximum(tl.math.div_rn(v, s_n), -QNEG))
+            else:
+                c = tl.minimum(tl.maximum(tl.math.div_rn(v, s_p), -QNEG), QMAX)
+            if IS_FP8:
+                code = c.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.int8, bitcast=True)
+            else:
+                # round half to even, as torch.round, from exact float ops only
+                f = tl.floor(c)
+                d = c - f
+                odd = f - 2.0 * tl.floor(f * 0.5)
+                code = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd)).to(tl.int8)
+            tl.store(q_ptr + row * stride_qm + offs, code, mask=offs < K)
+
+
+# ---- checks and the torch path -----------------------------------------------------------------------
+
+def _row_scale(s: Tensor, m: int, what: str) -> Tensor:
+    s = s.float().reshape(-1)
+    if s.numel() not in (1, m):
+        raise ValueError(f"{what} must hold 1 or M={m} scales, got {s.numel()}")
+    return s.contiguous()
+
+
+def _check_gemm(a: Tensor, weight: Tensor, w_scale: Tensor, bias: Tensor | None, dual_lo: int, dual_hi: int,
+                out_dtype: torch.dtype) -> None:
+    if a.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"scaled_gemm takes 2-D codes, got a {tuple(a.shape)} and weight {tuple(weight.shape)}")
+    if a.dtype not in CODE_DTYPES or weight.dtype != a.dtype:
+        raise TypeError(f"scaled_gemm takes fp8 e4m3 or int8 codes of one dtype, got {a.dtype} and {weight.dtype}")
+    if weight.shape[1] < a.shape[1]:
+        raise ValueError(f"weight has K={weight.shape[1]}, the activation K={a.shape[1]}")
+    if w_scale.numel() != weight.shape[0]:
+        raise ValueError(f"w_scale must hold N={weight.shape[0]} column scales, got {w_scale.numel()}")
+    if bias is not None and bias.numel() > weight.shape[0]:
+        raise ValueError(f"bias has {bias.numel()} entries, the weight N={weight.shape[0]}")
+    if not 0 <= dual_lo <= dual_hi <= a.shape[1]:
+        raise ValueError(f"DualScale range [{dual_lo}, {dual_hi}) is not inside K={a.shape[1]}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+
+
+def _torch_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_scale: Tensor, bias: Tensor | None,
+                dual_lo: int, dual_hi: int, out_dtype: torch.dtype) -> Tensor:
+    """The fallback: the same sums in float32 (codes are exact in float32)."""
+    q = a.float()
+    w = weight[:, :a.shape[1]].float()
+    sp, sn = s_pos.reshape(-1, 1), s_neg.reshape(-1, 1)
+    if dual_hi > dual_lo:
+        dual = torch.zeros(a.shape[1], dtype=torch.bool, device=a.device)
+        dual[dual_lo:dual_hi] = True
+        neg = (q < 0) & dual
+        y = (torch.where(neg, 0.0, q) @ w.t()) * sp + (torch.where(neg, q, 0.0) @ w.t()) * sn
+    else:
+        y = (q @ w.t()) * sp
+    y = y * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y[:, :bias.numel()] += bias.float()
+    return y.to(out_dtype)
+
+
+def _launch_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_scale: Tensor, bias: Tensor | None,
+                 dual_lo: int, dual_hi: int, out_dtype: torch.dtype, config: dict | None = None) -> Tensor:
+    m, k = a.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if bias is not None and bias.numel() != n:
+        bias = torch.nn.functional.pad(bias, (0, n - bias.numel()))
+    dual = dual_hi > dual_lo
+    a8 = a if a.stride(1) == 1 else a.contiguous()
+    w8 = weight if weight.stride(1) == 1 else weight.contiguous()
+    args = (a8, w8, out, s_pos, s_neg, w_scale.float().reshape(-1).contiguous(),
+            bias if bias is not None else out, m, n, k, a8.stride(0), w8.stride(0), out.stride(0),
+            0 if s_pos.numel() == 1 else 1, 0 if s_neg.numel() == 1 else 1, dual_lo, dual_hi)
+    flags = dict(IS_FP8=a.dtype == FP8_DTYPE, DUAL=dual, HAS_BIAS=bias is not None)
+    if config is None and interpreting():
+        config = INTERPRETER_CONFIG  # autotuning times configs with CUDA events
+    if config is not None:
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        _scaled_gemm_kernel[grid](*args, **flags, **config)
+    else:
+        kernel = _dual_tuned if dual else _plain_tuned
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](*args, **flags)
+    return out
+
+
+# ---- the custom op and the public entry points --------------------------------------------------------
+
+@torch.library.custom_op("segquant::scaled_gemm", mutates_args=())
+def _scaled_gemm_op(a: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_scale: Tensor, bias: Tensor | None,
+                    dual_lo: int, dual_hi: int, out_dtype: torch.dtype) -> Tensor:
+    if triton_usable(a):
+        return _launch_gemm(a, weight, s_pos, s_neg, w_scale, bias, dual_lo, dual_hi, out_dtype)
+    return _torch_gemm(a, weight, s_pos, s_neg, w_scale, bias, dual_lo, dual_hi, out_dtype)
+
+
+@_scaled_gemm_op.register_fake
+def _(a, weight, s_pos, s_neg, w_scale, bias, dual_lo, dual_hi, out_dtype):
+    return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+def scaled_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, w_scale: Tensor, out_dtype: torch.dtype,
+                bias: Tensor | None = None, s_neg: Tensor | None = None, dual_range: tuple[int, int] | None = None,
+                config: dict | None = None) -> Tensor:
+    """``y = (q+ * s+ + q- * s-) @ weight.T * w_scale + bias``, ``q-`` = the negative codes inside ``dual_range``.
+
+    Without ``s_neg`` it is the plain 8-bit GEMM ``(a * s_pos) @ (weight * w_scale).T + bias``.
+
+    Args:
+        a: ``(M, K)`` fp8 e4m3 or int8 codes; ONE tensor, the sign selects the scale inside ``dual_range``.
+        weight: ``(N, K')`` codes of the same dtype, ``K' >= K`` (columns past K, e.g. padding, are unused).
+        s_pos: row scales of the positive (or every) code: ``(M,)``/``(M, 1)`` per token or one per tensor.
+        w_scale: ``(N,)``/``(1, N)`` float32 column (weight) scales.
+        s_neg: scales of the negative codes inside ``dual_range``, shaped like ``s_pos``; None = plain GEMM.
+        dual_range: ``(lo, hi)`` K range of DualScale columns; default all of K when ``s_neg`` is given.
+        config: explicit Triton meta-parameters (BLOCK_M/N/K, GROUP_M) instead of autotuning (tests).
+    Returns:
+        ``(M, N)`` in ``out_dtype`` (float32, bfloat16 or float16).
+    Raises:
+        TypeError, ValueError: on codes of other dtypes or shapes that do not fit.
+    """
+    m, k = a.shape if a.dim() == 2 else (0, 0)
+    if s_neg is None:
+        lo, hi = 0, 0
+    else:
+        lo, hi = dual_range if dual_range is not None else (0, k)
+    _check_gemm(a, weight, w_scale, bias, lo, hi, out_dtype)
+    s_pos = _row_scale(s_pos, m, "s_pos")
+    s_neg = s_pos if s_neg is None else _row_scale(s_neg, m, "s_neg")
+    if m == 0:
+        return a.new_zeros(0, weight.shape[0], dtype=out_dtype)
+    if config is not None:
+        if not triton_usable(a):
+            raise RuntimeError("an explicit Triton config needs a CUDA tensor or TRITON_INTERPRET=1")
+        return _launch_gemm(a, weight, s_pos, s_neg, w_scale, bias, lo, hi, out_dtype, config)
+    return _scaled_gemm_op(a, weight, s_pos, s_neg, w_scale, bias, lo, hi, out_dtype)
+
+
+def dual_scale_gemm(q: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_scale: Tensor,
+                    out_dtype: torch.dtype, bias: Tensor | None = None, dual_range: tuple[int, int] | None = None,
+                    config: dict | None = None) -> Tensor:
+    """The fused DualScale GEMM (see ``scaled_gemm``)."""
+    return scaled_gemm(q, weight, s_pos, w_scale, out_dtype, bias=bias, s_neg=s_neg, dual_range=dual_range,
+                       config=config)
+
+
+def quantize_rows(x: Tensor, precision: str, dual: bool, block: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+    """Dynamic per-token quantization in one pass per row: ``(codes (M, K), s_pos (M,), s_neg (M,))``.
+
+    DualScale (``dual``): ``s+ = amax(x+) / qmax``, ``s- = amax(|x-|) / |qmin|`` per token and one code tensor
+    whose sign selects the scale (``segquant.numerics.dual_scale_quantize(per_token=True)``); otherwise one
+    symmetric scale per token (``s_neg`` = ``s_pos``).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows takes (M, K), got {tuple(x.shape)}")
+    if precision not in ("fp8", "int8"):
+        raise ValueError(f"precision must be fp8 or int8, got {precision!r}")
+    qmax, qneg = (448.0, 448.0) if precision == "fp8" else (127.0, 128.0)
+    code_dtype = FP8_DTYPE if precision == "fp8" else torch.int8
+    m, k = x.shape
+    if triton_usable(x) and m > 0:
+        x = x if x.stride(1) == 1 else x.contiguous()
+        q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+        s_pos = torch.empty(m, dtype=torch.float32, device=x.device)
+        s_neg = torch.empty(m, dtype=torch.float32, device=x.device)
+        _quantize_rows_kernel[(m,)](x, q, s_pos, s_neg, k, x.stride(0), q.stride(0), QMAX=qmax, QNEG=qneg,
+                                    IS_FP8=precision == "fp8", DUAL=dual, BLOCK=block)
+        return q.view(code_dtype), s_pos, s_neg
+    from segquant.numerics import dual_scale_quantize, scale_from_amax
+
+    if dual:
+        q, s_pos, s_neg = dual_scale_quantize(x, precision, per_token=True)
+    else:
+        s_pos = scale_from_amax(x.detach().float().abs().amax(-1, keepdim=True), precision)
+        s_neg = s_pos
+        v = (x.float() / s_pos).clamp(-qneg, qmax)
+        q = v if precision == "fp8" else torch.round(v)
+    return q.to(code_dtype), s_pos.reshape(-1), s_neg.reshape(-1)
