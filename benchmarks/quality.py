@@ -147,7 +147,9 @@ def quantize_row(row: dict, den, forward_loop, plan_dict: dict):
         return modelopt().quantize(model, cfg, forward_loop)
     from segquant_torchao.job import quantize_baseline, quantized_linears  # noqa: F401
 
-    return quantize_baseline(model, "fp8" if row["precision"] == "fp8" else "int8_w8a8", forward_loop)[0]
+    if row["precision"] == "fp8":  # torchao's per-row fp8 takes bf16 weights only
+        return quantize_baseline(model.to(torch.bfloat16), "fp8", forward_loop)[0]
+    return quantize_baseline(model, "int8_w8a8", forward_loop)[0]
 
 
 def quantized_names(row: dict, model) -> set[str]:
@@ -180,7 +182,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--rows", nargs="*", help="only rows whose name contains one of these strings")
     p.add_argument("--no-budget", action="store_true", help="skip the per-group error budget")
+    p.add_argument("--merge", nargs="+", type=Path, help="combine the models of these quality.json files (e.g. "
+                   "runs on different devices) into --out, each model keeping its own command and device")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if args.num_samples < 2 or args.seeds < 1:
         raise SystemExit("--num-samples must be >= 2 and --seeds >= 1")
     torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 reference math
@@ -209,7 +215,7 @@ def main(argv=None) -> None:
         fp_images = sample(fp, labels, seed=0, steps=args.steps, progress=False)
         fp_scores = score_images(fp_images, fp_images, labels, classifier)
         model_result = {"fp": fp_scores.summary(None, mnist), "plan": plan.summary(), "changed_layers": changed,
-                        "rows": {}}
+                        "rows": {}, "environment": result["environment"], "settings": vars(args)}
         rows = build_rows(family)
         if args.rows:
             rows = [r for r in rows if any(s in r["name"] for s in args.rows)]
@@ -257,11 +263,28 @@ def main(argv=None) -> None:
             model_result["error_budget"] = error_budget(fp, family, plan_dict, labels, calib_labels, fp_images,
                                                         ref_io, flops, args)
         result["models"][model_name] = model_result
-    result["seconds"] = time.time() - started
+        result["seconds"] = time.time() - started
+        (out / "quality.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+        (out / "quality.md").write_text(markdown(result))
+        plot(result, out / "quality.png")
+    print(f"wrote {out / 'quality.json'}, quality.md, quality.png in {result['seconds']:.0f}s")
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    result = {"settings": None, "models": {}, "environment": None, "seconds": 0.0, "merged_from": []}
+    for path in paths:
+        part = json.loads(path.read_text())
+        for name, model in part["models"].items():
+            model.setdefault("environment", part["environment"])
+            model.setdefault("settings", part["settings"])
+            result["models"][name] = model
+        result["seconds"] += part["seconds"]
+        result["merged_from"].append(part["environment"]["command"])
+    out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     (out / "quality.md").write_text(markdown(result))
     plot(result, out / "quality.png")
-    print(f"wrote {out / 'quality.json'}, quality.md, quality.png in {result['seconds']:.0f}s")
+    print(f"merged {len(paths)} files into {out / 'quality.json'}")
 
 
 def _stack(values: list[torch.Tensor]) -> torch.Tensor:
@@ -357,17 +380,17 @@ def _f(v, d=2):
 
 
 def markdown(result: dict) -> str:
-    s = result["settings"]
-    env = result["environment"]
     lines = ["# Quality on the embedded MNIST models", "",
-             f"Command: `{env['command']}`. Device: {env['device']}, torch {env['torch']}. {s['num_samples']} images "
-             f"per run from the same noise, {s['steps']} Euler steps, {s['calib_samples']} calibration images, "
-             f"{s['seeds']} calibration seeds (every row sees the same calibration set per seed). PSNR/SSIM against the "
-             "full-precision samples; FID on the embedded classifier's 128-d features (vs FP samples and vs the "
-             "MNIST test set); mean +- std over seeds. Total time "
-             f"{result['seconds']:.0f} s.", ""]
+             "Every row of a model sees the same evaluation noise and, per calibration seed, the same calibration set. "
+             "PSNR/SSIM against the full-precision samples; FID on the embedded classifier's 128-d features (vs FP "
+             "samples and vs the MNIST test set); mean +- std over calibration seeds. 'other layers quantized' counts "
+             "non-Linear modules with an enabled quantizer (ModelOpt presets also quantize LayerNorm and conv inputs).",
+             ""]
     for model, mr in result["models"].items():
-        lines += [f"## {model}", "", f"Plan: {mr['plan']}. Full precision: class accuracy "
+        s, env = mr["settings"], mr["environment"]
+        lines += [f"## {model}", "", f"Command: `{env['command']}`. Device: {env['device']}, torch {env['torch']}. "
+                  f"{s['num_samples']} images per run, {s['steps']} Euler steps, {s['calib_samples']} calibration "
+                  f"images, {s['seeds']} calibration seeds.", "", f"Plan: {mr['plan']}. Full precision: class accuracy "
                   f"{mr['fp']['class_accuracy']:.3f}, FID vs MNIST {_f(mr['fp'].get('fid_vs_mnist'))}.", "",
                   "| row | PSNR dB | SSIM | class acc | FID vs FP | FID vs MNIST | Linear FLOPs quantized | "
                   "other layers quantized | SQNR of SegQuant's layers dB |", "|---|---|---|---|---|---|---|---|---|"]

@@ -40,8 +40,9 @@ def layer_sqnr(quantized: nn.Module, reference_io: dict[str, tuple[Tensor, Tenso
     with torch.no_grad():
         for name, (x, y) in reference_io.items():
             layer = quantized.get_submodule(name)
-            out[name] = sqnr_db(y.float(), layer(x.to(layer.weight.dtype if layer.weight.is_floating_point()
-                                                       else x.dtype)).float())
+            weight = getattr(layer, "weight", None)
+            dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else x.dtype
+            out[name] = sqnr_db(y.float(), layer(x.to(dtype)).float())
     return out
 
 

@@ -90,6 +90,8 @@ def markdown(metrics: dict[str, Any]) -> str:
                      f"{_fmt(r.get('fid_vs_fp'))} | {_fmt(r.get('fid_vs_mnist'))} | "
                      f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {_fmt(r.get('mean_sqnr_db_changed_layers'))} "
                      f"| {r['seconds']:.1f} |")
+    for label, reason in metrics.get("failed_rows", {}).items():
+        lines.append(f"| {label} | could not run here: {reason[:200]} | | | | | | | |")
     n = s["num_samples"]
     lines += ["", f"FID uses the 128-d features of the embedded classifier; with {n} images it is dominated by "
               "estimation noise (compare rows, not absolute values). `benchmarks/quality.py` gives the statistics "

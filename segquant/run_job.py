@@ -3,7 +3,9 @@ all rows from the same noise, and write a report folder (metrics.json, report.md
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import logging
 import platform
@@ -98,6 +100,13 @@ def _backend(name: str):
     return job
 
 
+def _quantize(backend, kind: str, den, recipe: Recipe, plan, forward_loop, settings: RunSettings):
+    if kind == "baseline":
+        return backend.quantize_baseline(den.model, recipe.precision, forward_loop)
+    model = backend.quantize_segquant(den.model, recipe, plan, forward_loop, show_progress=settings.progress)
+    return model, f"SegQuant {recipe.name} ({settings.backend})"
+
+
 def run(settings: RunSettings) -> dict[str, Any]:
     """Do the whole job; returns the metrics written to ``metrics.json``."""
     from .embedded import load_classifier, load_denoiser, mnist_test_feature_stats, sample, sample_labels
@@ -140,15 +149,20 @@ def run(settings: RunSettings) -> dict[str, Any]:
                                                progress=settings.progress, desc="sampling full precision"))]
     rows[0].seconds = time.time() - t
 
+    failed: dict[str, str] = {}
     for kind in ("baseline", "segquant"):
         t = time.time()
         den = copy.deepcopy(fp)
-        if kind == "baseline":
-            den.model, label = backend.quantize_baseline(den.model, recipe.precision, forward_loop_for(den))
-        else:
-            den.model = backend.quantize_segquant(den.model, recipe, plan, forward_loop_for(den),
-                                                  show_progress=settings.progress)
-            label = f"SegQuant {recipe.name} ({settings.backend})"
+        quiet = contextlib.nullcontext() if settings.progress else contextlib.redirect_stdout(io.StringIO())
+        try:
+            with quiet:  # ModelOpt prints what it inserts
+                den.model, label = _quantize(backend, kind, den, recipe, plan, forward_loop_for(den), settings)
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is reported, not fatal
+            if kind != "baseline":
+                raise
+            logger.warning("the %s baseline for %s could not run here: %s", settings.backend, recipe.precision, e)
+            failed[f"{settings.backend} baseline for {recipe.precision}"] = f"{type(e).__name__}: {e}"
+            continue
         images = sample(den, labels, seed=settings.seed, steps=steps, progress=settings.progress,
                         desc=f"sampling {kind}")
         row = RowResult(label, images, layer_sqnr=layer_sqnr(den.model, reference_io),
@@ -158,7 +172,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
 
     fp_scores = score_images(rows[0].images, rows[0].images, labels, classifier)
     changed = sorted(name for name, lp in plan.layers.items() if not lp.is_plain)
-    changed = [c for c in changed if c in rows[2].quantized_layers]
+    changed = [c for c in changed if c in rows[-1].quantized_layers]
     for i, row in enumerate(rows):
         scores = fp_scores if i == 0 else score_images(row.images, rows[0].images, labels, classifier)
         row.summary = scores.summary(None if i == 0 else fp_scores, mnist)
@@ -171,6 +185,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     metrics = {
         "settings": asdict(settings), "recipe": recipe.name, "model_class": model_class, "steps": steps,
         "calib_samples": n_calib, "rows": {row.label: row.summary for row in rows},
+        "failed_rows": failed,
         "layer_sqnr_db": {row.label: row.layer_sqnr for row in rows[1:]},
         "segquant_changed_layers": changed,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),

@@ -310,3 +310,28 @@ def test_dual_scale_segment_without_positive_values(realisation):
         got = quantized[2](h)
     assert_matches_reference(got, expected, "2")
     assert nx.sqnr_db(model[2](h), got) > 30
+
+
+def test_precomputed_plan_gives_the_same_model_and_is_checked():
+    model, data = tiny()
+    analysed = quantize(model, data)
+    plan = sm.plan_of(analysed)
+    given = quantize(model, data, plan=plan.to_dict())
+    with torch.no_grad():
+        assert torch.equal(given(**data[0])[0], analysed(**data[0])[0])
+    assert sm.plan_of(given).to_dict() == plan.to_dict()
+    other = segquant.SegQuantPlan.from_dict({**plan.to_dict(), "layers": {
+        k: v for k, v in plan.to_dict()["layers"].items() if k != "x_embedder"}})
+    with pytest.raises(SegQuantError, match="no entry for x_embedder"):
+        quantize(model, data, plan=other.to_dict())
+
+
+def test_int6_inputs_match_reference():
+    """W8A6 (a study setting): INT6 static activations through the same reference numerics."""
+    model, data = tiny()
+    base = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    for entry in base["quant_cfg"]:
+        if entry.get("quantizer_name") == "*input_quantizer":
+            entry["cfg"]["num_bits"] = 6
+    quantized = quantize(model, data, base=base)
+    check_against_reference(model, quantized, data, nx.QuantSpec(act_format="int6", weight_granularity="per_channel"))

@@ -1,0 +1,126 @@
+"""The embedded MNIST models, the sampler, the evaluation helpers and their bad input."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("diffusers")
+
+from segquant import SegQuantError  # noqa: E402
+from segquant.embedded import (EMBEDDED_DENOISERS, load_classifier, load_denoiser, mnist_test_feature_stats,  # noqa: E402
+                               pack, sample, sample_labels, unpack, weights_dir)
+from segquant.embedded.images import grid  # noqa: E402
+from segquant.evaluation import (layer_sqnr, linear_flops, quantized_flop_fraction, record_linear_io,  # noqa: E402
+                                 score_images)
+from segquant.metrics import frechet_distance, frechet_distance_to_stats  # noqa: E402
+
+
+@pytest.mark.parametrize("name", EMBEDDED_DENOISERS)
+def test_embedded_denoiser_loads_as_a_diffusers_model(name):
+    den = load_denoiser(name)
+    expected = {"mnist-flux": "FluxTransformer2DModel", "mnist-unet": "UNet2DConditionModel"}[name]
+    assert type(den.model).__name__ == expected and not den.model.training
+    assert all(p.dtype == torch.float32 for p in den.model.parameters())
+    meta = json.loads((weights_dir() / name / "training.json").read_text())
+    assert meta["parameters"] == sum(p.numel() for p in den.model.parameters())
+    x = torch.zeros(2, 1, 32, 32)
+    v = den.velocity(x, torch.full((2,), 0.5), torch.tensor([3, 7]))
+    assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_shipped_weights_stay_small():
+    total = sum(p.stat().st_size for p in weights_dir().rglob("*") if p.is_file())
+    assert total < 40e6
+
+
+def test_sampler_is_deterministic_and_the_unet_draws_the_requested_digits():
+    den, clf = load_denoiser("mnist-unet"), load_classifier()
+    labels = sample_labels(20)
+    a = sample(den, labels, seed=3, steps=8, progress=False)
+    b = sample(den, labels, seed=3, steps=8, progress=False)
+    c = sample(den, labels, seed=4, steps=8, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (20, 1, 32, 32) and a.min() >= -1 and a.max() <= 1
+    with torch.no_grad():
+        accuracy = (clf(a).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.8  # trained weights, not noise: a random net scores ~0.1
+
+
+def test_flux_sampler_same_noise_for_every_batch_size():
+    den = load_denoiser("mnist-flux")
+    labels = sample_labels(3)
+    whole = sample(den, labels, seed=1, steps=2, progress=False)
+    split = sample(den, labels, seed=1, steps=2, batch_size=2, progress=False)
+    torch.testing.assert_close(whole, split, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_unpack_round_trip():
+    x = torch.randn(2, 1, 32, 32)
+    assert pack(x).shape == (2, 256, 4)
+    assert torch.equal(unpack(pack(x)), x)
+
+
+def test_feature_statistics_and_frechet_to_stats():
+    mean, cov = mnist_test_feature_stats()
+    assert mean.shape == (128,) and cov.shape == (128, 128)
+    torch.testing.assert_close(cov, cov.T)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 4, generator=g), torch.randn(300, 4, generator=g) + 1
+    # identical to the two-set form when the statistics are b's own
+    assert frechet_distance_to_stats(a, b.mean(0), torch.cov(b.T)) == pytest.approx(frechet_distance(a, b), rel=1e-6)
+    # closed form: equal covariances, mean shift d -> |d|^2
+    assert frechet_distance_to_stats(a, a.mean(0) + 2, torch.cov(a.T)) == pytest.approx(4 * 4, rel=1e-6)
+    with pytest.raises(SegQuantError, match="do not fit"):
+        frechet_distance_to_stats(a, mean, cov)
+    with pytest.raises(SegQuantError, match="N >= 2"):
+        frechet_distance_to_stats(a[:1], a.mean(0), torch.cov(a.T))
+
+
+def test_layer_sqnr_flops_and_quantized_fraction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    io = record_linear_io(model, lambda: model(x))
+    assert list(io) == ["0", "2"]
+    flops = linear_flops(io)
+    assert flops == {"0": 5 * 8 * 16, "2": 5 * 16 * 4}
+    assert quantized_flop_fraction(flops, ["0"]) == pytest.approx(640 / 960)
+    noisy = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    noisy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        noisy[2].weight.add_(0.01 * noisy[2].weight.abs().max())
+    sq = layer_sqnr(noisy, io)
+    assert sq["0"] == float("inf") and 10 < sq["2"] < 80
+
+
+def test_score_images_and_grid():
+    clf = load_classifier()
+    ref = torch.rand(4, 1, 32, 32) * 2 - 1
+    scores = score_images(ref, ref, torch.arange(4), clf)
+    assert torch.isinf(scores.psnr).all() and torch.allclose(scores.ssim, torch.ones(4))
+    noisy = (ref + 0.1 * torch.randn_like(ref)).clamp(-1, 1)
+    summary = score_images(noisy, ref, torch.arange(4), clf).summary(scores, mnist_test_feature_stats())
+    assert 15 < summary["psnr_db"] < 40 and summary["fid_vs_fp"] > 0 and summary["fid_vs_mnist"] > 0
+    mosaic = grid([ref, ref[:2]], pad=2)
+    assert mosaic.shape == (2 * 34 + 2, 4 * 34 + 2) and mosaic.dtype == torch.uint8
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(SegQuantError, match="neither an embedded model"):
+        load_denoiser("mnist-gan")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SegQuantError, match="not a diffusers model folder"):
+        load_denoiser(str(tmp_path))
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(SegQuantError, match="expected a FluxTransformer2DModel"):
+        load_denoiser(str(tmp_path))
+    den = load_denoiser("mnist-unet")
+    with pytest.raises(SegQuantError, match="labels must lie in 0..10"):
+        sample(den, torch.tensor([11]), progress=False)
+    with pytest.raises(SegQuantError, match="steps must be >= 1"):
+        sample(den, torch.tensor([1]), steps=0, progress=False)
+    with pytest.raises(SegQuantError, match="at least one row"):
+        grid([])

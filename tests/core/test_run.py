@@ -1,0 +1,73 @@
+"""``segquant run``, the main job, end to end on the embedded models, and its bad input."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("modelopt")
+pytest.importorskip("matplotlib")
+
+from segquant.cli import main  # noqa: E402
+
+
+def _png_size(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_run_modelopt_end_to_end(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["run", "--num-samples", "4", "--calib-samples", "2", "--steps", "2", "--out", str(out), "-q"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = list(metrics["rows"])
+    assert rows == ["full precision", "ModelOpt INT8_SMOOTHQUANT_CFG", "SegQuant mnist-flux/int8_w8a8 (modelopt)"]
+    fp, preset, seg = (metrics["rows"][r] for r in rows)
+    assert fp["psnr_db"] == float("inf") and fp["ssim"] == pytest.approx(1.0)
+    assert 20 < seg["psnr_db"] < 80 and 20 < preset["psnr_db"] < 80
+    # ModelOpt's preset skips every *proj_out*; SegQuant's recipe keeps only the final proj_out in high precision
+    assert preset["quantized_linear_flop_fraction"] < seg["quantized_linear_flop_fraction"] < 1.0
+    changed = metrics["segquant_changed_layers"]
+    assert "single_transformer_blocks.0.proj_out" in changed and "transformer_blocks.0.norm1.linear" in changed
+    sqnr = metrics["layer_sqnr_db"]["SegQuant mnist-flux/int8_w8a8 (modelopt)"]
+    assert sqnr["proj_out"] == float("inf") and 20 < sqnr["single_transformer_blocks.0.proj_out"] < 80
+    assert "| SegQuant mnist-flux/int8_w8a8 (modelopt) |" in (out / "report.md").read_text()
+    width, height = _png_size(out / "grid.png")
+    assert width > 4 * 32 and height > 3 * 32
+    assert _png_size(out / "layers.png")[0] > 400
+    assert capsys.readouterr().out == ""  # -q prints nothing
+
+
+def test_run_torchao_on_the_unet(tmp_path):
+    out = tmp_path / "report"
+    assert main(["run", "--model", "mnist-unet", "--backend", "torchao", "--recipe", "int8_w8a8", "--num-samples",
+                 "4", "--calib-samples", "2", "--steps", "2", "--out", str(out), "-q"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"] == "mnist-unet/int8_w8a8" and metrics["failed_rows"] == {}
+    baseline = metrics["rows"]["torchao Int8DynamicActivationInt8WeightConfig"]
+    seg = metrics["rows"]["SegQuant mnist-unet/int8_w8a8 (torchao)"]
+    for row in (baseline, seg):
+        assert 15 < row["psnr_db"] < 80 and row["quantized_linear_flop_fraction"] > 0.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{tmp}"], "not a diffusers model folder"),
+    (["--model", "mnist-gan"], "neither an embedded model"),
+    (["--recipe", "int9"], "unknown recipe 'int9'"),
+    (["--recipe", "mnist-unet/int8_w8a8"], "recipe mnist-unet/int8_w8a8 is for a UNet2DConditionModel"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--calib-samples", "0"], "--calib-samples must be at least 1"),
+    (["--backend", "torchao", "--recipe", "w4a8"], "torchao backend supports"),
+])
+def test_run_bad_input(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    for flag in ("--num-samples", "--calib-samples", "--steps"):
+        if flag not in argv:
+            argv += [flag, "1"]
+    assert main(["run", *argv, "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written on bad input
