@@ -71,8 +71,12 @@ SEGQUANT_INT8_CFG = with_segquant(_with_weights(mtq.INT8_DEFAULT_CFG, None), alp
 SEGQUANT_INT8_PERCHANNEL_CFG = with_segquant(mtq.INT8_DEFAULT_CFG, alpha=0.5)
 """INT8 per-channel weights and per-segment static activations (NVIDIA's diffusers INT8 recipe + SegQuant)."""
 
-SEGQUANT_FP8_CFG = with_segquant(mtq.FP8_DEFAULT_CFG)
-"""FP8 e4m3 per-tensor weights (per output segment) and activations (per input segment), no smoothing."""
+SEGQUANT_FP8_CFG = with_segquant(mtq.FP8_DEFAULT_CFG, dual_scale=False)
+"""FP8 e4m3 per-tensor weights (per output segment) and activations (per input segment), no smoothing, and
+no DualScale: FP8's precision is relative to the value, so a separate negative scale changes only values in
+the subnormal range (measured: +0.06 dB, not significant, on the embedded FLUX; benchmarks/results/quality.md)
+while a DualScale GEMM costs 2.6-2.8x a plain FP8 GEMM (benchmarks/results/kernel_bench.md). Turn it on with
+``with_segquant(SEGQUANT_FP8_CFG, dual_scale=True)``."""
 
 SEGQUANT_W4A8_CFG = with_segquant({
     "quant_cfg": [
