@@ -23,8 +23,12 @@ def full_plan(config_name):
 
 
 def test_one_recipe_per_model_and_precision():
-    models = {"flux.1-dev", "flux.1-schnell", "sd3.5-large", "sd3.5-medium", "sdxl-base", "pixart-sigma", "sana-1600m"}
+    models = {"flux.1-dev", "flux.1-schnell", "sd3.5-large", "sd3.5-medium", "sdxl-base", "pixart-sigma", "sana-1600m",
+              "mnist-flux", "mnist-unet"}
     assert set(bundled_recipes()) == {f"{m}/{p}" for m in models for p in PRECISIONS}
+    for name in bundled_recipes():
+        # FP8 keeps segments but not DualScale (relative precision: only subnormals change, at 2x GEMM cost)
+        assert load_recipe(name).dual_scale == (not name.endswith("/fp8")), name
 
 
 @pytest.mark.slow
@@ -35,7 +39,8 @@ def test_recipe_validates_on_the_full_size_model(name):
     plan = full_plan(recipe.config)
     recipe.validate(plan)
     applied = recipe.apply(plan)
-    assert applied.summary() == plan.summary()  # bundled recipes override nothing
+    # bundled recipes override nothing; they only switch techniques
+    assert applied.summary() == plan.ablate(seg_linear=recipe.seg_linear, dual_scale=recipe.dual_scale).summary()
 
 
 def test_recipe_bad_input(tmp_path):
