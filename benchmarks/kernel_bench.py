@@ -137,7 +137,7 @@ def quant_methods(x: torch.Tensor, dual: tuple[int, int]) -> list:
     compiled = torch.compile(torch_quant, fullgraph=True)
     return [("quant_fp8_dual_torch_eager", "fp8", lambda: torch_quant(part), "quant"),
             ("quant_fp8_dual_torch_compiled", "fp8", lambda: compiled(part), "quant"),
-            ("quant_fp8_dual_triton", "fp8", lambda: tg.quantize_rows(part, "fp8", True), "quant")]
+            ("quant_fp8_dual_triton", "fp8", lambda: tg._quantize_rows_triton(part, "fp8", True), "quant")]
 
 
 def check_quant(x: torch.Tensor, dual: tuple[int, int], got) -> dict:

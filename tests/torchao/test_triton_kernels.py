@@ -90,11 +90,7 @@ def test_gemm_writes_out_dtype_and_autoselects_config(out_dtype):
     torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("precision", [
-    pytest.param("fp8", marks=pytest.mark.xfail(
-        strict=True, reason="Triton's interpreter mis-rounds fp32->fp8 when the mantissa carries (31.3 -> 16); "
-                            "exact on the GPU (kernel_bench.py checks it)")),
-    "int8"])
+@pytest.mark.parametrize("precision", ["fp8", "int8"])  # fp8: the torch path (the kernel's fp8 codes were off on H100)
 @pytest.mark.parametrize("dual", [True, False])
 def test_quantize_rows_kernel_matches_reference(precision, dual):
     gen = torch.Generator().manual_seed(2)
@@ -200,3 +196,14 @@ def test_fused_compiles_fullgraph():
         naive = reference(x, emb)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(eager, naive, rtol=RTOL * 10, atol=ATOL * 10)  # same codes, other GEMM
+
+
+@pytest.mark.xfail(strict=True, reason="known defect, so quantize_rows takes torch ops for fp8: the kernel's "
+                   "fp32->e4m3 codes disagree with the reference (interpreter: mantissa carry, 31.3 -> 16; H100: "
+                   "1e-4 of the codes, benchmarks/results/kernel_bench.md)")
+def test_fp8_quantize_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(2)
+    x = gelu_input(9, 100, gen)
+    q, sp, sn = tg._quantize_rows_triton(x, "fp8", True, block=32)
+    ref_q, _, _ = nx.dual_scale_quantize(x, "fp8", per_token=True)
+    torch.testing.assert_close(q.float(), ref_q, rtol=0, atol=0)
