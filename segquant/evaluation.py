@@ -58,6 +58,9 @@ def quantized_flop_fraction(flops: dict[str, int], quantized: Iterable[str]) -> 
     return sum(v for k, v in flops.items() if k in quantized) / total if total else 0.0
 
 
+MIN_FID_SAMPLES = 32
+
+
 @dataclass(frozen=True)
 class ImageScores:
     """Per-image scores of one row against the full-precision samples (same noise, same labels)."""
@@ -68,16 +71,17 @@ class ImageScores:
     features: Tensor  # (N, D) classifier features
 
     def summary(self, reference: "ImageScores | None", mnist_stats: tuple[Tensor, Tensor] | None) -> dict[str, Any]:
-        """Means, plus feature-FID against the reference row and against MNIST (with fewer samples than
-        feature dimensions the FID is dominated by its estimation noise: compare rows, not absolutes)."""
+        """Means, plus feature-FID against the reference row and against MNIST from ``MIN_FID_SAMPLES`` images
+        on (below that the 128-d covariance estimate makes it noise; with fewer samples than feature dimensions
+        it is still dominated by estimation noise: compare rows, not absolutes)."""
         out: dict[str, Any] = {"class_accuracy": float(self.correct.float().mean())}
         finite = torch.isfinite(self.psnr)
         out["psnr_db"] = float(self.psnr[finite].mean()) if finite.any() else float("inf")
         out["ssim"] = float(self.ssim.mean())
         n = self.features.shape[0]
-        if reference is not None and n >= 2:
+        if reference is not None and n >= MIN_FID_SAMPLES:
             out["fid_vs_fp"] = frechet_distance(self.features, reference.features)
-        if mnist_stats is not None and n >= 2:
+        if mnist_stats is not None and n >= MIN_FID_SAMPLES:
             out["fid_vs_mnist"] = frechet_distance_to_stats(self.features, *mnist_stats)
         return out
 

@@ -93,8 +93,8 @@ def markdown(metrics: dict[str, Any]) -> str:
     for label, reason in metrics.get("failed_rows", {}).items():
         lines.append(f"| {label} | could not run here: {reason[:200]} | | | | | | | |")
     n = s["num_samples"]
-    lines += ["", f"FID uses the 128-d features of the embedded classifier; with {n} images it is dominated by "
-              "estimation noise (compare rows, not absolute values). `benchmarks/quality.py` gives the statistics "
+    lines += ["", f"FID uses the 128-d features of the embedded classifier; it is left out below 32 images and "
+              f"dominated by estimation noise with {n} (compare rows, not absolute values). `benchmarks/quality.py` gives the statistics "
               "(several calibration seeds, paired confidence intervals).", "",
               f"SegQuant changes {len(metrics['segquant_changed_layers'])} layers (input/output segments or DualScale); "
               "their per-layer SQNR is in `layers.png` and `metrics.json`.", "",

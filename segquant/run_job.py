@@ -178,7 +178,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
         row.summary = scores.summary(None if i == 0 else fp_scores, mnist)
         if i > 0:
             row.summary["quantized_linear_flop_fraction"] = quantized_flop_fraction(flops, row.quantized_layers)
-            vals = [row.layer_sqnr[c] for c in changed if c in row.layer_sqnr]
+            vals = [row.layer_sqnr[c] for c in changed if c in row.layer_sqnr and c in row.quantized_layers]
             row.summary["mean_sqnr_db_changed_layers"] = sum(vals) / len(vals) if vals else None
         row.summary["seconds"] = row.seconds
 
