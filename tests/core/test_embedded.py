@@ -130,3 +130,28 @@ def test_bad_input(tmp_path):
         sample(den, torch.tensor([1]), steps=0, progress=False)
     with pytest.raises(SegQuantError, match="at least one row"):
         grid([])
+
+
+def test_training_script_writes_a_folder_that_loads(tmp_path):
+    """examples/train_mnist_models.py on a few fake digits: its output is the embedded layout."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "train_mnist_models.py"
+    spec = importlib.util.spec_from_file_location("train_mnist_models", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    g = torch.Generator().manual_seed(0)
+    fake = (torch.rand(16, 1, 32, 32, generator=g) * 2 - 1, torch.arange(16) % 10)
+    data = {"train": fake, "valid": fake, "test": fake}
+    den, steps, losses = train.train_denoiser("unet", data, seed=0, minutes=0.0, lr=1e-3, batch=4, device="cpu",
+                                              log=lambda msg: None)
+    assert steps == 0 and losses == []
+    den, steps, losses = train.train_denoiser("unet", data, seed=0, minutes=0.02, lr=1e-3, batch=4, device="cpu",
+                                              log=lambda msg: None)
+    assert steps >= 1 and all(torch.isfinite(torch.tensor(losses)))
+    train.save_denoiser(den, tmp_path / "mine", "unet", {"steps": steps})
+    loaded = load_denoiser(str(tmp_path / "mine"))
+    assert loaded.family == "unet" and type(loaded.model).__name__ == "UNet2DConditionModel"
+    v = loaded.velocity(torch.zeros(1, 1, 32, 32), torch.full((1,), 0.5), torch.tensor([1]))
+    assert torch.isfinite(v).all()

@@ -46,7 +46,7 @@ def images(pipe, settings):
 
 
 def test_one_example_per_backend_and_family():
-    names = {p.stem for p in EXAMPLES.glob("*.py")}
+    names = {p.stem for p in EXAMPLES.glob("*.py")} - {"train_mnist_models"}  # tested in test_embedded.py
     assert names == {f"{b}_{f}" for b in ("modelopt", "torchao") for f in TINY_PIPELINES}
 
 
