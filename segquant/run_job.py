@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from .errors import SegQuantError
+from .quantize_job import BACKENDS, backend_module
 from .recipe import PRECISIONS, Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("modelopt", "torchao")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class RunSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
+        if self.backend not in BACKENDS:  # the backends of segquant quantize
             raise SegQuantError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.num_samples < 1:
             raise SegQuantError(f"--num-samples must be at least 1, got {self.num_samples}")
@@ -89,17 +89,6 @@ def resolve_recipe(settings: RunSettings, model_name: str, model_class: str) -> 
     return recipe
 
 
-def _backend(name: str):
-    try:
-        if name == "modelopt":
-            import segquant_modelopt.job as job
-        else:
-            import segquant_torchao.job as job
-    except ImportError as e:
-        raise SegQuantError(f"--backend {name} needs its library ({e}): pip install 'segquant[{name}]'") from None
-    return job
-
-
 def _quantize(backend, kind: str, den, recipe: Recipe, plan, forward_loop, settings: RunSettings):
     if kind == "baseline":
         return backend.quantize_baseline(den.model, recipe.precision, forward_loop)
@@ -121,7 +110,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     fp = load_denoiser(settings.model, settings.device)
     model_class = type(fp.model).__name__
     recipe = resolve_recipe(settings, settings.model, model_class)
-    backend = _backend(settings.backend)
+    backend = backend_module(settings.backend)
     steps = settings.steps or recipe.calibration.steps
     n_calib = settings.calib_samples or recipe.calibration.num_prompts
     labels = sample_labels(settings.num_samples)
