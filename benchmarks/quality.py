@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 from segquant import analyze  # noqa: E402
 from segquant.embedded import (load_classifier, load_denoiser, mnist_test_feature_stats, sample,  # noqa: E402
                                sample_labels)
-from segquant.evaluation import (layer_sqnr, linear_flops, quantized_flop_fraction, record_linear_io,  # noqa: E402
-                                 score_images)
+from segquant.evaluation import (layer_sqnr, linear_flops, mean_sqnr, quantized_flop_fraction,  # noqa: E402
+                                 record_linear_io, score_images)
+from segquant.quantize_job import backend_module  # noqa: E402
 from segquant.metrics import paired_interval  # noqa: E402
 
 PRECISIONS = ("int8_w8a8", "int8_perchannel", "fp8", "w8a6", "w4a8")
@@ -95,11 +96,9 @@ def preset_config(name: str, every_linear: bool) -> dict:
 
 def segquant_config(precision: str, seg_linear: bool, dual_scale: bool, plan: dict) -> dict:
     """SegQuant config of a precision, every Linear quantized (the final proj_out too)."""
-    from segquant_modelopt import configs
+    from segquant_modelopt.job import BASE_CONFIGS
 
-    base = {"int8_w8a8": configs.SEGQUANT_INT8_CFG, "int8_perchannel": configs.SEGQUANT_INT8_PERCHANNEL_CFG,
-            "fp8": configs.SEGQUANT_FP8_CFG, "w8a6": configs.SEGQUANT_INT8_CFG,
-            "w4a8": configs.SEGQUANT_W4A8_CFG}[precision]
+    base = BASE_CONFIGS["int8_w8a8" if precision == "w8a6" else precision]
     cfg = copy.deepcopy(base)
     cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "proj_out.*"]
     if precision == "w8a6":
@@ -113,12 +112,9 @@ def segquant_config(precision: str, seg_linear: bool, dual_scale: bool, plan: di
 
 def quantized_other_layers(model: torch.nn.Module) -> int:
     """Non-Linear modules with an enabled quantizer (ModelOpt presets also quantize convolutions)."""
-    n = 0
-    for _, m in model.named_modules():
-        if not isinstance(m, torch.nn.Linear):
-            q = [getattr(m, a, None) for a in ("input_quantizer", "weight_quantizer")]
-            n += any(x is not None and getattr(x, "is_enabled", False) for x in q)
-    return n
+    from segquant_modelopt.job import is_quantized
+
+    return sum(1 for _, m in model.named_modules() if not isinstance(m, torch.nn.Linear) and is_quantized(m))
 
 
 def build_rows(family: str) -> list[dict]:
@@ -145,7 +141,7 @@ def quantize_row(row: dict, den, forward_loop, plan_dict: dict):
 
         cfg = segquant_config(row["precision"], row["seg_linear"], row["dual_scale"], plan_dict)
         return modelopt().quantize(model, cfg, forward_loop)
-    from segquant_torchao.job import quantize_baseline, quantized_linears  # noqa: F401
+    from segquant_torchao.job import quantize_baseline
 
     if row["precision"] == "fp8":  # torchao's per-row fp8 takes bf16 weights only
         return quantize_baseline(model.to(torch.bfloat16), "fp8", forward_loop)[0]
@@ -153,11 +149,7 @@ def quantize_row(row: dict, den, forward_loop, plan_dict: dict):
 
 
 def quantized_names(row: dict, model) -> set[str]:
-    if row["kind"] == "torchao":
-        from segquant_torchao.job import quantized_linears
-    else:
-        from segquant_modelopt.job import quantized_linears
-    return quantized_linears(model)
+    return backend_module("torchao" if row["kind"] == "torchao" else "modelopt").quantized_linears(model)
 
 
 def restrict_to_group(model, names: set[str]) -> None:
@@ -240,11 +232,10 @@ def main(argv=None) -> None:
                 scores = score_images(images, fp_images, labels, classifier)
                 sq = layer_sqnr(den.model, ref_io)
                 qnames = quantized_names(row, den.model)
-                vals = [sq[c] for c in changed if c in sq and c in qnames]
                 run = {"seed": seed, **scores.summary(fp_scores, mnist),
                        "quantized_linear_flop_fraction": quantized_flop_fraction(flops, qnames),
                        "quantized_other_layers": quantized_other_layers(den.model),
-                       "mean_sqnr_db_changed_layers": sum(vals) / len(vals) if vals else None,
+                       "mean_sqnr_db_changed_layers": mean_sqnr(sq, changed, qnames),
                        "layer_sqnr_db": sq, "seconds": time.time() - t}
                 runs.append(run)
                 rec = per_image.setdefault(row["name"], {"psnr": [], "ssim": [], "correct": []})
@@ -261,7 +252,7 @@ def main(argv=None) -> None:
         model_result["paired"] = paired_comparisons(rows, per_image, args.seeds)
         if not args.no_budget:
             model_result["error_budget"] = error_budget(fp, family, plan_dict, labels, calib_labels, fp_images,
-                                                        ref_io, flops, args)
+                                                        ref_io, flops, classifier, args)
         result["models"][model_name] = model_result
         result["seconds"] = time.time() - started
         (out / "quality.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
@@ -317,7 +308,7 @@ def paired_comparisons(rows: list[dict], per_image: dict, seeds: int) -> list[di
     return out
 
 
-def error_budget(fp, family, plan_dict, labels, calib_labels, fp_images, ref_io, flops, args) -> dict:
+def error_budget(fp, family, plan_dict, labels, calib_labels, fp_images, ref_io, flops, classifier, args) -> dict:
     """INT8 W8A8, seed 0: the end-to-end PSNR with ONE layer group quantized (all others in full precision),
     for the SegQuant baseline and full SegQuant: where the error comes from, and whether SegQuant's gains sit
     in the groups that dominate it."""
@@ -340,7 +331,7 @@ def error_budget(fp, family, plan_dict, labels, calib_labels, fp_images, ref_io,
             den = copy.deepcopy(base)
             restrict_to_group(den.model, names)
             images = sample(den, labels, seed=0, steps=args.steps, progress=False)
-            scores = score_images(images, fp_images, labels, classifier_cache(args.device))
+            scores = score_images(images, fp_images, labels, classifier)
             sq = layer_sqnr(den.model, {n: ref_io[n] for n in names})
             entries[group] = {"layers": len(names), "flop_share": sum(flops[n] for n in names) / sum(flops.values()),
                               "psnr_db": float(scores.psnr[torch.isfinite(scores.psnr)].mean()),
@@ -349,15 +340,6 @@ def error_budget(fp, family, plan_dict, labels, calib_labels, fp_images, ref_io,
             print(f"budget {variant} {group}: PSNR {entries[group]['psnr_db']:.2f}", flush=True)
         out[variant] = entries
     return out
-
-
-_CLASSIFIER = {}
-
-
-def classifier_cache(device):
-    if device not in _CLASSIFIER:
-        _CLASSIFIER[device] = load_classifier(device)
-    return _CLASSIFIER[device]
 
 
 def _mean(runs: list[dict], key: str):

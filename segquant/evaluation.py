@@ -46,6 +46,13 @@ def layer_sqnr(quantized: nn.Module, reference_io: dict[str, tuple[Tensor, Tenso
     return out
 
 
+def mean_sqnr(layer_sqnr_db: dict[str, float], names: Iterable[str], quantized: Iterable[str]) -> float | None:
+    """Mean SQNR (dB) over the layers of ``names`` that run quantized (None when there are none)."""
+    quantized = set(quantized)
+    values = [layer_sqnr_db[n] for n in names if n in layer_sqnr_db and n in quantized]
+    return sum(values) / len(values) if values else None
+
+
 def linear_flops(reference_io: dict[str, tuple[Tensor, Tensor]]) -> dict[str, int]:
     """Multiply-accumulates of each Linear in the recorded call (rows x in_features x out_features)."""
     return {name: (x.numel() // x.shape[-1]) * x.shape[-1] * y.shape[-1] for name, (x, y) in reference_io.items()}

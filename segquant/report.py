@@ -102,7 +102,7 @@ def markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, metrics: dict[str, Any], rows: Sequence[Any], reference_io: Any = None) -> None:
+def write_report(out: Path, metrics: dict[str, Any], rows: Sequence[Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
     (out / "report.md").write_text(markdown(metrics))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import platform
 import sys
@@ -99,7 +98,8 @@ def _quantize(backend, kind: str, den, recipe: Recipe, plan, forward_loop, setti
 def run(settings: RunSettings) -> dict[str, Any]:
     """Do the whole job; returns the metrics written to ``metrics.json``."""
     from .embedded import load_classifier, load_denoiser, mnist_test_feature_stats, sample, sample_labels
-    from .evaluation import layer_sqnr, linear_flops, quantized_flop_fraction, record_linear_io, score_images
+    from .evaluation import (layer_sqnr, linear_flops, mean_sqnr, quantized_flop_fraction, record_linear_io,
+                             score_images)
     from .graph import analyze
     from .report import write_report
 
@@ -121,10 +121,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     example = fp.example_inputs(2)
     plan = recipe.apply(analyze(fp.model, **example))
 
-    def io_call(den):
-        return lambda: den.model(**example)
-
-    reference_io = record_linear_io(fp.model, io_call(fp))
+    reference_io = record_linear_io(fp.model, lambda: fp.model(**example))
     flops = linear_flops(reference_io)
 
     def forward_loop_for(den):
@@ -167,8 +164,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
         row.summary = scores.summary(None if i == 0 else fp_scores, mnist)
         if i > 0:
             row.summary["quantized_linear_flop_fraction"] = quantized_flop_fraction(flops, row.quantized_layers)
-            vals = [row.layer_sqnr[c] for c in changed if c in row.layer_sqnr and c in row.quantized_layers]
-            row.summary["mean_sqnr_db_changed_layers"] = sum(vals) / len(vals) if vals else None
+            row.summary["mean_sqnr_db_changed_layers"] = mean_sqnr(row.layer_sqnr, changed, row.quantized_layers)
         row.summary["seconds"] = row.seconds
 
     metrics = {
@@ -182,5 +178,5 @@ def run(settings: RunSettings) -> dict[str, Any]:
                         else platform.processor() or "cpu", "command": " ".join(sys.argv)},
         "seconds": time.time() - start,
     }
-    write_report(out, metrics, rows, reference_io)
+    write_report(out, metrics, rows)
     return metrics

@@ -20,17 +20,18 @@ from .configs import SEGQUANT_FP8_CFG, SEGQUANT_INT8_CFG, SEGQUANT_INT8_PERCHANN
 from .export import export_onnx as _export_onnx
 
 PRECISIONS = ("int8_w8a8", "int8_perchannel", "fp8", "w4a8")
-_BASES = {"int8_w8a8": SEGQUANT_INT8_CFG, "int8_perchannel": SEGQUANT_INT8_PERCHANNEL_CFG, "fp8": SEGQUANT_FP8_CFG,
+BASE_CONFIGS = {"int8_w8a8": SEGQUANT_INT8_CFG, "int8_perchannel": SEGQUANT_INT8_PERCHANNEL_CFG, "fp8": SEGQUANT_FP8_CFG,
           "w4a8": SEGQUANT_W4A8_CFG}
+"""The SegQuant ModelOpt config each recipe precision starts from."""
 CHECKPOINT = "{denoiser}.modelopt.pth"
 
 
 def config_for(recipe: Recipe, show_progress: bool = True) -> dict[str, Any]:
     """The ModelOpt config of a recipe: its precision's SegQuant config with the recipe's algorithm
     options, plan overrides and skipped layers (every quantizer of a skipped layer off)."""
-    if recipe.precision not in _BASES:
+    if recipe.precision not in BASE_CONFIGS:
         raise SegQuantError(f"recipe {recipe.name}: no ModelOpt config for precision {recipe.precision}")
-    cfg = with_segquant(_BASES[recipe.precision], alpha=recipe.smoothquant_alpha, realisation=recipe.realisation,
+    cfg = with_segquant(BASE_CONFIGS[recipe.precision], alpha=recipe.smoothquant_alpha, realisation=recipe.realisation,
                         seg_linear=recipe.seg_linear, dual_scale=recipe.dual_scale,
                         overrides=copy.deepcopy(dict(recipe.overrides)), show_progress=show_progress)
     cfg["quant_cfg"] += [{"quantizer_name": f"{glob}.*", "enable": False} for glob in recipe.skip]
@@ -86,13 +87,12 @@ def quantize_segquant(denoiser: nn.Module, recipe: Recipe, plan: SegQuantPlan,
     return mtq.quantize(denoiser, cfg, forward_loop)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """True when the module's weight or input quantizer is enabled."""
+    quantizers = [getattr(module, q, None) for q in ("weight_quantizer", "input_quantizer")]
+    return any(q is not None and getattr(q, "is_enabled", False) for q in quantizers)
+
+
 def quantized_linears(denoiser: nn.Module) -> set[str]:
     """Names of the Linear layers whose weight or input is quantized."""
-    out = set()
-    for name, module in denoiser.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        quantizers = [getattr(module, q, None) for q in ("weight_quantizer", "input_quantizer")]
-        if any(q is not None and getattr(q, "is_enabled", False) for q in quantizers):
-            out.add(name)
-    return out
+    return {name for name, module in denoiser.named_modules() if isinstance(module, nn.Linear) and is_quantized(module)}

@@ -44,15 +44,22 @@ def quantize_and_save(denoiser: nn.Module, recipe: Recipe, plan: SegQuantPlan,
                       forward_loop: Callable[[nn.Module], None], out: Path, name: str,
                       show_progress: bool = True) -> tuple[nn.Module, list[Path]]:
     """Prepare, calibrate, save the float weights and the calibrated config, convert in place."""
-    options = options_for(recipe)
-    quantize(denoiser, SegQuantConfig(plan, step="prepare", **options))
-    forward_loop(denoiser)
+    options = _prepare_and_calibrate(denoiser, recipe, plan, forward_loop)
     calibration = calibration_from(denoiser)
     denoiser.save_pretrained(out / name)  # prepared layers still hold their float weights
     config_path = out / CONFIG.format(denoiser=name)
     config_path.write_text(json.dumps({"plan": plan.to_dict(), "calibration": calibration, **options}) + "\n")
     quantize(denoiser, SegQuantConfig(plan, step="convert", **options))
     return denoiser, [out / name, config_path]
+
+
+def _prepare_and_calibrate(denoiser: nn.Module, recipe: Recipe, plan: SegQuantPlan,
+                           forward_loop: Callable[[nn.Module], None]) -> dict[str, Any]:
+    """Static SegQuant's first two steps in place; returns the ``SegQuantConfig`` options for ``convert``."""
+    options = options_for(recipe)
+    quantize(denoiser, SegQuantConfig(plan, step="prepare", **options))
+    forward_loop(denoiser)
+    return options
 
 
 def load_denoiser(folder: Path, manifest: dict[str, Any], float_denoiser: Callable[[], nn.Module],
@@ -95,9 +102,7 @@ def quantize_baseline(denoiser: nn.Module, precision: str, forward_loop: Callabl
 def quantize_segquant(denoiser: nn.Module, recipe: Recipe, plan: SegQuantPlan,
                       forward_loop: Callable[[nn.Module], None], show_progress: bool = True) -> nn.Module:
     """Static SegQuant in memory (no checkpoint): prepare, calibrate, convert."""
-    options = options_for(recipe)
-    quantize(denoiser, SegQuantConfig(plan, step="prepare", **options))
-    forward_loop(denoiser)
+    options = _prepare_and_calibrate(denoiser, recipe, plan, forward_loop)
     quantize(denoiser, SegQuantConfig(plan, step="convert", **options))
     return denoiser
 

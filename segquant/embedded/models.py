@@ -110,28 +110,26 @@ class Denoiser:
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """x: (B, 1, 32, 32) at time t (B,) in [0, 1] (1 = noise); labels (B,) in 0..10."""
-        tokens, pooled = self.conditioner(labels)
         dtype = next(self.model.parameters()).dtype
+        out = self.model(**self.model_kwargs(x, t, labels, dtype), return_dict=False)[0].float()
+        return unpack(out) if self.family == "flux" else out
+
+    def model_kwargs(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Keyword inputs of ``model`` for images x (B, 1, 32, 32) at times t (B,) in [0, 1] of class ``labels``."""
+        tokens, pooled = self.conditioner(labels)
         if self.family == "flux":
-            out = self.model(hidden_states=pack(x).to(dtype), encoder_hidden_states=tokens.to(dtype),
-                             pooled_projections=pooled.to(dtype), timestep=t.to(dtype),
-                             img_ids=_image_ids().to(x.device), txt_ids=torch.zeros(TEXT_TOKENS, 3, device=x.device),
-                             return_dict=False)[0]
-            return unpack(out.float())
-        out = self.model(x.to(dtype), t.to(dtype) * 1000, encoder_hidden_states=tokens.to(dtype), return_dict=False)[0]
-        return out.float()
+            return dict(hidden_states=pack(x).to(dtype), encoder_hidden_states=tokens.to(dtype),
+                        pooled_projections=pooled.to(dtype), timestep=t.to(dtype), img_ids=_image_ids().to(x.device),
+                        txt_ids=torch.zeros(TEXT_TOKENS, 3, device=x.device))
+        return dict(sample=x.to(dtype), timestep=t.to(dtype) * 1000, encoder_hidden_states=tokens.to(dtype))
 
     def example_inputs(self, batch: int = 2) -> dict[str, torch.Tensor]:
         """Keyword inputs of ``model`` for one call (for ``segquant.analyze``)."""
         device = next(self.model.parameters()).device
         labels = torch.arange(batch, device=device) % NUM_CLASSES
         x = torch.randn(batch, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)).to(device)
-        t = torch.full((batch,), 0.5, device=device)
-        tokens, pooled = self.conditioner(labels)
-        if self.family == "flux":
-            return dict(hidden_states=pack(x), encoder_hidden_states=tokens, pooled_projections=pooled, timestep=t,
-                        img_ids=_image_ids().to(device), txt_ids=torch.zeros(TEXT_TOKENS, 3, device=device))
-        return dict(sample=x, timestep=t * 1000, encoder_hidden_states=tokens)
+        return self.model_kwargs(x, torch.full((batch,), 0.5, device=device), labels)
 
 
 def build_denoiser(family: str) -> Denoiser:
