@@ -3,9 +3,11 @@ a FluxTransformer2DModel of the full FLUX.1-dev config with random bf16 weights,
 ``torch.compile`` and ``torch.inference_mode``, ONE VARIANT PER PROCESS (a driver launches them with a
 timeout each and appends one JSON line per variant to DIR/speed.jsonl as soon as it has it).
 
-Variants: bf16; torchao fp8 per-row dynamic; torchao int8 dynamic; SegQuant fp8 static (segments + DualScale,
-fused Triton DualScale kernel), its naive-kernel and no-DualScale twins, SegQuant fp8 dynamic, SegQuant int8
-static (Triton int8 GEMM), SegQuant fp8 cost-aware (``segquant.cost`` at ``--threshold``).
+Variants: bf16; torchao fp8 per-row dynamic; torchao int8 dynamic; SegQuant fp8/int8 static/dynamic (segments +
+DualScale; fused Triton DualScale GEMM, Triton int8 GEMM, cuBLAS fp8), SegQuant fp8 cost-aware (``segquant.cost``
+at ``--threshold``). A SegQuant name takes ``_nodual`` (the plan without DualScale) and/or ``_naive`` (torch's
+GEMMs, DualScale with M doubled), e.g. ``segquant_fp8_static_nodual``. The variants of one run share one plan
+(cached in DIR) and are grouped by run in the report.
 Layers that run with M = batch (adaLN modulation, time/guidance embedders) stay bf16 in every quantized
 variant (``--quantize-small`` quantizes them too): they are memory-bound and torchao int8 rejects M = 1.
 
@@ -33,9 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("bf16", "torchao_fp8_rowwise", "torchao_int8_dynamic", "segquant_fp8_static", "segquant_fp8_dynamic",
-            "segquant_int8_static", "segquant_fp8_static_nodual", "segquant_fp8_static_naive",
-            "segquant_fp8_costaware")
+BASE_VARIANTS = ("bf16", "torchao_fp8_rowwise", "torchao_int8_dynamic", "segquant_fp8_static", "segquant_fp8_dynamic",
+                 "segquant_int8_static", "segquant_int8_dynamic", "segquant_fp8_costaware")
+# SegQuant variants take "_nodual" (plan without DualScale) and/or "_naive" (torch GEMMs, M-doubled DualScale)
+VARIANTS = BASE_VARIANTS + tuple(
+    f"{base}{suffix}" for base in BASE_VARIANTS if base.startswith("segquant")
+    for suffix in (("_naive",) if base.endswith("costaware") else ("_nodual", "_naive", "_nodual_naive")))
 SMALL_M = ["*norm1.linear", "*norm1_context.linear", "*.norm.linear", "norm_out.linear", "time_text_embed.*"]
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512
 DEVICE = "cuda"  # the CPU smoke test (--cpu-smoke) swaps in "cpu" and a tiny config
@@ -82,12 +87,13 @@ def make_inputs(model) -> dict:
     ids = torch.zeros(side, side, 3, device=DEVICE)
     ids[..., 1] = torch.arange(side, device=DEVICE)[:, None]
     ids[..., 2] = torch.arange(side, device=DEVICE)[None, :]
+    guidance = dict(guidance=torch.tensor([3.5], device=DEVICE, dtype=bf16)) if model.config.guidance_embeds else {}
     return dict(hidden_states=randn(1, IMAGE_TOKENS, model.config.in_channels),
                 encoder_hidden_states=randn(1, TEXT_TOKENS, model.config.joint_attention_dim),
                 pooled_projections=randn(1, model.config.pooled_projection_dim),
                 timestep=torch.tensor([0.5], device=DEVICE, dtype=bf16), img_ids=ids.reshape(-1, 3),
                 txt_ids=torch.zeros(TEXT_TOKENS, 3, device=DEVICE),
-                guidance=torch.tensor([3.5], device=DEVICE, dtype=bf16), return_dict=False)
+                **guidance, return_dict=False)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -104,6 +110,16 @@ def weight_bytes(model) -> int:
 
 def small_layer(fqn: str) -> bool:
     return any(fnmatch.fnmatchcase(fqn, g) for g in SMALL_M)
+
+
+def parse_variant(variant: str) -> tuple[str, bool, str]:
+    """``segquant_fp8_static_nodual_naive`` -> ``("segquant_fp8_static", False, "naive")``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    kernel = "naive" if variant.endswith("_naive") else "fused"
+    base = variant.removesuffix("_naive")
+    dual = not base.endswith("_nodual")
+    return base.removesuffix("_nodual"), dual, kernel
 
 
 def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
@@ -124,18 +140,24 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     from segquant_torchao import SegQuantConfig, calibration_from
     from segquant_torchao import quantize as sq_quantize
 
-    start = time.perf_counter()
-    plan = segquant.analyze(meta, **segquant.example_inputs(meta))
-    notes["analyze_s"] = round(time.perf_counter() - start, 1)
-    precision = "int8" if "int8" in variant else "fp8"
-    kernel = "naive" if variant.endswith("_naive") else "fused"
-    if variant.endswith("_nodual"):
+    config = args.config.stem if args.config else "flux.1-dev"
+    cache = args.out / f"plan_{config}_{args.blocks or 'full'}.json"  # the variants of one run share one analysis
+    if cache.exists():
+        plan = segquant.SegQuantPlan.load(cache)
+    else:
+        start = time.perf_counter()
+        plan = segquant.analyze(meta, **segquant.example_inputs(meta))
+        notes["analyze_s"] = round(time.perf_counter() - start, 1)
+        plan.save(cache)
+    base, dual, kernel = parse_variant(variant)
+    precision = "int8" if "int8" in base else "fp8"
+    if not dual:
         plan = plan.ablate(dual_scale=False)
     skip = [] if args.quantize_small else [g for g in SMALL_M if plan.matching(g)]
     common = dict(precision=precision, kernel=kernel, skip=skip)
-    if variant == "segquant_fp8_costaware":
-        plan, notes["sweep"] = cost_aware(model, plan, inputs, args)
-    if variant == "segquant_fp8_dynamic":
+    if base == "segquant_fp8_costaware":
+        plan, notes["sweep"] = cost_aware(model, plan, inputs, args, kernel)
+    if base.endswith("_dynamic"):
         sq_quantize(model, SegQuantConfig(plan, **common))
     else:
         sq_quantize(model, SegQuantConfig(plan, activation="static", step="prepare", **common))
@@ -148,7 +170,7 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     return notes
 
 
-def cost_aware(model, plan, inputs, args):
+def cost_aware(model, plan, inputs, args, kernel: str):
     """``segquant.cost.select`` on this model's own calibration inputs; returns the plan and the sweep."""
     from segquant.cost import CostModel, capture_linear_inputs, layer_gains, select, sweep
     from segquant.numerics import QuantSpec
@@ -163,7 +185,7 @@ def cost_aware(model, plan, inputs, args):
                                      max_rows=args.gain_rows, rows=rows)
     rows.update({n: IMAGE_TOKENS + TEXT_TOKENS for n in quantized if n not in rows})  # plain layers: full M
     gains = layer_gains(model, sub, captured, QuantSpec("fp8", "per_channel", "fp8", "per_tensor", "folded"), rows)
-    cost = CostModel(kernel="fused", fused_dual_factor=args.fused_factor, tokens=IMAGE_TOKENS + TEXT_TOKENS)
+    cost = CostModel(kernel=kernel, fused_dual_factor=args.fused_factor, tokens=IMAGE_TOKENS + TEXT_TOKENS)
     points = sweep(sub, gains, cost, [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf")])
     chosen_sub = select(sub, gains, cost, args.threshold)
     chosen = dataclasses.replace(plan, layers={**plan.layers, **chosen_sub.layers})
@@ -177,7 +199,7 @@ def run_variant(variant: str, args) -> dict:
     record: dict = dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
                         tokens=IMAGE_TOKENS + TEXT_TOKENS,
                         device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch=torch.__version__,
-                        git=args.git, compile=args.compile, compile_mode=args.compile_mode,
+                        git=args.git, run=args.run_id, compile=args.compile, compile_mode=args.compile_mode,
                         quantize_small=args.quantize_small)
     start = time.perf_counter()
     model, meta = build_model(args.blocks, *([args.config] if args.config else []))
@@ -238,7 +260,8 @@ def child(args) -> int:
     except Exception as e:  # noqa: BLE001 - the error is the result of this variant
         traceback.print_exc()
         record = dict(bench="flux_e2e", variant=args.variant, blocks=args.blocks or "full (19+38)",
-                      error=f"{type(e).__name__}: {str(e)[:400]}")
+                      error=f"{type(e).__name__}: {str(e)[:400]}", run=args.run_id, compile=args.compile,
+                      compile_mode=args.compile_mode)
     with path.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
@@ -251,7 +274,8 @@ def driver(args) -> None:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         sys.exit(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
-    passthrough = ["--out", str(args.out), "--iters", str(args.iters), "--compile", args.compile,
+    args.run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
+    passthrough = ["--out", str(args.out), "--run-id", args.run_id, "--iters", str(args.iters), "--compile", args.compile,
                    "--compile-mode", args.compile_mode, "--git", args.git, "--threshold", str(args.threshold),
                    "--fused-factor", str(args.fused_factor), "--gain-rows", str(args.gain_rows)]
     passthrough += ["--blocks", str(args.blocks)] if args.blocks else []
@@ -279,7 +303,8 @@ def driver(args) -> None:
                 proc.wait()
                 with (args.out / "speed.jsonl").open("a") as out:
                     out.write(json.dumps(dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
-                                              error=f"timeout after {timeout:.0f} s")) + "\n")
+                                              error=f"timeout after {timeout:.0f} s", run=args.run_id,
+                                              compile=args.compile, compile_mode=args.compile_mode)) + "\n")
         print(log.read_text()[-1500:], flush=True)
 
 
@@ -287,7 +312,10 @@ def report(out_dir: Path, command: str) -> None:
     rows = [json.loads(line) for line in (out_dir / "speed.jsonl").read_text().splitlines() if line.strip()]
     groups: dict = {}
     for r in rows:
-        groups.setdefault(f"{r.get('blocks')}, compile {r.get('compile', '?')}", []).append(r)
+        mode = r.get("compile_mode", "default")
+        key = (f"{r.get('blocks')}, compile {r.get('compile', '?')}" + (f" mode {mode}" if mode != "default" else "")
+               + f", run {r.get('run') or 'git ' + str(r.get('git', '?'))}")
+        groups.setdefault(key, []).append(r)
     lines = ["# FLUX.1-dev-size denoiser, one call at 1024x1024 (4608 tokens), batch 1", "",
              "Random bf16 weights, full FLUX.1-dev config unless `blocks` says otherwise; torch.compile + "
              "inference_mode; one variant per process; median of the timed calls (host clock around each "
@@ -373,6 +401,7 @@ def main() -> None:
                              "on ff_down)")
     parser.add_argument("--gain-rows", type=int, default=512, help="cost-aware: calibration rows per layer")
     parser.add_argument("--git", default=os.environ.get("GIT_SHA", "unknown"))
+    parser.add_argument("--run-id", default="", help="groups the report's rows (default: the driver's start time)")
     parser.add_argument("--command", default="python benchmarks/speed.py --out $OUT")
     parser.add_argument("--config", type=Path, default=None, help="another FluxTransformer2DModel config JSON")
     parser.add_argument("--ref-dir", type=Path, default=None,

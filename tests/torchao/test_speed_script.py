@@ -1,0 +1,69 @@
+"""benchmarks/speed.py on the CPU: variant names, and the driver end to end (one process per variant, one
+JSON line each, a report) on one block of the embedded model's config. The GPU numbers come from the same
+script on the device (benchmarks/results/speed.md)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchao")
+pytest.importorskip("diffusers")
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "speed.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("speed_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_names_parse_into_base_dual_and_kernel():
+    speed = load_script()
+    assert speed.parse_variant("segquant_fp8_static") == ("segquant_fp8_static", True, "fused")
+    assert speed.parse_variant("segquant_fp8_static_nodual") == ("segquant_fp8_static", False, "fused")
+    assert speed.parse_variant("segquant_int8_dynamic_nodual_naive") == ("segquant_int8_dynamic", False, "naive")
+    assert speed.parse_variant("segquant_fp8_costaware_naive") == ("segquant_fp8_costaware", True, "naive")
+    assert speed.parse_variant("bf16") == ("bf16", True, "fused")
+
+
+@pytest.mark.parametrize("name", ["segquant_fp8_costaware_nodual", "torchao_fp8_rowwise_naive", "fp8"])
+def test_unknown_variant_is_refused(name):
+    with pytest.raises(ValueError, match="unknown variant"):
+        load_script().parse_variant(name)
+
+
+def test_driver_rejects_unknown_variants(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--cpu-smoke", "--variants",
+                           "bf16,segquant_fp9"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "unknown variants ['segquant_fp9']" in proc.stderr
+
+
+def test_driver_runs_each_variant_and_reports(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--cpu-smoke", "--blocks", "1", "--compile", "none",
+           "--config", str(ROOT / "segquant/configs/mnist-flux.json"), "--quick", "--run-id", "smoke",
+           "--variants", "bf16,segquant_int8_static_naive,segquant_fp8_costaware_naive"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["bf16", "segquant_int8_static_naive", "segquant_fp8_costaware_naive"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["run"] == "smoke" and r["ms_median"] > 0 and r["finite"]
+    int8, aware = rows[1], rows[2]
+    assert int8["dual_scale_layers"] > 0
+    # quantized against the bf16 output of the same weights: close, not equal
+    assert 15 < int8["sqnr_vs_bf16_db"] < 80
+    assert "analyze_s" in int8 and "analyze_s" not in aware  # the second SegQuant variant reused the plan
+    thresholds = [p["threshold"] for p in aware["sweep"]]
+    assert thresholds == sorted(thresholds)
+    extra = [p["extra_time"] for p in aware["sweep"]]
+    assert extra == sorted(extra, reverse=True)  # a higher threshold never keeps more extra time
+    report = (tmp_path / "speed.md").read_text()
+    assert "run smoke" in report and "| segquant_int8_static_naive |" in report
