@@ -238,6 +238,8 @@ def run_variant(variant: str, args) -> dict:
             fn(**inputs)
             _sync()  # one call is ~100 ms: host timing around a synchronised call is exact enough
             times.append((time.perf_counter() - start) * 1e3)
+        if args.profile:
+            record["profile"] = profile_call(fn, inputs)
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     record.update(ms_median=round(statistics.median(times), 2), ms_min=round(min(times), 2),
                   ms_max=round(max(times), 2), iters=args.iters, peak_gb=round(peak / 2 ** 30, 3))
@@ -251,6 +253,43 @@ def run_variant(variant: str, args) -> dict:
         record["sqnr_vs_bf16_db"] = round(sqnr_db(torch.load(ref_path), out.float().cpu()), 2)
     record["finite"] = bool(torch.isfinite(out).all())
     return record
+
+
+KERNEL_KINDS = (  # first match wins; names of cuBLAS (nvjet, sm90_xmma), CUTLASS, flash/cuDNN and inductor kernels
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("fused elementwise (inductor)", ("triton_poi", "triton_red", "triton_per")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "_mm_", "mm_kernel", "int_mm", "matmul", "triton_tem")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel, from its name: attention, gemm, fused elementwise (inductor) or other."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_call(fn, inputs: dict, top: int = 8) -> dict:
+    """GPU time of one call by kernel kind (ms), the top kernels, and the wall time the kernels leave idle."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    _sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn(**inputs)
+        _sync()
+        wall = (time.perf_counter() - start) * 1e3
+    kinds: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):
+            ms = event.self_device_time_total / 1e3
+            kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
+            kernels[event.key] = kernels.get(event.key, 0.0) + ms
+    busy = sum(kinds.values())
+    return dict(wall_ms=round(wall, 2), kernel_ms=round(busy, 2), idle_ms=round(max(wall - busy, 0.0), 2),
+                kinds={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                top=[(name[:90], round(ms, 2)) for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]])
 
 
 def child(args) -> int:
@@ -282,6 +321,7 @@ def driver(args) -> None:
     passthrough += ["--config", str(args.config)] if args.config else []
     passthrough += ["--ref-dir", str(args.ref_dir)] if args.ref_dir else []
     passthrough += ["--quantize-small"] if args.quantize_small else []
+    passthrough += ["--profile"] if args.profile else []
     passthrough += ["--cpu-smoke"] if args.cpu_smoke else []
     begin = time.perf_counter()
     for variant in variants:
@@ -351,6 +391,20 @@ def report(out_dir: Path, command: str) -> None:
                           "|---|---|---|---|---|"]
                 lines += [f"| {p['threshold']} | {p['extra_time']} | {p['gain_db']} | {p['dual_layers']} | "
                           f"{p['segmented_layers']} |" for p in r["sweep"]]
+        profiled = [r for r in sub if "profile" in r]
+        if profiled:
+            kinds = sorted({k for r in profiled for k in r["profile"]["kinds"]})
+            lines += ["", "Where one call's GPU time goes (torch.profiler, one call after the timed ones; ms of kernel "
+                      "time by kind; idle = profiled wall time minus kernel time):", "",
+                      "| variant | wall | kernels | idle | " + " | ".join(kinds) + " |",
+                      "|---" * (4 + len(kinds)) + "|"]
+            for r in profiled:
+                prof = r["profile"]
+                lines.append(f"| {r['variant']} | {prof['wall_ms']} | {prof['kernel_ms']} | {prof['idle_ms']} | "
+                             + " | ".join(str(prof["kinds"].get(k, 0.0)) for k in kinds) + " |")
+            lines += ["", "Top kernels per variant (ms in one call):", ""]
+            lines += [f"- {r['variant']}: " + "; ".join(f"`{n}` {ms}" for n, ms in r["profile"]["top"])
+                      for r in profiled]
         lines.append("")
     (out_dir / "speed.md").write_text("\n".join(lines) + "\n")
     try:
@@ -388,6 +442,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=None, help="N double + 2N single blocks (default: full)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 timed calls")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one call: GPU time by kernel kind (gemm, attention, ...)")
     parser.add_argument("--timeout", type=float, default=420, help="driver: seconds per variant")
     parser.add_argument("--budget", type=float, default=570, help="driver: seconds for all variants")
     parser.add_argument("--compile", choices=("full", "regional", "none"), default="full",

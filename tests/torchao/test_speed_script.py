@@ -33,6 +33,19 @@ def test_variant_names_parse_into_base_dual_and_kernel():
     assert speed.parse_variant("bf16") == ("bf16", True, "fused")
 
 
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_TNT", "gemm"),
+    ("void cutlass::device_kernel<at::cuda::detail::enable_3x_kernel_for_sm9x<cutlass::gemm::kernel", "gemm"),
+    ("_scaled_gemm_kernel", "gemm"),
+    ("triton_tem_fused_mm_0", "gemm"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4", "attention"),
+    ("triton_poi_fused__scaled_mm_clamp_div_0", "fused elementwise (inductor)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >", "other"),
+])
+def test_kernel_kind(name, kind):
+    assert load_script().kernel_kind(name) == kind
+
+
 @pytest.mark.parametrize("name", ["segquant_fp8_costaware_nodual", "torchao_fp8_rowwise_naive", "fp8"])
 def test_unknown_variant_is_refused(name):
     with pytest.raises(ValueError, match="unknown variant"):
@@ -48,7 +61,7 @@ def test_driver_rejects_unknown_variants(tmp_path):
 
 def test_driver_runs_each_variant_and_reports(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--cpu-smoke", "--blocks", "1", "--compile", "none",
-           "--config", str(ROOT / "segquant/configs/mnist-flux.json"), "--quick", "--run-id", "smoke",
+           "--config", str(ROOT / "segquant/configs/mnist-flux.json"), "--quick", "--run-id", "smoke", "--profile",
            "--variants", "bf16,segquant_int8_static_naive,segquant_fp8_costaware_naive"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
@@ -65,5 +78,6 @@ def test_driver_runs_each_variant_and_reports(tmp_path):
     assert thresholds == sorted(thresholds)
     extra = [p["extra_time"] for p in aware["sweep"]]
     assert extra == sorted(extra, reverse=True)  # a higher threshold never keeps more extra time
+    assert rows[0]["profile"]["wall_ms"] > 0 and rows[0]["profile"]["kernel_ms"] == 0  # no GPU kernels on the CPU
     report = (tmp_path / "speed.md").read_text()
     assert "run smoke" in report and "| segquant_int8_static_naive |" in report
