@@ -228,6 +228,8 @@ def run_variant(variant: str, args) -> dict:
         from torch._dynamo.utils import counters
 
         record["dynamo_graphs"] = int(counters["stats"]["unique_graphs"])  # recompiles show here
+        if "reduce-overhead" in args.compile_mode:
+            record["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
         print(f"{variant}: first call {record['compile_s']} s", flush=True)
         for _ in range(2):
             fn(**inputs)
@@ -346,6 +348,8 @@ def driver(args) -> None:
         log = args.out / f"speed_{variant}.log"
         print(f"== {variant} (timeout {timeout:.0f} s, log {log.name})", flush=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        jsonl = args.out / "speed.jsonl"
+        before = jsonl.read_text().count("\n") if jsonl.exists() else 0
         with log.open("w") as fh:
             proc = subprocess.Popen([sys.executable, __file__, "--variant", variant, *passthrough], stdout=fh,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -354,7 +358,12 @@ def driver(args) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                with (args.out / "speed.jsonl").open("a") as out:
+                wrote = jsonl.exists() and jsonl.read_text().count("\n") > before
+                print(f"{variant}: killed after {timeout:.0f} s" + (", after writing its record" if wrote else ""),
+                      flush=True)
+                if wrote:
+                    continue
+                with jsonl.open("a") as out:
                     out.write(json.dumps(dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
                                               error=f"timeout after {timeout:.0f} s", run=args.run_id,
                                               compile=args.compile, compile_mode=args.compile_mode)) + "\n")
@@ -491,7 +500,10 @@ def main() -> None:
         sys.exit("speed.py needs a CUDA device")
     if args.variant:
         args.out.mkdir(parents=True, exist_ok=True)
-        sys.exit(child(args))
+        code = child(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # a full-model compile left worker processes that held the interpreter's exit for minutes
     driver(args)
     report(args.out, args.command)
 
