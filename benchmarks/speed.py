@@ -22,6 +22,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -200,7 +201,7 @@ def run_variant(variant: str, args) -> dict:
                         tokens=IMAGE_TOKENS + TEXT_TOKENS,
                         device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch=torch.__version__,
                         git=args.git, run=args.run_id, compile=args.compile, compile_mode=args.compile_mode,
-                        quantize_small=args.quantize_small)
+                        quantize_small=args.quantize_small, command=os.environ.get("SPEED_COMMAND", ""))
     start = time.perf_counter()
     model, meta = build_model(args.blocks, *([args.config] if args.config else []))
     inputs = make_inputs(model)
@@ -271,8 +272,8 @@ def _cudagraph_steps(fn):
 
 
 KERNEL_KINDS = (  # first match wins; names of cuBLAS (nvjet, sm90_xmma), CUTLASS, flash/cuDNN and inductor kernels
+    ("fused elementwise (inductor)", ("triton_poi", "triton_red", "triton_per")),  # named after the ops they fuse
     ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("fused elementwise (inductor)", ("triton_poi", "triton_red", "triton_per")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "_mm_", "mm_kernel", "int_mm", "matmul", "triton_tem")),
 )
 
@@ -302,7 +303,7 @@ def profile_call(fn, inputs: dict, top: int = 8) -> dict:
             kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
             kernels[event.key] = kernels.get(event.key, 0.0) + ms
     busy = sum(kinds.values())
-    return dict(wall_ms=round(wall, 2), kernel_ms=round(busy, 2), idle_ms=round(max(wall - busy, 0.0), 2),
+    return dict(classifier=2, wall_ms=round(wall, 2), kernel_ms=round(busy, 2), idle_ms=round(max(wall - busy, 0.0), 2),
                 kinds={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 top=[(name[:90], round(ms, 2)) for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]])
 
@@ -347,7 +348,7 @@ def driver(args) -> None:
         timeout = min(args.timeout, left - 10)
         log = args.out / f"speed_{variant}.log"
         print(f"== {variant} (timeout {timeout:.0f} s, log {log.name})", flush=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", SPEED_COMMAND=shlex.join(["python", *sys.argv]))
         jsonl = args.out / "speed.jsonl"
         before = jsonl.read_text().count("\n") if jsonl.exists() else 0
         with log.open("w") as fh:
@@ -370,6 +371,29 @@ def driver(args) -> None:
         print(log.read_text()[-1500:], flush=True)
 
 
+def across_runs(groups: dict) -> list[str]:
+    """One line per variant: its speed-up over bf16 and over torchao fp8 in each run that measured both."""
+    ratios: dict[str, list[tuple[str, float, float | None]]] = {}
+    for key, sub in groups.items():
+        ok = {r["variant"]: r["ms_median"] for r in sub if "ms_median" in r}
+        if "bf16" not in ok:
+            continue
+        for variant, ms in ok.items():
+            if variant != "bf16":
+                ao = ok.get("torchao_fp8_rowwise")
+                ratios.setdefault(variant, []).append((key.rsplit("run ", 1)[-1], ok["bf16"] / ms, ao / ms if ao else None))
+    if not ratios:
+        return []
+    lines = ["## Across runs", "", "Speed-up of each variant over the bf16 row (and the torchao fp8 row) of the same run, "
+             "for every run below that has one.", "", "| variant | x bf16 per run | vs torchao fp8 per run | runs |",
+             "|---|---|---|---|"]
+    for variant, values in ratios.items():
+        lines.append(f"| {variant} | {', '.join(f'{b:.3f}' for _, b, _ in values)} | "
+                     f"{', '.join(f'{a:.3f}' for _, _, a in values if a is not None) or '-'} | "
+                     f"{', '.join(run for run, _, _ in values)} |")
+    return lines + [""]
+
+
 def report(out_dir: Path, command: str) -> None:
     rows = [json.loads(line) for line in (out_dir / "speed.jsonl").read_text().splitlines() if line.strip()]
     groups: dict = {}
@@ -383,14 +407,17 @@ def report(out_dir: Path, command: str) -> None:
              "inference_mode; one variant per process; median of the timed calls (host clock around each "
              "synchronised call) after 3 warm-up calls. `compile s` = first call (compile, autotuning, run). Layers with M = batch (adaLN, "
              "embedders) stay bf16 in every quantized variant unless `quantize_small`. SQNR is of the output "
-             "against the bf16 output of the same weights and inputs.", f"Command: `{command}`", ""]
+             "against the bf16 output of the same weights and inputs.", f"Report: `{command}`", ""]
+    lines += across_runs(groups)
     for blocks, sub in groups.items():
         ok = {r["variant"]: r for r in sub if "ms_median" in r}
         base = ok.get("bf16", {}).get("ms_median")
         ao = ok.get("torchao_fp8_rowwise", {}).get("ms_median")
         devices = sorted({r["device"] for r in sub if "device" in r})
+        commands = sorted({r["command"] for r in sub if r.get("command")})
         lines += [f"## blocks: {blocks}, {' / '.join(devices) or '?'}"
                   + (" (MIXED DEVICES: compare rows of one device only)" if len(devices) > 1 else ""), "",
+                  *[f"Command: `{c}`" for c in commands], *([""] if commands else []),
                   "| variant | ms | range | x bf16 | vs torchao fp8 | weight GB | peak GB | compile s | SQNR dB | notes |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
@@ -417,13 +444,20 @@ def report(out_dir: Path, command: str) -> None:
         if profiled:
             kinds = sorted({k for r in profiled for k in r["profile"]["kinds"]})
             lines += ["", "Where one call's GPU time goes (torch.profiler, one call after the timed ones; ms of kernel "
-                      "time by kind; idle = profiled wall time minus kernel time):", "",
-                      "| variant | wall | kernels | idle | " + " | ".join(kinds) + " |",
-                      "|---" * (4 + len(kinds)) + "|"]
+                      "time by kind; `median - kernels` ≈ GPU idle in an unprofiled call; `profiled wall` includes "
+                      "the profiler's own overhead):", "",
+                      "| variant | median | kernels | median - kernels | " + " | ".join(kinds) + " | profiled wall |",
+                      "|---" * (5 + len(kinds)) + "|"]
             for r in profiled:
                 prof = r["profile"]
-                lines.append(f"| {r['variant']} | {prof['wall_ms']} | {prof['kernel_ms']} | {prof['idle_ms']} | "
-                             + " | ".join(str(prof["kinds"].get(k, 0.0)) for k in kinds) + " |")
+                lines.append(f"| {r['variant']} | {r['ms_median']} | {prof['kernel_ms']} | "
+                             f"{r['ms_median'] - prof['kernel_ms']:.2f} | "
+                             + " | ".join(str(prof["kinds"].get(k, 0.0)) for k in kinds) + f" | {prof['wall_ms']} |")
+            if any(r["profile"].get("classifier", 1) < 2 for r in profiled):
+                lines += ["", "These rows were classified before inductor kernels were matched first: `attention` "
+                          "also holds inductor's fused RMSNorm kernels named after the SDPA they feed "
+                          "(`triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention...`, 3.0-4.7 ms "
+                          "per call in the top lists below), which belong to `fused elementwise`."]
             lines += ["", "Top kernels per variant (ms in one call):", ""]
             lines += [f"- {r['variant']}: " + "; ".join(f"`{n}` {ms}" for n, ms in r["profile"]["top"])
                       for r in profiled]
@@ -437,20 +471,31 @@ def report(out_dir: Path, command: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
-    for ax, (blocks, sub) in zip(axes[0], groups.items()):
-        ok = [r for r in sub if "ms_median" in r]
-        base = next((r["ms_median"] for r in ok if r["variant"] == "bf16"), None)
-        if not ok or base is None:
-            continue
-        ax.barh(range(len(ok)), [base / r["ms_median"] for r in ok],
+    plotted = {key: [r for r in sub if "ms_median" in r] for key, sub in groups.items()}
+    plotted = {key: ok for key, ok in plotted.items() if len(ok) > 1 and any(r["variant"] == "bf16" for r in ok)}
+    if not plotted:
+        return
+    cols = min(2, len(plotted))
+    rows = -(-len(plotted) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(plotted):]:
+        ax.axis("off")
+    for ax, (key, ok) in zip(axes.flat, plotted.items()):
+        base = next(r["ms_median"] for r in ok if r["variant"] == "bf16")
+        speedups = [base / r["ms_median"] for r in ok]
+        ax.barh(range(len(ok)), speedups,
                 color=["grey" if r["variant"] == "bf16" else "tab:blue" if r["variant"].startswith("torchao")
                        else "tab:orange" for r in ok])
+        for y, (x, r) in enumerate(zip(speedups, ok)):
+            ax.text(x + 0.01, y, f"{x:.2f}x ({r['ms_median']:.0f} ms)", va="center", fontsize=7)
         ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xlim(0, max(speedups) * 1.3)
         ax.set_yticks(range(len(ok)))
         ax.set_yticklabels([r["variant"] for r in ok], fontsize=7)
-        ax.set_xlabel("speed-up vs compiled bf16 (higher is faster)", fontsize=8)
-        ax.set_title(f"FLUX.1-dev-size denoiser call, blocks {blocks}", fontsize=9)
+        ax.set_xlabel("speed-up vs compiled bf16 of the same run (higher is faster)", fontsize=8)
+        ax.set_title(key.replace("full (19+38), ", "full FLUX.1-dev size, "), fontsize=8)
+    fig.suptitle(f"One FLUX denoiser call, 4608 tokens ({' / '.join(sorted({r.get('device', '?') for ok in plotted.values() for r in ok}))})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "speed.png", dpi=110)
 

@@ -40,6 +40,8 @@ def test_variant_names_parse_into_base_dual_and_kernel():
     ("triton_tem_fused_mm_0", "gemm"),
     ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4", "attention"),
     ("triton_poi_fused__scaled_mm_clamp_div_0", "fused elementwise (inductor)"),
+    ("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_0", "fused elementwise (inductor)"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "attention"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >", "other"),
 ])
 def test_kernel_kind(name, kind):
