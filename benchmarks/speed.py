@@ -415,7 +415,8 @@ def report(out_dir: Path, command: str) -> None:
         ao = ok.get("torchao_fp8_rowwise", {}).get("ms_median")
         devices = sorted({r["device"] for r in sub if "device" in r})
         commands = sorted({r["command"] for r in sub if r.get("command")})
-        lines += [f"## blocks: {blocks}, {' / '.join(devices) or '?'}"
+        torches = sorted({f"torch {r['torch']}" for r in sub if "torch" in r})
+        lines += [f"## blocks: {blocks}, {' / '.join(devices + torches) or '?'}"
                   + (" (MIXED DEVICES: compare rows of one device only)" if len(devices) > 1 else ""), "",
                   *[f"Command: `{c}`" for c in commands], *([""] if commands else []),
                   "| variant | ms | range | x bf16 | vs torchao fp8 | weight GB | peak GB | compile s | SQNR dB | notes |",
