@@ -330,7 +330,8 @@ def driver(args) -> None:
     if bad:
         sys.exit(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
     args.run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
-    passthrough = ["--out", str(args.out), "--run-id", args.run_id, "--iters", str(args.iters), "--compile", args.compile,
+    passthrough = ["--out", str(args.out), "--run-id", args.run_id, "--iters", str(args.iters),
+                   "--compile", args.compile,
                    "--compile-mode", args.compile_mode, "--git", args.git, "--threshold", str(args.threshold),
                    "--fused-factor", str(args.fused_factor), "--gain-rows", str(args.gain_rows)]
     passthrough += ["--blocks", str(args.blocks)] if args.blocks else []
@@ -381,11 +382,12 @@ def across_runs(groups: dict) -> list[str]:
         for variant, ms in ok.items():
             if variant != "bf16":
                 ao = ok.get("torchao_fp8_rowwise")
-                ratios.setdefault(variant, []).append((key.rsplit("run ", 1)[-1], ok["bf16"] / ms, ao / ms if ao else None))
+                run = key.rsplit("run ", 1)[-1]
+                ratios.setdefault(variant, []).append((run, ok["bf16"] / ms, ao / ms if ao else None))
     if not ratios:
         return []
-    lines = ["## Across runs", "", "Speed-up of each variant over the bf16 row (and the torchao fp8 row) of the same run, "
-             "for every run below that has one.", "", "| variant | x bf16 per run | vs torchao fp8 per run | runs |",
+    lines = ["## Across runs", "", "Speed-up of each variant over the bf16 row (and the torchao fp8 row) of the same "
+             "run, for every run below that has one.", "", "| variant | x bf16 per run | vs torchao fp8 per run | runs |",
              "|---|---|---|---|"]
     for variant, values in ratios.items():
         lines.append(f"| {variant} | {', '.join(f'{b:.3f}' for _, b, _ in values)} | "
@@ -405,8 +407,8 @@ def report(out_dir: Path, command: str) -> None:
     lines = ["# FLUX.1-dev-size denoiser, one call at 1024x1024 (4608 tokens), batch 1", "",
              "Random bf16 weights, full FLUX.1-dev config unless `blocks` says otherwise; torch.compile + "
              "inference_mode; one variant per process; median of the timed calls (host clock around each "
-             "synchronised call) after 3 warm-up calls. `compile s` = first call (compile, autotuning, run). Layers with M = batch (adaLN, "
-             "embedders) stay bf16 in every quantized variant unless `quantize_small`. SQNR is of the output "
+             "synchronised call; 10 unless `--quick`: 3) after 3 warm-up calls. `compile s` = first call (compile, "
+             "autotuning, run). Layers with M = batch (adaLN, embedders) stay bf16 in every quantized variant unless `quantize_small`. SQNR is of the output "
              "against the bf16 output of the same weights and inputs.", f"Report: `{command}`", ""]
     lines += across_runs(groups)
     for blocks, sub in groups.items():
@@ -495,8 +497,8 @@ def report(out_dir: Path, command: str) -> None:
         ax.set_yticklabels([r["variant"] for r in ok], fontsize=7)
         ax.set_xlabel("speed-up vs compiled bf16 of the same run (higher is faster)", fontsize=8)
         ax.set_title(key.replace("full (19+38), ", "full FLUX.1-dev size, "), fontsize=8)
-    fig.suptitle(f"One FLUX denoiser call, 4608 tokens ({' / '.join(sorted({r.get('device', '?') for ok in plotted.values() for r in ok}))})",
-                 fontsize=9)
+    devices = sorted({r.get("device", "?") for ok in plotted.values() for r in ok})
+    fig.suptitle(f"One FLUX denoiser call, 4608 tokens ({' / '.join(devices)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "speed.png", dpi=110)
 
