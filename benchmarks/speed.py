@@ -387,7 +387,8 @@ def across_runs(groups: dict) -> list[str]:
     if not ratios:
         return []
     lines = ["## Across runs", "", "Speed-up of each variant over the bf16 row (and the torchao fp8 row) of the same "
-             "run, for every run below that has one.", "", "| variant | x bf16 per run | vs torchao fp8 per run | runs |",
+             "run, for every run below that has one.", "",
+             "| variant | x bf16 per run | vs torchao fp8 per run | runs |",
              "|---|---|---|---|"]
     for variant, values in ratios.items():
         lines.append(f"| {variant} | {', '.join(f'{b:.3f}' for _, b, _ in values)} | "
@@ -408,7 +409,8 @@ def report(out_dir: Path, command: str) -> None:
              "Random bf16 weights, full FLUX.1-dev config unless `blocks` says otherwise; torch.compile + "
              "inference_mode; one variant per process; median of the timed calls (host clock around each "
              "synchronised call; 10 unless `--quick`: 3) after 3 warm-up calls. `compile s` = first call (compile, "
-             "autotuning, run). Layers with M = batch (adaLN, embedders) stay bf16 in every quantized variant unless `quantize_small`. SQNR is of the output "
+             "autotuning, run). Layers with M = batch (adaLN, embedders) stay bf16 in every quantized variant "
+             "unless `quantize_small`. SQNR is of the output "
              "against the bf16 output of the same weights and inputs.", f"Report: `{command}`", ""]
     lines += across_runs(groups)
     for blocks, sub in groups.items():
@@ -421,7 +423,8 @@ def report(out_dir: Path, command: str) -> None:
         lines += [f"## blocks: {blocks}, {' / '.join(devices + torches) or '?'}"
                   + (" (MIXED DEVICES: compare rows of one device only)" if len(devices) > 1 else ""), "",
                   *[f"Command: `{c}`" for c in commands], *([""] if commands else []),
-                  "| variant | ms | range | x bf16 | vs torchao fp8 | weight GB | peak GB | compile s | SQNR dB | notes |",
+                  "| variant | ms | range | x bf16 | vs torchao fp8 | weight GB | peak GB | compile s | SQNR dB "
+                  "| notes |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
             if "ms_median" not in r:
