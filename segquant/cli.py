@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -172,12 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _libraries_silenced(quiet: bool):
+    """``-q``: no warnings or log records below ERROR from the libraries (torch, torchao, ModelOpt, diffusers);
+    our own errors still reach stderr."""
+    if not quiet:
+        yield
+        return
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with _libraries_silenced(getattr(args, "quiet", False)):
+            return args.func(args)
     except SegQuantError as e:
         print(f"segquant: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
 """``segquant run``, the main job, end to end on the embedded models, and its bad input."""
 
 import json
+import logging
+import warnings
 
 import pytest
 import torch
@@ -21,7 +23,13 @@ def _png_size(path):
 
 def test_run_modelopt_end_to_end(tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["run", "--num-samples", "4", "--calib-samples", "2", "--steps", "2", "--out", str(out), "-q"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["run", "--num-samples", "4", "--calib-samples", "2", "--steps", "2", "--out", str(out),
+                     "-q"]) == 0
+    assert [str(w.message) for w in caught] == []  # -q: not even ModelOpt's "not calibrated, skip smoothing"
+    assert capsys.readouterr().out == ""
+    assert not logging.root.manager.disable  # -q silenced the libraries only while it ran
     metrics = json.loads((out / "metrics.json").read_text())
     rows = list(metrics["rows"])
     assert rows == ["full precision", "ModelOpt INT8_SMOOTHQUANT_CFG", "SegQuant mnist-flux/int8_w8a8 (modelopt)"]
