@@ -5,7 +5,6 @@ import logging
 import warnings
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("modelopt")
