@@ -285,7 +285,7 @@ def kernel_kind(name: str) -> str:
 
 
 def profile_call(fn, inputs: dict, top: int = 8) -> dict:
-    """GPU time of one call by kernel kind (ms), the top kernels, and the wall time the kernels leave idle."""
+    """GPU time of one call by kernel kind (ms), the top kernels, and the profiled call's wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
@@ -300,10 +300,11 @@ def profile_call(fn, inputs: dict, top: int = 8) -> dict:
     for event in prof.key_averages():
         if str(getattr(event, "device_type", "")).endswith("CUDA"):
             ms = event.self_device_time_total / 1e3
-            kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
+            kind = kernel_kind(event.key)
+            kinds[kind] = kinds.get(kind, 0.0) + ms
             kernels[event.key] = kernels.get(event.key, 0.0) + ms
     busy = sum(kinds.values())
-    return dict(classifier=2, wall_ms=round(wall, 2), kernel_ms=round(busy, 2), idle_ms=round(max(wall - busy, 0.0), 2),
+    return dict(classifier=2, wall_ms=round(wall, 2), kernel_ms=round(busy, 2),
                 kinds={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 top=[(name[:90], round(ms, 2)) for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]])
 
@@ -372,18 +373,22 @@ def driver(args) -> None:
         print(log.read_text()[-1500:], flush=True)
 
 
+def run_label(record: dict) -> str:
+    """The run a record belongs to: its ``--run-id``, or its git hash for records written before run ids."""
+    return record.get("run") or f"git {record.get('git', '?')}"
+
+
 def across_runs(groups: dict) -> list[str]:
     """One line per variant: its speed-up over bf16 and over torchao fp8 in each run that measured both."""
     ratios: dict[str, list[tuple[str, float, float | None]]] = {}
-    for key, sub in groups.items():
+    for sub in groups.values():
         ok = {r["variant"]: r["ms_median"] for r in sub if "ms_median" in r}
         if "bf16" not in ok:
             continue
         for variant, ms in ok.items():
             if variant != "bf16":
                 ao = ok.get("torchao_fp8_rowwise")
-                run = key.rsplit("run ", 1)[-1]
-                ratios.setdefault(variant, []).append((run, ok["bf16"] / ms, ao / ms if ao else None))
+                ratios.setdefault(variant, []).append((run_label(sub[0]), ok["bf16"] / ms, ao / ms if ao else None))
     if not ratios:
         return []
     lines = ["## Across runs", "", "Speed-up of each variant over the bf16 row (and the torchao fp8 row) of the same "
@@ -403,7 +408,7 @@ def report(out_dir: Path, command: str) -> None:
     for r in rows:
         mode = r.get("compile_mode", "default")
         key = (f"{r.get('blocks')}, compile {r.get('compile', '?')}" + (f" mode {mode}" if mode != "default" else "")
-               + f", run {r.get('run') or 'git ' + str(r.get('git', '?'))}")
+               + f", run {run_label(r)}")
         groups.setdefault(key, []).append(r)
     lines = ["# FLUX.1-dev-size denoiser, one call at 1024x1024 (4608 tokens), batch 1", "",
              "Random bf16 weights, full FLUX.1-dev config unless `blocks` says otherwise; torch.compile + "
