@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .errors import SegQuantError
-from .numerics import ActivationStats, reduce_segments
+from .numerics import ActivationStats, reduce_segments, smoothquant_factors
 from .plan import LinearPlan
 
 
@@ -67,3 +67,19 @@ class SegmentAmaxObserver:
         scale = torch.ones_like(ch.amax) if scale is None else scale.to(ch.amax.device).float()
         per_segment = (reduce_segments(t * scale, self.segments) for t in (ch.amax, ch.pos_amax, ch.neg_amax))
         return ActivationStats(*per_segment)
+
+
+def static_calibration(observer: SegmentAmaxObserver, weight: Tensor,
+                       alpha: float | None) -> tuple[ActivationStats, Tensor | None]:
+    """What a static layer needs from calibration: per-segment ranges of the (smoothed) input and the
+    SmoothQuant factors (``None`` without smoothing). Both backends quantize from exactly this.
+
+    Args:
+        observer: the layer's observer after the calibration batches.
+        weight: ``(N, K)`` float weight of the layer (SmoothQuant balances against it).
+        alpha: SmoothQuant alpha, or None.
+    """
+    if alpha is None:
+        return observer.stats(), None
+    smooth = smoothquant_factors(weight, observer.channel_stats().amax, alpha)
+    return observer.stats(smooth), smooth

@@ -9,13 +9,16 @@ per tensor, per channel, per token or per segment of the last dim. DualScale (SP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import PlanError, SegQuantError
-from .plan import LinearPlan
+from .options import DEFAULT_REALISATION, REALISATIONS, WEIGHT_GRANULARITIES, check_choice
+
+if TYPE_CHECKING:  # numerics reads a plan entry's fields; the plan module validates against the registry
+    from .plan import LinearPlan
 
 
 @dataclass(frozen=True)
@@ -209,18 +212,14 @@ class QuantSpec:
     weight_granularity: str = "per_tensor"
     act_format: str = "int8"
     act_granularity: str = "per_tensor"
-    realisation: str = "split_k"
+    realisation: str = DEFAULT_REALISATION
 
     def __post_init__(self) -> None:
         get_format(self.weight_format)
         get_format(self.act_format)
-        if self.weight_granularity not in ("per_tensor", "per_channel"):
-            raise SegQuantError("weight_granularity must be per_tensor or per_channel, "
-                                f"got {self.weight_granularity!r}")
-        if self.act_granularity not in ("per_tensor", "per_token"):
-            raise SegQuantError(f"act_granularity must be per_tensor or per_token, got {self.act_granularity!r}")
-        if self.realisation not in ("split_k", "folded"):
-            raise SegQuantError(f"realisation must be split_k or folded, got {self.realisation!r}")
+        check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, "weight_granularity")
+        check_choice(self.act_granularity, ("per_tensor", "per_token"), "act_granularity")
+        check_choice(self.realisation, REALISATIONS, "realisation")
 
 
 @dataclass(frozen=True)
@@ -292,13 +291,49 @@ def quantize_input_segment(x: Tensor, fmt: QuantFormat, dual: bool, per_token: b
     return quantize(x, scale, fmt), scale
 
 
+def smoothquant_factors(weight: Tensor, act_channel_amax: Tensor, alpha: float) -> Tensor:
+    """SmoothQuant's per-input-channel factors ``s`` (shape ``(K,)``): the layer computes
+    ``(x * s) @ (W / s).T``, moving ``alpha`` of the activation range into the weight.
+
+    ``s = max|W[:, k]|^(1 - alpha) / max|x[..., k]|^alpha``, clamped to ``[1e-4, 1e4]`` (ModelOpt's and the
+    reference's convention: ModelOpt stores ``s`` as the input quantizer's ``pre_quant_scale``).
+
+    Args:
+        weight: ``(N, K)``.
+        act_channel_amax: ``(K,)`` calibrated max of ``|x|`` per input channel.
+        alpha: migration strength in [0, 1].
+    """
+    if not 0 <= alpha <= 1:
+        raise SegQuantError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    w_amax = weight.detach().float().abs().amax(0).clamp(min=1e-8)
+    x_amax = act_channel_amax.float().to(w_amax.device).clamp(min=1e-8)
+    return (w_amax.pow(1 - alpha) / x_amax.pow(alpha)).clamp(1e-4, 1e4)
+
+
+def fold_activation_scales(weight: Tensor, unit_scales: Tensor, segments: Sequence[int],
+                           smooth: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fold per-segment activation scales (and SmoothQuant factors) into the weight columns.
+
+    The folded layer computes ``(x / d) @ W'.T`` with ``d = a / smooth`` and ``W' = W * d``, where
+    ``a`` repeats each segment's unit scale (``a_s``, or ``s+`` on DualScale segments) over its columns: the
+    quantized input ``x / d`` then has unit scale, so one per-tensor activation format serves every segment.
+
+    Returns:
+        ``(W', d)``: the folded ``(N, K)`` float32 weight and the ``(K,)`` input divisor.
+    """
+    column = expand_segments(unit_scales.float().to(weight.device), segments)
+    divisor = column if smooth is None else column / smooth.float().to(weight.device)
+    return weight.float() * divisor, divisor
+
+
 def _quantize_weight(w: Tensor, layer: LinearPlan, spec: QuantSpec) -> Tensor:
     amax = weight_amax(w, layer.out_segments, spec.weight_granularity == "per_channel")
     return fake_quant(w, scale_from_amax(amax, spec.weight_format), spec.weight_format)
 
 
 def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: LinearPlan,
-                     spec: QuantSpec = QuantSpec(), stats: ActivationStats | None = None) -> Tensor:
+                     spec: QuantSpec = QuantSpec(), stats: ActivationStats | None = None,
+                     smooth: Tensor | None = None) -> Tensor:
     """The quantized output of one Linear under its plan entry: the oracle for both backends.
 
     Weights get one scale per output segment (``per_tensor``) or per row (``per_channel``); each input
@@ -307,7 +342,10 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
     Args:
         x: ``(..., K)`` input.
         weight: ``(N, K)``; bias: ``(N,)`` or None.
-        stats: calibrated ``ActivationStats``; None = dynamic from ``x`` (per tensor or per token).
+        stats: calibrated ``ActivationStats`` (of the smoothed input when ``smooth`` is given); None =
+            dynamic from ``x`` (per tensor or per token).
+        smooth: SmoothQuant factors ``(K,)`` (``smoothquant_factors``): the layer computes
+            ``(x * smooth) @ (W / smooth).T``; None = no smoothing.
     Returns:
         ``(..., N)`` in ``x.dtype``.
     Raises:
@@ -328,13 +366,15 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
     if x.numel() == 0:
         return x.new_zeros(*x.shape[:-1], layer.out_features)
     act_fmt = get_format(spec.act_format)
-    w = weight.float()
+    w, xf = weight.float(), x.float()
+    if smooth is not None:
+        w, xf = w / smooth.float(), xf * smooth.float()
     dual = set(layer.dual_scale_segments) if layer.dual_scale else set()
-    parts = x.float().split(list(layer.in_segments), dim=-1)
+    parts = xf.split(list(layer.in_segments), dim=-1)
     quantized = [quantize_input_segment(p, act_fmt, i in dual, per_token, stats, i) for i, p in enumerate(parts)]
     if spec.realisation == "folded":
-        column_scale = torch.cat([u.reshape(1).expand(s) for (_, u), s in zip(quantized, layer.in_segments)])
-        w_hat = _quantize_weight(w * column_scale, layer, spec)
+        units = torch.stack([u.reshape(()) for _, u in quantized])
+        w_hat = _quantize_weight(fold_activation_scales(w, units, layer.in_segments)[0], layer, spec)
         y = torch.cat([q for q, _ in quantized], dim=-1) @ w_hat.t()
     else:
         w_hat = _quantize_weight(w, layer, spec)
@@ -346,8 +386,8 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)``."""
-    ref = reference.double()
-    noise = (ref - approx.double()).pow(2).sum()
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
     signal = ref.pow(2).sum()
     if noise == 0:
         return float("inf")

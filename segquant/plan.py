@@ -1,7 +1,9 @@
 """The SegQuant plan: per Linear, which segments get their own scale and which inputs get DualScale.
 
 The plan is plain data keyed by module name (as ``named_modules()`` yields it). Graph analysis writes
-it, both backends read it, and it round-trips through JSON (schema version 1).
+it, ``Recipe.apply`` decides per layer whether it stays in high precision and its precision, and every
+backend quantizes exactly what the applied plan says. It round-trips through JSON (schema version 2; version
+1 files, which predate ``high_precision`` and ``precision``, are read as well).
 """
 
 from __future__ import annotations
@@ -14,17 +16,23 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import PlanError
+from .precision import PRECISIONS
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "geglu", "swiglu")
 """Activations whose outputs feed DualScale layers."""
 
 PATTERNS = ("linear->chunk", "linear->split", "linear->unbind", "cat->linear", "stack->linear",
-            "reshape->linear", "act->linear", "act->cat->linear")
+            "reshape->linear", "act->linear", "act->cat->linear", "linear->output", "override")
 """Names of the graph patterns that produce plan entries (see SPEC section 2)."""
 
-_OVERRIDABLE = ("in_segments", "out_segments", "dual_scale", "dual_scale_segments", "activation")
+_OVERRIDABLE = ("in_segments", "out_segments", "dual_scale", "dual_scale_segments", "activation", "high_precision",
+                "precision")
+_FIELD_TYPES = {"in_features": int, "out_features": int, "in_segments": list, "out_segments": list, "dual_scale": bool,
+                "dual_scale_segments": list, "activation": (str, type(None)), "patterns": list, "nodes": list,
+                "high_precision": bool, "precision": (str, type(None))}
 
 
 def _as_sizes(value: Iterable[int], what: str, name: str) -> tuple[int, ...]:
@@ -48,6 +56,9 @@ class LinearPlan:
         activation: the activation that produced the DualScale input (one of ``ACTIVATIONS``).
         patterns: graph patterns that produced this entry (``PATTERNS``), for provenance.
         nodes: names of the graph nodes where the patterns were found, for provenance.
+        high_precision: the layer is not quantized (a recipe's ``skip``, or the model's output layer).
+        precision: the precision the layer is quantized with (a ``segquant.precision`` name), set by
+            ``Recipe.apply``; None on an analysed plan (the backend's config decides).
     """
 
     in_features: int
@@ -59,6 +70,8 @@ class LinearPlan:
     activation: str | None = None
     patterns: tuple[str, ...] = ()
     nodes: tuple[str, ...] = ()
+    high_precision: bool = False
+    precision: str | None = None
     name: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +102,12 @@ class LinearPlan:
                             f"{len(self.in_segments)} input segments")
         if self.activation is not None and self.activation not in ACTIVATIONS:
             raise PlanError(f"{name}: unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        if self.precision is not None:
+            if self.precision not in PRECISIONS:
+                raise PlanError(f"{name}: unknown precision {self.precision!r}; one of {', '.join(PRECISIONS)}")
+            if self.high_precision:
+                raise PlanError(f"{name}: a layer kept in high precision has no precision (got "
+                                f"{self.precision!r}); set precision to null or high_precision to false")
 
     @property
     def seg_linear(self) -> bool:
@@ -97,8 +116,21 @@ class LinearPlan:
 
     @property
     def is_plain(self) -> bool:
-        """True when SegQuant changes nothing for this layer."""
+        """True when SegQuant's techniques change nothing for this layer (no segments, no DualScale)."""
         return not self.seg_linear and not self.dual_scale
+
+    @property
+    def quantized(self) -> bool:
+        """True unless the layer stays in high precision."""
+        return not self.high_precision
+
+    def without_segments(self) -> "LinearPlan":
+        """One input and one output segment. DualScale survives the merge only when every merged input
+        segment was DualScale (one scale pair cannot serve a segment that is not activation-fed)."""
+        if not self.seg_linear:
+            return self
+        all_dual = self.dual_scale and len(self.dual_scale_segments) == len(self.in_segments)
+        return self.replace(in_segments=(), out_segments=(), dual_scale=all_dual)
 
     def check_module(self, module: Any) -> None:
         """Raise ``PlanError`` unless ``module`` is an ``nn.Linear`` of the planned shape."""
@@ -131,6 +163,8 @@ class LinearPlan:
             "activation": self.activation,
             "patterns": list(self.patterns),
             "nodes": list(self.nodes),
+            "high_precision": self.high_precision,
+            "precision": self.precision,
         }
 
     @classmethod
@@ -142,7 +176,13 @@ class LinearPlan:
         known = {f.name for f in dataclasses.fields(cls)} - {"name"}
         unknown = set(data) - known
         if unknown:
-            raise PlanError(f"{name or '<layer>'}: unknown plan keys {sorted(unknown)}")
+            raise PlanError(f"{name or '<layer>'}: unknown plan keys {sorted(unknown)}; known: {sorted(known)}")
+        for key, value in data.items():
+            expected = _FIELD_TYPES[key]
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+                raise PlanError(f"{name or '<layer>'}: plan key {key!r} must be {names.replace('NoneType', 'null')}"
+                                f", got {value!r}")
         return cls(name=name, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
 
@@ -154,17 +194,21 @@ class SegQuantPlan:
         layers: module name -> ``LinearPlan``; every ``nn.Linear`` the analysis saw is present.
         model_class: class name of the analysed model.
         capture: how the graph was captured: ``"export"`` or ``"eager"``.
+        recipe: the recipe applied to the plan (``Recipe.apply``), or ``""`` for an analysed plan.
     """
 
     layers: Mapping[str, LinearPlan]
     model_class: str = ""
     capture: str = "export"
+    recipe: str = ""
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != PLAN_VERSION:
-            raise PlanError(f"plan version {self.version} is not supported; this SegQuant reads version "
-                            f"{PLAN_VERSION}. Re-run `segquant analyze` to regenerate it")
+        if isinstance(self.version, bool) or self.version not in READABLE_VERSIONS:
+            raise PlanError(f"plan version {self.version!r} is not supported; this SegQuant reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))} (an integer). Re-run `segquant analyze` "
+                            "to regenerate the plan")
+        object.__setattr__(self, "version", PLAN_VERSION)
         layers = {}
         for name, layer in self.layers.items():
             if not isinstance(layer, LinearPlan):
@@ -196,14 +240,57 @@ class SegQuantPlan:
         return [n for n, p in self.layers.items() if len(p.in_segments) > 1]
 
     def dual_scaled(self) -> list[str]:
-        return [n for n, p in self.layers.items() if p.dual_scale]
+        """Quantized layers with DualScale (a layer kept in high precision has none in effect)."""
+        return [n for n, p in self.layers.items() if p.dual_scale and p.quantized]
+
+    def quantized_layers(self) -> list[str]:
+        return [n for n, p in self.layers.items() if p.quantized]
+
+    def high_precision_layers(self) -> list[str]:
+        return [n for n, p in self.layers.items() if p.high_precision]
+
+    def precision(self) -> str | None:
+        """The one precision of the quantized layers (None on an analysed plan).
+
+        Raises:
+            PlanError: the quantized layers mix precisions, or some have one and others none.
+        """
+        found = {p.precision for p in self.layers.values() if p.quantized}
+        if len(found) > 1:
+            raise PlanError(f"the plan mixes precisions {sorted(map(str, found))}; the backends quantize one "
+                            "precision per model")
+        return next(iter(found), None)
 
     def summary(self) -> str:
+        high = len(self.high_precision_layers())
+        kept = f", {high} kept in high precision" if high else ""
         return (f"{len(self.output_segmented())} output-segmented, {len(self.input_segmented())} "
-                f"input-segmented, {len(self.dual_scaled())} DualScale of {len(self.layers)} Linear")
+                f"input-segmented, {len(self.dual_scaled())} DualScale of {len(self.layers)} Linear{kept}")
 
     def __str__(self) -> str:
         return format_table(self)
+
+    def check_model(self, model: Any, complete: bool = False) -> None:
+        """Raise ``PlanError`` unless every planned layer exists in ``model`` as an ``nn.Linear`` of the planned
+        shape (and, with ``complete``, every ``nn.Linear`` of the model is planned). Backends call this before
+        they change anything, so a plan of another model leaves the model as it was."""
+        from torch import nn
+
+        model_class = type(model).__name__
+        if self.model_class and self.model_class != model_class:
+            raise PlanError(f"the plan was made for {self.model_class}, the model is a {model_class}: "
+                            "re-run segquant.analyze on this model")
+        modules = dict(model.named_modules())
+        for name, layer in self.layers.items():
+            if name not in modules:
+                raise PlanError(f"{name}: in the plan but not in {model_class}; the plan belongs to "
+                                f"{self.model_class or 'another model'}: re-run segquant.analyze on this model")
+            layer.check_module(modules[name])
+        if complete:
+            missing = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in self.layers]
+            if missing:
+                raise PlanError(f"the plan has no entry for {missing[0]} ({len(missing)} Linear layers of "
+                                f"{model_class}); it is not a plan of this model")
 
     # ---- edits ------------------------------------------------------------------------------
     def matching(self, pattern: str) -> list[str]:
@@ -235,25 +322,42 @@ class SegQuantPlan:
         return plan
 
     def ablate(self, seg_linear: bool = True, dual_scale: bool = True) -> "SegQuantPlan":
-        """The plan with SegLinear and/or DualScale switched off everywhere (the paper's ablation)."""
+        """The plan with SegLinear and/or DualScale switched off everywhere (the paper's ablation).
+        Idempotent: ablating an ablated plan changes nothing."""
         layers = {}
         for name, p in self.layers.items():
-            changes: dict[str, Any] = {}
-            if not seg_linear and p.seg_linear:
-                changes.update(in_segments=(), out_segments=())
+            if not seg_linear:
+                p = p.without_segments()
             if not dual_scale and p.dual_scale:
-                changes.update(dual_scale=False)
-            elif p.dual_scale and not seg_linear and len(p.in_segments) > 1:
-                # One segment remains: keep DualScale only when every old segment was activation-fed.
-                all_act = len(p.dual_scale_segments) == len(p.in_segments)
-                changes.update(dual_scale=all_act)
-            layers[name] = p.replace(**changes) if changes else p
+                p = p.replace(dual_scale=False)
+            layers[name] = p
         return dataclasses.replace(self, layers=layers)
+
+    def keep_high_precision(self, patterns: Iterable[str]) -> "SegQuantPlan":
+        """The plan with every layer matching one of the globs kept in high precision (no precision).
+
+        Raises:
+            PlanError: a glob matches no layer.
+        """
+        layers = dict(self.layers)
+        for pattern in patterns:
+            names = self.matching(pattern)
+            if not names:
+                raise PlanError(f"high-precision pattern {pattern!r} matches no layer of "
+                                f"{self.model_class or 'the plan'}")
+            for name in names:
+                layers[name] = layers[name].replace(high_precision=True, precision=None)
+        return dataclasses.replace(self, layers=layers)
+
+    def with_precision(self, precision: str, recipe: str = "") -> "SegQuantPlan":
+        """The plan with every quantized layer set to ``precision`` (a ``segquant.precision`` name)."""
+        layers = {n: p if p.high_precision else p.replace(precision=precision) for n, p in self.layers.items()}
+        return dataclasses.replace(self, layers=layers, recipe=recipe or self.recipe)
 
     # ---- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "model_class": self.model_class, "capture": self.capture,
-                "layers": {n: p.to_dict() for n, p in self.layers.items()}}
+                "recipe": self.recipe, "layers": {n: p.to_dict() for n, p in self.layers.items()}}
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -264,9 +368,22 @@ class SegQuantPlan:
             raise PlanError("not a SegQuant plan: expected a mapping with 'version' and 'layers'")
         if "version" not in data:
             raise PlanError("plan has no 'version' field; re-run `segquant analyze` to regenerate it")
-        layers = {n: LinearPlan.from_dict(d, name=n) for n, d in data["layers"].items()}
-        return cls(layers=layers, model_class=data.get("model_class", ""),
-                   capture=data.get("capture", "export"), version=data["version"])
+        unknown = set(data) - {"version", "model_class", "capture", "recipe", "layers"}
+        if unknown:
+            raise PlanError(f"unknown plan keys {sorted(unknown)}; a plan has version, model_class, capture, "
+                            "recipe and layers")
+        if not isinstance(data["layers"], Mapping):
+            raise PlanError(f"plan 'layers' must map module names to entries, got {type(data['layers']).__name__}")
+        for key in ("model_class", "capture", "recipe"):
+            if not isinstance(data.get(key, ""), str):
+                raise PlanError(f"plan {key!r} must be a string, got {data[key]!r}")
+        layers = {}
+        for n, d in data["layers"].items():
+            if not isinstance(d, Mapping):
+                raise PlanError(f"{n}: a plan entry is a mapping of LinearPlan fields, got {type(d).__name__}")
+            layers[n] = LinearPlan.from_dict(d, name=n)
+        return cls(layers=layers, model_class=data.get("model_class", ""), capture=data.get("capture", "export"),
+                   recipe=data.get("recipe", ""), version=data["version"])
 
     @classmethod
     def from_json(cls, text: str) -> "SegQuantPlan":
@@ -294,19 +411,21 @@ def _fmt_sizes(sizes: tuple[int, ...]) -> str:
 
 def format_table(plan: SegQuantPlan, only_changed: bool = True) -> str:
     """A readable table of the layers SegQuant changes (all layers with ``only_changed=False``)."""
-    rows = [(n, p) for n, p in plan.layers.items() if not (only_changed and p.is_plain)]
-    header = ("layer", "K x N", "in segments", "out segments", "DualScale", "patterns")
+    rows = [(n, p) for n, p in plan.layers.items() if not (only_changed and p.is_plain and not p.high_precision)]
+    header = ("layer", "K x N", "precision", "in segments", "out segments", "DualScale", "patterns")
     body = []
     for name, p in rows:
         dual = "-"
         if p.dual_scale:
             segs = "" if len(p.in_segments) == 1 else " seg " + ",".join(map(str, p.dual_scale_segments))
             dual = f"{p.activation or 'yes'}{segs}"
-        body.append((name, f"{p.in_features}x{p.out_features}", _fmt_sizes(p.in_segments),
+        precision = "high" if p.high_precision else (p.precision or "-")
+        body.append((name, f"{p.in_features}x{p.out_features}", precision, _fmt_sizes(p.in_segments),
                      _fmt_sizes(p.out_segments), dual, ",".join(x for x in p.patterns)))
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    title = f"SegQuant plan for {plan.model_class or 'model'} ({plan.capture}): {plan.summary()}"
+    recipe = f", recipe {plan.recipe}" if plan.recipe else ""
+    title = f"SegQuant plan for {plan.model_class or 'model'} ({plan.capture}{recipe}): {plan.summary()}"
     out = [title, line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in body]
     if only_changed:
         out.append(f"({len(plan.layers) - len(rows)} plain Linear layers not shown)")

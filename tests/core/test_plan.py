@@ -26,11 +26,12 @@ def test_defaults_fill_unsegmented():
 
 def test_json_schema_is_stable():
     data = json.loads(_plan().to_json())
-    assert data["version"] == 1 and data["model_class"] == "Toy"
+    assert data["version"] == 2 and data["model_class"] == "Toy"
     entry = data["layers"]["a.proj_out"]
     assert entry == {"in_features": 160, "out_features": 32, "in_segments": [32, 128], "out_segments": [32],
                      "dual_scale": True, "dual_scale_segments": [1], "activation": "gelu_tanh",
-                     "patterns": ["cat->linear", "act->cat->linear"], "nodes": ["cat_11", "gelu_2"]}
+                     "patterns": ["cat->linear", "act->cat->linear"], "nodes": ["cat_11", "gelu_2"],
+                     "high_precision": False, "precision": None}
     assert data["layers"]["a.to_q"]["in_segments"] == [32]
     assert data["layers"]["a.to_q"]["activation"] is None
 
@@ -88,8 +89,13 @@ def test_bad_linear_plan(kwargs, message):
 def test_bad_plan_input():
     with pytest.raises(PlanError, match="not valid JSON"):
         SegQuantPlan.from_json("{oops")
-    with pytest.raises(PlanError, match="version 2 is not supported"):
-        SegQuantPlan.from_json(json.dumps({"version": 2, "layers": {}}))
+    with pytest.raises(PlanError, match="version 3 is not supported"):
+        SegQuantPlan.from_json(json.dumps({"version": 3, "layers": {}}))
+    with pytest.raises(PlanError, match="version '1' is not supported"):
+        SegQuantPlan.from_json(json.dumps({"version": "1", "layers": {}}))
+    with pytest.raises(PlanError, match="x: plan key 'dual_scale' must be bool, got 'false'"):
+        SegQuantPlan.from_dict({"version": 2, "layers": {"x": {"in_features": 2, "out_features": 2,
+                                                                "dual_scale": "false"}}})
     with pytest.raises(PlanError, match="no 'version'"):
         SegQuantPlan.from_json(json.dumps({"layers": {}}))
     with pytest.raises(PlanError, match=r"x: unknown plan keys \['colour'\]"):
@@ -100,3 +106,39 @@ def test_bad_plan_input():
         _plan().override("a.*", in_features=3)
     with pytest.raises(PlanError, match="missing: no such layer"):
         _plan()["missing"]
+
+
+def test_version_1_plans_are_read_and_upgraded():
+    data = _plan().to_dict()
+    data["version"] = 1
+    del data["recipe"]
+    for entry in data["layers"].values():
+        del entry["high_precision"], entry["precision"]
+    plan = SegQuantPlan.from_dict(data)
+    assert plan.version == 2 and plan == _plan() and not plan.high_precision_layers()
+
+
+def test_applied_plan_says_precision_and_high_precision_per_layer():
+    plan = _plan().keep_high_precision(["a.to_q"]).with_precision("fp8", recipe="toy/fp8")
+    assert plan.high_precision_layers() == ["a.to_q"] and plan["a.to_q"].precision is None
+    assert plan.precision() == "fp8" and plan.recipe == "toy/fp8"
+    assert plan.quantized_layers() == ["a.proj_out", "a.norm.linear"]
+    assert "1 kept in high precision" in plan.summary() and "recipe toy/fp8" in str(plan)
+    assert SegQuantPlan.from_json(plan.to_json()) == plan
+    mixed = plan.override("a.proj_out", precision="int8_w8a8")
+    with pytest.raises(PlanError, match="mixes precisions"):
+        mixed.precision()
+    with pytest.raises(PlanError, match="unknown precision 'int3'"):
+        LinearPlan(4, 4, precision="int3", name="x")
+    with pytest.raises(PlanError, match="a layer kept in high precision has no precision"):
+        LinearPlan(4, 4, precision="fp8", high_precision=True, name="x")
+    with pytest.raises(PlanError, match="high-precision pattern 'nothing' matches no layer"):
+        plan.keep_high_precision(["nothing"])
+
+
+def test_merging_segments_keeps_dual_scale_only_when_every_segment_had_it():
+    plan = _plan()
+    merged = plan["a.proj_out"].without_segments()  # one of two input segments is DualScale
+    assert merged.in_segments == (160,) and not merged.dual_scale
+    assert plan["a.norm.linear"].without_segments().dual_scale  # its one input segment is DualScale
+    assert plan.ablate(seg_linear=False) == plan.ablate(seg_linear=False).ablate(seg_linear=False)

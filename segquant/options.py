@@ -1,0 +1,41 @@
+"""Every quantization option SegQuant knows, declared once with its allowed values and its one default.
+
+The precision registry, the recipes, the reference numerics and both adapters validate through
+``check_choice`` against these tuples, so an option cannot drift between them.
+"""
+
+from __future__ import annotations
+
+from .errors import SegQuantError
+
+REALISATIONS = ("split_k", "folded")
+"""How per-segment input scales are realised: ``split_k`` (exact: one GEMM per input segment, ``a_s``
+applied after) or ``folded`` (``a_s`` folded into the weight columns before weight quantization: one GEMM,
+a per-tensor activation Q/DQ after a ``pre_quant_scale`` Mul on export)."""
+DEFAULT_REALISATION = "split_k"
+
+ACTIVATION_MODES = ("static", "dynamic")
+"""``static``: calibrated per-segment scales; ``dynamic``: per-token scales computed at run time."""
+
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
+"""``per_tensor``: one weight scale per output segment of the plan; ``per_channel``: one per output row."""
+
+KERNELS = ("naive", "fused")
+"""torchao GEMM kernels: ``naive`` (torch's own, DualScale with M doubled) or ``fused`` (Triton)."""
+DEFAULT_KERNEL = "naive"
+
+
+def check_choice(value: object, allowed: tuple[str, ...], what: str) -> str:
+    """``value`` if it is one of ``allowed``; else a ``SegQuantError`` naming the option and its choices."""
+    if not isinstance(value, str) or value not in allowed:
+        raise SegQuantError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def check_alpha(alpha: object, what: str = "smoothquant_alpha") -> float | None:
+    """A SmoothQuant alpha in [0, 1], or None for no smoothing."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise SegQuantError(f"{what} must be a number in [0, 1] or null (no smoothing); got {alpha!r}")
+    return float(alpha)
