@@ -14,7 +14,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.export.graph_signature import OutputKind, TensorArgument
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .errors import GraphAnalysisError
 
@@ -66,11 +68,13 @@ class OpNode:
 
 @dataclass
 class OpGraph:
-    """Nodes in execution order, how they were captured, and where each Linear is called."""
+    """Nodes in execution order, how they were captured, where each Linear is called, and the nodes whose
+    tensors the model returns (``outputs``, in the order of the flattened return value)."""
 
     nodes: list[OpNode]
     capture: str
     linear_calls: dict[str, list[OpNode]]
+    outputs: list[OpNode] = field(default_factory=list)
 
 
 def _flatten(values: Iterable[Any]) -> Iterable[Any]:
@@ -177,7 +181,11 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
         by_fx[fx_node] = node
         nodes.append(node)
     _link_users(nodes)
-    return OpGraph(nodes, "export", _collect_linear_calls(nodes, _linear_modules(model)))
+    by_name = {node.name: node for node in nodes}
+    outputs = [by_name[spec.arg.name] for spec in signature.output_specs
+               if spec.kind == OutputKind.USER_OUTPUT and isinstance(spec.arg, TensorArgument)
+               and spec.arg.name in by_name]
+    return OpGraph(nodes, "export", _collect_linear_calls(nodes, _linear_modules(model)), outputs)
 
 
 # ---- eager path -------------------------------------------------------------------------------------
@@ -256,13 +264,15 @@ def capture_eager(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
         handles.append(module.register_forward_hook(leave))
     try:
         with recorder:
-            model(*args, **kwargs)
+            result = model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
     nodes = recorder.nodes
     _link_users(nodes)
-    return OpGraph(nodes, "eager", _collect_linear_calls(nodes, _linear_modules(model)))
+    outputs = [recorder.by_id[id(t)] for t in pytree.tree_leaves(result)
+               if isinstance(t, torch.Tensor) and id(t) in recorder.by_id]
+    return OpGraph(nodes, "eager", _collect_linear_calls(nodes, _linear_modules(model)), outputs)
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, method: str = "auto") -> OpGraph:

@@ -2,7 +2,9 @@
 
 Walks backwards from every Linear input (``cat``/``stack``/head-merge -> input segments; SiLU, GELU,
 GEGLU/SwiGLU gates -> DualScale) and forwards from every Linear output (``chunk``/``split``/``unbind``
-on the feature dim -> output segments), through ops that keep the feature (last) dim intact.
+on the feature dim -> output segments), through ops that keep the feature (last) dim intact. A Linear
+whose output becomes a graph output through layout-only ops is the model's output layer: it stays in high
+precision (``AnalysisOptions.keep_output_layer``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable, NamedTuple
 
 from torch import nn
 
@@ -32,6 +34,9 @@ SPLITS = frozenset({"chunk", "split", "split_with_sizes", "unbind", "unsafe_spli
                     "split_copy"})
 ELEMENTWISE = frozenset({"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"})
 ACTIVATIONS = {"silu": "silu", "silu_": "silu", "gelu": "gelu", "gelu_": "gelu"}
+LAYOUT_ONLY = TRANSPARENT | VIEWS | PERMUTES | SPLITS | frozenset({"getitem", "index", "slice", "select", "narrow"})
+"""Ops that move, cast or select values without combining them (plus single-operand permuting ``einsum``):
+a Linear whose result reaches a graph output through these alone is the model's output layer."""
 MAX_WALK = 64
 
 
@@ -46,12 +51,17 @@ class AnalysisOptions:
         head_segments: treat attention heads merged before a Linear (``attn.to_out.0``) as one input
             segment per head, as the paper's reference code does. Off by default: every attention
             output projection would get one activation scale per head.
+        keep_output_layer: the model's output projection stays in high precision, as ModelOpt's diffusers
+            recipes and the paper's deployments keep it: a Linear whose result reaches a graph output through
+            layout-only ops (reshape, permute, casts, indexing) is planned with ``high_precision=True`` and
+            the pattern ``"linear->output"``. Default True.
     """
 
     capture: str = "auto"
     seg_linear: bool = True
     dual_scale: bool = True
     head_segments: bool = False
+    keep_output_layer: bool = True
 
 
 @dataclass
@@ -327,82 +337,180 @@ def _is_constant(value: Any) -> bool:
     return False
 
 
+class _Frame(NamedTuple):
+    """One step of the forward walk: dims ``outer``.. of ``node`` hold the N features, with the outermost
+    factor (``n_outer`` values, each a contiguous range of N // n_outer) at ``outer``; ``contiguous`` is
+    False once a permute has reordered the dims inside the feature block."""
+
+    node: OpNode
+    outer: int
+    n_outer: int
+    contiguous: bool
+
+
+@dataclass
+class _Boundaries:
+    """What the forward walk from one Linear's output found, and the frames it has still to visit."""
+
+    n_out: int
+    stack: list[_Frame]
+    cuts: set[int] = field(default_factory=set)
+    patterns: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    def found(self, pattern: str, user: OpNode) -> None:
+        self.patterns.append(pattern)
+        self.names.append(user.name)
+
+
+_Handler = Callable[[_Boundaries, _Frame, OpNode], None]
+_OUTPUT_HANDLERS: dict[str, _Handler] = {}
+"""Op name -> how the forward walk goes through (or cuts at) a user of the Linear's output."""
+
+
+def _follows(*op_sets: Iterable[str]) -> Callable[[_Handler], _Handler]:
+    """Register a handler of the forward walk for every op in ``op_sets``."""
+    def register(handler: _Handler) -> _Handler:
+        for op in (op for ops in op_sets for op in ops):
+            assert op not in _OUTPUT_HANDLERS, f"two output-walk handlers for {op}"
+            _OUTPUT_HANDLERS[op] = handler
+        return handler
+    return register
+
+
+@_follows(TRANSPARENT)
+def _through_transparent(walk: _Boundaries, frame: _Frame, user: OpNode) -> None:
+    if user.shape == frame.node.shape and _src(user) is frame.node:
+        walk.stack.append(frame._replace(node=user))
+
+
+@_follows(ELEMENTWISE)
+def _through_elementwise(walk: _Boundaries, frame: _Frame, user: OpNode) -> None:
+    """``y = x op c`` with a constant ``c`` keeps the features where they were (broadcasting may add dims)."""
+    node, outer = frame.node, frame.outer
+    if user.shape is None:
+        return
+    others = [a for a in user.args[:2] if a is not node]
+    shift = user.ndim - node.ndim
+    if (len(others) == 1 and _is_constant(others[0]) and shift >= 0
+            and user.shape[outer + shift:] == node.shape[outer:]):
+        walk.stack.append(frame._replace(node=user, outer=outer + shift))
+
+
+@_follows(VIEWS)
+def _through_view(walk: _Boundaries, frame: _Frame, user: OpNode) -> None:
+    """A reshape of a contiguous feature block: the first dim where the N features start is the new outer."""
+    node = frame.node
+    if not (frame.contiguous and _src(user) is node and user.shape):
+        return
+    lead = math.prod(node.shape[:frame.outer])
+    for k in range(user.ndim):
+        if (math.prod(user.shape[k:]) == walk.n_out and math.prod(user.shape[:k]) == lead
+                and (user.shape[k] > 1 or k == user.ndim - 1)):
+            walk.stack.append(_Frame(user, k, user.shape[k], True))
+            break
+
+
+@_follows(PERMUTES)
+def _through_permute(walk: _Boundaries, frame: _Frame, user: OpNode) -> None:
+    perm = _permutation(user) if _src(user) is frame.node else None
+    if perm is not None:
+        new_outer = perm.index(frame.outer)
+        still = frame.contiguous and perm[new_outer:] == list(range(frame.outer, frame.node.ndim))
+        walk.stack.append(_Frame(user, new_outer, frame.n_outer, still))
+
+
+@_follows(SPLITS)
+def _at_split(walk: _Boundaries, frame: _Frame, user: OpNode) -> None:
+    """A split on the outer feature dim cuts the output; one on an earlier dim is walked through."""
+    if _src(user) is not frame.node:
+        return
+    dim, sizes = _split_dim(user), _split_sizes(user)
+    if dim is None or sizes is None:
+        return
+    if dim == frame.outer and len(sizes) > 1:
+        unit = walk.n_out // frame.n_outer
+        offset = 0
+        for s in sizes[:-1]:
+            offset += s * unit
+            walk.cuts.add(offset)
+        walk.found({"unbind": "linear->unbind", "chunk": "linear->chunk"}.get(user.op, "linear->split"), user)
+    elif dim < frame.outer:
+        for item in user.users:
+            if item.op == "getitem":
+                walk.stack.append(frame._replace(node=item, outer=frame.outer - (user.op == "unbind")))
+
+
+@_follows(("select", "slice", "narrow", "index"))
+def _at_index(walk: _Boundaries, frame: _Frame, user: OpNode) -> None:
+    """A slice of the outer feature dim cuts the output at its bounds; indexing other dims is walked through."""
+    node, outer = frame.node, frame.outer
+    entries = _index_entries(user, node.ndim) if _src(user) is node else None
+    if entries is None:
+        return
+    at = next((e for e in entries if e[0] == outer), None)
+    later = [e for e in entries if e[0] is not None and e[0] > outer]
+    if at is None or any(e[2] != ("full",) for e in later):
+        return
+    if at[2] == ("full",):
+        if all(e[1] is not None for e in later) and not any(
+                e[0] is None and e[1] is not None and e[1] > at[1] for e in entries):
+            walk.stack.append(frame._replace(node=user, outer=at[1]))
+        return
+    size = node.shape[outer]
+    bounds = (_range(size, at[2][1], at[2][1] + 1 if at[2][1] != -1 else None)
+              if at[2][0] == "int" else _range(size, at[2][1], at[2][2]))
+    if bounds is not None:
+        unit = walk.n_out // frame.n_outer
+        walk.cuts.update(b * unit for b in bounds if 0 < b < size)
+        walk.found("linear->split", user)
+
+
 def _output_boundaries(linear: OpNode) -> tuple[set[int], list[str], list[str]]:
     """Feature offsets at which users of a Linear's output split it, with patterns and node names."""
     n_out = linear.shape[-1]
-    cuts: set[int] = set()
-    patterns: list[str] = []
-    names: list[str] = []
-    # state: (node, outer_dim, n_outer, contiguous): dims outer_dim.. of node hold the N features with
-    # the outermost factor (n_outer values, each a contiguous range of N // n_outer) at outer_dim.
-    stack = [(linear, linear.ndim - 1, n_out, True)]
+    walk = _Boundaries(n_out, [_Frame(linear, linear.ndim - 1, n_out, True)])
     seen = 0
-    while stack and seen < 4 * MAX_WALK:
-        node, outer, n_outer, contiguous = stack.pop()
+    while walk.stack and seen < 4 * MAX_WALK:
+        frame = walk.stack.pop()
         seen += 1
-        unit = n_out // n_outer
-        for user in node.users:
+        for user in frame.node.users:
             if user.shape is not None and not user.shape and user.op not in SPLITS:
                 continue
-            op = user.op
-            if op in TRANSPARENT and user.shape == node.shape and _src(user) is node:
-                stack.append((user, outer, n_outer, contiguous))
-            elif op in ELEMENTWISE and user.shape is not None:
-                others = [a for a in user.args[:2] if a is not node]
-                shift = user.ndim - node.ndim
-                if (len(others) == 1 and _is_constant(others[0]) and shift >= 0
-                        and user.shape[outer + shift:] == node.shape[outer:]):
-                    stack.append((user, outer + shift, n_outer, contiguous))
-            elif op in VIEWS and contiguous and _src(user) is node and user.shape:
-                lead = math.prod(node.shape[:outer])
-                for k in range(user.ndim):
-                    if (math.prod(user.shape[k:]) == n_out and math.prod(user.shape[:k]) == lead
-                            and (user.shape[k] > 1 or k == user.ndim - 1)):
-                        stack.append((user, k, user.shape[k], True))
-                        break
-            elif op in PERMUTES and _src(user) is node:
-                perm = _permutation(user)
-                if perm is not None:
-                    new_outer = perm.index(outer)
-                    tail = list(range(outer, node.ndim))
-                    still = contiguous and perm[new_outer:] == tail
-                    stack.append((user, new_outer, n_outer, still))
-            elif op in SPLITS and _src(user) is node:
-                dim, sizes = _split_dim(user), _split_sizes(user)
-                if dim is None or sizes is None:
-                    continue
-                if dim == outer and len(sizes) > 1:
-                    offset = 0
-                    for s in sizes[:-1]:
-                        offset += s * unit
-                        cuts.add(offset)
-                    patterns.append({"unbind": "linear->unbind", "chunk": "linear->chunk"}.get(op, "linear->split"))
-                    names.append(user.name)
-                elif dim < outer:
-                    for item in user.users:
-                        if item.op == "getitem":
-                            stack.append((item, outer - (op == "unbind"), n_outer, contiguous))
-            elif op in ("select", "slice", "narrow", "index") and _src(user) is node:
-                entries = _index_entries(user, node.ndim)
-                if entries is None:
-                    continue
-                at = next((e for e in entries if e[0] == outer), None)
-                later = [e for e in entries if e[0] is not None and e[0] > outer]
-                if at is None or any(e[2] != ("full",) for e in later):
-                    continue
-                if at[2] == ("full",):
-                    if all(e[1] is not None for e in later) and not any(
-                            e[0] is None and e[1] is not None and e[1] > at[1] for e in entries):
-                        stack.append((user, at[1], n_outer, contiguous))
-                    continue
-                size = node.shape[outer]
-                bounds = (_range(size, at[2][1], at[2][1] + 1 if at[2][1] != -1 else None)
-                          if at[2][0] == "int" else _range(size, at[2][1], at[2][2]))
-                if bounds is not None:
-                    cuts.update(b * unit for b in bounds if 0 < b < size)
-                    patterns.append("linear->split")
-                    names.append(user.name)
-    return cuts, patterns, names
+            handler = _OUTPUT_HANDLERS.get(user.op)
+            if handler is not None:
+                handler(walk, frame, user)
+    return walk.cuts, walk.patterns, walk.names
+
+
+def _permuting_einsum(node: OpNode, src: OpNode) -> bool:
+    """True for ``einsum("nhwpqc->nchpwq", src)``: one operand whose dims are only reordered."""
+    equation = node.arg(0, "equation")
+    if node.tensor_args() != [src] or not isinstance(equation, str) or equation.count("->") != 1:
+        return False
+    lhs, rhs = (side.replace(" ", "").replace("...", "") for side in equation.split("->"))
+    return "," not in lhs and len(set(lhs)) == len(lhs) and sorted(lhs) == sorted(rhs)
+
+
+def _moves_values(user: OpNode, node: OpNode) -> bool:
+    """True if ``user`` only moves, casts or selects the values of ``node`` (never combines them)."""
+    if user.op == "einsum":
+        return _permuting_einsum(user, node)
+    return user.op in LAYOUT_ONLY and _src(user) is node
+
+
+def _output_reached(linear: OpNode, outputs: frozenset[OpNode]) -> OpNode | None:
+    """The graph output that ``linear``'s result becomes through layout-only ops, or None."""
+    stack, seen = [linear], set()
+    while stack and len(seen) < 4 * MAX_WALK:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in outputs:
+            return node
+        stack.extend(user for user in node.users if _moves_values(user, node))
+    return None
 
 
 def _index_entries(node: OpNode, ndim: int) -> list[tuple] | None:
@@ -448,7 +556,8 @@ def _sizes_from_cuts(cuts: set[int], total: int) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
 
-def _plan_linear(name: str, module: nn.Linear, calls: list[OpNode], options: AnalysisOptions) -> LinearPlan:
+def _plan_linear(name: str, module: nn.Linear, calls: list[OpNode], options: AnalysisOptions,
+                 outputs: frozenset[OpNode] = frozenset()) -> LinearPlan:
     per_call = []
     for call in calls:
         x = call.arg(0, "input")
@@ -471,6 +580,13 @@ def _plan_linear(name: str, module: nn.Linear, calls: list[OpNode], options: Ana
     cuts = set().union(*(c for _, c, _, _ in per_call))
     patterns = [pat for p in first for pat in p.patterns] + [pat for *_, ps, _ in per_call for pat in ps]
     nodes = [n for p in first for n in p.nodes] + [n for *_, ns in per_call for n in ns]
+    reached = []
+    if options.keep_output_layer:
+        reached = [out for out in (_output_reached(call, outputs) for call in calls) if out is not None]
+    if reached:
+        logger.debug("%s is the model's output layer (%s); kept in high precision", name, reached[0].name)
+        patterns.append("linear->output")
+        nodes += [out.name for out in reached]
     dual = [i for i, p in enumerate(first) if p.activation]
     return LinearPlan(
         in_features=module.in_features,
@@ -482,6 +598,7 @@ def _plan_linear(name: str, module: nn.Linear, calls: list[OpNode], options: Ana
         activation=next((first[i].activation for i in dual), None),
         patterns=tuple(dict.fromkeys(patterns)),
         nodes=tuple(dict.fromkeys(nodes)),
+        high_precision=bool(reached),
         name=name,
     )
 
@@ -489,13 +606,14 @@ def _plan_linear(name: str, module: nn.Linear, calls: list[OpNode], options: Ana
 def plan_from_graph(model: nn.Module, graph: OpGraph, options: AnalysisOptions | None = None) -> SegQuantPlan:
     """Build the plan of ``model`` from an already captured graph."""
     options = options or AnalysisOptions()
+    outputs = frozenset(graph.outputs)
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             calls = graph.linear_calls.get(name, [])
             if not calls:
                 logger.debug("%s is not called in the example forward pass; planned as plain", name)
-            layers[name] = _plan_linear(name, module, calls, options)
+            layers[name] = _plan_linear(name, module, calls, options, outputs)
     plan = SegQuantPlan(layers=layers, model_class=type(model).__name__, capture=graph.capture)
     logger.info("planned %s (graph captured with %s)", plan.summary(), graph.capture)
     return plan

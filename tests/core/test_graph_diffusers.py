@@ -13,9 +13,15 @@ from _models import TINY_CONFIGS, build_tiny
 pytest.importorskip("diffusers")
 
 
-def analyze_tiny(name, capture="auto"):
+# the Linear that makes each model's output (UNet: conv_out does, so none)
+OUTPUT_LAYERS = {"FluxTransformer2DModel": ["proj_out"], "SD3Transformer2DModel": ["proj_out"],
+                 "UNet2DConditionModel": [], "PixArtTransformer2DModel": ["proj_out"],
+                 "DiTTransformer2DModel": ["proj_out_2"], "SanaTransformer2DModel": ["proj_out"]}
+
+
+def analyze_tiny(name, capture="auto", **options):
     model = build_tiny(name)
-    return segquant.analyze(model, analysis_options=AnalysisOptions(capture=capture),
+    return segquant.analyze(model, analysis_options=AnalysisOptions(capture=capture, **options),
                             **segquant.example_inputs(model))
 
 
@@ -41,7 +47,8 @@ def test_flux():
     # FLUX's joint attention splits text|image along TOKENS before to_out: not a feature segment
     assert plan["transformer_blocks.0.attn.to_out.0"].is_plain
     assert plan["transformer_blocks.0.attn.to_q"].is_plain
-    assert plan.summary() == "7 output-segmented, 4 input-segmented, 16 DualScale of 50 Linear"
+    assert plan.summary() == ("7 output-segmented, 4 input-segmented, 16 DualScale of 50 Linear, "
+                              "1 kept in high precision")  # proj_out, the output layer
 
 
 def test_sd3_with_dual_attention():
@@ -92,6 +99,23 @@ def test_eager_trace_gives_the_export_plan(name):
     assert eager.capture == "eager"
     for layer in exported:
         assert entry(exported, layer) == entry(eager, layer), layer
+        assert exported[layer].high_precision == eager[layer].high_precision, layer
+
+
+@pytest.mark.parametrize("capture", ["export", "eager"])
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_output_layer_stays_in_high_precision(name, capture):
+    plan = analyze_tiny(name, capture)
+    assert plan.capture == capture
+    assert plan.high_precision_layers() == OUTPUT_LAYERS[name]
+    for layer in OUTPUT_LAYERS[name]:
+        assert plan[layer].patterns[-1] == "linear->output" and plan[layer].precision is None
+    assert not any("linear->output" in plan[n].patterns for n in plan if n not in OUTPUT_LAYERS[name])
+    if "transformer_blocks.0.ff.net.2" in plan:
+        assert not plan["transformer_blocks.0.ff.net.2"].high_precision  # a Linear in the middle: never
+    plan = analyze_tiny(name, capture, keep_output_layer=False)
+    assert plan.high_precision_layers() == []
+    assert not any("linear->output" in plan[n].patterns for n in plan)
 
 
 class DataDependent(nn.Module):

@@ -73,7 +73,8 @@ def test_cat_with_activation_segment(capture):
     p = plan["proj_out"]
     assert p.in_segments == (8, 24)
     assert p.dual_scale and p.dual_scale_segments == (1,) and p.activation == "gelu_tanh"
-    assert p.patterns == ("cat->linear", "act->cat->linear")
+    assert p.patterns == ("cat->linear", "act->cat->linear", "linear->output")  # it is also the model's output
+    assert p.high_precision
     assert plan["qkv"].out_segments == (8, 8, 8)
     assert plan["proj_mlp"].is_plain
 
@@ -285,3 +286,54 @@ def test_shared_linear_with_different_inputs_is_left_plain(capture, caplog):
     assert not plan["l"].dual_scale and plan["l"].activation is None
     assert "called 2 times with different input structure" in caplog.text
     assert plan["t"].activation == "silu"  # DualScale only needs the values: transposes keep them
+
+
+class OutputLayers(nn.Module):
+    """``proj`` reaches an output through reshape/permute/einsum/cast only; ``mixed`` is added to another tensor
+    first; ``mid`` feeds the others; ``sliced`` is selected and chunked on its way out."""
+
+    def __init__(self):
+        super().__init__()
+        self.mid, self.mixed, self.sliced = (nn.Linear(8, 8) for _ in range(3))
+        self.proj = nn.Linear(8, 12)
+
+    def forward(self, x):
+        h = self.mid(x)
+        out = self.proj(h).reshape(2, 5, 3, 4).permute(0, 2, 1, 3).contiguous().to(torch.float32)
+        out = torch.einsum("bchw->bhwc", out)
+        mixed = self.mixed(h) + x
+        first, _ = self.sliced(h)[:, 1:].chunk(2, dim=-1)
+        return {"sample": out, "mixed": mixed, "parts": (first.unsqueeze(0),)}
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_output_layer_is_kept_in_high_precision(capture):
+    plan = plan_of(OutputLayers(), torch.randn(2, 5, 8), capture=capture)
+    assert sorted(plan.high_precision_layers()) == ["proj", "sliced"]
+    assert "linear->output" in plan["proj"].patterns and plan["proj"].precision is None
+    assert plan["sliced"].patterns == ("linear->chunk", "linear->output")
+    assert not plan["mixed"].high_precision and "linear->output" not in plan["mixed"].patterns
+    assert not plan["mid"].high_precision
+    plan = plan_of(OutputLayers(), torch.randn(2, 5, 8), capture=capture, keep_output_layer=False)
+    assert plan.high_precision_layers() == []
+    assert not any("linear->output" in p.patterns for p in plan.layers.values())
+
+
+class ReshapedOut(nn.Module):
+    def __init__(self, add_other=False):
+        super().__init__()
+        self.add_other = add_other
+        self.l = nn.Linear(4, 6)
+
+    def forward(self, x, y):
+        out = self.l(x)
+        if self.add_other:
+            out = out + y
+        return out.reshape(-1, 3)
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_linear_then_reshape_is_the_output_layer(capture):
+    x, y = torch.randn(2, 4), torch.randn(2, 6)
+    assert plan_of(ReshapedOut(), x, y, capture=capture)["l"].high_precision
+    assert not plan_of(ReshapedOut(add_other=True), x, y, capture=capture)["l"].high_precision
