@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .errors import SegQuantError
 from .numerics import QuantSpec, activation_stats, reference_linear, sqnr_db
 from .plan import LinearPlan, SegQuantPlan
+from .recording import record_linears
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +121,19 @@ class SweepPoint:
     segmented_layers: int
 
 
-def _without_segments(layer: LinearPlan) -> LinearPlan:
-    """The entry with one input segment; DualScale stays only if every old segment had it (as ``ablate``)."""
-    all_dual = layer.dual_scale and len(layer.dual_scale_segments) == len(layer.in_segments)
-    return layer.replace(in_segments=(), dual_scale=all_dual)
+def _merge_input_segments(layer: LinearPlan) -> LinearPlan:
+    """The entry with one input segment (``LinearPlan.without_segments``: DualScale stays only if every merged
+    segment had it). Output segments stay: the cost model prices input segments only, output ones are free."""
+    return layer.without_segments().replace(out_segments=layer.out_segments)
+
+
+def _kept(layer: LinearPlan, dual: bool, segments: bool) -> LinearPlan:
+    """``layer`` with its input segments merged unless ``segments`` is kept and DualScale off unless ``dual``."""
+    if len(layer.in_segments) > 1 and not segments:
+        layer = _merge_input_segments(layer)
+    if layer.dual_scale and not dual:
+        layer = layer.replace(dual_scale=False)
+    return layer
 
 
 def _sqnr(x: Tensor, linear: nn.Linear, layer: LinearPlan, spec: QuantSpec, exact: Tensor) -> float:
@@ -168,7 +178,7 @@ def _layer_gain(name: str, layer: LinearPlan, linear: nn.Module | None, inputs: 
     exact = x @ w.t() + (0 if linear.bias is None else linear.bias.detach().float())
     full = _sqnr(x, linear, layer, spec, exact)
     dual = full - _sqnr(x, linear, layer.replace(dual_scale=False), spec, exact) if layer.dual_scale else 0.0
-    seg = full - _sqnr(x, linear, _without_segments(layer), spec, exact) if len(layer.in_segments) > 1 else 0.0
+    seg = full - _sqnr(x, linear, _merge_input_segments(layer), spec, exact) if len(layer.in_segments) > 1 else 0.0
     logger.debug("%s: SQNR %.2f dB, DualScale %+.2f dB, segments %+.2f dB", name, full, dual, seg)
     return LayerGain(name, x.shape[0], full, _finite(dual), _finite(seg))
 
@@ -212,17 +222,10 @@ def select(plan: SegQuantPlan, gains: Mapping[str, LayerGain], cost: CostModel, 
     keep, _, _ = _decide(plan, gains, cost, threshold)
     out = plan
     for name, (dual, segs) in keep.items():
-        layer = out[name]
-        changes: dict[str, Any] = {}
-        if layer.dual_scale and not dual:
-            changes["dual_scale"] = False
-        if len(layer.in_segments) > 1 and not segs:
-            changes["in_segments"] = ()
-            if layer.dual_scale and dual:
-                # one segment remains: DualScale only if the segments it covered were all of K
-                changes["dual_scale"] = len(layer.dual_scale_segments) == len(layer.in_segments)
-        if changes:
-            out = out.override(name, **changes)
+        layer, kept = plan[name], _kept(plan[name], dual, segs)
+        if kept != layer:
+            out = out.override(name, in_segments=kept.in_segments, dual_scale=kept.dual_scale,
+                               dual_scale_segments=kept.dual_scale_segments, activation=kept.activation)
     dropped = [n for n in plan.layers if out[n] != plan[n]]
     logger.info("cost-aware plan at threshold %g: changed %d of %d planned layers", threshold, len(dropped),
                 sum(not p.is_plain for p in plan.layers.values()))
@@ -252,29 +255,12 @@ def capture_linear_inputs(model: nn.Module, batches: Sequence[Mapping[str, Any]]
     """Inputs of every (or the named) ``nn.Linear`` over calibration ``batches`` (kwargs of ``model``),
     flattened to ``(rows, K)`` on the CPU, at most ``max_rows`` rows per layer call and in all (evenly
     subsampled). ``rows``, when given, receives each layer's largest M of one call (for ``layer_gains``)."""
-    wanted = set(names) if names is not None else None
-    seen: dict[str, list[Tensor]] = {}
-    hooks = []
 
-    def hook(name: str, x: Tensor) -> None:
-        seen.setdefault(name, []).append(_rows(x, max_rows))
-        if rows is not None:
-            rows[name] = max(rows.get(name, 0), x.numel() // x.shape[-1])
+    def count_rows(name: str, x: Tensor) -> None:
+        rows[name] = max(rows.get(name, 0), x.numel() // x.shape[-1])
 
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (wanted is None or name in wanted):
-            hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: hook(n, a[0])))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = {}
-    for name, parts in seen.items():
-        x = torch.cat(parts).float()
-        if x.shape[0] > max_rows:
-            x = x[torch.linspace(0, x.shape[0] - 1, max_rows).long()]
-        out[name] = x
-    return out
+    with record_linears(model, names, on_input=None if rows is None else count_rows,
+                        transform=lambda x: _rows(x, max_rows)) as recording, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    return {name: _rows(torch.cat(parts).float(), max_rows) for name, parts in recording.inputs.items()}
