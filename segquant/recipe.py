@@ -1,8 +1,14 @@
-"""Recipes: per model family x precision settings, as data (``recipes/<family>/<precision>.yaml``).
+"""Recipes: per model x precision settings, as data, composed from a per-model base and per-precision deltas.
 
-A recipe says which layers stay in high precision (``skip`` globs), how the plan is overridden, the
-quantization settings and the calibration settings. ``validate`` checks it against a plan of the full-size
-model (built on ``meta``): every glob must match at least one layer.
+``recipes/<model>.yaml`` holds what every precision of a model shares (which layers stay in high precision,
+the calibration settings); ``recipes/precisions.yaml`` what each precision adds (SmoothQuant alpha,
+DualScale on or off); a base may override a precision's settings under ``precisions: {<precision>: {...}}``.
+``load_recipe("flux.1-dev/fp8")`` resolves the three into one ``Recipe``. A user's recipe file is either
+complete or names a bundled recipe under ``base:`` and changes some keys.
+
+``Recipe.apply(plan)`` gives the applied plan, the one contract every backend quantizes by: per layer,
+whether it stays in high precision and its precision, with the recipe's overrides and technique switches.
+``validate`` checks a recipe against a plan of the full-size model (built on ``meta``): every glob must match.
 """
 
 from __future__ import annotations
@@ -13,13 +19,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from .backend import QuantizeOptions
 from .errors import PlanError, SegQuantError
+from .options import DEFAULT_REALISATION, REALISATIONS, check_alpha, check_choice
 from .plan import SegQuantPlan
+from .precision import PRECISIONS as _REGISTRY
 
 SCHEMA_LINE = "# schema: segquant.recipe.Recipe"
-PRECISIONS = ("int8_w8a8", "int8_perchannel", "fp8", "w4a8")
-"""int8_w8a8: INT8 per-tensor weights and static activations (the paper's W8A8); int8_perchannel: per-channel
-INT8 weights; fp8: e4m3 per-tensor; w4a8: INT4 per-channel weights, INT8 per-token dynamic activations."""
+BASE_SCHEMA_LINE = "# schema: segquant.recipe.RecipeBase"
+DELTAS_FILE = "precisions.yaml"
+PRECISIONS = tuple(_REGISTRY)
+"""The precision names recipes take (``segquant.precision.PRECISIONS`` describes each)."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +50,19 @@ class CalibrationSettings:
     width: int = 1024
 
     def __post_init__(self) -> None:
+        for key in ("num_prompts", "steps", "height", "width"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SegQuantError(f"calibration {key} must be an integer, got {value!r}")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
+            raise SegQuantError(f"calibration guidance must be a number, got {self.guidance!r}")
         if self.num_prompts < 1 or self.steps < 1 or self.height < 16 or self.width < 16:
-            raise SegQuantError(f"calibration settings out of range: {self}")
+            raise SegQuantError(f"calibration settings out of range: {self} (num_prompts and steps at least 1, "
+                                "height and width at least 16)")
+
+
+_BOOL_KEYS = ("seg_linear", "dual_scale")
+_STR_KEYS = ("name", "model_class", "config", "precision", "realisation")
 
 
 @dataclass(frozen=True)
@@ -52,10 +73,10 @@ class Recipe:
         name: ``<model>/<precision>``, e.g. ``flux.1-dev/int8_w8a8``.
         model_class: the diffusers denoiser class.
         config: the bundled full-size config the recipe is validated against (``segquant/configs``).
-        precision: one of ``PRECISIONS``.
+        precision: a ``segquant.precision`` name.
         skip: globs of layers kept in high precision.
         overrides: ``{glob: {LinearPlan field: value}}`` applied to the analysed plan.
-        smoothquant_alpha: SmoothQuant alpha, or None for no smoothing.
+        smoothquant_alpha: SmoothQuant alpha in [0, 1], or None for no smoothing.
         realisation: input segments as ``split_k`` or ``folded``.
         seg_linear, dual_scale: SegQuant's two techniques on or off.
         calibration: ``CalibrationSettings``.
@@ -68,19 +89,30 @@ class Recipe:
     skip: tuple[str, ...] = ()
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     smoothquant_alpha: float | None = None
-    realisation: str = "split_k"
+    realisation: str = DEFAULT_REALISATION
     seg_linear: bool = True
     dual_scale: bool = True
     calibration: CalibrationSettings = CalibrationSettings()
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise SegQuantError(f"recipe {self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.realisation not in ("split_k", "folded"):
-            raise SegQuantError(f"recipe {self.name}: realisation must be split_k or folded")
-        if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
-            raise SegQuantError(f"recipe {self.name}: smoothquant_alpha must be in [0, 1]")
-        object.__setattr__(self, "skip", tuple(self.skip))
+        where = f"recipe {self.name}"
+        for key in _STR_KEYS:
+            if not isinstance(getattr(self, key), str):
+                raise SegQuantError(f"{where}: {key} must be a string, got {getattr(self, key)!r}")
+        for key in _BOOL_KEYS:
+            if not isinstance(getattr(self, key), bool):
+                raise SegQuantError(f"{where}: {key} must be true or false, got {getattr(self, key)!r}")
+        check_choice(self.precision, PRECISIONS, f"{where}: precision")
+        check_choice(self.realisation, REALISATIONS, f"{where}: realisation")
+        alpha = check_alpha(self.smoothquant_alpha, f"{where}: smoothquant_alpha")
+        object.__setattr__(self, "smoothquant_alpha", alpha)
+        if isinstance(self.skip, str) or not all(isinstance(g, str) for g in self.skip or ()):
+            raise SegQuantError(f"{where}: skip must be a list of layer-name globs, got {self.skip!r}")
+        if not isinstance(self.overrides, Mapping) or not all(isinstance(v, Mapping) for v in self.overrides.values()):
+            raise SegQuantError(f"{where}: overrides must map globs to {{field: value}}, got {self.overrides!r}")
+        if not isinstance(self.calibration, CalibrationSettings):
+            raise SegQuantError(f"{where}: calibration must be CalibrationSettings")
+        object.__setattr__(self, "skip", tuple(self.skip or ()))
 
     def validate(self, plan: SegQuantPlan) -> None:
         """Raise ``PlanError`` if the plan is of another model class or a glob matches no layer."""
@@ -91,9 +123,22 @@ class Recipe:
                 raise PlanError(f"recipe {self.name}: {pattern!r} matches no layer of {self.model_class}")
 
     def apply(self, plan: SegQuantPlan) -> SegQuantPlan:
-        """The plan with the recipe's overrides and technique switches applied (after ``validate``)."""
+        """The applied plan: overrides, then the technique switches, then the skipped layers kept in high
+        precision and every other layer given the recipe's precision. Applying twice changes nothing more."""
         self.validate(plan)
-        return plan.with_overrides(self.overrides).ablate(seg_linear=self.seg_linear, dual_scale=self.dual_scale)
+        applied = plan.with_overrides(self.overrides).ablate(seg_linear=self.seg_linear, dual_scale=self.dual_scale)
+        return applied.keep_high_precision(self.skip).with_precision(self.precision, recipe=self.name)
+
+    def quantize_options(self, show_progress: bool = True) -> QuantizeOptions:
+        """The numeric options a backend takes beside the applied plan."""
+        return QuantizeOptions(smoothquant_alpha=self.smoothquant_alpha, realisation=self.realisation,
+                               show_progress=show_progress)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["skip"] = list(self.skip)
+        data["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "Recipe":
@@ -106,47 +151,85 @@ class Recipe:
             raise SegQuantError(f"{source}: recipe lacks {missing}")
         values = dict(data)
         calibration = values.pop("calibration", None) or {}
+        if not isinstance(calibration, Mapping):
+            raise SegQuantError(f"{source}: calibration must be a mapping of settings, got {calibration!r}")
         try:
             values["calibration"] = CalibrationSettings(**calibration)
         except TypeError as e:
             raise SegQuantError(f"{source}: bad calibration settings: {e}") from None
-        return cls(**values)
+        values["overrides"] = values.get("overrides") or {}
+        try:
+            return cls(**values)
+        except SegQuantError as e:
+            raise SegQuantError(f"{source}: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        import yaml
-
+        """A recipe file: complete, or ``base: <bundled recipe name>`` plus the keys it changes."""
         path = Path(path)
-        text = path.read_text()
-        if not text.startswith(SCHEMA_LINE):
-            raise SegQuantError(f"{path}: a recipe starts with the line '{SCHEMA_LINE}'")
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SegQuantError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise SegQuantError(f"{path}: a recipe is a YAML mapping")
+        data = _read_yaml(path, SCHEMA_LINE)
+        if "base" in data:
+            base = data.pop("base")
+            if not isinstance(base, str) or base not in bundled_recipes():
+                raise SegQuantError(f"{path}: base must name a bundled recipe ({', '.join(bundled_recipes())}), "
+                                    f"got {base!r}")
+            merged = bundled_recipe(base).to_dict()
+            merged["name"] = f"{base}+{path.stem}"
+            if isinstance(data.get("calibration"), Mapping):  # calibration settings change key by key
+                data["calibration"] = {**merged["calibration"], **data["calibration"]}
+            data = {**merged, **data}
         return cls.from_dict(data, str(path))
 
 
-def bundled_recipes() -> dict[str, Path]:
-    """``<model>/<precision>`` -> recipe file, for every recipe shipped with SegQuant."""
-    root = resources.files("segquant_recipes")
-    out = {}
-    for model_dir in root.iterdir():
-        if model_dir.is_dir() and not model_dir.name.startswith(("_", ".")):
-            for item in model_dir.iterdir():
-                if item.name.endswith(".yaml"):
-                    out[f"{model_dir.name}/{item.name.removesuffix('.yaml')}"] = Path(str(item))
-    return dict(sorted(out.items()))
+def _read_yaml(path: Path, schema_line: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SegQuantError(f"cannot read recipe {path}: {e}") from None
+    if not text.startswith(schema_line):
+        raise SegQuantError(f"{path}: a recipe starts with the line '{schema_line}'")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SegQuantError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SegQuantError(f"{path}: a recipe is a YAML mapping")
+    return data
+
+
+def _recipes_root() -> Path:
+    return Path(str(resources.files("segquant_recipes")))
+
+
+def _model_bases() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(_recipes_root().glob("*.yaml")) if p.name != DELTAS_FILE}
+
+
+def bundled_recipes() -> tuple[str, ...]:
+    """``<model>/<precision>`` for every model base and precision shipped with SegQuant."""
+    return tuple(f"{model}/{precision}" for model in _model_bases() for precision in PRECISIONS)
+
+
+def bundled_recipe(name: str) -> Recipe:
+    """A bundled recipe: the model's base, the precision's deltas, then the base's own deltas for it."""
+    model, _, precision = name.partition("/")
+    bases = _model_bases()
+    if model not in bases or precision not in PRECISIONS:
+        raise SegQuantError(f"unknown recipe {name!r}; bundled: {', '.join(bundled_recipes())}")
+    base = _read_yaml(bases[model], BASE_SCHEMA_LINE)
+    own = base.pop("precisions", None) or {}
+    deltas = _read_yaml(_recipes_root() / DELTAS_FILE, "# schema: segquant.recipe.PrecisionDeltas")
+    data = {**base, **deltas.get(precision, {}), **own.get(precision, {}), "name": name, "precision": precision}
+    return Recipe.from_dict(data, str(bases[model]))
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A bundled recipe by name (``flux.1-dev/int8_w8a8``) or a recipe file by path."""
-    recipes = bundled_recipes()
-    if str(name_or_path) in recipes:
-        return Recipe.load(recipes[str(name_or_path)])
+    if str(name_or_path) in bundled_recipes():
+        return bundled_recipe(str(name_or_path))
     path = Path(name_or_path)
     if path.is_file():
         return Recipe.load(path)
-    raise SegQuantError(f"unknown recipe {name_or_path!r}: not a file and not one of {', '.join(recipes)}")
+    raise SegQuantError(f"unknown recipe {name_or_path!r}: not a file and not one of {', '.join(bundled_recipes())}")

@@ -8,7 +8,7 @@ import torch
 
 import segquant
 from segquant import PlanError, SegQuantError
-from segquant.cli import bundled_configs
+from segquant.model_configs import bundled_configs
 from segquant.recipe import PRECISIONS, Recipe, bundled_recipes, load_recipe
 
 diffusers = pytest.importorskip("diffusers")
@@ -39,8 +39,19 @@ def test_recipe_validates_on_the_full_size_model(name):
     plan = full_plan(recipe.config)
     recipe.validate(plan)
     applied = recipe.apply(plan)
-    # bundled recipes override nothing; they only switch techniques
-    assert applied.summary() == plan.ablate(seg_linear=recipe.seg_linear, dual_scale=recipe.dual_scale).summary()
+    assert applied.recipe == name and applied.precision() == recipe.precision
+    skipped = {n for pattern in recipe.skip for n in plan.matching(pattern)}
+    assert set(applied.high_precision_layers()) == skipped | set(plan.high_precision_layers())
+    assert all(applied[n].precision is None for n in applied.high_precision_layers())
+    if not recipe.dual_scale:
+        assert not applied.dual_scaled() and not any(p.dual_scale for p in applied.layers.values())
+    # bundled recipes override nothing: segments and DualScale are the analysis under the technique switches
+    switched = plan.ablate(seg_linear=recipe.seg_linear, dual_scale=recipe.dual_scale)
+    for name_, layer in applied.layers.items():
+        expected = switched[name_]
+        assert (layer.in_segments, layer.out_segments, layer.dual_scale_segments) == \
+            (expected.in_segments, expected.out_segments, expected.dual_scale_segments), name_
+    assert recipe.apply(applied) == applied  # applying twice changes nothing more
 
 
 def test_recipe_bad_input(tmp_path):
@@ -66,3 +77,33 @@ def test_recipe_bad_input(tmp_path):
                    "calibration: {steps: 0}\n")
     with pytest.raises(SegQuantError, match="calibration settings out of range"):
         load_recipe(bad)
+
+
+def test_recipes_compose_from_a_model_base_and_precision_deltas(tmp_path):
+    fp8, int8 = load_recipe("flux.1-dev/fp8"), load_recipe("flux.1-dev/int8_w8a8")
+    assert fp8.skip == int8.skip and fp8.calibration == int8.calibration  # the model's base
+    assert (fp8.smoothquant_alpha, fp8.dual_scale) == (None, False)  # the precision's deltas
+    assert (int8.smoothquant_alpha, int8.dual_scale) == (0.5, True)
+    derived = tmp_path / "mine.yaml"
+    derived.write_text("# schema: segquant.recipe.Recipe\nbase: flux.1-schnell/fp8\nskip: [proj_out]\n"
+                       "calibration: {num_prompts: 4}\n")
+    mine = load_recipe(derived)
+    assert mine.name == "flux.1-schnell/fp8+mine" and mine.skip == ("proj_out",) and mine.precision == "fp8"
+    assert mine.calibration.num_prompts == 4 and mine.calibration.steps == 4  # calibration merged key by key
+    derived.write_text("# schema: segquant.recipe.Recipe\nbase: flux.1-dev/int3\n")
+    with pytest.raises(SegQuantError, match="base must name a bundled recipe"):
+        load_recipe(derived)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dual_scale: 'false'", "dual_scale must be true or false, got 'false'"),
+    ("smoothquant_alpha: 2", "smoothquant_alpha must be a number in \\[0, 1\\]"),
+    ("realisation: fold", "realisation must be one of split_k, folded"),
+    ("skip: proj_out", "skip must be a list of layer-name globs"),
+    ("calibration: {steps: '4'}", "calibration steps must be an integer"),
+])
+def test_recipe_values_are_typed(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"# schema: segquant.recipe.Recipe\nbase: mnist-flux/int8_w8a8\n{text}\n")
+    with pytest.raises(SegQuantError, match=message):
+        load_recipe(path)
