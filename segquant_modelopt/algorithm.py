@@ -1,7 +1,10 @@
-"""The ModelOpt calibration algorithm ``"segquant"``: analyse the model on its first calibration batch,
-calibrate per segment and per sign, optionally smooth (SmoothQuant), and set the quantizers.
+"""The ModelOpt calibration algorithm ``"segquant"``: quantize by a SegQuant plan, calibrate per segment and
+per sign, optionally smooth (SmoothQuant), and set the quantizers.
 
-Used through a config: ``{"quant_cfg": [...], "algorithm": {"method": "segquant", "alpha": 0.5}}``.
+Used through a config: ``{"quant_cfg": [...], "algorithm": {"method": "segquant", "plan": plan.to_dict()}}``.
+The applied plan (``Recipe.apply``) is the contract: its high-precision layers keep their quantizers off, the
+others get exactly its segments and DualScale. Without a plan (a bare ``mtq.quantize(model, SEGQUANT_CFG,
+loop)``) the algorithm analyses the model on the first calibration batch, once.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from modelopt.torch.quantization.mode import BaseCalibrateModeDescriptor, Calibr
 from modelopt.torch.quantization.model_calib import max_calibrate
 from modelopt.torch.quantization.nn import TensorQuantizer
 
-from segquant import AnalysisOptions, SegmentAmaxObserver, SegQuantError, SegQuantPlan, analyze
-from segquant.numerics import QuantFormat, expand_segments, weight_amax
+from segquant import AnalysisOptions, LinearPlan, SegmentAmaxObserver, SegQuantError, SegQuantPlan, analyze, \
+    example_inputs, get_precision
+from segquant.calib import static_calibration
+from segquant.numerics import QuantFormat, expand_segments, fold_activation_scales, get_format, weight_amax
+from segquant.options import DEFAULT_REALISATION, REALISATIONS
+from segquant.recording import record_linears
 
 from .quantizer import format_of, is_marked, mark
 
@@ -32,12 +39,15 @@ class SegQuantCalibConfig(QuantizeAlgorithmConfig):
 
     method: Literal["segquant"] = ModeloptField("segquant", title="SegQuant calibration.",
                                                 description="SegLinear segments and DualScale from graph analysis.")
-    seg_linear: bool = ModeloptField(default=True, title="SegLinear on/off.",
-                                     description="Give each input/output segment its own scale.")
-    dual_scale: bool = ModeloptField(default=True, title="DualScale on/off.",
-                                     description="Separate negative-side scales for SiLU/GELU-fed inputs.")
-    realisation: Literal["split_k", "folded"] = ModeloptField(
-        default="split_k", title="Input segments realisation.",
+    seg_linear: bool | None = ModeloptField(
+        default=None, title="SegLinear on/off.",
+        description="Give each input/output segment its own scale. None: on when analysing, as the plan says "
+                    "when one is given; False switches it off (plan.ablate) either way.")
+    dual_scale: bool | None = ModeloptField(
+        default=None, title="DualScale on/off.",
+        description="Separate negative-side scales for SiLU/GELU-fed inputs; None/False as for seg_linear.")
+    realisation: Literal[REALISATIONS] = ModeloptField(
+        default=DEFAULT_REALISATION, title="Input segments realisation.",
         description="split_k: per-K activation amax (exact); folded: scales folded into the weight, one "
                     "per-tensor activation scale (pre_quant_scale), the TensorRT-friendly form.")
     alpha: float | None = ModeloptField(default=None, title="SmoothQuant alpha.",
@@ -48,10 +58,9 @@ class SegQuantCalibConfig(QuantizeAlgorithmConfig):
                                         description="See segquant.AnalysisOptions.head_segments.")
     show_progress: bool = ModeloptField(default=True, title="Progress bar.",
                                         description="Show a tqdm bar over calibration batches.")
-    plan: dict | None = ModeloptField(default=None, title="A precomputed plan.",
-                                      description="SegQuantPlan.to_dict() used instead of analysing the first "
-                                      "batch (e.g. to quantize many copies of one model); seg_linear, dual_scale "
-                                      "and overrides still apply.")
+    plan: dict | None = ModeloptField(default=None, title="The applied plan.",
+                                      description="SegQuantPlan.to_dict() (normally Recipe.apply's) quantized "
+                                      "exactly as it says, instead of analysing the first batch.")
 
 
 class _FirstBatch(Exception):
@@ -125,43 +134,36 @@ class _LayerSettings:
     pre_quant_scale: Tensor | None
     neg_amax: Tensor | None
     dual_mask: Tensor | None
-    layer: Any = None
+    layer: LinearPlan | None = None
     stats: Any = None  # per-segment ranges of the smoothed input, for the reference fake quantization
     smooth: Tensor | None = None
     folded: bool = False
 
 
-def _settings(name: str, module: nn.Module, layer, observer: SegmentAmaxObserver, realisation: str,
+def _settings(name: str, module: nn.Module, layer: LinearPlan, observer: SegmentAmaxObserver, realisation: str,
               alpha: float | None) -> _LayerSettings:
     """Quantizer settings of one layer. ModelOpt's scale is ``amax / qmax``, so every SegQuant scale s
     (``segquant.numerics``: per segment, ``s+``/``s-`` on DualScale segments) is set as ``amax = s * qmax``."""
     fmt = _format(module.input_quantizer, name)
     w = module.weight.detach().float()
-    channels = observer.channel_stats()
-    if alpha is not None:  # SmoothQuant, as ModelOpt computes it, per input channel
-        smooth = (w.abs().amax(0).clamp(min=1e-8).pow(1 - alpha) /
-                  channels.amax.clamp(min=1e-8).pow(alpha)).clamp(1e-4, 1e4)
-    else:
-        smooth = torch.ones_like(channels.amax)
-    stats = observer.stats(smooth)
+    stats, smooth = static_calibration(observer, w, alpha)
     act_scale, neg_scale = stats.scales(layer, fmt)
     segs = layer.in_segments
     dual = layer.dual_scale_segments if layer.dual_scale else ()
     is_dual = torch.tensor([i in dual for i in range(len(segs))], device=w.device)
     dual_mask = expand_segments(is_dual, segs) if dual else None
     shape = [1] * (observer.ndim - 1) + [layer.in_features]
-    weight = w / smooth
     neg_amax = None
     if realisation == "folded":  # a_s (s+ on DualScale segments) folded into the weight columns
-        col_scale = expand_segments(act_scale, segs)
-        weight = weight * col_scale
-        pre_quant_scale = smooth / col_scale
+        weight, divisor = fold_activation_scales(w, act_scale, segs, smooth)
+        pre_quant_scale = 1 / divisor
         input_amax = torch.tensor(fmt.qmax)
         if dual:  # x- / s+ is quantized with scale s- / s+
             ratio = torch.where(is_dual, neg_scale / act_scale, torch.ones_like(act_scale))
             neg_amax = expand_segments(ratio * fmt.qmax, segs).reshape(shape)
     else:
-        pre_quant_scale = smooth if alpha is not None else None
+        weight = w if smooth is None else w / smooth
+        pre_quant_scale = smooth
         amax = act_scale * fmt.qmax
         input_amax = amax[0].clone() if len(segs) == 1 else expand_segments(amax, segs).reshape(shape)
         if dual:
@@ -171,7 +173,7 @@ def _settings(name: str, module: nn.Module, layer, observer: SegmentAmaxObserver
     weight = weight.to(module.weight.dtype)
     return _LayerSettings(weight, weight_amax(weight, layer.out_segments, per_channel), input_amax,
                           pre_quant_scale, neg_amax, dual_mask, layer, stats,
-                          smooth.to(module.weight.dtype) if alpha is not None else None, realisation == "folded")
+                          smooth.to(module.weight.dtype) if smooth is not None else None, realisation == "folded")
 
 
 def _set_amax(quantizer: TensorQuantizer, amax: Tensor, axis: int | None) -> None:
@@ -184,7 +186,7 @@ def _set_amax(quantizer: TensorQuantizer, amax: Tensor, axis: int | None) -> Non
 def _apply(module: nn.Module, s: _LayerSettings) -> None:
     module.weight.data.copy_(s.weight)
     _set_amax(module.weight_quantizer, s.weight_amax.to(module.weight.device), 0)
-    mark(module.weight_quantizer).set_weight_role()
+    mark(module.weight_quantizer).set_weight_role(list(s.layer.out_segments))
     quantizer = mark(module.input_quantizer)
     quantizer.set_input_role(list(s.layer.in_segments), list(s.layer.dual_scale_segments) if s.layer.dual_scale else [],
                              s.stats, s.smooth, s.folded)
@@ -197,10 +199,93 @@ def _apply(module: nn.Module, s: _LayerSettings) -> None:
         quantizer.set_dual_scale(s.neg_amax.to(module.weight.device), s.dual_mask)
 
 
-def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, seg_linear: bool = True,
-                       dual_scale: bool = True, realisation: str = "split_k", alpha: float | None = None,
-                       overrides: dict | None = None, head_segments: bool = False, show_progress: bool = True,
-                       plan: dict | None = None, **kwargs: Any) -> None:
+def _apply_dynamic(module: nn.Module, layer: LinearPlan) -> None:
+    _set_amax(module.weight_quantizer, weight_amax(module.weight, layer.out_segments,
+                                                   module.weight_quantizer.axis == 0), 0)
+    mark(module.weight_quantizer).set_weight_role(list(layer.out_segments))
+    mark(module.input_quantizer).set_input_role(
+        list(layer.in_segments), list(layer.dual_scale_segments) if layer.dual_scale else [], None, None, False)
+
+
+def _resolve_plan(model: nn.Module, layers: dict[str, nn.Module], forward_loop: Callable | None,
+                  plan: dict | None, seg_linear: bool | None, dual_scale: bool | None, overrides: dict | None,
+                  head_segments: bool) -> SegQuantPlan:
+    """The plan to quantize by: the given one (switched-off techniques and overrides applied once, when
+    asked for), else the analysis of the first calibration batch."""
+    if plan is not None:
+        resolved = SegQuantPlan.from_dict(plan)
+        missing = [n for n in layers if n not in resolved and layers[n].input_quantizer.is_enabled]
+        if missing:
+            raise SegQuantError(f"the given plan has no entry for {missing[0]} ({len(missing)} quantized layers); "
+                                "it is not a plan of this model")
+        if seg_linear is False or dual_scale is False:
+            resolved = resolved.ablate(seg_linear=seg_linear is not False, dual_scale=dual_scale is not False)
+    else:
+        if forward_loop is None:
+            args, kwargs_in = (), example_inputs(model)
+        else:
+            args, kwargs_in = _first_batch(model, forward_loop)
+        options = AnalysisOptions(seg_linear=seg_linear is not False, dual_scale=dual_scale is not False,
+                                  head_segments=head_segments)
+        with _quantizers_off(model):
+            resolved = analyze(model, *args, analysis_options=options, **kwargs_in)
+    return resolved.with_overrides(overrides or {})
+
+
+def _check_precision(name: str, module: nn.Module, precision: str) -> None:
+    """The ModelOpt quantizers of a layer must realise the precision the plan gives it."""
+    spec = get_precision(precision)
+    weight, act = format_of(module.weight_quantizer), format_of(module.input_quantizer)
+    found = (weight and weight.name, "per_channel" if module.weight_quantizer.axis == 0 else "per_tensor",
+             act and act.name, "dynamic" if module.input_quantizer._dynamic else "static")
+    wanted = (get_format(spec.weight_format).name, spec.weight_granularity, get_format(spec.act_format).name,
+              spec.activation)
+    if found != wanted:
+        raise SegQuantError(f"{name}: the plan quantizes it as {precision} {wanted}, the ModelOpt config as {found}; "
+                            "use the config of that precision (segquant_modelopt.config_for_plan)")
+
+
+def _check_layers(enabled: dict[str, nn.Module], plan: SegQuantPlan) -> None:
+    for name, module in enabled.items():
+        plan[name].check_module(module)
+        if plan[name].precision is not None:
+            _check_precision(name, module, plan[name].precision)
+        if format_of(module.weight_quantizer) is None:
+            raise SegQuantError(f"{name}: SegQuant has no reference format for weight num_bits="
+                                f"{module.weight_quantizer.num_bits}; use INT8, INT6, INT4 or FP8 (e4m3)")
+        if module.input_quantizer._dynamic and module.input_quantizer.num_bits != 8:
+            raise SegQuantError(f"{name}: dynamic SegQuant activations support INT8 only")
+        if not module.input_quantizer._dynamic:
+            _format(module.input_quantizer, name)
+
+
+def _keep_high_precision(layers: dict[str, nn.Module], plan: SegQuantPlan) -> None:
+    for name, module in layers.items():
+        if name in plan and plan[name].high_precision:
+            module.input_quantizer.disable()
+            module.weight_quantizer.disable()
+
+
+def _observe(model: nn.Module, forward_loop: Callable | None, observers: dict[str, SegmentAmaxObserver],
+             show_progress: bool) -> None:
+    """Run the calibration loop (ModelOpt's max calibration of the remaining quantizers included) with
+    every static layer's input going to its observer."""
+    progress = _progress(model, show_progress)
+    try:
+        with record_linears(model, observers, keep=False, on_input=lambda n, x: observers[n].update(x)):
+            max_calibrate(model, None if forward_loop is None else lambda m: _run_loop(forward_loop, m, "calibration"))
+    finally:
+        progress.close()
+    missing = [n for n, o in observers.items() if o.batches == 0]
+    if missing:
+        raise SegQuantError(f"calibration data never reached {len(missing)} quantized layer(s), e.g. "
+                            f"{', '.join(missing[:3])}; run inputs that use them or disable their quantizers")
+
+
+def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, seg_linear: bool | None = None,
+                       dual_scale: bool | None = None, realisation: str = DEFAULT_REALISATION,
+                       alpha: float | None = None, overrides: dict | None = None, head_segments: bool = False,
+                       show_progress: bool = True, plan: dict | None = None, **kwargs: Any) -> None:
     """Calibrate ``model`` (already converted by ``mtq.quantize``'s quantize step) with SegQuant."""
     layers = _quantized_linears(model)
     dynamic_only = all(m.input_quantizer._dynamic for m in layers.values() if m.input_quantizer.is_enabled)
@@ -211,63 +296,25 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
                             "can run without one on a known diffusers model)")
     twice = [n for n, m in layers.items() if is_marked(m.input_quantizer)]
     if twice:
+        _keep_high_precision(layers, plan_of(model))  # mtq's quantize step re-enabled them; leave the model as it was
         raise SegQuantError(f"{twice[0]} is already quantized by SegQuant ({len(twice)} layers); quantize "
                             "a fresh copy of the float model instead")
-    if plan is not None:
-        plan = SegQuantPlan.from_dict(plan).ablate(seg_linear=seg_linear, dual_scale=dual_scale)
-        missing = [n for n in layers if n not in plan and layers[n].input_quantizer.is_enabled]
-        if missing:
-            raise SegQuantError(f"the given plan has no entry for {missing[0]} ({len(missing)} quantized layers); "
-                                "it is not a plan of this model")
-    else:
-        if forward_loop is None:
-            from segquant import example_inputs
-
-            args, kwargs_in = (), example_inputs(model)
-        else:
-            args, kwargs_in = _first_batch(model, forward_loop)
-        with _quantizers_off(model):
-            plan = analyze(model, *args, analysis_options=AnalysisOptions(
-                seg_linear=seg_linear, dual_scale=dual_scale, head_segments=head_segments), **kwargs_in)
-    plan = plan.with_overrides(overrides or {})
-    enabled = {n: m for n, m in layers.items() if n in plan and m.input_quantizer.is_enabled}
-    active = {n: m for n, m in enabled.items() if not m.input_quantizer._dynamic}
-    dynamic = {n: m for n, m in enabled.items() if m.input_quantizer._dynamic}
-    for name, module in enabled.items():
-        plan[name].check_module(module)
-        if format_of(module.weight_quantizer) is None:
-            raise SegQuantError(f"{name}: SegQuant has no reference format for weight num_bits="
-                                f"{module.weight_quantizer.num_bits}; use INT8, INT6, INT4 or FP8 (e4m3)")
-        if module.input_quantizer._dynamic and module.input_quantizer.num_bits != 8:
-            raise SegQuantError(f"{name}: dynamic SegQuant activations support INT8 only")
-        if not module.input_quantizer._dynamic:
-            _format(module.input_quantizer, name)
-    observers = {name: SegmentAmaxObserver(plan[name]) for name in active}
-    hooks = [module.register_forward_pre_hook(lambda m, inputs, o=observers[name]: o.update(inputs[0]))
-             for name, module in active.items()]
-    progress = _progress(model, show_progress)
-    try:
-        max_calibrate(model, None if forward_loop is None else lambda m: _run_loop(forward_loop, m, "calibration"))
-    finally:
-        for h in hooks:
-            h.remove()
-        progress.close()
-    missing = [n for n, o in observers.items() if o.batches == 0]
-    if missing:
-        raise SegQuantError(f"calibration data never reached {len(missing)} quantized layer(s), e.g. "
-                            f"{', '.join(missing[:3])}; run inputs that use them or disable their quantizers")
-    settings = {n: _settings(n, m, plan[n], observers[n], realisation, alpha) for n, m in active.items()}
-    for name, module in active.items():  # nothing above changed a layer: apply all or nothing
+    resolved = _resolve_plan(model, layers, forward_loop, plan, seg_linear, dual_scale, overrides, head_segments)
+    enabled = {n: m for n, m in layers.items()
+               if n in resolved and resolved[n].quantized and m.input_quantizer.is_enabled}
+    _check_layers(enabled, resolved)
+    static = {n: m for n, m in enabled.items() if not m.input_quantizer._dynamic}
+    observers = {name: SegmentAmaxObserver(resolved[name]) for name in static}
+    _observe(model, forward_loop, observers, show_progress)
+    settings = {n: _settings(n, m, resolved[n], observers[n], realisation, alpha) for n, m in static.items()}
+    for name, module in static.items():  # nothing above changed a layer: apply all or nothing
         _apply(module, settings[name])
-    for name, module in dynamic.items():
-        layer = plan[name]
-        _set_amax(module.weight_quantizer, weight_amax(module.weight, layer.out_segments,
-                                                       module.weight_quantizer.axis == 0), 0)
-        mark(module.weight_quantizer).set_weight_role()
-        mark(module.input_quantizer).set_input_role(
-            list(layer.in_segments), list(layer.dual_scale_segments) if layer.dual_scale else [], None, None, False)
-    model._segquant_plan = plan
-    logger.info("SegQuant calibrated %d layers (%s, realisation=%s, alpha=%s)", len(enabled), plan.summary(),
+    for name, module in enabled.items():
+        if module.input_quantizer._dynamic:
+            _apply_dynamic(module, resolved[name])
+    _keep_high_precision(layers, resolved)
+    model._segquant_plan = resolved
+    logger.info("SegQuant calibrated %d layers (%s, realisation=%s, alpha=%s)", len(enabled), resolved.summary(),
                 realisation, alpha)
 
 

@@ -1,8 +1,10 @@
-"""SegQuant configs in ModelOpt's list form, and ``with_segquant`` to add SegQuant to any preset.
+"""SegQuant configs in ModelOpt's list form, ``with_segquant`` to add SegQuant to any preset, and
+``config_for_plan`` for an applied plan.
 
 Unlike ModelOpt's INT8/FP8 presets, which switch off every ``*proj_out.*`` (in FLUX: all 38 single-block
-``proj_out``, the layers SegLinear exists for), these configs quantize them and leave only the model's
-final output projection (top-level ``proj_out``) and non-Linear layers in high precision.
+``proj_out``, the layers SegLinear exists for), these configs name no layer: which Linear stays in high
+precision is the plan's to say (the analysis keeps the model's output layer; recipes add their ``skip``).
+Non-Linear layers (norms, convolutions) are left in high precision.
 """
 
 from __future__ import annotations
@@ -12,20 +14,19 @@ from typing import Any
 
 import modelopt.torch.quantization as mtq
 
-from segquant import SegQuantError
+from segquant import QuantizeOptions, SegQuantError, SegQuantPlan, get_precision
 
 _NOT_LINEAR = ["nn.LayerNorm", "nn.InstanceNorm1d", "nn.InstanceNorm2d", "nn.InstanceNorm3d", "nn.Conv1d",
                "nn.Conv2d", "nn.Conv3d", "nn.ConvTranspose1d", "nn.ConvTranspose2d", "nn.ConvTranspose3d",
                "nn.MaxPool1d", "nn.MaxPool2d", "nn.MaxPool3d", "nn.AvgPool1d", "nn.AvgPool2d", "nn.AvgPool3d"]
 # SegQuant quantizes Linear layers only (SPEC section 1): ModelOpt's presets also quantize the inputs of
-# LayerNorms and convolutions, and the denoiser's final output projection stays in high precision.
-_KEEP_HIGH_PRECISION = [{"quantizer_name": "proj_out.*", "enable": False}] + [
-    {"quantizer_name": "*", "parent_class": cls, "enable": False} for cls in _NOT_LINEAR]
+# LayerNorms and convolutions.
+_LINEAR_ONLY = [{"quantizer_name": "*", "parent_class": cls, "enable": False} for cls in _NOT_LINEAR]
 
 
 def with_segquant(base: dict[str, Any], **algorithm: Any) -> dict[str, Any]:
-    """A copy of the ModelOpt config ``base`` that calibrates with SegQuant and quantizes every Linear
-    but the final ``proj_out``.
+    """A copy of the ModelOpt config ``base`` that calibrates with SegQuant and quantizes the Linear layers
+    the SegQuant plan quantizes (all but the model's output layer, when the algorithm analyses the model).
 
     Example:
         >>> cfg = with_segquant(mtq.FP8_DEFAULT_CFG)
@@ -34,15 +35,16 @@ def with_segquant(base: dict[str, Any], **algorithm: Any) -> dict[str, Any]:
     Args:
         base: a ModelOpt config in list form (``{"quant_cfg": [...], "algorithm": ...}``).
         algorithm: fields of the ``segquant`` algorithm (``seg_linear``, ``dual_scale``, ``realisation``,
-            ``alpha``, ``overrides``, ``head_segments``, ``show_progress``). A SmoothQuant base keeps
+            ``alpha``, ``overrides``, ``head_segments``, ``show_progress``, ``plan``). A SmoothQuant base keeps
             smoothing with its alpha unless ``alpha`` is given.
     """
     if not isinstance(base, dict) or not isinstance(base.get("quant_cfg"), list):
         raise SegQuantError("with_segquant expects a ModelOpt config in list form: {'quant_cfg': [...], "
                             "'algorithm': ...} (e.g. mtq.INT8_DEFAULT_CFG)")
     cfg = copy.deepcopy(base)
+    # ModelOpt's diffusion presets switch off every *proj_out.* by name; with SegQuant the plan decides
     cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "*proj_out.*"]
-    cfg["quant_cfg"] += copy.deepcopy(_KEEP_HIGH_PRECISION)
+    cfg["quant_cfg"] += copy.deepcopy(_LINEAR_ONLY)
     base_algorithm = base.get("algorithm")
     options = {"method": "segquant"}
     if isinstance(base_algorithm, dict) and base_algorithm.get("method") == "segquant":
@@ -93,3 +95,26 @@ uses GPTQ and a rank-64 SVD branch, which are not part of this config."""
 
 SEGQUANT_CFG = SEGQUANT_INT8_PERCHANNEL_CFG
 """The recommended default: ``mtq.quantize(model, SEGQUANT_CFG, forward_loop)``."""
+
+PRECISION_CONFIGS = {"int8_w8a8": SEGQUANT_INT8_CFG, "int8_perchannel": SEGQUANT_INT8_PERCHANNEL_CFG,
+                     "fp8": SEGQUANT_FP8_CFG, "w4a8": SEGQUANT_W4A8_CFG}
+"""The ModelOpt config of each ``segquant.precision`` name (its quantizer formats are that precision's)."""
+
+
+def config_for_plan(plan: SegQuantPlan, options: QuantizeOptions = QuantizeOptions()) -> dict[str, Any]:
+    """The ModelOpt config that quantizes exactly the applied ``plan``: the quantizers of the plan's precision
+    and the ``segquant`` algorithm with the plan itself (no analysis, no second application of a recipe).
+
+    Raises:
+        SegQuantError: the plan names no precision, or one ModelOpt has no config for.
+    """
+    precision = plan.precision()
+    if precision is None:
+        raise SegQuantError("config_for_plan needs an applied plan (Recipe.apply or plan.with_precision)")
+    get_precision(precision)
+    if precision not in PRECISION_CONFIGS:
+        raise SegQuantError(f"no ModelOpt config for precision {precision}; one of {', '.join(PRECISION_CONFIGS)}")
+    cfg = copy.deepcopy(PRECISION_CONFIGS[precision])
+    cfg["algorithm"] = {"method": "segquant", "plan": plan.to_dict(), "alpha": options.smoothquant_alpha,
+                        "realisation": options.realisation, "show_progress": options.show_progress}
+    return cfg

@@ -93,8 +93,9 @@ class SegmentTensorQuantizer(TensorQuantizer):
         if value is not None:
             self.register_buffer(name, value.detach().clone())
 
-    def set_weight_role(self) -> None:
+    def set_weight_role(self, out_segments: list[int]) -> None:
         self._segquant_role = "weight"
+        self._segquant_out_segments = [int(x) for x in out_segments]
 
     def set_input_role(self, segments: list[int], dual_segments: list[int], stats: ActivationStats | None,
                        smooth: Tensor | None, folded: bool) -> None:

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segquant import LinearPlan, SegmentAmaxObserver, SegQuantError
-from segquant.numerics import ActivationStats, scale_from_amax, weight_amax
+from segquant.numerics import ActivationStats, fold_activation_scales, scale_from_amax, weight_amax
 
 from .kernels import codes, dual_scale_mm, kernel_multiple, negative_codes, pad_to, \
     positive_codes, scaled_mm
+from .options import SegQuantOptions
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,7 @@ class LayerSpec:
     in_segments: tuple[int, ...]
     out_segments: tuple[int, ...]
     dual_segments: tuple[int, ...]
-    precision: str
-    activation: str  # "static" | "dynamic"
-    realisation: str  # "folded" | "split_k"
-    weight_granularity: str  # "per_channel" | "per_tensor"
-    fast_accum: bool = True  # fp8 GEMMs with Hopper's fast accumulation
-    kernel: str = "naive"  # "naive" | "fused" (module docstring)
+    options: SegQuantOptions = SegQuantOptions()
 
     bounds: tuple[tuple[int, int], ...] = ()
 
@@ -56,6 +52,10 @@ class LayerSpec:
         for size in self.in_segments:
             edges.append(edges[-1] + size)
         object.__setattr__(self, "bounds", tuple(zip(edges, edges[1:])))
+
+    @property
+    def smoothed(self) -> bool:
+        return self.options.smoothquant_alpha is not None
 
     def layer(self) -> LinearPlan:
         return LinearPlan(self.in_features, self.out_features, self.in_segments, self.out_segments,
@@ -80,8 +80,8 @@ class SegQuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         s = self.segquant_spec
-        return (f"in_features={s.in_features}, out_features={s.out_features}, precision={s.precision}, "
-                f"activation={s.activation}, in_segments={list(s.in_segments)}, dual={list(s.dual_segments)}")
+        return (f"in_features={s.in_features}, out_features={s.out_features}, precision={s.options.precision}, "
+                f"activation={s.options.activation}, in_segments={list(s.in_segments)}, dual={list(s.dual_segments)}")
 
     def forward(self, x: Tensor) -> Tensor:
         spec = self.segquant_spec
@@ -89,39 +89,40 @@ class SegQuantLinear(nn.Linear):
             raise SegQuantError(f"{spec.name}: input has last dim {x.shape[-1]}, the layer takes {spec.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, spec.in_features)
-        if spec.activation == "static" and spec.realisation == "folded":
-            y = self._folded(x2, self.bias)
+        if spec.options.activation == "static" and spec.options.realisation == "folded":
+            y = self._folded(x2, self.bias)  # the SmoothQuant factors are folded into col_scale
         else:
-            y = self._split(x2, self.bias)
+            y = self._split(x2 * self.smooth if spec.smoothed else x2, self.bias)
         return y[:, :spec.out_features].reshape(*lead, spec.out_features)
 
     def _folded(self, x: Tensor, bias: Tensor | None) -> Tensor:
         spec = self.segquant_spec
         m = x.shape[0]
         v = x.float() / self.col_scale
-        if spec.dual_segments and spec.kernel == "fused" and len(spec.dual_segments) == 1:
+        if spec.dual_segments and spec.options.kernel == "fused" and len(spec.dual_segments) == 1:
             return self._folded_fused(x, v, bias)
         if spec.dual_segments:
             top = torch.where(self.dual_mask, v.clamp(min=0), v)
-            rows = [codes(top, 1.0, spec.precision)]
+            rows = [codes(top, 1.0, spec.options.precision)]
             ratios = []
             for j, i in enumerate(spec.dual_segments):
                 lo, hi = spec.bounds[i]
                 neg = torch.zeros_like(v)
-                neg[:, lo:hi] = x[:, lo:hi].float().clamp(max=0) / self.neg_scale[i]
-                rows.append(negative_codes(neg, 1.0, spec.precision))
+                neg[:, lo:hi] = v[:, lo:hi].clamp(max=0) / self.neg_ratio[i]  # (smoothed x-) / s-
+                rows.append(negative_codes(neg, 1.0, spec.options.precision))
                 ratios.append(self.neg_ratio[i])
             a = torch.cat(rows, dim=0)
             scale_a = torch.cat([x.new_ones(m, 1, dtype=torch.float32)] +
                                 [r.reshape(1, 1).expand(m, 1) for r in ratios], dim=0)
-            y = scaled_mm(a, self.qweight, scale_a, self.weight_scale, torch.float32, fast_accum=spec.fast_accum)
+            y = scaled_mm(a, self.qweight, scale_a, self.weight_scale, torch.float32,
+                          fast_accum=spec.options.fast_accum)
             y = y.reshape(len(rows), m, y.shape[-1]).sum(0)
             return _add_bias(y, bias).to(x.dtype)
-        a = codes(v, 1.0, spec.precision)
+        a = codes(v, 1.0, spec.options.precision)
         ones = x.new_ones(m, 1, dtype=torch.float32)
-        if spec.kernel == "fused" and spec.precision == "int8":
+        if spec.options.kernel == "fused" and spec.options.precision == "int8":
             return _fused_gemm(a, self.qweight, ones[:1], self.weight_scale, x.dtype, bias)
-        return scaled_mm(a, self.qweight, ones, self.weight_scale, x.dtype, bias, spec.fast_accum)
+        return scaled_mm(a, self.qweight, ones, self.weight_scale, x.dtype, bias, spec.options.fast_accum)
 
     def _folded_fused(self, x: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """ONE code tensor: inside the DualScale segment the negative codes are ``x / s-`` (weight columns
@@ -130,7 +131,7 @@ class SegQuantLinear(nn.Linear):
         i = spec.dual_segments[0]
         lo, hi = spec.bounds[i]
         neg = self.dual_mask & (x < 0)
-        q = codes(torch.where(neg, x.float() / self.neg_scale[i], v), 1.0, spec.precision)
+        q = codes(torch.where(neg, v / self.neg_ratio[i], v), 1.0, spec.options.precision)
         ones = self.neg_ratio.new_ones(1)
         return _fused_gemm(q, self.qweight, ones, self.weight_scale, x.dtype, bias, self.neg_ratio[i:i + 1],
                            (lo, hi))
@@ -138,7 +139,7 @@ class SegQuantLinear(nn.Linear):
     def _split(self, x: Tensor, bias: Tensor | None) -> Tensor:
         spec = self.segquant_spec
         m = x.shape[0]
-        dynamic = spec.activation == "dynamic"
+        dynamic = spec.options.activation == "dynamic"
         # one term: write x.dtype straight from the GEMM; several: accumulate in float32
         acc_dtype = x.dtype if len(spec.bounds) == 1 else torch.float32
         y = None
@@ -148,32 +149,34 @@ class SegQuantLinear(nn.Linear):
             if i in spec.dual_segments:
                 xf = part.float()
                 if dynamic:
-                    s_pos = scale_from_amax(xf.clamp(min=0).amax(-1, keepdim=True), spec.precision)
-                    s_neg = scale_from_amax((-xf).clamp(min=0).amax(-1, keepdim=True), spec.precision, negative=True)
+                    s_pos = scale_from_amax(xf.clamp(min=0).amax(-1, keepdim=True), spec.options.precision)
+                    s_neg = scale_from_amax((-xf).clamp(min=0).amax(-1, keepdim=True), spec.options.precision,
+                                            negative=True)
                 else:
                     s_pos, s_neg = self.act_scale[i].reshape(1, 1), self.neg_scale[i].reshape(1, 1)
-                if spec.kernel == "fused":
+                if spec.options.kernel == "fused":
                     single = len(spec.bounds) == 1  # then the bias goes into the kernel's epilogue
-                    q = _dual_codes(xf, s_pos, s_neg, spec.precision)
+                    q = _dual_codes(xf, s_pos, s_neg, spec.options.precision)
                     out = _fused_gemm(q, weight, s_pos, self.weight_scale, acc_dtype, bias if single else None, s_neg)
                     if single:
                         return out.to(x.dtype)
                 else:
-                    q_pos, q_neg = positive_codes(xf, s_pos, spec.precision), negative_codes(xf, s_neg, spec.precision)
+                    q_pos = positive_codes(xf, s_pos, spec.options.precision)
+                    q_neg = negative_codes(xf, s_neg, spec.options.precision)
                     out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, self.weight_scale, acc_dtype,
-                                        spec.fast_accum)
+                                        spec.options.fast_accum)
             else:
                 if dynamic:
-                    scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.precision)
+                    scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.options.precision)
                 else:
                     scale = self.act_scale[i].reshape(1, 1)
                 single = len(spec.bounds) == 1
-                q = codes(part, scale, spec.precision)
-                if spec.kernel == "fused" and spec.precision == "int8":
+                q = codes(part, scale, spec.options.precision)
+                if spec.options.kernel == "fused" and spec.options.precision == "int8":
                     out = _fused_gemm(q, weight, scale, self.weight_scale, acc_dtype, bias if single else None)
                 else:
                     out = scaled_mm(q, weight, scale.expand(m, 1), self.weight_scale, acc_dtype,
-                                    bias if single else None, spec.fast_accum)
+                                    bias if single else None, spec.options.fast_accum)
                 if single:
                     return out.to(x.dtype)
             y = out if y is None else y + out
@@ -228,37 +231,43 @@ def unprepare_linear(module: nn.Module) -> None:
         module.__class__ = nn.Linear
 
 
-def convert_linear(module: nn.Linear, spec: LayerSpec, stats: ActivationStats | None) -> SegQuantLinear:
-    """Quantize ``module`` in place. ``stats`` are required for static activation scales."""
+def convert_linear(module: nn.Linear, spec: LayerSpec, stats: ActivationStats | None,
+                   smooth: Tensor | None = None) -> SegQuantLinear:
+    """Quantize ``module`` in place. ``stats`` (of the smoothed input when ``smooth`` is given) are required
+    for static activation scales; ``smooth`` holds the SmoothQuant factors when the options smooth."""
     if isinstance(module, ObservedSegQuantLinear):
         del module.segquant_observer
         module.__class__ = nn.Linear
     _check_module(module, spec)
-    if spec.activation == "static" and stats is None:
+    if spec.options.activation == "static" and stats is None:
         raise SegQuantError(f"{spec.name}: static activation scales need calibration data")
-    multiple = kernel_multiple(spec.precision)
+    if spec.smoothed != (smooth is not None):
+        raise SegQuantError(f"{spec.name}: SmoothQuant alpha {spec.options.smoothquant_alpha} needs "
+                            f"{'its factors' if spec.smoothed else 'no factors'} from calibration")
+    multiple = kernel_multiple(spec.options.precision)
     unaligned = [s for s in (spec.out_features, *spec.in_segments) if s % multiple]
     if unaligned:
         logger.info("%s: sizes %s are not multiples of %d; the %s weight is zero-padded for the kernel",
-                    spec.name, unaligned, multiple, spec.precision)
+                    spec.name, unaligned, multiple, spec.options.precision)
     w = module.weight.detach().float()
     device = w.device
     buffers: dict[str, Tensor] = {}
     if stats is not None:
-        act, neg = stats.scales(spec.layer(), spec.precision)
+        act, neg = stats.scales(spec.layer(), spec.options.precision)
         buffers["act_scale"], buffers["neg_scale"] = act.to(device), neg.to(device)
         buffers["neg_ratio"] = (neg / act).to(device)
-    if spec.activation == "static" and spec.realisation == "folded":
-        col = torch.cat([buffers["act_scale"][i].expand(size) for i, size in enumerate(spec.in_segments)])
-        w = w * col
-        buffers["col_scale"] = col
+    if spec.options.activation == "static" and spec.options.realisation == "folded":
+        w, buffers["col_scale"] = fold_activation_scales(w, buffers["act_scale"], spec.in_segments, smooth)
         buffers["dual_mask"] = torch.cat([torch.full((size,), i in spec.dual_segments, dtype=torch.bool)
                                           for i, size in enumerate(spec.in_segments)]).to(device)
-    scale = scale_from_amax(weight_amax(w, spec.out_segments, spec.weight_granularity == "per_channel"),
-                            spec.precision)
-    q = codes(w, scale, spec.precision)
+    elif smooth is not None:
+        w = w / smooth.to(device)
+        buffers["smooth"] = smooth.to(device)
+    scale = scale_from_amax(weight_amax(w, spec.out_segments, spec.options.weight_granularity == "per_channel"),
+                            spec.options.precision)
+    q = codes(w, scale, spec.options.precision)
     buffers["weight_scale"] = pad_to(scale.float(), 0, multiple, value=1.0).t().contiguous()  # (1, N)
-    if spec.activation == "static" and spec.realisation == "folded":
+    if spec.options.activation == "static" and spec.options.realisation == "folded":
         buffers["qweight"] = _pad_weight(q, multiple)
     else:
         for i, (lo, hi) in enumerate(spec.bounds):

@@ -144,49 +144,6 @@ if HAS_TRITON:
     _dual_tuned = triton.autotune(configs=_configs(True), key=_KEY)(_scaled_gemm_kernel)
     _plain_tuned = triton.autotune(configs=_configs(False), key=_KEY)(_scaled_gemm_kernel)
 
-    @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, sp_ptr, sn_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr,
-                              QNEG: tl.constexpr, IS_FP8: tl.constexpr, DUAL: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: per-token amax (DualScale: of x+ and of |x-|), scales, then the codes, in one program."""
-        row = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + row * stride_xm
-        amax_p = tl.zeros((BLOCK,), dtype=tl.float32)
-        amax_n = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax_p = tl.maximum(amax_p, v)
-            amax_n = tl.maximum(amax_n, -v)
-        a_p = tl.max(amax_p, axis=0)
-        a_n = tl.max(amax_n, axis=0)
-        # IEEE divisions (div_rn), as torch's: the default fp32 division may be approximate on the GPU
-        if DUAL:
-            s_p = tl.where(a_p > 0, tl.maximum(tl.math.div_rn(a_p, QMAX), 1.1754943508222875e-38), 1.0)
-            s_n = tl.where(a_n > 0, tl.maximum(tl.math.div_rn(a_n, QNEG), 1.1754943508222875e-38), 1.0)
-        else:
-            a = tl.maximum(a_p, a_n)
-            s_p = tl.where(a > 0, tl.maximum(tl.math.div_rn(a, QMAX), 1.1754943508222875e-38), 1.0)
-            s_n = s_p
-        tl.store(sp_ptr + row, s_p)
-        tl.store(sn_ptr + row, s_n)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            if DUAL:
-                c = tl.where(v >= 0, tl.minimum(tl.math.div_rn(v, s_p), QMAX),
-                             tl.maximum(tl.math.div_rn(v, s_n), -QNEG))
-            else:
-                c = tl.minimum(tl.maximum(tl.math.div_rn(v, s_p), -QNEG), QMAX)
-            if IS_FP8:
-                code = c.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.int8, bitcast=True)
-            else:
-                # round half to even, as torch.round, from exact float ops only
-                f = tl.floor(c)
-                d = c - f
-                odd = f - 2.0 * tl.floor(f * 0.5)
-                code = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd)).to(tl.int8)
-            tl.store(q_ptr + row * stride_qm + offs, code, mask=offs < K)
-
 
 # ---- checks and the torch path -----------------------------------------------------------------------
 
@@ -318,48 +275,3 @@ def dual_scale_gemm(q: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_s
     """The fused DualScale GEMM (see ``scaled_gemm``)."""
     return scaled_gemm(q, weight, s_pos, w_scale, out_dtype, bias=bias, s_neg=s_neg, dual_range=dual_range,
                        config=config)
-
-
-def _quantize_rows_triton(x: Tensor, precision: str, dual: bool, block: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton kernel itself (benchmarked for both formats by kernel_bench.py; used for INT8 only)."""
-    qmax, qneg = (448.0, 448.0) if precision == "fp8" else (127.0, 128.0)
-    m, k = x.shape
-    x = x if x.stride(1) == 1 else x.contiguous()
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    s_pos = torch.empty(m, dtype=torch.float32, device=x.device)
-    s_neg = torch.empty(m, dtype=torch.float32, device=x.device)
-    _quantize_rows_kernel[(m,)](x, q, s_pos, s_neg, k, x.stride(0), q.stride(0), QMAX=qmax, QNEG=qneg,
-                                IS_FP8=precision == "fp8", DUAL=dual, BLOCK=block)
-    return q.view(FP8_DTYPE if precision == "fp8" else torch.int8), s_pos, s_neg
-
-
-def quantize_rows(x: Tensor, precision: str, dual: bool, block: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
-    """Dynamic per-token quantization in one pass per row: ``(codes (M, K), s_pos (M,), s_neg (M,))``.
-
-    DualScale (``dual``): ``s+ = amax(x+) / qmax``, ``s- = amax(|x-|) / |qmin|`` per token and one code tensor
-    whose sign selects the scale (``segquant.numerics.dual_scale_quantize(per_token=True)``); otherwise one
-    symmetric scale per token (``s_neg`` = ``s_pos``).
-
-    INT8 runs the Triton kernel; FP8 takes the torch ops (which ``torch.compile`` fuses: 0.14-0.20 ms on the
-    FLUX shapes), because the kernel's fp32 -> e4m3 conversion disagreed with the reference in 1e-4 of the
-    codes on an H100 (benchmarks/results/kernel_bench.md, ``quant_fp8_dual_triton``).
-    """
-    if x.dim() != 2:
-        raise ValueError(f"quantize_rows takes (M, K), got {tuple(x.shape)}")
-    if precision not in ("fp8", "int8"):
-        raise ValueError(f"precision must be fp8 or int8, got {precision!r}")
-    qmax, qneg = (448.0, 448.0) if precision == "fp8" else (127.0, 128.0)
-    code_dtype = FP8_DTYPE if precision == "fp8" else torch.int8
-    m, k = x.shape
-    if triton_usable(x) and m > 0 and precision == "int8":
-        return _quantize_rows_triton(x, precision, dual, block)
-    from segquant.numerics import dual_scale_quantize, scale_from_amax
-
-    if dual:
-        q, s_pos, s_neg = dual_scale_quantize(x, precision, per_token=True)
-    else:
-        s_pos = scale_from_amax(x.detach().float().abs().amax(-1, keepdim=True), precision)
-        s_neg = s_pos
-        v = (x.float() / s_pos).clamp(-qneg, qmax)
-        q = v if precision == "fp8" else torch.round(v)
-    return q.to(code_dtype), s_pos.reshape(-1), s_neg.reshape(-1)

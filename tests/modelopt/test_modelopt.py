@@ -17,6 +17,7 @@ import modelopt.torch.opt as mto  # noqa: E402
 import segquant  # noqa: E402
 from segquant import SegmentAmaxObserver, SegQuantError  # noqa: E402
 from segquant import numerics as nx  # noqa: E402
+from segquant.recording import record_linears  # noqa: E402
 import segquant_modelopt as sm  # noqa: E402
 from _models import build_tiny  # noqa: E402
 
@@ -48,16 +49,9 @@ def loop_over(data):
 
 def layer_inputs(model, data):
     """Every Linear's inputs over the calibration batches (float model)."""
-    seen, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, a, n=name: seen.setdefault(n, []).append(a[0].detach().clone())))
-    with torch.no_grad():
+    with record_linears(model, transform=lambda t: t.detach().clone()) as rec, torch.no_grad():
         loop_over(data)(model)
-    for h in hooks:
-        h.remove()
-    return seen
+    return rec.inputs
 
 
 def quantize(model, data, base=None, **algorithm):
@@ -219,7 +213,7 @@ def test_bad_input():
 def test_configs_quantize_single_block_proj_out_but_not_the_final_one():
     for cfg in (sm.SEGQUANT_CFG, sm.SEGQUANT_INT8_CFG, sm.SEGQUANT_FP8_CFG):
         names = [e.get("quantizer_name") for e in cfg["quant_cfg"]]
-        assert "*proj_out.*" not in names and "proj_out.*" in names
+        assert not any("proj_out" in (n or "") for n in names)  # no layer names: the plan decides
         assert cfg["algorithm"]["method"] == "segquant"
     assert sm.SEGQUANT_INT8_CFG["algorithm"]["alpha"] == 0.5
     assert "alpha" not in sm.SEGQUANT_FP8_CFG["algorithm"]
@@ -230,7 +224,8 @@ def test_configs_quantize_single_block_proj_out_but_not_the_final_one():
     quantized = mtq.quantize(copy.deepcopy(model), sm.with_segquant(sm.SEGQUANT_FP8_CFG, show_progress=False),
                              loop_over(data))
     assert quantized.single_transformer_blocks[0].proj_out.input_quantizer.is_enabled
-    assert not quantized.proj_out.input_quantizer.is_enabled
+    assert not quantized.proj_out.input_quantizer.is_enabled and not quantized.proj_out.weight_quantizer.is_enabled
+    assert sm.plan_of(quantized)["proj_out"].high_precision  # the analysis keeps the model's output layer
 
 
 def test_progress_bar_can_be_silenced(capsys):
@@ -297,8 +292,10 @@ def test_dual_scale_segment_without_positive_values(realisation):
         model[0].bias.fill_(-1.0)
         model[0].weight[:, 0] = 0.5  # pre-activations in about [-2, 0): every SiLU output is negative
     data = [torch.rand(32, 8) * 2 - 1 for _ in range(2)]
+    plan = segquant.analyze(model, data[0], analysis_options=segquant.AnalysisOptions(keep_output_layer=False))
     quantized = mtq.quantize(copy.deepcopy(model), sm.with_segquant(
-        mtq.INT8_DEFAULT_CFG, show_progress=False, realisation=realisation), lambda m: [m(x) for x in data])
+        mtq.INT8_DEFAULT_CFG, show_progress=False, realisation=realisation, plan=plan.to_dict()),
+        lambda m: [m(x) for x in data])
     h = torch.nn.functional.silu(model[0](data[0]))
     assert h.max() < 0
     observer = SegmentAmaxObserver(sm.plan_of(quantized)["2"])

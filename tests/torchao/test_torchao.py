@@ -13,8 +13,9 @@ pytest.importorskip("diffusers")
 import segquant  # noqa: E402
 from segquant import LinearPlan, PlanError, SegQuantError  # noqa: E402
 from segquant import numerics as nx  # noqa: E402
-from segquant_torchao import (SegLinearConfig, SegQuantConfig, SegQuantLinear, calibration_from,  # noqa: E402
-                              quantize, quantized_layers)
+from segquant.recording import record_linears  # noqa: E402
+from segquant_torchao import (SegLinearConfig, SegQuantConfig, SegQuantLinear, SegQuantOptions,  # noqa: E402
+                              calibration_from, quantize, quantized_layers)
 from _models import build_tiny  # noqa: E402
 
 # Same codes as the reference; only the accumulation order differs (fp32 in both).
@@ -28,16 +29,10 @@ def tiny(name="FluxTransformer2DModel", seed=0):
 
 
 def capture_inputs(model, kwargs):
-    inputs, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, a, n=name: inputs.setdefault(n, a[0].detach().clone())))
-    with torch.no_grad():
+    """Every Linear's first input."""
+    with record_linears(model) as rec, torch.no_grad():
         model(**kwargs)
-    for h in hooks:
-        h.remove()
-    return inputs
+    return {name: xs[0] for name, xs in rec.inputs.items()}
 
 
 def static_quantize(model, kwargs, plan, **options):
@@ -64,7 +59,7 @@ def check_layers(model, quantized, plan, inputs, spec, calibration=None):
             got = layer(x)
         torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
         checked += 1
-    assert checked == len(plan)
+    assert checked == len(plan.quantized_layers())
     return checked
 
 
@@ -131,7 +126,8 @@ def test_skip_keeps_layers_in_high_precision():
     model, kwargs, plan = tiny()
     quantize(model, SegQuantConfig(plan, skip=["proj_out", "x_embedder"]))
     assert type(model.proj_out) is nn.Linear and type(model.x_embedder) is nn.Linear
-    assert len(quantized_layers(model)) == len(plan) - 2
+    assert plan["proj_out"].high_precision  # the analysis keeps the model's output layer already
+    assert len(quantized_layers(model)) == len(plan.quantized_layers()) - 1
 
 
 class Block(nn.Module):
@@ -220,7 +216,7 @@ def test_diffusers_from_pretrained_quantizes(tmp_path):
                                                     torch_dtype=torch.float32)
     direct = copy.deepcopy(model)
     quantize(direct, SegQuantConfig(plan, precision="int8"))
-    assert set(quantized_layers(loaded)) == set(quantized_layers(direct)) == set(plan.layers)
+    assert set(quantized_layers(loaded)) == set(quantized_layers(direct)) == set(plan.quantized_layers())
     for name, layer in quantized_layers(loaded).items():
         assert layer.segquant_spec == quantized_layers(direct)[name].segquant_spec
     with torch.no_grad():
@@ -257,17 +253,17 @@ def test_bad_input_leaves_model_unchanged():
         quantize(model, SegQuantConfig(plan, activation="static", step="convert"))
     _assert_unchanged(model, before)
     quantize(model, SegQuantConfig(plan, activation="static", step="prepare"))
-    with pytest.raises(SegQuantError, match="calibration reached no data for 50 layer"):
+    with pytest.raises(SegQuantError, match="calibration reached no data for 49 layer"):
         quantize(model, SegQuantConfig(plan, activation="static", step="convert"))
     assert not quantized_layers(model)
     with pytest.raises(SegQuantError, match="precision must be one of"):
         SegQuantConfig(plan, precision="int4")
     with pytest.raises(SegQuantError, match="needs a plan"):
         SegQuantConfig()
-    with pytest.raises(PlanError, match="skip pattern 'nothing' matches no layer"):
+    with pytest.raises(PlanError, match="high-precision pattern 'nothing' matches no layer"):
         SegQuantConfig(plan, skip=["nothing"])
     with pytest.raises(SegQuantError, match="dynamic activation scales need no prepare step"):
-        SegLinearConfig(activation="dynamic", step="prepare")
+        SegLinearConfig(options=SegQuantOptions(activation="dynamic"), step="prepare")
 
 
 def test_unsupported_dtype_and_double_quantization():
@@ -317,7 +313,7 @@ def test_unaligned_layer_shapes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 36), nn.SiLU(), nn.Linear(36, 10))
     x = torch.randn(3, 20)
-    plan = segquant.analyze(model, x)
+    plan = segquant.analyze(model, x, analysis_options=segquant.AnalysisOptions(keep_output_layer=False))
     for precision in ("fp8", "int8"):
         q = copy.deepcopy(model)
         quantize(q, SegQuantConfig(plan, precision=precision))
@@ -357,6 +353,7 @@ def test_empty_batch_through_every_realisation(precision):
         from torchao.quantization import quantize_
 
         quantize_(layer, SegLinearConfig(name="p", in_features=160, out_features=32, in_segments=[32, 128],
-                                         dual_scale_segments=[1], precision=precision, **options, **amax))
+                                         dual_scale_segments=[1], options=SegQuantOptions(precision=precision, **options),
+                                         **amax))
         with torch.no_grad():
             assert layer(torch.zeros(0, 160)).shape == (0, 32)

@@ -90,25 +90,6 @@ def test_gemm_writes_out_dtype_and_autoselects_config(out_dtype):
     torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("precision", ["fp8", "int8"])  # fp8: the torch path (the kernel's fp8 codes were off on H100)
-@pytest.mark.parametrize("dual", [True, False])
-def test_quantize_rows_kernel_matches_reference(precision, dual):
-    gen = torch.Generator().manual_seed(2)
-    x = gelu_input(9, 100, gen)
-    x[3] = 0.0  # an all-zero row gets scale 1
-    x[5] = 0.0  # scale exactly 1 (amax 127, no negative side), codes at ties: round half to even
-    x[5, :7] = torch.tensor([127.0, 0.5, 1.5, 2.5, 3.5, 100.5, 0.49])
-    q, sp, sn = tg.quantize_rows(x, precision, dual, block=32)
-    if dual:
-        ref_q, ref_sp, ref_sn = nx.dual_scale_quantize(x, precision, per_token=True)
-    else:
-        ref_sp = nx.scale_from_amax(nx.amax_per_token(x), precision)
-        ref_q, ref_sn = nx.quantize(x, ref_sp, precision), ref_sp
-    torch.testing.assert_close(sp, ref_sp.reshape(-1), rtol=0, atol=0)
-    torch.testing.assert_close(sn, ref_sn.reshape(-1), rtol=0, atol=0)
-    torch.testing.assert_close(q.float(), ref_q, rtol=0, atol=0)
-
-
 def test_torch_fallback_matches_reference():
     """What CPU tensors get without the interpreter (and CUDA ones without Triton)."""
     gen = torch.Generator().manual_seed(3)
@@ -141,8 +122,6 @@ def test_wrapper_rejects_bad_input():
         tg.dual_scale_gemm(q, wq, one, one, ws, torch.float32, dual_range=(4, 40))
     with pytest.raises(TypeError, match="out_dtype"):
         tg.scaled_gemm(q, wq, one, ws, torch.int32)
-    with pytest.raises(ValueError, match="precision must be fp8 or int8"):
-        tg.quantize_rows(torch.randn(2, 4), "int4", True)
     assert tg.scaled_gemm(q[:0], wq, one, ws, torch.float32).shape == (0, 16)
 
 
@@ -161,7 +140,9 @@ def count_launches(monkeypatch):
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
 @pytest.mark.parametrize("mode", ["dynamic", "folded", "split_k"])
 def test_fused_layers_match_reference(precision, mode, monkeypatch):
-    model, kwargs, plan = tiny()
+    model, kwargs, _ = tiny()
+    # every layer through the kernels, the output projection too (the analysis keeps it in high precision)
+    plan = segquant.analyze(model, analysis_options=segquant.AnalysisOptions(keep_output_layer=False), **kwargs)
     inputs = capture_inputs(model, kwargs)
     quantized = copy.deepcopy(model)
     calls = count_launches(monkeypatch)
@@ -196,14 +177,3 @@ def test_fused_compiles_fullgraph():
         naive = reference(x, emb)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(eager, naive, rtol=RTOL * 10, atol=ATOL * 10)  # same codes, other GEMM
-
-
-@pytest.mark.xfail(strict=True, reason="known defect, so quantize_rows takes torch ops for fp8: the kernel's "
-                   "fp32->e4m3 codes disagree with the reference (interpreter: mantissa carry, 31.3 -> 16; H100: "
-                   "1e-4 of the codes, benchmarks/results/kernel_bench.md)")
-def test_fp8_quantize_kernel_matches_reference():
-    gen = torch.Generator().manual_seed(2)
-    x = gelu_input(9, 100, gen)
-    q, sp, sn = tg._quantize_rows_triton(x, "fp8", True, block=32)
-    ref_q, _, _ = nx.dual_scale_quantize(x, "fp8", per_token=True)
-    torch.testing.assert_close(q.float(), ref_q, rtol=0, atol=0)

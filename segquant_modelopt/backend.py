@@ -1,0 +1,85 @@
+"""The ModelOpt backend (``segquant.backend.Backend``): an applied plan through ``mtq.quantize``, checkpoints
+with ``mto.save``/``mto.restore``, ONNX export, and ModelOpt's own presets as the comparison row."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import modelopt.torch.opt as mto
+import modelopt.torch.quantization as mtq
+import torch
+from torch import nn
+
+from segquant import Capabilities, QuantizedLayer, QuantizeOptions, SegQuantError, SegQuantPlan
+from segquant.backend import ForwardLoop, check_supported
+
+from .configs import PRECISION_CONFIGS, config_for_plan
+from .export import export_onnx
+from .quantizer import is_marked
+
+CHECKPOINT = "{denoiser}.modelopt.pth"
+
+BASELINE_PRESETS = {"int8_w8a8": "INT8_SMOOTHQUANT_CFG", "int8_perchannel": "INT8_DEFAULT_CFG",
+                    "fp8": "FP8_DEFAULT_CFG", "w4a8": "W4A8_AWQ_BETA_CFG"}
+"""The ModelOpt preset each precision is compared with (``segquant run``'s baseline row)."""
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    quantizers = [getattr(module, q, None) for q in ("weight_quantizer", "input_quantizer")]
+    return any(q is not None and getattr(q, "is_enabled", False) for q in quantizers)
+
+
+def _layer_state(module: nn.Module) -> QuantizedLayer:
+    """Segments and DualScale as the layer's quantizers hold them (empty for a ModelOpt preset's layer)."""
+    inputs, weights = module.input_quantizer, module.weight_quantizer
+    if not is_marked(inputs):
+        return QuantizedLayer()
+    return QuantizedLayer(tuple(inputs._segquant_segments), tuple(getattr(weights, "_segquant_out_segments", ())),
+                          tuple(inputs._segquant_dual_segments))
+
+
+class ModelOptBackend:
+    """SegQuant through NVIDIA ModelOpt (fake quantization in PyTorch, Q/DQ ONNX for TensorRT)."""
+
+    name = "modelopt"
+    capabilities = Capabilities(precisions=tuple(PRECISION_CONFIGS), activation_modes=("static", "dynamic"),
+                                onnx_export=True, save_load=True)
+
+    def quantize(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
+                 forward_loop: ForwardLoop | None) -> nn.Module:
+        check_supported(self, plan)
+        plan.check_model(model, complete=True)  # before mtq.quantize inserts a single quantizer
+        return mtq.quantize(model, config_for_plan(plan, options), forward_loop)
+
+    def quantize_and_save(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
+                          forward_loop: ForwardLoop | None, folder: Path, name: str) -> tuple[nn.Module, list[Path]]:
+        quantized = self.quantize(model, plan, options, forward_loop)
+        path = Path(folder) / CHECKPOINT.format(denoiser=name)
+        mto.save(quantized, path)
+        return quantized, [path]
+
+    def load(self, folder: Path, manifest: Mapping[str, Any], float_denoiser: Callable[[], nn.Module],
+             dtype: torch.dtype) -> nn.Module:
+        path = Path(folder) / CHECKPOINT.format(denoiser=manifest["denoiser"])
+        if not path.is_file():
+            raise SegQuantError(f"{folder}: the ModelOpt checkpoint {path.name} is missing")
+        return mto.restore(float_denoiser(), path)
+
+    def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path) -> Path:
+        if not example_kwargs:
+            raise SegQuantError("no denoiser call was recorded during calibration: nothing to export")
+        return export_onnx(model, dict(example_kwargs), path)
+
+    def quantize_baseline(self, model: nn.Module, precision: str, forward_loop: ForwardLoop | None) \
+            -> tuple[nn.Module, str]:
+        """ModelOpt's own preset for ``precision``, as shipped (with the layers it skips)."""
+        if precision not in BASELINE_PRESETS:
+            raise SegQuantError(f"no ModelOpt baseline preset for precision {precision!r}")
+        preset = BASELINE_PRESETS[precision]
+        return mtq.quantize(model, copy.deepcopy(getattr(mtq, preset)), forward_loop), f"ModelOpt {preset}"
+
+    def quantized_linears(self, model: nn.Module) -> dict[str, QuantizedLayer]:
+        return {name: _layer_state(module) for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and _is_quantized(module)}
