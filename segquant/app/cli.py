@@ -9,20 +9,14 @@ import logging
 import sys
 import time
 import warnings
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import SegQuantError
+from segquant import PRECISIONS, SegQuantError, backend_names
+from segquant.model_configs import bundled_configs
 
 DEFAULT_MODEL = "tiny-flux"
 """The bundled tiny model that ``segquant analyze`` uses without arguments."""
-
-
-def bundled_configs() -> dict[str, Path]:
-    """Names -> config files of the models bundled with the package."""
-    folder = resources.files("segquant") / "configs"
-    return {p.name.removesuffix(".json"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".json")}
 
 
 def _read_config(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
@@ -63,7 +57,7 @@ def _build_on_meta(model_class: str, config: dict[str, Any]):
         import diffusers
     except ImportError:
         raise SegQuantError("segquant analyze needs diffusers: pip install 'segquant[diffusers]'") from None
-    from .inputs import supported_models
+    from segquant.inputs import supported_models
 
     cls = getattr(diffusers, model_class, None)
     if cls is None or not hasattr(cls, "from_config"):
@@ -77,9 +71,9 @@ def _build_on_meta(model_class: str, config: dict[str, Any]):
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .graph import AnalysisOptions, analyze
-    from .inputs import example_inputs
-    from .plan import format_table
+    from segquant.graph import AnalysisOptions, analyze
+    from segquant.inputs import example_inputs
+    from segquant.plan import format_table
 
     model_class, config, source = _read_config(args)
     start = time.perf_counter()
@@ -101,10 +95,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize_job import job_from_args, quantize_pipeline
 
     result = quantize_pipeline(job_from_args(args))
+    print(result.plan)  # the applied plan: what the backend quantized
     print(f"quantized {args.model} with {result.recipe.name} ({args.backend}); plan: {result.plan.summary()}")
     for path in result.files:
         print(f"wrote {path}")
-    print(f"load: segquant.quantize_job.load_quantized({str(args.out)!r})")
+    print(f"load: segquant.app.load_quantized({str(args.out)!r})")
     return 0
 
 
@@ -150,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a diffusers pipeline's denoiser with a recipe and save it",
                        description="Load the pipeline (local files only when HF_HUB_OFFLINE is set), calibrate "
                        "on a prompt file, quantize the denoiser with the backend and recipe, save a checkpoint "
-                       "that segquant.quantize_job.load_quantized loads back, optionally export ONNX.")
+                       "that segquant.app.load_quantized loads back, optionally export ONNX.")
     add_job_arguments(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -160,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "from the same noise and write metrics.json, report.md, grid.png and layers.png.")
     r.add_argument("--model", default="mnist-flux", help="mnist-flux (default), mnist-unet, or a folder written "
                    "by examples/train_mnist_models.py")
-    r.add_argument("--backend", default="modelopt", choices=("modelopt", "torchao"))
-    r.add_argument("--recipe", default="int8_w8a8", help="a precision (int8_w8a8, int8_perchannel, fp8, w4a8), a "
+    r.add_argument("--backend", default="modelopt", choices=backend_names(), help="default modelopt")
+    r.add_argument("--recipe", default="int8_w8a8", help=f"a precision ({', '.join(PRECISIONS)}), a "
                    "bundled recipe name (mnist-flux/fp8) or a recipe file")
     r.add_argument("--num-samples", type=int, default=8, help="images per row (default 8)")
     r.add_argument("--calib-samples", type=int, help="calibration images (default: the recipe's)")

@@ -10,27 +10,20 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from segquant.numerics import sqnr_db
+from segquant.recording import record_linears
+
 from .metrics import frechet_distance, frechet_distance_to_stats, psnr, ssim
-from .numerics import sqnr_db
 
 
 def record_linear_io(model: nn.Module, call: Callable[[], Any]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Run ``call`` once and return every Linear's (input, output) of the first call of that Linear."""
-    seen: dict[str, tuple[Tensor, Tensor]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            def hook(mod, args, out, name=name):
-                if name not in seen:
-                    seen[name] = (args[0].detach().clone(), out.detach().clone())
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            call()
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    """Run ``call`` once (no grad) and return every Linear's (input, output) of its first call, as copies.
+
+    Every call is held until ``call`` returns (``segquant.recording.record_linears``): keep ``call`` to one forward
+    pass, not a whole sampling loop."""
+    with record_linears(model, outputs=True, transform=lambda t: t.detach().clone()) as recording, torch.no_grad():
+        call()
+    return recording.first()
 
 
 def layer_sqnr(quantized: nn.Module, reference_io: dict[str, tuple[Tensor, Tensor]]) -> dict[str, float]:

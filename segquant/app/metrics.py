@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import SegQuantError
+from segquant.errors import SegQuantError
 
 
 def _check_pair(reference: Tensor, images: Tensor) -> None:

@@ -17,8 +17,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import SegQuantError
-from .recipe import CalibrationSettings, bundled_recipes, load_recipe
+from segquant.errors import SegQuantError
+from segquant.model_configs import bundled_configs
+from segquant.recipe import CalibrationSettings, bundled_recipes, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,6 @@ def family_of(model: str, denoiser: nn.Module) -> str:
     for hub_id, family in HUB_FAMILIES.items():
         if key == hub_id or key.rsplit("/", 1)[-1] == hub_id.rsplit("/", 1)[-1]:
             return family
-    from .cli import bundled_configs
-
     class_name = type(denoiser).__name__
     config = dict(denoiser.config)
     best, best_score = None, -1
@@ -143,7 +142,7 @@ def _same(a: Any, b: Any) -> bool:
 def read_prompts(path: str | Path | None = None) -> list[str]:
     """Non-blank lines of a prompt file; the bundled 64 COCO-style captions when ``path`` is None."""
     if path is None:
-        return read_prompts(Path(str(resources.files("segquant") / "prompts" / DEFAULT_PROMPTS)))
+        return read_prompts(Path(str(resources.files("segquant.app") / "prompts" / DEFAULT_PROMPTS)))
     path = Path(path)
     if not path.is_file():
         raise SegQuantError(f"prompt file {path} does not exist")

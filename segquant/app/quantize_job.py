@@ -1,8 +1,9 @@
 """``segquant quantize``: load a diffusers pipeline, calibrate on prompts, quantize its denoiser with a
 recipe through a backend, save a checkpoint that loads back (``load_quantized``), optionally export ONNX.
 
-The backends do the library-specific part (``segquant_modelopt.job``, ``segquant_torchao.job``, each with
-``PRECISIONS``, ``quantize_and_save`` and ``load_denoiser``); everything else is here.
+The model is analysed once (on ``meta``), the recipe applied to that plan, and the applied plan handed to the
+backend (``segquant.get_backend``), which quantizes exactly what it says; the checkpoint stores it as
+``plan.json``. Everything but the backend's own part is here.
 
 Example:
     >>> job = QuantizeJob(model="black-forest-labs/FLUX.1-dev", out="flux_int8", backend="modelopt")
@@ -14,29 +15,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import inspect
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import SegQuantError
+from segquant import Backend, SegQuantError, SegQuantPlan, analyze, backend_names, example_inputs, get_backend
+from segquant.backend import check_supported
+from segquant.recipe import PRECISIONS, CalibrationSettings, Recipe, load_recipe
+
 from .pipelines import (DTYPES, calibration_loop, denoiser_name, family_of, load_component, load_pipeline,
                         read_prompts)
-from .plan import SegQuantPlan
-from .recipe import PRECISIONS, CalibrationSettings, Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = {"modelopt": "segquant_modelopt.job", "torchao": "segquant_torchao.job"}
 MANIFEST = "segquant.json"
 MANIFEST_VERSION = 1
+PLAN_FILE = "plan.json"
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class QuantizeJob:
     Args:
         model: hub id or local diffusers pipeline folder.
         out: output folder (created).
-        backend: ``modelopt`` or ``torchao``.
+        backend: a registered backend (``segquant.backend_names()``: ``modelopt``, ``torchao``).
         precision: one of ``segquant.recipe.PRECISIONS`` (default ``int8_w8a8``, the paper's W8A8).
         recipe: a recipe name (``flux.1-dev/fp8``) or file; default: ``<family of model>/<precision>``.
         prompts: calibration prompt file, one per line; default: the bundled 64 COCO-style captions.
@@ -76,14 +76,12 @@ class QuantizeJob:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise SegQuantError(f"unknown backend {self.backend!r}; one of {', '.join(BACKENDS)}")
+        if self.backend not in backend_names():
+            raise SegQuantError(f"unknown backend {self.backend!r}; one of {', '.join(backend_names())}")
         if self.precision not in PRECISIONS:
             raise SegQuantError(f"unknown precision {self.precision!r}; one of {', '.join(PRECISIONS)}")
         if self.dtype not in DTYPES:
             raise SegQuantError(f"unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
-        if self.onnx and self.backend != "modelopt":
-            raise SegQuantError("ONNX export is a ModelOpt path: use --backend modelopt with --onnx")
 
     def calibration(self, recipe: Recipe) -> CalibrationSettings:
         """The recipe's calibration settings with this job's overrides."""
@@ -95,7 +93,7 @@ class QuantizeJob:
 @dataclass
 class QuantizeResult:
     """What ``quantize_pipeline`` produced: the quantized pipeline (in memory), its recipe, the
-    calibration settings used, the plan and the files written."""
+    calibration settings used, the applied plan and the files written."""
 
     pipe: Any
     recipe: Recipe
@@ -104,21 +102,8 @@ class QuantizeResult:
     files: list[Path]
 
 
-def backend_module(name: str) -> ModuleType:
-    """The adapter module of a backend; a clear error when its library is not installed."""
-    if name not in BACKENDS:
-        raise SegQuantError(f"unknown backend {name!r}; one of {', '.join(BACKENDS)}")
-    try:
-        return importlib.import_module(BACKENDS[name])
-    except ImportError as e:
-        raise SegQuantError(f"backend {name} is not available: {e}") from None
-
-
 def meta_plan(denoiser: nn.Module) -> SegQuantPlan:
     """The SegQuant plan of ``denoiser``'s architecture, analysed on a copy built on ``meta`` (no weights)."""
-    from .graph import analyze
-    from .inputs import example_inputs
-
     with torch.device("meta"):
         skeleton = type(denoiser).from_config(denoiser.config)
     return analyze(skeleton, **example_inputs(skeleton))
@@ -146,25 +131,33 @@ def _call_capture(denoiser: nn.Module) -> tuple[dict[str, Any], Any]:
     return store, denoiser.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _check_backend(job: QuantizeJob) -> Backend:
+    backend = get_backend(job.backend)
+    caps = backend.capabilities
+    if job.precision not in caps.precisions and job.recipe is None:
+        raise SegQuantError(f"backend {job.backend} supports {', '.join(caps.precisions)}, not {job.precision}")
+    if job.onnx and not caps.onnx_export:
+        raise SegQuantError(f"backend {job.backend} has no ONNX export; use a backend that has one "
+                            f"({', '.join(n for n in backend_names() if n != job.backend)}) with --onnx")
+    return backend
+
+
 def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
-    """Load, calibrate, quantize, save (and optionally export ONNX). See ``QuantizeJob``.
+    """Load, analyse once, apply the recipe, calibrate, quantize, save (and optionally export ONNX).
 
     Raises:
         SegQuantError: weights not available locally, a recipe for another model, an empty prompt file,
             a precision the backend does not support, or a backend that is not installed.
     """
-    backend = backend_module(job.backend)
-    if job.precision not in backend.PRECISIONS and job.recipe is None:
-        raise SegQuantError(f"backend {job.backend} supports {', '.join(backend.PRECISIONS)}, not {job.precision}")
+    backend = _check_backend(job)
     prompts = read_prompts(job.prompts)
     pipe = load_pipeline(job.model, job.dtype, job.device)
     name = denoiser_name(pipe)
     denoiser = getattr(pipe, name)
-    plan = meta_plan(denoiser)
-    recipe = resolve_recipe(job, denoiser, plan)
-    if recipe.precision not in backend.PRECISIONS:
-        raise SegQuantError(f"recipe {recipe.name}: backend {job.backend} supports "
-                            f"{', '.join(backend.PRECISIONS)}, not {recipe.precision}")
+    analysed = meta_plan(denoiser)
+    recipe = resolve_recipe(job, denoiser, analysed)
+    plan = recipe.apply(analysed)
+    check_supported(backend, plan)
     settings = job.calibration(recipe)
     prompts = prompts[:settings.num_prompts]
     logger.info("calibrating %s (%s) on %d prompts x %d steps", recipe.name, job.backend, len(prompts), settings.steps)
@@ -173,17 +166,18 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
     out.mkdir(parents=True, exist_ok=True)
     inputs, handle = _call_capture(denoiser)
     try:
-        quantized, files = backend.quantize_and_save(denoiser, recipe, recipe.apply(plan), forward_loop, out,
-                                                     name, job.show_progress)
+        quantized, files = backend.quantize_and_save(denoiser, plan, recipe.quantize_options(job.show_progress),
+                                                     forward_loop, out, name)
     finally:
         handle.remove()
     setattr(pipe, name, quantized)
+    plan.save(out / PLAN_FILE)
+    files.append(out / PLAN_FILE)
+    if job.onnx:
+        files.append(backend.export_onnx(quantized, inputs, out / f"{name}.onnx"))
     manifest = {"version": MANIFEST_VERSION, "backend": job.backend, "recipe": recipe.name,
                 "base_model": _base_reference(job.model), "denoiser": name,
                 "denoiser_class": type(denoiser).__name__, "dtype": job.dtype, "files": [f.name for f in files]}
-    if job.onnx:
-        files.append(backend.export_onnx(quantized, inputs, out / f"{name}.onnx"))
-        manifest["files"].append(files[-1].name)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return QuantizeResult(pipe, recipe, settings, plan, [out / MANIFEST, *files])
 
@@ -207,24 +201,25 @@ def load_quantized(folder: str | Path, device: str = "cpu", dtype: str | None = 
     """A fresh pipeline from a ``segquant quantize`` checkpoint: the base model's components (loaded as
     ``load_pipeline`` does) with the quantized denoiser restored by its backend."""
     manifest = read_manifest(folder)
-    backend = backend_module(manifest["backend"])
+    backend = get_backend(manifest["backend"])
     dtype = dtype or manifest["dtype"]
     name, base = manifest["denoiser"], manifest["base_model"]
 
     def float_denoiser() -> nn.Module:
         return load_component(base, name, manifest["denoiser_class"], dtype)
 
-    denoiser = backend.load_denoiser(Path(folder), manifest, float_denoiser, DTYPES[dtype])
+    denoiser = backend.load(Path(folder), manifest, float_denoiser, DTYPES[dtype])
     return load_pipeline(base, dtype, device, **{name: denoiser})
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, model: str | None = None, backend: str = "modelopt") -> None:
+def add_job_arguments(parser: argparse.ArgumentParser, model: str | None = None, backend: str = "modelopt",
+                      precision: str = "int8_w8a8") -> None:
     """The arguments of ``QuantizeJob`` (shared by ``segquant quantize`` and the examples)."""
     parser.add_argument("--model", default=model, required=model is None,
                         help="hub id or local diffusers pipeline folder" + (f" (default {model})" if model else ""))
     parser.add_argument("--out", type=Path, required=True, help="output folder for the checkpoint")
-    parser.add_argument("--backend", default=backend, choices=sorted(BACKENDS), help=f"default {backend}")
-    parser.add_argument("--precision", default="int8_w8a8", choices=PRECISIONS, help="default int8_w8a8")
+    parser.add_argument("--backend", default=backend, choices=backend_names(), help=f"default {backend}")
+    parser.add_argument("--precision", default=precision, choices=PRECISIONS, help=f"default {precision}")
     parser.add_argument("--recipe", help="recipe name (flux.1-dev/fp8) or file; default: the model's family")
     parser.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: bundled 64)")
     parser.add_argument("--num-prompts", type=int, help="override the recipe's number of prompts")
@@ -235,7 +230,8 @@ def add_job_arguments(parser: argparse.ArgumentParser, model: str | None = None,
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="default bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--onnx", action="store_true", help="also export the denoiser to ONNX (modelopt)")
+    parser.add_argument("--onnx", action="store_true", help="also export the denoiser to ONNX (backends with ONNX "
+                        "export: modelopt)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .embedded.images import grid
-from .errors import SegQuantError
+from segquant.errors import SegQuantError
 
 
 def _plt():

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .errors import SegQuantError
-from .quantize_job import BACKENDS, backend_module
-from .recipe import PRECISIONS, Recipe, load_recipe
+from segquant import Backend, SegQuantError, SegQuantPlan, analyze, backend_names, get_backend
+from segquant.backend import check_supported
+from segquant.recipe import PRECISIONS, Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class RunSettings:
 
     Args:
         model: an embedded model name (``mnist-flux``, ``mnist-unet``) or a folder in that layout.
-        backend: ``modelopt`` or ``torchao``.
+        backend: a registered backend (``segquant.backend_names()``).
         recipe: a precision (``int8_w8a8``...; the model's bundled recipe), a bundled recipe name or a file.
         num_samples: images per row (same noise and labels in every row).
         calib_samples: calibration images (their own noise); None = the recipe's.
@@ -52,8 +52,8 @@ class RunSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:  # the backends of segquant quantize
-            raise SegQuantError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.backend not in backend_names():
+            raise SegQuantError(f"unknown backend {self.backend!r}; choose one of {', '.join(backend_names())}")
         if self.num_samples < 1:
             raise SegQuantError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.calib_samples is not None and self.calib_samples < 1:
@@ -88,89 +88,124 @@ def resolve_recipe(settings: RunSettings, model_name: str, model_class: str) -> 
     return recipe
 
 
-def _quantize(backend, kind: str, den, recipe: Recipe, plan, forward_loop, settings: RunSettings):
+def _quantize(backend: Backend, kind: str, den, recipe: Recipe, plan: SegQuantPlan, forward_loop,
+              settings: RunSettings):
     if kind == "baseline":
         return backend.quantize_baseline(den.model, recipe.precision, forward_loop)
-    model = backend.quantize_segquant(den.model, recipe, plan, forward_loop, show_progress=settings.progress)
+    model = backend.quantize(den.model, plan, recipe.quantize_options(settings.progress), forward_loop)
     return model, f"SegQuant {recipe.name} ({settings.backend})"
+
+
+@dataclass
+class _Job:
+    """What every row of one run shares."""
+
+    settings: RunSettings
+    fp: Any
+    recipe: Recipe
+    plan: SegQuantPlan
+    backend: Backend
+    steps: int
+    labels: torch.Tensor
+    calib_labels: torch.Tensor
+    example: dict[str, Any]
+
+    def forward_loop_for(self, den):
+        from .embedded import sample
+
+        def forward_loop(model):
+            sample(den, self.calib_labels, seed=self.settings.seed + 1, steps=self.steps,
+                   progress=self.settings.progress, desc="calibrating")
+        return forward_loop
+
+    def sample(self, den, desc: str) -> torch.Tensor:
+        from .embedded import sample
+
+        return sample(den, self.labels, seed=self.settings.seed, steps=self.steps, progress=self.settings.progress,
+                      desc=desc)
+
+
+def _prepare(settings: RunSettings) -> _Job:
+    from .embedded import load_denoiser, sample_labels
+
+    fp = load_denoiser(settings.model, settings.device)
+    model_class = type(fp.model).__name__
+    recipe = resolve_recipe(settings, settings.model, model_class)
+    backend = get_backend(settings.backend)
+    example = fp.example_inputs(2)
+    plan = recipe.apply(analyze(fp.model, **example))  # analysed once; every backend quantizes this plan
+    check_supported(backend, plan)
+    return _Job(settings, fp, recipe, plan, backend, settings.steps or recipe.calibration.steps,
+                sample_labels(settings.num_samples),
+                sample_labels(settings.calib_samples or recipe.calibration.num_prompts), example)
+
+
+def _quantized_row(job: _Job, kind: str, reference_io, failed: dict[str, str]) -> RowResult | None:
+    """One quantized row; a baseline that cannot run here is recorded in ``failed`` instead of raised."""
+    from .evaluation import layer_sqnr
+
+    t = time.time()
+    den = copy.deepcopy(job.fp)
+    quiet = contextlib.nullcontext() if job.settings.progress else contextlib.redirect_stdout(io.StringIO())
+    try:
+        with quiet:  # ModelOpt prints what it inserts
+            den.model, label = _quantize(job.backend, kind, den, job.recipe, job.plan, job.forward_loop_for(den),
+                                         job.settings)
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is reported, not fatal
+        if kind != "baseline":
+            raise
+        what = f"{job.settings.backend} baseline for {job.recipe.precision}"
+        logger.warning("the %s could not run here: %s", what, e)
+        failed[what] = f"{type(e).__name__}: {e}"
+        return None
+    images = job.sample(den, f"sampling {kind}")
+    row = RowResult(label, images, layer_sqnr=layer_sqnr(den.model, reference_io),
+                    quantized_layers=set(job.backend.quantized_linears(den.model)))
+    row.seconds = time.time() - t
+    return row
+
+
+def _score(job: _Job, rows: list[RowResult], flops: dict[str, int]) -> list[str]:
+    """Fill every row's summary; returns the layers SegQuant changes that the SegQuant row quantizes."""
+    from .embedded import load_classifier, mnist_test_feature_stats
+    from .evaluation import mean_sqnr, quantized_flop_fraction, score_images
+
+    classifier, mnist = load_classifier(job.settings.device), mnist_test_feature_stats()
+    fp_scores = score_images(rows[0].images, rows[0].images, job.labels, classifier)
+    changed = [n for n in sorted(job.plan.quantized_layers()) if not job.plan[n].is_plain]
+    changed = [c for c in changed if c in rows[-1].quantized_layers]
+    for i, row in enumerate(rows):
+        scores = fp_scores if i == 0 else score_images(row.images, rows[0].images, job.labels, classifier)
+        row.summary = scores.summary(None if i == 0 else fp_scores, mnist)
+        if i > 0:
+            row.summary["quantized_linear_flop_fraction"] = quantized_flop_fraction(flops, row.quantized_layers)
+            row.summary["mean_sqnr_db_changed_layers"] = mean_sqnr(row.layer_sqnr, changed, row.quantized_layers)
+        row.summary["seconds"] = row.seconds
+    return changed
 
 
 def run(settings: RunSettings) -> dict[str, Any]:
     """Do the whole job; returns the metrics written to ``metrics.json``."""
-    from .embedded import load_classifier, load_denoiser, mnist_test_feature_stats, sample, sample_labels
-    from .evaluation import (layer_sqnr, linear_flops, mean_sqnr, quantized_flop_fraction, record_linear_io,
-                             score_images)
-    from .graph import analyze
+    from .evaluation import linear_flops, record_linear_io
     from .report import write_report
 
     out = Path(settings.out)
     if out.exists() and not out.is_dir():
         raise SegQuantError(f"--out {out} exists and is not a folder")
     start = time.time()
-    fp = load_denoiser(settings.model, settings.device)
-    model_class = type(fp.model).__name__
-    recipe = resolve_recipe(settings, settings.model, model_class)
-    backend = backend_module(settings.backend)
-    steps = settings.steps or recipe.calibration.steps
-    n_calib = settings.calib_samples or recipe.calibration.num_prompts
-    labels = sample_labels(settings.num_samples)
-    calib_labels = sample_labels(n_calib)
-    classifier = load_classifier(settings.device)
-    mnist = mnist_test_feature_stats()
-
-    example = fp.example_inputs(2)
-    plan = recipe.apply(analyze(fp.model, **example))
-
-    reference_io = record_linear_io(fp.model, lambda: fp.model(**example))
+    job = _prepare(settings)
+    reference_io = record_linear_io(job.fp.model, lambda: job.fp.model(**job.example))
     flops = linear_flops(reference_io)
-
-    def forward_loop_for(den):
-        def forward_loop(model):
-            sample(den, calib_labels, seed=settings.seed + 1, steps=steps, progress=settings.progress,
-                   desc="calibrating")
-        return forward_loop
-
     t = time.time()
-    rows = [RowResult("full precision", sample(fp, labels, seed=settings.seed, steps=steps,
-                                               progress=settings.progress, desc="sampling full precision"))]
+    rows = [RowResult("full precision", job.sample(job.fp, "sampling full precision"))]
     rows[0].seconds = time.time() - t
-
     failed: dict[str, str] = {}
-    for kind in ("baseline", "segquant"):
-        t = time.time()
-        den = copy.deepcopy(fp)
-        quiet = contextlib.nullcontext() if settings.progress else contextlib.redirect_stdout(io.StringIO())
-        try:
-            with quiet:  # ModelOpt prints what it inserts
-                den.model, label = _quantize(backend, kind, den, recipe, plan, forward_loop_for(den), settings)
-        except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is reported, not fatal
-            if kind != "baseline":
-                raise
-            logger.warning("the %s baseline for %s could not run here: %s", settings.backend, recipe.precision, e)
-            failed[f"{settings.backend} baseline for {recipe.precision}"] = f"{type(e).__name__}: {e}"
-            continue
-        images = sample(den, labels, seed=settings.seed, steps=steps, progress=settings.progress,
-                        desc=f"sampling {kind}")
-        row = RowResult(label, images, layer_sqnr=layer_sqnr(den.model, reference_io),
-                        quantized_layers=backend.quantized_linears(den.model))
-        row.seconds = time.time() - t
-        rows.append(row)
-
-    fp_scores = score_images(rows[0].images, rows[0].images, labels, classifier)
-    changed = sorted(name for name, lp in plan.layers.items() if not lp.is_plain)
-    changed = [c for c in changed if c in rows[-1].quantized_layers]
-    for i, row in enumerate(rows):
-        scores = fp_scores if i == 0 else score_images(row.images, rows[0].images, labels, classifier)
-        row.summary = scores.summary(None if i == 0 else fp_scores, mnist)
-        if i > 0:
-            row.summary["quantized_linear_flop_fraction"] = quantized_flop_fraction(flops, row.quantized_layers)
-            row.summary["mean_sqnr_db_changed_layers"] = mean_sqnr(row.layer_sqnr, changed, row.quantized_layers)
-        row.summary["seconds"] = row.seconds
-
+    rows += [row for kind in ("baseline", "segquant") if (row := _quantized_row(job, kind, reference_io, failed))]
+    changed = _score(job, rows, flops)
     metrics = {
-        "settings": asdict(settings), "recipe": recipe.name, "model_class": model_class, "steps": steps,
-        "calib_samples": n_calib, "rows": {row.label: row.summary for row in rows},
-        "failed_rows": failed,
+        "settings": asdict(settings), "recipe": job.recipe.name, "model_class": type(job.fp.model).__name__,
+        "steps": job.steps, "calib_samples": len(job.calib_labels), "plan": job.plan.summary(),
+        "rows": {row.label: row.summary for row in rows}, "failed_rows": failed,
         "layer_sqnr_db": {row.label: row.layer_sqnr for row in rows[1:]},
         "segquant_changed_layers": changed,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from segquant import SegQuantPlan
-from segquant.cli import main
+from segquant.app.cli import main
 from full_configs import FLUX_1_DEV
 
 pytest.importorskip("diffusers")
@@ -18,10 +18,11 @@ def test_analyze_default_bundled_model(tmp_path, capsys):
     assert "SegQuant plan for FluxTransformer2DModel (export)" in text
     assert "single_transformer_blocks.1.proj_out" in text and f"wrote {out}" in text
     data = json.loads(out.read_text())
-    assert data["version"] == 1 and data["model_class"] == "FluxTransformer2DModel"
+    assert data["version"] == 2 and data["model_class"] == "FluxTransformer2DModel"
     layer = data["layers"]["single_transformer_blocks.0.proj_out"]
     assert layer["in_segments"] == [32, 128] and layer["dual_scale_segments"] == [1]
-    assert SegQuantPlan.load(out).summary() == "7 output-segmented, 4 input-segmented, 16 DualScale of 50 Linear"
+    assert SegQuantPlan.load(out).summary() == ("7 output-segmented, 4 input-segmented, 16 DualScale of 50 Linear, "
+                                                "1 kept in high precision")  # the output layer
 
 
 @pytest.mark.slow
@@ -70,5 +71,5 @@ def test_analyze_bad_config_contents(tmp_path, capsys):
 
 
 def test_module_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "segquant", "analyze", "-q"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "segquant.app", "analyze", "-q"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -9,12 +9,12 @@ from torch import nn
 pytest.importorskip("diffusers")
 
 from segquant import SegQuantError  # noqa: E402
-from segquant.embedded import (EMBEDDED_DENOISERS, load_classifier, load_denoiser, mnist_test_feature_stats,  # noqa: E402
-                               pack, sample, sample_labels, unpack, weights_dir)
-from segquant.embedded.images import grid  # noqa: E402
-from segquant.evaluation import (layer_sqnr, linear_flops, quantized_flop_fraction, record_linear_io,  # noqa: E402
-                                 score_images)
-from segquant.metrics import frechet_distance, frechet_distance_to_stats  # noqa: E402
+from segquant.app.embedded import (EMBEDDED_DENOISERS, load_classifier, load_denoiser,  # noqa: E402
+                                   mnist_test_feature_stats, pack, sample, sample_labels, unpack, weights_dir)
+from segquant.app.embedded.images import grid  # noqa: E402
+from segquant.app.evaluation import (layer_sqnr, linear_flops, quantized_flop_fraction,  # noqa: E402
+                                     record_linear_io, score_images)
+from segquant.app.metrics import frechet_distance, frechet_distance_to_stats  # noqa: E402
 
 
 @pytest.mark.parametrize("name", EMBEDDED_DENOISERS)

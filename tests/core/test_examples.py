@@ -39,7 +39,7 @@ def run_example(backend, family, argv):
 
 
 def images(pipe, settings):
-    from segquant.pipelines import call_kwargs
+    from segquant.app.pipelines import call_kwargs
 
     return pipe("a photo of a dog", generator=torch.Generator().manual_seed(1), output_type="pt",
                 **call_kwargs(pipe, settings)).images

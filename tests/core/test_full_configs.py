@@ -50,31 +50,24 @@ def test_flux_1_dev():
 
 
 @pytest.mark.slow
-def test_sd3_5_large():
-    plan = analyze_meta("sd3.5-large")
+@pytest.mark.parametrize("key, out_segments, activations", [
     # 38 JointTransformerBlocks: norm1 (AdaLayerNormZero, chunk 6) x 38; norm1_context chunk 6 x 37 and, in the
-    # last block (context_pre_only), AdaLayerNormContinuous chunk 2 x 1; + norm_out chunk 2  -> 77
-    assert len(plan.output_segmented()) == 77
-    # only time_text_embed.timestep_embedder.linear_1 (cat([cos, sin])); no guidance embedder -> 1
-    assert plan.input_segmented() == ["time_text_embed.timestep_embedder.linear_1"]
+    # last block (context_pre_only), AdaLayerNormContinuous chunk 2 x 1; + norm_out chunk 2              -> 77
     # SiLU: timestep + text embedder linear_2 (2) + norm1 (38) + norm1_context (38) + norm_out (1) = 79;
     # GELU: ff.net.2 (38) + ff_context.net.2 (37: the last block has no context feed-forward) = 75
-    assert whole_input_activations(plan) == {"silu": 79, "gelu_tanh": 75}
-    assert len(plan.dual_scaled()) == 154
-
-
-@pytest.mark.slow
-def test_sd3_5_medium():
-    plan = analyze_meta("sd3.5-medium")
+    ("sd3.5-large", {6: 38 + 37, 2: 2}, {"silu": 79, "gelu_tanh": 75}),
     # 24 blocks, dual_attention_layers 0..12 use SD35AdaLayerNormZeroX (chunk 9) for norm1 (13), the other 11
-    # AdaLayerNormZero (chunk 6); norm1_context chunk 6 x 23 + chunk 2 x 1 (last block); norm_out chunk 2
-    out = Counter(len(plan[n].out_segments) for n in plan.output_segmented())
-    assert out == {9: 13, 6: 11 + 23, 2: 2}
-    assert len(plan.output_segmented()) == 49
-    assert plan.input_segmented() == ["time_text_embed.timestep_embedder.linear_1"]
+    # AdaLayerNormZero (chunk 6); norm1_context chunk 6 x 23 + chunk 2 x 1 (last block); norm_out chunk 2 -> 49
     # SiLU: 2 embedders + 24 norm1 + 24 norm1_context + norm_out = 51; GELU: 24 ff + 23 ff_context = 47
-    assert whole_input_activations(plan) == {"silu": 51, "gelu_tanh": 47}
-    assert len(plan.dual_scaled()) == 98
+    ("sd3.5-medium", {9: 13, 6: 11 + 23, 2: 2}, {"silu": 51, "gelu_tanh": 47}),
+])
+def test_sd3_5(key, out_segments, activations):
+    plan = analyze_meta(key)
+    assert Counter(len(plan[n].out_segments) for n in plan.output_segmented()) == out_segments
+    # only time_text_embed.timestep_embedder.linear_1 (cat([cos, sin])); no guidance embedder
+    assert plan.input_segmented() == ["time_text_embed.timestep_embedder.linear_1"]
+    assert whole_input_activations(plan) == activations
+    assert len(plan.dual_scaled()) == sum(activations.values())  # no input-segmented layer has DualScale
 
 
 @pytest.mark.slow
@@ -95,7 +88,7 @@ def test_sdxl_base_unet():
 
 
 def test_bundled_configs_are_the_published_ones():
-    from segquant.cli import bundled_configs
+    from segquant.model_configs import bundled_configs
 
     bundled = bundled_configs()
     for key, config in FULL_CONFIGS.items():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from segquant import SegQuantError
-from segquant.metrics import frechet_distance, paired_interval, psnr, ssim
+from segquant.app.metrics import frechet_distance, paired_interval, psnr, ssim
 
 
 def test_psnr_known_values():

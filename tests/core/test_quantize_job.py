@@ -10,9 +10,9 @@ pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
 from segquant import PlanError, SegQuantError  # noqa: E402
-from segquant.cli import main  # noqa: E402
-from segquant.pipelines import call_kwargs, family_of, read_prompts  # noqa: E402
-from segquant.quantize_job import QuantizeJob, load_quantized, quantize_pipeline  # noqa: E402
+from segquant.app.cli import main  # noqa: E402
+from segquant.app.pipelines import call_kwargs, family_of, read_prompts  # noqa: E402
+from segquant.app.quantize_job import QuantizeJob, load_quantized, quantize_pipeline  # noqa: E402
 from _models import build_tiny, build_tiny_flux_pipeline  # noqa: E402
 
 TINY = dict(dtype="float32", device="cpu", num_prompts=2, steps=2, height=32, width=32, show_progress=False)
@@ -129,9 +129,9 @@ def test_bad_backend_precision_and_options(tmp_path, capsys):
         QuantizeJob(model="m", out=tmp_path, precision="int3")
     with pytest.raises(SegQuantError, match="unknown dtype 'float8'"):
         QuantizeJob(model="m", out=tmp_path, dtype="float8")
-    with pytest.raises(SegQuantError, match="ONNX export is a ModelOpt path"):
-        QuantizeJob(model="m", out=tmp_path, backend="torchao", onnx=True)
     pytest.importorskip("torchao")
+    with pytest.raises(SegQuantError, match="backend torchao has no ONNX export; use a backend that has one"):
+        quantize_pipeline(QuantizeJob(model="m", out=tmp_path, backend="torchao", onnx=True))
     with pytest.raises(SegQuantError, match="backend torchao supports int8_w8a8, int8_perchannel, fp8, not w4a8"):
         quantize_pipeline(QuantizeJob(model="m", out=tmp_path, backend="torchao", precision="w4a8"))
     with pytest.raises(SystemExit) as exit_info:
@@ -154,3 +154,30 @@ def test_call_kwargs_turn_resolution_binning_off(flux_folder):
     flux = diffusers.FluxPipeline.from_pretrained(flux_folder)
     assert call_kwargs(flux, settings) == dict(num_inference_steps=3, guidance_scale=2.0, height=64, width=32)
     assert call_kwargs(diffusers.PixArtSigmaPipeline, settings)["use_resolution_binning"] is False
+
+
+@pytest.mark.parametrize("backend", ["modelopt", "torchao"])
+def test_quantize_analyses_once_and_every_backend_quantizes_the_saved_applied_plan(flux_folder, tmp_path,
+                                                                                   monkeypatch, backend):
+    """The plan is the contract: one graph capture per job, the checkpoint stores the applied plan, and the
+    quantized (and reloaded) denoiser has exactly its layers, segments and DualScale."""
+    import segquant.graph
+    from segquant import SegQuantPlan, get_backend
+
+    impl = get_backend(backend)
+    captures = []
+    real_capture = segquant.graph.capture
+    monkeypatch.setattr(segquant.graph, "capture", lambda *a, **k: captures.append(a) or real_capture(*a, **k))
+    out = tmp_path / "out"
+    result = quantize_pipeline(QuantizeJob(model=str(flux_folder), out=out, backend=backend, precision="int8_w8a8",
+                                           **TINY))
+    assert len(captures) == 1
+    saved = SegQuantPlan.load(out / "plan.json")
+    assert saved == result.plan and saved.recipe == "flux.1-dev/int8_w8a8" and saved.precision() == "int8_w8a8"
+    assert "plan.json" in json.loads((out / "segquant.json").read_text())["files"]
+    expected = {n: (p.in_segments, p.out_segments, p.dual_scale_segments if p.dual_scale else ())
+                for n, p in saved.layers.items() if p.quantized}
+    for denoiser in (result.pipe.transformer, load_quantized(out).transformer):
+        layers = impl.quantized_linears(denoiser)
+        assert {n: (q.in_segments, q.out_segments, q.dual_scale_segments) for n, q in layers.items()} == expected
+    assert len(captures) == 1  # loading does not analyse either

@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("modelopt")
 pytest.importorskip("matplotlib")
 
-from segquant.cli import main  # noqa: E402
+from segquant.app.cli import main  # noqa: E402
 
 
 def _png_size(path):
@@ -67,7 +67,7 @@ def test_run_torchao_on_the_unet(tmp_path):
     (["--recipe", "mnist-unet/int8_w8a8"], "recipe mnist-unet/int8_w8a8 is for a UNet2DConditionModel"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),
     (["--calib-samples", "0"], "--calib-samples must be at least 1"),
-    (["--backend", "torchao", "--recipe", "w4a8"], "torchao backend supports"),
+    (["--backend", "torchao", "--recipe", "w4a8"], "backend torchao supports"),
 ])
 def test_run_bad_input(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

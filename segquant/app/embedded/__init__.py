@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SegQuantError
+from segquant.errors import SegQuantError
 from .models import (FLUX_CONFIG, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, UNET_CONFIG, ClassConditioner, Denoiser,
                      MnistClassifier, build_denoiser, pack, unpack)
 from .sampler import fixed_noise, sample, sample_labels
@@ -26,7 +26,7 @@ _SUBFOLDERS = {"transformer": "FluxTransformer2DModel", "unet": "UNet2DCondition
 
 
 def weights_dir() -> Path:
-    return Path(str(resources.files("segquant") / "embedded" / "weights"))
+    return Path(str(resources.files("segquant.app") / "embedded" / "weights"))
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

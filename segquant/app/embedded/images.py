@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import SegQuantError
+from segquant.errors import SegQuantError
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

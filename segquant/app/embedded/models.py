@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import SegQuantError
+from segquant.errors import SegQuantError
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES

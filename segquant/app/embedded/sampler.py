@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import SegQuantError
+from segquant.errors import SegQuantError
 from .models import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, Denoiser
 
 
