@@ -6,19 +6,10 @@ positive vs negative input amax, per input segment the amax (the numbers SegLine
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import sys
-from pathlib import Path
+from _common import environment, environment_line, observe_linears, parser, write_results
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from segquant import SegmentAmaxObserver, analyze  # noqa: E402
-from segquant.embedded import load_denoiser, sample, sample_labels  # noqa: E402
+from segquant import SegmentAmaxObserver, analyze
+from segquant.app.embedded import load_denoiser, sample, sample_labels
 
 
 def collect(model_name: str, samples: int, steps: int) -> dict:
@@ -26,11 +17,8 @@ def collect(model_name: str, samples: int, steps: int) -> dict:
     plan = analyze(den.model, **den.example_inputs(2))
     targets = {n: lp for n, lp in plan.layers.items() if lp.dual_scale or len(lp.in_segments) > 1}
     observers = {n: SegmentAmaxObserver(lp) for n, lp in targets.items()}
-    modules = dict(den.model.named_modules())
-    hooks = [modules[n].register_forward_pre_hook(lambda m, a, o=observers[n]: o.update(a[0])) for n in targets]
-    sample(den, sample_labels(samples), seed=1000, steps=steps, progress=False)
-    for h in hooks:
-        h.remove()
+    observe_linears(den.model, observers, lambda: sample(den, sample_labels(samples), seed=1000, steps=steps,
+                                                         progress=False))
     layers = {}
     for name, lp in targets.items():
         st = observers[name].stats()
@@ -42,15 +30,16 @@ def collect(model_name: str, samples: int, steps: int) -> dict:
 
 def markdown(result: dict) -> str:
     lines = ["# Activation statistics of the embedded models", "",
-             f"Command: `{result['command']}`. Device: {result['device']}, torch {result['torch']}. Calibration-style "
-             f"trajectories: {result['samples']} images x {result['steps']} Euler steps (noise seed 1000).", ""]
+             f"{environment_line(result)} Calibration-style trajectories: {result['samples']} images x "
+             f"{result['steps']} Euler steps (noise seed 1000).", ""]
     for model, r in result["models"].items():
         lines += [f"## {model}", "", f"Plan: {r['plan']}.", "",
                   "| layer | activation | segments (K) | amax per segment | DualScale: pos / neg amax | pos/neg |",
                   "|---|---|---|---|---|---|"]
         for name, s in r["layers"].items():
             dual = "; ".join(f"{s['pos_amax'][i]:.2f} / {s['neg_amax'][i]:.3f}" for i in s["dual_scale_segments"])
-            ratio = "; ".join(f"{s['pos_amax'][i] / max(s['neg_amax'][i], 1e-12):.0f}x" for i in s["dual_scale_segments"])
+            ratio = "; ".join(f"{s['pos_amax'][i] / max(s['neg_amax'][i], 1e-12):.0f}x"
+                              for i in s["dual_scale_segments"])
             lines.append(f"| {name} | {s['activation'] or '-'} | {'+'.join(map(str, s['in_segments']))} | "
                          f"{', '.join(f'{a:.2f}' for a in s['amax'])} | {dual or '-'} | {ratio or '-'} |")
         lines.append("")
@@ -58,18 +47,14 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--models", nargs="+", default=["mnist-flux", "mnist-unet"])
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
-    result = {"command": "python " + " ".join(sys.argv), "device": platform.processor() or "cpu",
-              "torch": torch.__version__, "samples": args.samples, "steps": args.steps,
+    result = {**environment(), "samples": args.samples, "steps": args.steps,
               "models": {m: collect(m, args.samples, args.steps) for m in args.models}}
-    out = Path(args.out)
-    (out / "activation_stats.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "activation_stats.md").write_text(markdown(result))
+    write_results(args.out, "activation_stats", result, markdown(result))
     print(markdown(result))
 
 

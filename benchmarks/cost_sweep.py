@@ -12,46 +12,39 @@ effect of DualScale on this model is in quality.md.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
-import torch
+from _common import environment, environment_line, figure, parser, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from segquant import analyze  # noqa: E402
-from segquant.cost import CostModel, capture_linear_inputs, layer_gains, sweep  # noqa: E402
-from segquant.embedded import load_denoiser, sample, sample_labels  # noqa: E402
-from segquant.numerics import QuantSpec  # noqa: E402
+from segquant import analyze
+from segquant.app.embedded import load_denoiser, sample, sample_labels
+from segquant.cost import CostModel, capture_linear_inputs, layer_gains, sweep
+from segquant.numerics import QuantSpec
 
 THRESHOLDS = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
 MEASURED_DUAL_EXTRA = 1.7  # kernel_bench.md, H100: fp8_dual_naive_2M / fp8 = 2.6-2.8 -> extra 1.6-1.8
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--model", default="mnist-flux")
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     start = time.time()
     den = load_denoiser(args.model)
     plan = analyze(den.model, **den.example_inputs(2))
-    batches = []
+    batches = []  # the denoiser's calls while sampling: the calibration batches
     hook = den.model.register_forward_pre_hook(lambda m, a, kw: batches.append(dict(kw)), with_kwargs=True)
-    sample(den, sample_labels(args.calib_samples), seed=1000, steps=args.steps, progress=False)
-    hook.remove()
+    try:
+        sample(den, sample_labels(args.calib_samples), seed=1000, steps=args.steps, progress=False)
+    finally:
+        hook.remove()
     rows: dict[str, int] = {}
     inputs = capture_linear_inputs(den.model, batches, names=[n for n, lp in plan.layers.items() if not lp.is_plain],
                                    rows=rows)
-    result = {"model": args.model, "plan": plan.summary(), "command": "python " + " ".join(sys.argv),
-              "torch": torch.__version__, "device": platform.processor() or "cpu", "formats": {}}
+    result = {"model": args.model, "plan": plan.summary(), **environment(), "formats": {}}
     for fmt in ("int8", "fp8"):
         spec = QuantSpec(weight_format=fmt, weight_granularity="per_channel", act_format=fmt)
         gains = layer_gains(den.model, plan, inputs, spec, tokens=rows)
@@ -66,16 +59,14 @@ def main(argv=None) -> None:
             "dual_gain_db_sum": sum(g.dual_gain_db for g in gains.values()),
             "seg_gain_db_sum": sum(g.seg_gain_db for g in gains.values())}
     result["seconds"] = time.time() - start
-    out = Path(args.out)
-    (out / "cost_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "cost_sweep.md").write_text(markdown(result))
-    plot(result, out / "cost_sweep.png")
-    print((out / "cost_sweep.md").read_text())
+    write_results(args.out, "cost_sweep", result, markdown(result))
+    plot(result, args.out / "cost_sweep.png")
+    print(markdown(result))
 
 
 def markdown(r: dict) -> str:
     lines = ["# Cost-aware plans on the embedded FLUX model", "",
-             f"Command: `{r['command']}`. Device: {r['device']}, torch {r['torch']}. Plan: {r['plan']}. "
+             f"{environment_line(r)} Plan: {r['plan']}. "
              "Gain = per-layer SQNR gain (dB) on calibration inputs, summed over the layers that keep the feature; "
              "extra time = share of the model's plain quantized GEMM time the kept features add.", ""]
     for fmt, f in r["formats"].items():
@@ -93,24 +84,16 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for fmt, f in r["formats"].items():
-        for (label, pts), style in zip(f["curves"].items(), ("-o", "--s")):
-            ax.plot([100 * p["extra_time"] for p in pts], [p["gain_db"] for p in pts], style, markersize=4,
-                    label=f"{fmt}: {label}")
-    ax.set_xlabel("extra GEMM time of the kept features, % of the quantized model")
-    ax.set_ylabel("summed per-layer SQNR gain, dB")
-    ax.set_title(f"{r['model']}: threshold sweep ({THRESHOLDS[0]}..{THRESHOLDS[-1]} dB per %)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4.5)) as (_, ax):
+        for fmt, f in r["formats"].items():
+            for (label, pts), style in zip(f["curves"].items(), ("-o", "--s")):
+                ax.plot([100 * p["extra_time"] for p in pts], [p["gain_db"] for p in pts], style, markersize=4,
+                        label=f"{fmt}: {label}")
+        ax.set_xlabel("extra GEMM time of the kept features, % of the quantized model")
+        ax.set_ylabel("summed per-layer SQNR gain, dB")
+        ax.set_title(f"{r['model']}: threshold sweep ({THRESHOLDS[0]}..{THRESHOLDS[-1]} dB per %)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 if __name__ == "__main__":

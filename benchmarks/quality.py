@@ -12,27 +12,22 @@ built here: ModelOpt's own PyTorch fallback fake quant runs (as on CPU). Results
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import (disable_quantizers, enabled_quantizers, environment, every_linear, figure, model_recipe,
+                     modelopt_without_jit, parser, quantize_segquant, write_results)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from segquant import analyze  # noqa: E402
-from segquant.embedded import (load_classifier, load_denoiser, mnist_test_feature_stats, sample,  # noqa: E402
-                               sample_labels)
-from segquant.evaluation import (layer_sqnr, linear_flops, mean_sqnr, quantized_flop_fraction,  # noqa: E402
-                                 record_linear_io, score_images)
-from segquant.quantize_job import backend_module  # noqa: E402
-from segquant.metrics import paired_interval  # noqa: E402
+from segquant import SegQuantPlan, analyze, get_backend
+from segquant.app.embedded import (load_classifier, load_denoiser, mnist_test_feature_stats, sample,
+                                   sample_labels)
+from segquant.app.evaluation import (layer_sqnr, linear_flops, mean_sqnr, quantized_flop_fraction,
+                                     record_linear_io, score_images)
+from segquant.app.metrics import paired_interval
 
 PRECISIONS = ("int8_w8a8", "int8_perchannel", "fp8", "w8a6", "w4a8")
 VARIANTS = {"baseline": (False, False), "+SegLinear": (True, False), "+DualScale": (False, True),
@@ -74,47 +69,40 @@ def group_of(name: str, family: str) -> str:
     return "other"
 
 
-def modelopt():
-    import modelopt.torch.quantization as mtq
-    from modelopt.torch.quantization import extensions
-
-    for fn in (extensions.get_cuda_ext, extensions.get_cuda_ext_fp8):
-        fn.extension = None  # no JIT build: ModelOpt's PyTorch fallback, as on CPU
-    return mtq
+def preset_config(name: str) -> dict:
+    """A ModelOpt preset as shipped."""
+    return copy.deepcopy(getattr(modelopt_without_jit(), name))
 
 
-def preset_config(name: str, every_linear: bool) -> dict:
-    """A ModelOpt preset as shipped, or with its ``*proj_out*`` skip removed and only Linear layers quantized."""
-    from segquant_modelopt.configs import _NOT_LINEAR
+def w8a6_config(applied: SegQuantPlan, options) -> dict:
+    """ModelOpt only: the int8_w8a8 SegQuant config with 6-bit activations. No ``segquant.precision`` has 6-bit
+    activations, so the plan the algorithm gets names no precision (the quantizers say what they are)."""
+    from segquant_modelopt import config_for_plan
 
-    cfg = copy.deepcopy(getattr(modelopt(), name))
-    if every_linear:
-        cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "*proj_out.*"]
-        cfg["quant_cfg"] += [{"quantizer_name": "*", "parent_class": c, "enable": False} for c in _NOT_LINEAR]
+    cfg = config_for_plan(applied, options)
+    plan = cfg["algorithm"]["plan"]
+    cfg["algorithm"]["plan"] = dict(plan, layers={n: dict(e, precision=None) for n, e in plan["layers"].items()})
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*input_quantizer" and "cfg" in entry:
+            entry["cfg"]["num_bits"] = 6
     return cfg
 
 
-def segquant_config(precision: str, seg_linear: bool, dual_scale: bool, plan: dict) -> dict:
-    """SegQuant config of a precision, every Linear quantized (the final proj_out too)."""
-    from segquant_modelopt.job import BASE_CONFIGS
-
-    base = BASE_CONFIGS["int8_w8a8" if precision == "w8a6" else precision]
-    cfg = copy.deepcopy(base)
-    cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "proj_out.*"]
-    if precision == "w8a6":
-        for e in cfg["quant_cfg"]:
-            if e.get("quantizer_name") == "*input_quantizer" and "cfg" in e:
-                e["cfg"]["num_bits"] = 6
-    cfg["algorithm"] = dict(cfg["algorithm"], seg_linear=seg_linear, dual_scale=dual_scale, plan=plan,
-                            show_progress=False)
-    return cfg
+def quantize_variant(model, plan: SegQuantPlan, model_name: str, precision: str, seg: bool, dual: bool,
+                     forward_loop):
+    """SegQuant (or one ablation of it) of a precision through the ModelOpt backend, every Linear quantized: the
+    model's bundled recipe (its SmoothQuant alpha and realisation) without its skipped layers."""
+    recipe = model_recipe(model_name, "int8_w8a8" if precision == "w8a6" else precision, skip=(), seg_linear=seg,
+                          dual_scale=dual)
+    if precision != "w8a6":
+        return quantize_segquant(model, plan, recipe, forward_loop)
+    cfg = w8a6_config(recipe.apply(plan), recipe.quantize_options(show_progress=False))
+    return modelopt_without_jit().quantize(model, cfg, forward_loop)
 
 
 def quantized_other_layers(model: torch.nn.Module) -> int:
     """Non-Linear modules with an enabled quantizer (ModelOpt presets also quantize convolutions)."""
-    from segquant_modelopt.job import is_quantized
-
-    return sum(1 for _, m in model.named_modules() if not isinstance(m, torch.nn.Linear) and is_quantized(m))
+    return sum(1 for _, m in model.named_modules() if not isinstance(m, torch.nn.Linear) and enabled_quantizers(m))
 
 
 def build_rows(family: str) -> list[dict]:
@@ -132,57 +120,48 @@ def build_rows(family: str) -> list[dict]:
     return rows
 
 
-def quantize_row(row: dict, den, forward_loop, plan_dict: dict):
+def quantize_row(row: dict, den, forward_loop, plan: SegQuantPlan, model_name: str):
     model = den.model
     if row["kind"] == "modelopt":
-        return modelopt().quantize(model, preset_config(row["preset"], row["every_linear"]), forward_loop)
+        cfg = preset_config(row["preset"])
+        if row["every_linear"]:  # the preset without its *proj_out* skip, then only Linear layers quantized
+            cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "*proj_out.*"]
+        model = modelopt_without_jit().quantize(model, cfg, forward_loop)
+        if row["every_linear"]:
+            disable_quantizers(model, lambda _, m: isinstance(m, torch.nn.Linear))
+        return model
     if row["kind"] == "segquant":
-        import segquant_modelopt  # noqa: F401  registers the algorithm
-
-        cfg = segquant_config(row["precision"], row["seg_linear"], row["dual_scale"], plan_dict)
-        return modelopt().quantize(model, cfg, forward_loop)
-    from segquant_torchao.job import quantize_baseline
-
+        return quantize_variant(model, plan, model_name, row["precision"], row["seg_linear"], row["dual_scale"],
+                                forward_loop)
+    torchao = get_backend("torchao")
     if row["precision"] == "fp8":  # torchao's per-row fp8 takes bf16 weights only
-        return quantize_baseline(model.to(torch.bfloat16), "fp8", forward_loop)[0]
-    return quantize_baseline(model, "int8_w8a8", forward_loop)[0]
+        return torchao.quantize_baseline(model.to(torch.bfloat16), "fp8", forward_loop)[0]
+    return torchao.quantize_baseline(model, "int8_w8a8", forward_loop)[0]
 
 
 def quantized_names(row: dict, model) -> set[str]:
-    return backend_module("torchao" if row["kind"] == "torchao" else "modelopt").quantized_linears(model)
-
-
-def restrict_to_group(model, names: set[str]) -> None:
-    """Disable every quantizer outside the Linear layers ``names``."""
-    for name, m in model.named_modules():
-        if name in names:
-            continue
-        for a in ("input_quantizer", "weight_quantizer", "output_quantizer"):
-            q = getattr(m, a, None)
-            if q is not None and getattr(q, "is_enabled", False):
-                q.disable()
+    return set(get_backend("torchao" if row["kind"] == "torchao" else "modelopt").quantized_linears(model))
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--models", nargs="+", default=["mnist-flux", "mnist-unet"])
     p.add_argument("--num-samples", type=int, default=200)
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--rows", nargs="*", help="only rows whose name contains one of these strings")
     p.add_argument("--no-budget", action="store_true", help="skip the per-group error budget")
     p.add_argument("--merge", nargs="+", type=Path, help="combine the models of these quality.json files (e.g. "
                    "runs on different devices) into --out, each model keeping its own command and device")
     args = p.parse_args(argv)
     if args.merge:
-        return merge(args.merge, Path(args.out))
+        return merge(args.merge, args.out)
     if args.num_samples < 2 or args.seeds < 1:
         raise SystemExit("--num-samples must be >= 2 and --seeds >= 1")
     torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 reference math
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "quality_runs.jsonl"
     log = open(log_path, "w")
@@ -190,24 +169,21 @@ def main(argv=None) -> None:
     mnist = mnist_test_feature_stats()
     labels = sample_labels(args.num_samples)
     calib_labels = sample_labels(args.calib_samples)
-    result = {"settings": vars(args), "models": {}, "environment": {
-        "torch": torch.__version__, "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "command": "python " + " ".join(sys.argv)}}
+    settings = vars(args)
+    result = {"settings": settings, "models": {}, "environment": environment(args.device)}
     started = time.time()
     for model_name in args.models:
         fp = load_denoiser(model_name, args.device)
         family = fp.family
         example = fp.example_inputs(2)
-        plan = analyze(fp.model, **example)
-        plan_dict = plan.to_dict()
+        plan = every_linear(analyze(fp.model, **example))
         changed = sorted(n for n, lp in plan.layers.items() if not lp.is_plain)
         ref_io = record_linear_io(fp.model, lambda: fp.model(**example))
         flops = linear_flops(ref_io)
         fp_images = sample(fp, labels, seed=0, steps=args.steps, progress=False)
         fp_scores = score_images(fp_images, fp_images, labels, classifier)
         model_result = {"fp": fp_scores.summary(None, mnist), "plan": plan.summary(), "changed_layers": changed,
-                        "rows": {}, "environment": result["environment"], "settings": vars(args)}
+                        "rows": {}, "environment": result["environment"], "settings": settings}
         rows = build_rows(family)
         if args.rows:
             rows = [r for r in rows if any(s in r["name"] for s in args.rows)]
@@ -223,7 +199,7 @@ def main(argv=None) -> None:
                     sample(den, calib_labels, seed=1000 + (seed or 0), steps=args.steps, progress=False)
 
                 try:
-                    den.model = quantize_row(row, den, forward_loop, plan_dict)
+                    den.model = quantize_row(row, den, forward_loop, plan, model_name)
                     images = sample(den, labels, seed=0, steps=args.steps, progress=False)
                 except Exception as e:  # noqa: BLE001 - a failing row is a result, recorded as such
                     runs.append({"seed": seed, "error": f"{type(e).__name__}: {e}"[:400]})
@@ -251,14 +227,12 @@ def main(argv=None) -> None:
             model_result["rows"][row["name"]] = {"spec": row, "runs": runs}
         model_result["paired"] = paired_comparisons(rows, per_image, args.seeds)
         if not args.no_budget:
-            model_result["error_budget"] = error_budget(fp, family, plan_dict, labels, calib_labels, fp_images,
+            model_result["error_budget"] = error_budget(fp, model_name, plan, labels, calib_labels, fp_images,
                                                         ref_io, flops, classifier, args)
         result["models"][model_name] = model_result
         result["seconds"] = time.time() - started
-        (out / "quality.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-        (out / "quality.md").write_text(markdown(result))
-        plot(result, out / "quality.png")
-    print(f"wrote {out / 'quality.json'}, quality.md, quality.png in {result['seconds']:.0f}s")
+        save(result, out)
+    print(f"{len(args.models)} models in {result['seconds']:.0f}s")
 
 
 def merge(paths: list[Path], out: Path) -> None:
@@ -271,11 +245,13 @@ def merge(paths: list[Path], out: Path) -> None:
             result["models"][name] = model
         result["seconds"] += part["seconds"]
         result["merged_from"].append(part["environment"]["command"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    (out / "quality.md").write_text(markdown(result))
+    save(result, out)
+    print(f"merged {len(paths)} files")
+
+
+def save(result: dict, out: Path) -> None:
+    write_results(out, "quality", result, markdown(result))
     plot(result, out / "quality.png")
-    print(f"merged {len(paths)} files into {out / 'quality.json'}")
 
 
 def _stack(values: list[torch.Tensor]) -> torch.Tensor:
@@ -308,13 +284,13 @@ def paired_comparisons(rows: list[dict], per_image: dict, seeds: int) -> list[di
     return out
 
 
-def error_budget(fp, family, plan_dict, labels, calib_labels, fp_images, ref_io, flops, classifier, args) -> dict:
+def error_budget(fp, model_name, plan, labels, calib_labels, fp_images, ref_io, flops, classifier, args) -> dict:
     """INT8 W8A8, seed 0: the end-to-end PSNR with ONE layer group quantized (all others in full precision),
     for the SegQuant baseline and full SegQuant: where the error comes from, and whether SegQuant's gains sit
     in the groups that dominate it."""
     groups: dict[str, set[str]] = {}
     for name in ref_io:
-        groups.setdefault(group_of(name, family), set()).add(name)
+        groups.setdefault(group_of(name, fp.family), set()).add(name)
     out = {}
     for variant in ("baseline", "SegQuant"):
         seg, dual = VARIANTS[variant]
@@ -323,13 +299,11 @@ def error_budget(fp, family, plan_dict, labels, calib_labels, fp_images, ref_io,
         def forward_loop(_model, den=base):
             sample(den, calib_labels, seed=1000, steps=args.steps, progress=False)
 
-        import segquant_modelopt  # noqa: F401
-
-        base.model = modelopt().quantize(base.model, segquant_config("int8_w8a8", seg, dual, plan_dict), forward_loop)
+        base.model = quantize_variant(base.model, plan, model_name, "int8_w8a8", seg, dual, forward_loop)
         entries = {}
         for group, names in [("all", set(ref_io))] + sorted(groups.items()):
             den = copy.deepcopy(base)
-            restrict_to_group(den.model, names)
+            disable_quantizers(den.model, lambda name, _m, names=names: name in names)
             images = sample(den, labels, seed=0, steps=args.steps, progress=False)
             scores = score_images(images, fp_images, labels, classifier)
             sq = layer_sqnr(den.model, {n: ref_io[n] for n in names})
@@ -412,31 +386,21 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(result["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), dpi=110, squeeze=False)
-    for ax, model in zip(axes[0], models):
-        entries = result["models"][model]["paired"]
-        ys = range(len(entries))
-        for y, e in zip(ys, entries):
-            v = e["psnr"]
-            color = "tab:green" if v["significant"] and v["mean"] > 0 else (
-                "tab:red" if v["significant"] else "tab:gray")
-            ax.errorbar(v["mean"], y, xerr=[[v["mean"] - v["low"]], [v["high"] - v["mean"]]], fmt="o", color=color,
-                        capsize=3)
-        ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_yticks(list(ys))
-        ax.set_yticklabels([f"{e['row']} vs {e['baseline']}" for e in entries], fontsize=6)
-        ax.set_xlabel("paired PSNR difference, dB (95% CI)")
-        ax.set_title(model)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, 1, len(models), figsize=(7 * len(models), 5), squeeze=False) as (_, axes):
+        for ax, model in zip(axes[0], models):
+            entries = result["models"][model]["paired"]
+            for y, e in enumerate(entries):
+                v = e["psnr"]
+                color = "tab:green" if v["significant"] and v["mean"] > 0 else (
+                    "tab:red" if v["significant"] else "tab:gray")
+                ax.errorbar(v["mean"], y, xerr=[[v["mean"] - v["low"]], [v["high"] - v["mean"]]], fmt="o",
+                            color=color, capsize=3)
+            ax.axvline(0, color="black", linewidth=0.8)
+            ax.set_yticks(range(len(entries)), [f"{e['row']} vs {e['baseline']}" for e in entries], fontsize=6)
+            ax.set_xlabel("paired PSNR difference, dB (95% CI)")
+            ax.set_title(model)
+            ax.grid(alpha=0.3)
 
 
 if __name__ == "__main__":

@@ -2,75 +2,97 @@
 
     python benchmarks/reference_agreement.py        # CPU, about a minute; prints a short report
 
-1. Every quantized layer of tiny FLUX, SD3 and SDXL-UNet models under SEGQUANT_INT8_CFG, against the
-   reference on the same (smoothed) inputs: the share of output elements within 1e-5 relative and the worst
-   deviation. (ModelOpt's own fake quant rounds x * (127 / amax) where the reference, like ONNX
-   QuantizeLinear, rounds x / (amax / 127); SegmentTensorQuantizer therefore fake-quantizes through
-   segquant.numerics and keeps ModelOpt's Q/DQ for the ONNX export.)
+1. Every layer the ModelOpt backend (``segquant.get_backend("modelopt")``) quantizes in small random FLUX, SD3
+   and SDXL-UNet models (the bundled configs, shrunk) under the int8_w8a8 plan with SmoothQuant alpha 0.5,
+   against the reference on the same inputs, smoothed and calibrated as ``segquant.calib.static_calibration``
+   does: the share of output elements within 1e-5 relative and the worst deviation. (ModelOpt's own fake
+   quant rounds x * (127 / amax) where the reference, like ONNX QuantizeLinear, rounds x / (amax / 127); the
+   backend therefore fake-quantizes through segquant.numerics and keeps ModelOpt's Q/DQ for the ONNX export.)
 2. The negative side of GELU outputs: mean squared error of DualScale over one symmetric scale, per format.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import torch
+from _common import linear_inputs, parser
 from torch import nn
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+import segquant
+from segquant import QuantizeOptions, SegmentAmaxObserver, get_precision
+from segquant import numerics as nx
+from segquant.calib import static_calibration
+from segquant.model_configs import load_bundled_config
 
-import modelopt.torch.quantization as mtq  # noqa: E402
+PRECISION = "int8_w8a8"
+ALPHA = 0.5
+SMALL = {  # bundled config -> what makes it small
+    "tiny-flux": {},
+    "sd3.5-medium": dict(sample_size=8, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                         pooled_projection_dim=16, pos_embed_max_size=16, dual_attention_layers=[0]),
+    "sdxl-base": dict(sample_size=16, layers_per_block=1, block_out_channels=[16, 32, 32], attention_head_dim=[2, 4, 4],
+                      transformer_layers_per_block=[1, 1, 1], cross_attention_dim=32, norm_num_groups=8,
+                      addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
+}
 
-import segquant  # noqa: E402
-import segquant_modelopt as sm  # noqa: E402
-from segquant import SegmentAmaxObserver  # noqa: E402
-from segquant import numerics as nx  # noqa: E402
-from _models import build_tiny  # noqa: E402
+
+def small_model(config: str, seed: int = 0) -> nn.Module:
+    """A randomly initialised, shrunk copy of the bundled diffusers config ``config``."""
+    import diffusers
+
+    values = dict(load_bundled_config(config), **SMALL[config])
+    torch.manual_seed(seed)
+    return getattr(diffusers, values.pop("_class_name")).from_config(values).eval()
+
+
+def layer_agreement(float_layer: nn.Linear, quantized_layer: nn.Module, plan: segquant.LinearPlan,
+                    inputs: list[torch.Tensor]) -> tuple[int, int, float]:
+    """(output elements, elements outside 1e-5 relative, worst deviation / output range) on the first input."""
+    observer = SegmentAmaxObserver(plan)
+    for x in inputs:
+        observer.update(x)
+    weight = float_layer.weight.detach().float()
+    stats, smooth = static_calibration(observer, weight, ALPHA)
+    smooth = torch.ones(weight.shape[1]) if smooth is None else smooth
+    x = inputs[0]
+    expected = nx.reference_linear(x * smooth, weight / smooth, float_layer.bias, plan,
+                                   get_precision(PRECISION).quant_spec("split_k"), stats)
+    with torch.no_grad():
+        got = quantized_layer(x)
+    scale = expected.abs().max().item()
+    close = torch.isclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+    return close.numel(), int((~close).sum()), (got - expected).abs().max().item() / scale
 
 
 def agreement() -> None:
+    backend = segquant.get_backend("modelopt")
+    options = QuantizeOptions(smoothquant_alpha=ALPHA, realisation="split_k", show_progress=False)
     total = outside = 0
     worst = 0.0
-    for name in ("FluxTransformer2DModel", "SD3Transformer2DModel", "UNet2DConditionModel"):
-        model = build_tiny(name)
+    for config in SMALL:
+        model = small_model(config)
         data = []
         for seed in range(3):
             torch.manual_seed(100 + seed)
             data.append(segquant.example_inputs(model))
-        seen, hooks = {}, []
-        for layer_name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                hooks.append(module.register_forward_pre_hook(
-                    lambda m, a, n=layer_name: seen.setdefault(n, []).append(a[0].detach())))
-        with torch.no_grad():
+
+        def forward_loop(m: nn.Module) -> None:
             for batch in data:
-                model(**batch)
-        for h in hooks:
-            h.remove()
-        cfg = sm.with_segquant(sm.SEGQUANT_INT8_CFG, show_progress=False)
-        quantized = mtq.quantize(copy.deepcopy(model), cfg, lambda m: [m(**b) for b in data])
-        plan, modules = sm.plan_of(quantized), dict(quantized.named_modules())
-        for layer_name, float_layer in model.named_modules():
-            if not isinstance(float_layer, nn.Linear) or not modules[layer_name].input_quantizer.is_enabled:
-                continue
-            smooth = modules[layer_name].input_quantizer.pre_quant_scale
-            observer = SegmentAmaxObserver(plan[layer_name])
-            for x in seen[layer_name]:
-                observer.update(x * smooth)
-            x = seen[layer_name][0]
-            expected = nx.reference_linear(x * smooth, float_layer.weight / smooth, float_layer.bias, plan[layer_name],
-                                           nx.QuantSpec(weight_granularity="per_tensor"), observer.stats())
-            with torch.no_grad():
-                got = modules[layer_name](x)
-            scale = expected.abs().max().item()
-            close = torch.isclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
-            total += close.numel()
-            outside += int((~close).sum())
-            worst = max(worst, (got - expected).abs().max().item() / scale)
-    print(f"ModelOpt SEGQUANT_INT8_CFG vs segquant.numerics (tiny FLUX, SD3, SDXL-UNet): {total} output elements, "
-          f"{outside} ({outside / total:.3%}) outside 1e-5 relative, worst {worst:.2e} of the layer's output range")
+                m(**batch)
+
+        seen = linear_inputs(model, lambda: forward_loop(model))
+        plan = segquant.analyze(model, **data[0]).with_precision(PRECISION)
+        with torch.no_grad():
+            quantized = backend.quantize(copy.deepcopy(model), plan, options, forward_loop)
+        for name in backend.quantized_linears(quantized):
+            n, bad, err = layer_agreement(model.get_submodule(name), quantized.get_submodule(name), plan[name],
+                                          seen[name])
+            total, outside, worst = total + n, outside + bad, max(worst, err)
+    print(f"ModelOpt backend, {PRECISION}, SmoothQuant alpha {ALPHA}, vs segquant.numerics (small FLUX, SD3, "
+          f"SDXL-UNet): {total} output elements, {outside} ({outside / total:.3%}) outside 1e-5 relative, worst "
+          f"{worst:.2e} of the layer's output range")
 
 
 def dual_scale_by_format() -> None:
@@ -83,7 +105,12 @@ def dual_scale_by_format() -> None:
         print(f"GELU outputs, negative side, {fmt}: DualScale MSE / one-scale MSE = {dual / single:.3g}")
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
+    parser(__doc__, out=False).parse_args(argv)
     print(f"torch {torch.__version__}, CPU")
     agreement()
     dual_scale_by_format()
+
+
+if __name__ == "__main__":
+    main()

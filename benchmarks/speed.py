@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 BASE_VARIANTS = ("bf16", "torchao_fp8_rowwise", "torchao_int8_dynamic", "segquant_fp8_static", "segquant_fp8_dynamic",
                  "segquant_int8_static", "segquant_int8_dynamic", "segquant_fp8_costaware")
@@ -155,7 +154,8 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     if not dual:
         plan = plan.ablate(dual_scale=False)
     skip = [] if args.quantize_small else [g for g in SMALL_M if plan.matching(g)]
-    common = dict(precision=precision, kernel=kernel, skip=skip)
+    # static input segments folded into the weight: one GEMM per layer (the exact split_k runs one per segment)
+    common = dict(precision=precision, kernel=kernel, skip=skip, realisation="folded")
     if base == "segquant_fp8_costaware":
         plan, notes["sweep"] = cost_aware(model, plan, inputs, args, kernel)
     if base.endswith("_dynamic"):

@@ -11,9 +11,7 @@ to bf16 and torchao's own fp8 per-row / int8 dynamic configs.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -21,9 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+from _common import append_jsonl, figure, parser, read_jsonl
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # name, K, N, M, in_segments, dual_segments, out_segments, input kind
 LAYERS = [
@@ -84,7 +81,7 @@ def variants(layer, x):
                                       Int8DynamicActivationInt8WeightConfig, PerRow, quantize_)
 
     from segquant.numerics import QuantSpec, activation_stats
-    from segquant_torchao import SegLinearConfig
+    from segquant_torchao import SegLinearConfig, SegQuantOptions
 
     name, k, n, m, in_segs, dual, out_segs, _ = layer
     stats = activation_stats(x.float(), in_segs)
@@ -92,10 +89,10 @@ def variants(layer, x):
 
     def seg(precision, activation, plain=False, realisation="folded"):
         def make(base):
+            options = SegQuantOptions(precision=precision, activation=activation, realisation=realisation)
             cfg = SegLinearConfig(name=name, in_features=k, out_features=n,
                                   in_segments=[k] if plain else in_segs, out_segments=[n] if plain else out_segs,
-                                  dual_scale_segments=[] if plain else dual, precision=precision,
-                                  activation=activation, realisation=realisation,
+                                  dual_scale_segments=[] if plain else dual, options=options,
                                   **(amax if activation == "static" and not plain else
                                      {key: [max(v)] for key, v in amax.items()} if activation == "static" else {}))
             quantize_(base, cfg)
@@ -198,15 +195,13 @@ def run(out_dir: Path, git: str) -> None:
                     record.update(ms_median=statistics.median(times), ms_min=min(times), ms_max=max(times),
                                   baseline_ms=baseline_ms,
                                   speedup_vs_bf16=round(baseline_ms / statistics.median(times), 3))
-                print(json.dumps(record), flush=True)
-                fh.write(json.dumps(record) + "\n")
-                fh.flush()
+                append_jsonl(fh, record)
             del built
             torch._dynamo.reset()
 
 
 def report(out_dir: Path, command: str) -> None:
-    rows = [json.loads(line) for line in (out_dir / "torchao_gpu.jsonl").read_text().splitlines() if line]
+    rows = read_jsonl(out_dir / "torchao_gpu.jsonl")
     meta = rows[0]
     lines = [f"# segquant_torchao GEMM timings on {meta['device']}",
              "",
@@ -234,42 +229,41 @@ def report(out_dir: Path, command: str) -> None:
                      f"{r['weight_mb']} | "
                      f"{r['sqnr_vs_fp32_db']} | {err} |")
     (out_dir / "torchao_gpu.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
+    plot(rows, out_dir / "torchao_gpu.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot(rows: list[dict], path: Path) -> None:
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 4.5), sharey=False)
-    for ax, layer in zip(axes, layers):
-        sub = {r["method"]: r for r in rows if r["layer"] == layer and "error" not in r}
-        vals = [sub[mth]["speedup_vs_bf16"] if mth in sub else 0 for mth in methods]
-        colors = ["grey" if m == "bf16" else "tab:blue" if m.startswith(("fp8", "int8")) else "tab:orange"
-                  for m in methods]
-        ax.barh(range(len(methods)), vals, color=colors)
-        ax.axvline(1.0, color="black", lw=0.8)
-        ax.set_yticks(range(len(methods)))
-        ax.set_yticklabels(methods if ax is axes[0] else [], fontsize=7)
-        ax.set_title(f"{layer}\n{KIND[layer]}", fontsize=8)
-        ax.set_xlabel("speed-up vs bf16 (higher is faster)", fontsize=7)
-    fig.suptitle(f"GEMM speed-up vs bf16, {meta['device']}, torch {meta['torch']} "
-                 "(grey bf16, blue torchao, orange SegQuant)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / "torchao_gpu.png", dpi=110)
+    with figure(path, 1, len(layers), figsize=(4 * len(layers), 4.5), squeeze=False) as (fig, axes):
+        for ax, layer in zip(axes[0], layers):
+            sub = {r["method"]: r for r in rows if r["layer"] == layer and "error" not in r}
+            vals = [sub[mth]["speedup_vs_bf16"] if mth in sub else 0 for mth in methods]
+            colors = ["grey" if m == "bf16" else "tab:blue" if m.startswith(("fp8", "int8")) else "tab:orange"
+                      for m in methods]
+            ax.barh(range(len(methods)), vals, color=colors)
+            ax.axvline(1.0, color="black", lw=0.8)
+            ax.set_yticks(range(len(methods)), methods if ax is axes[0][0] else [], fontsize=7)
+            ax.set_title(f"{layer}\n{KIND[layer]}", fontsize=8)
+            ax.set_xlabel("speed-up vs bf16 (higher is faster)", fontsize=7)
+        fig.suptitle(f"GEMM speed-up vs bf16, {rows[0]['device']}, torch {rows[0]['torch']} "
+                     "(grey bf16, blue torchao, orange SegQuant)", fontsize=9)
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__, out=False)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--out", type=Path, help="run on the GPU and write torchao_gpu.jsonl here")
+    group.add_argument("--report", type=Path, help="turn DIR/torchao_gpu.jsonl into .md and .png")
+    p.add_argument("--git", default=os.environ.get("GIT_SHA", "unknown"))
+    p.add_argument("--command", default="python benchmarks/torchao_gpu.py --out $OUT")
+    args = p.parse_args(argv)
+    if args.report:
+        return report(args.report, args.command)
+    if not torch.cuda.is_available():
+        sys.exit("torchao_gpu.py --out needs a CUDA device")
+    run(args.out, args.git)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--out", type=Path, help="run on the GPU and write torchao_gpu.jsonl here")
-    group.add_argument("--report", type=Path, help="turn DIR/torchao_gpu.jsonl into .md and .png")
-    parser.add_argument("--git", default=os.environ.get("GIT_SHA", "unknown"))
-    parser.add_argument("--command", default="python benchmarks/torchao_gpu.py --out $OUT")
-    args = parser.parse_args()
-    if args.out:
-        if not torch.cuda.is_available():
-            sys.exit("torchao_gpu.py --out needs a CUDA device")
-        run(args.out, args.git)
-    else:
-        report(args.report, args.command)
+    main()

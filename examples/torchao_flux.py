@@ -1,43 +1,16 @@
-"""Quantize FLUX.1-dev's transformer with SegQuant through torchao:
-FP8 e4m3 static per-tensor (torch._scaled_mm).
+"""Quantize FLUX.1-dev's transformer with SegQuant through torchao (default: FP8 e4m3 static, torch._scaled_mm).
 
-black-forest-labs/FLUX.1-dev by default, from the Hugging Face cache or a local folder (--model):
-
-    python examples/torchao_flux.py --out flux_segquant
-    python examples/torchao_flux.py --model /path/to/pipeline --out flux_segquant --precision int8_w8a8
-
-Loads the pipeline with diffusers (local files only when HF_HUB_OFFLINE is set), calibrates on the bundled
-COCO-style prompts with the recipe's steps, guidance and size, quantizes, saves a checkpoint, loads it back
-into a fresh pipeline and writes one sample image. The tests run this script on a tiny random pipeline.
+    python examples/torchao_flux.py --out flux_segquant      # --help for the options
 """
 
-from __future__ import annotations
+from segquant.app.example import run_example
 
-import argparse
-
-import torch
-
-from segquant.pipelines import call_kwargs
-from segquant.quantize_job import add_job_arguments, job_from_args, load_quantized, quantize_pipeline
-
+MODEL = "black-forest-labs/FLUX.1-dev"
 PROMPT = "A red fox standing in fresh snow at dawn."
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_job_arguments(parser, model="black-forest-labs/FLUX.1-dev", backend="torchao")
-    parser.set_defaults(precision="fp8")
-    args = parser.parse_args(argv)
-
-    result = quantize_pipeline(job_from_args(args))  # load, calibrate, quantize, save to args.out
-    print(f"{result.recipe.name} (torchao): {result.plan.summary()}")
-
-    pipe = load_quantized(args.out, device=args.device)  # what a user does later, in a fresh process
-    generator = torch.Generator(args.device).manual_seed(0)
-    image = pipe(PROMPT, generator=generator, **call_kwargs(pipe, result.calibration)).images[0]
-    image.save(args.out / "sample.png")
-    print(f"wrote {args.out / 'sample.png'}")
-    return result, pipe
+    return run_example(__doc__, MODEL, backend="torchao", precision="fp8", prompt=PROMPT, argv=argv)
 
 
 if __name__ == "__main__":

