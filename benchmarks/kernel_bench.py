@@ -203,7 +203,7 @@ def run(out_dir: Path, quick: bool, git: str) -> None:
                     if "fp8_cublas_scaled_mm" in plain_ms:  # quant rows: their cost as a share of the GEMM
                         rec["x_plain_fp8"] = round(ms / plain_ms["fp8_cublas_scaled_mm"], 3)
                     if "triton" in method and not method.startswith("quant"):
-                        tuner = tg._dual_tuned if "dual" in method else tg._plain_tuned
+                        tuner = tg.dual_tuned if "dual" in method else tg.plain_tuned
                         rec["triton_config"] = str(getattr(tuner, "best_config", None))
                 except Exception as e:  # noqa: BLE001 - a failing variant is recorded, not hidden
                     rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -49,6 +49,12 @@ class Capabilities:
     save_load: bool = True
 
     def __post_init__(self) -> None:
+        for key in ("precisions", "activation_modes"):
+            if not isinstance(getattr(self, key), tuple):
+                raise SegQuantError(f"Capabilities.{key} must be a tuple of names, got {getattr(self, key)!r}")
+        for key in ("onnx_export", "save_load"):
+            if not isinstance(getattr(self, key), bool):
+                raise SegQuantError(f"Capabilities.{key} must be true or false, got {getattr(self, key)!r}")
         for name in self.precisions:
             get_precision(name)
         for mode in self.activation_modes:
@@ -72,15 +78,28 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "smoothquant_alpha", check_alpha(self.smoothquant_alpha))
         check_choice(self.realisation, REALISATIONS, "realisation")
+        if not isinstance(self.show_progress, bool):
+            raise SegQuantError(f"show_progress must be true or false, got {self.show_progress!r}")
 
 
 @dataclass(frozen=True)
 class QuantizedLayer:
-    """What a backend did to one Linear, read back from the quantized model (for checks and reports)."""
+    """What a backend did to one Linear, read back from the quantized model (for checks and reports).
+
+    Args:
+        in_segments, out_segments, dual_scale_segments: as in ``LinearPlan`` (empty for a layer a library's
+            own preset quantized).
+        weight_format, act_format: ``segquant.numerics`` format names (``int8``, ``fp8_e4m3`` ...).
+        weight_granularity: ``per_tensor`` or ``per_channel``; activation: ``static`` or ``dynamic``.
+    """
 
     in_segments: tuple[int, ...] = ()
     out_segments: tuple[int, ...] = ()
     dual_scale_segments: tuple[int, ...] = ()
+    weight_format: str = ""
+    weight_granularity: str = ""
+    act_format: str = ""
+    activation: str = ""
 
     @property
     def dual_scale(self) -> bool:
@@ -105,9 +124,10 @@ class Backend(Protocol):
         """``quantize`` and write a checkpoint of the denoiser ``name`` into ``folder``; returns the model
         and the files written."""
 
-    def load(self, folder: Path, manifest: Mapping[str, Any], float_denoiser: Callable[[], nn.Module],
+    def load(self, folder: Path, name: str, denoiser_class: str, float_denoiser: Callable[[], nn.Module],
              dtype: torch.dtype) -> nn.Module:
-        """The quantized denoiser of a checkpoint written by ``quantize_and_save``."""
+        """The quantized denoiser ``name`` (a diffusers ``denoiser_class``) of a checkpoint written by
+        ``quantize_and_save`` into ``folder``; ``float_denoiser()`` builds the base model's float one."""
 
     def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path) -> Path:
         """Export a quantized model to ONNX (only when ``capabilities.onnx_export``)."""
@@ -128,6 +148,8 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     """Register a backend in this process (entry points do this for installed packages)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise SegQuantError(f"a backend name is an identifier, got {name!r}")
+    if not callable(factory):
+        raise SegQuantError(f"backend {name}: register a class or factory that returns the backend, got {factory!r}")
     _REGISTERED[name] = factory
 
 
@@ -164,12 +186,18 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def check_supported(backend: Backend, plan: SegQuantPlan) -> str:
-    """The plan's precision, after checking that ``backend`` supports it and its activation mode.
+def check_supported(backend: Backend, plan: SegQuantPlan, options: QuantizeOptions | None = None) -> str:
+    """The plan's precision, after checking that ``backend`` supports it and its activation mode, and that
+    ``options`` fit it (SmoothQuant needs calibrated, static activations).
 
     Raises:
-        SegQuantError: the plan has no precision (apply a recipe first) or the backend cannot run it.
+        SegQuantError: the plan has no precision (apply a recipe first), the backend cannot run it, or the
+            options do not fit.
     """
+    if not isinstance(plan, SegQuantPlan):
+        raise SegQuantError(f"expected a SegQuantPlan (Recipe.apply's), got {type(plan).__name__}")
+    if options is not None and not isinstance(options, QuantizeOptions):
+        raise SegQuantError(f"expected segquant.QuantizeOptions, got {type(options).__name__}")
     precision = plan.precision()
     if precision is None:
         raise SegQuantError("the plan names no precision: apply a recipe (Recipe.apply) or "
@@ -180,4 +208,17 @@ def check_supported(backend: Backend, plan: SegQuantPlan) -> str:
     mode = get_precision(precision).activation
     if mode not in caps.activation_modes:
         raise SegQuantError(f"backend {backend.name} has no {mode} activations (precision {precision})")
+    if options is not None and options.smoothquant_alpha is not None and mode == "dynamic":
+        raise SegQuantError(f"SmoothQuant (alpha {options.smoothquant_alpha}) needs calibrated static activations; "
+                            f"precision {precision} quantizes them dynamically: set smoothquant_alpha to None")
     return precision
+
+
+def check_quantize_call(backend: Backend, plan: SegQuantPlan, options: Any, forward_loop: Any) -> str:
+    """Everything a backend's ``quantize`` checks before it changes the model (``check_supported``, the
+    options' type, a callable ``forward_loop``); returns the plan's precision."""
+    if not isinstance(options, QuantizeOptions):
+        raise SegQuantError(f"expected segquant.QuantizeOptions, got {type(options).__name__}")
+    if forward_loop is not None and not callable(forward_loop):
+        raise SegQuantError(f"forward_loop must be a function forward_loop(model), got {type(forward_loop).__name__}")
+    return check_supported(backend, plan, options)

@@ -28,7 +28,7 @@ PATTERNS = ("linear->chunk", "linear->split", "linear->unbind", "cat->linear", "
             "reshape->linear", "act->linear", "act->cat->linear", "linear->output", "override")
 """Names of the graph patterns that produce plan entries (see SPEC section 2)."""
 
-_OVERRIDABLE = ("in_segments", "out_segments", "dual_scale", "dual_scale_segments", "activation", "high_precision",
+OVERRIDABLE = ("in_segments", "out_segments", "dual_scale", "dual_scale_segments", "activation", "high_precision",
                 "precision")
 _FIELD_TYPES = {"in_features": int, "out_features": int, "in_segments": list, "out_segments": list, "dual_scale": bool,
                 "dual_scale_segments": list, "activation": (str, type(None)), "patterns": list, "nodes": list,
@@ -36,10 +36,23 @@ _FIELD_TYPES = {"in_features": int, "out_features": int, "in_segments": list, "o
 
 
 def _as_sizes(value: Iterable[int], what: str, name: str) -> tuple[int, ...]:
-    sizes = tuple(int(v) for v in value)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PlanError(f"{name}: {what} must be a list of positive integers, got {value!r}")
+    sizes = tuple(value)
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        raise PlanError(f"{name}: {what} must be a list of positive integers, got {list(sizes)}")
     if any(s <= 0 for s in sizes):
         raise PlanError(f"{name}: {what} must be positive sizes, got {list(sizes)}")
     return sizes
+
+
+def _as_indices(value: Iterable[int], what: str, name: str) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise PlanError(f"{name}: {what} must be a list of segment indices, got {value!r}")
+    indices = tuple(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise PlanError(f"{name}: {what} must be a list of segment indices, got {list(indices)}")
+    return indices
 
 
 @dataclass(frozen=True)
@@ -76,15 +89,26 @@ class LinearPlan:
 
     def __post_init__(self) -> None:
         name = self.name or "<layer>"
+        for key in ("in_features", "out_features"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise PlanError(f"{name}: {key} must be a positive integer, got {value!r}")
+        for key in ("dual_scale", "high_precision"):
+            if not isinstance(getattr(self, key), bool):
+                raise PlanError(f"{name}: {key} must be true or false, got {getattr(self, key)!r}")
         if self.in_features <= 0 or self.out_features <= 0:
             raise PlanError(f"{name}: features must be positive, got in={self.in_features} "
                             f"out={self.out_features}")
         set_ = object.__setattr__
         set_(self, "in_segments", _as_sizes(self.in_segments or (self.in_features,), "in_segments", name))
         set_(self, "out_segments", _as_sizes(self.out_segments or (self.out_features,), "out_segments", name))
-        set_(self, "dual_scale_segments", tuple(sorted({int(i) for i in self.dual_scale_segments})))
-        set_(self, "patterns", tuple(self.patterns))
-        set_(self, "nodes", tuple(self.nodes))
+        dual = _as_indices(self.dual_scale_segments, "dual_scale_segments", name)
+        set_(self, "dual_scale_segments", tuple(sorted(set(dual))))
+        for key in ("patterns", "nodes"):
+            value = getattr(self, key)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise PlanError(f"{name}: {key} must be a list of strings, got {value!r}")
+            set_(self, key, tuple(value))
         if sum(self.in_segments) != self.in_features:
             raise PlanError(f"{name}: in_segments {list(self.in_segments)} sum to {sum(self.in_segments)}, "
                             f"in_features is {self.in_features}")
@@ -118,6 +142,11 @@ class LinearPlan:
     def is_plain(self) -> bool:
         """True when SegQuant's techniques change nothing for this layer (no segments, no DualScale)."""
         return not self.seg_linear and not self.dual_scale
+
+    @property
+    def applied(self) -> bool:
+        """True once a recipe or a precision was applied to the layer."""
+        return self.high_precision or self.precision is not None
 
     @property
     def quantized(self) -> bool:
@@ -204,11 +233,15 @@ class SegQuantPlan:
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
-        if isinstance(self.version, bool) or self.version not in READABLE_VERSIONS:
+        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version not in READABLE_VERSIONS:
             raise PlanError(f"plan version {self.version!r} is not supported; this SegQuant reads versions "
                             f"{', '.join(map(str, READABLE_VERSIONS))} (an integer). Re-run `segquant analyze` "
                             "to regenerate the plan")
         object.__setattr__(self, "version", PLAN_VERSION)
+        if self.capture not in ("export", "eager"):
+            raise PlanError(f"plan capture must be 'export' or 'eager', got {self.capture!r}")
+        if not isinstance(self.layers, Mapping) or not all(isinstance(n, str) for n in self.layers):
+            raise PlanError("plan layers map module names (strings) to LinearPlan entries")
         layers = {}
         for name, layer in self.layers.items():
             if not isinstance(layer, LinearPlan):
@@ -234,10 +267,12 @@ class SegQuantPlan:
 
     # ---- summaries ---------------------------------------------------------------------------
     def output_segmented(self) -> list[str]:
-        return [n for n, p in self.layers.items() if len(p.out_segments) > 1]
+        """Quantized layers with more than one output segment."""
+        return [n for n, p in self.layers.items() if len(p.out_segments) > 1 and p.quantized]
 
     def input_segmented(self) -> list[str]:
-        return [n for n, p in self.layers.items() if len(p.in_segments) > 1]
+        """Quantized layers with more than one input segment."""
+        return [n for n, p in self.layers.items() if len(p.in_segments) > 1 and p.quantized]
 
     def dual_scaled(self) -> list[str]:
         """Quantized layers with DualScale (a layer kept in high precision has none in effect)."""
@@ -248,6 +283,11 @@ class SegQuantPlan:
 
     def high_precision_layers(self) -> list[str]:
         return [n for n, p in self.layers.items() if p.high_precision]
+
+    @property
+    def applied(self) -> bool:
+        """True for a plan that a recipe (or ``with_precision``) has applied: it says every layer's fate."""
+        return bool(self.recipe) or any(p.precision is not None for p in self.layers.values())
 
     def precision(self) -> str | None:
         """The one precision of the quantized layers (None on an analysed plan).
@@ -303,19 +343,27 @@ class SegQuantPlan:
 
         Example: ``plan.override("single_transformer_blocks.*.proj_out", dual_scale=False)``.
         """
-        bad = set(changes) - set(_OVERRIDABLE)
+        if not isinstance(pattern, str):
+            raise PlanError(f"an override pattern is a glob string, got {pattern!r}")
+        bad = set(changes) - set(OVERRIDABLE)
         if bad:
-            raise PlanError(f"cannot override {sorted(bad)}; overridable fields: {list(_OVERRIDABLE)}")
+            raise PlanError(f"cannot override {sorted(bad)}; overridable fields: {list(OVERRIDABLE)}")
         names = self.matching(pattern)
         if not names:
             raise PlanError(f"override pattern {pattern!r} matches no layer of {self.model_class or 'the plan'}")
         layers = dict(self.layers)
         for name in names:
-            layers[name] = layers[name].replace(**changes, patterns=layers[name].patterns + ("override",))
+            patterns = layers[name].patterns + (() if "override" in layers[name].patterns else ("override",))
+            try:
+                layers[name] = layers[name].replace(**changes, patterns=patterns)
+            except TypeError as e:
+                raise PlanError(f"{name}: bad override {changes}: {e}") from None
         return dataclasses.replace(self, layers=layers)
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "SegQuantPlan":
         """Apply ``{glob: {field: value}}`` in order; later globs win."""
+        if not isinstance(overrides, Mapping) or not all(isinstance(v, Mapping) for v in overrides.values()):
+            raise PlanError(f"overrides map layer globs to {{field: value}}, got {overrides!r}")
         plan = self
         for pattern, changes in overrides.items():
             plan = plan.override(pattern, **changes)
@@ -334,6 +382,11 @@ class SegQuantPlan:
         return dataclasses.replace(self, layers=layers)
 
     def keep_high_precision(self, patterns: Iterable[str]) -> "SegQuantPlan":
+        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+            raise PlanError(f"high-precision patterns are a list of layer-name globs, got {patterns!r}")
+        return self._keep_high_precision(patterns)
+
+    def _keep_high_precision(self, patterns: Iterable[str]) -> "SegQuantPlan":
         """The plan with every layer matching one of the globs kept in high precision (no precision).
 
         Raises:
@@ -351,6 +404,8 @@ class SegQuantPlan:
 
     def with_precision(self, precision: str, recipe: str = "") -> "SegQuantPlan":
         """The plan with every quantized layer set to ``precision`` (a ``segquant.precision`` name)."""
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise PlanError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
         layers = {n: p if p.high_precision else p.replace(precision=precision) for n, p in self.layers.items()}
         return dataclasses.replace(self, layers=layers, recipe=recipe or self.recipe)
 

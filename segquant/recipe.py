@@ -22,7 +22,7 @@ from typing import Any, Mapping
 from .backend import QuantizeOptions
 from .errors import PlanError, SegQuantError
 from .options import DEFAULT_REALISATION, REALISATIONS, check_alpha, check_choice
-from .plan import SegQuantPlan
+from .plan import OVERRIDABLE, SegQuantPlan
 from .precision import PRECISIONS as _REGISTRY
 
 SCHEMA_LINE = "# schema: segquant.recipe.Recipe"
@@ -106,10 +106,14 @@ class Recipe:
         check_choice(self.realisation, REALISATIONS, f"{where}: realisation")
         alpha = check_alpha(self.smoothquant_alpha, f"{where}: smoothquant_alpha")
         object.__setattr__(self, "smoothquant_alpha", alpha)
-        if isinstance(self.skip, str) or not all(isinstance(g, str) for g in self.skip or ()):
+        if not isinstance(self.skip, (list, tuple)) or not all(isinstance(g, str) for g in self.skip):
             raise SegQuantError(f"{where}: skip must be a list of layer-name globs, got {self.skip!r}")
-        if not isinstance(self.overrides, Mapping) or not all(isinstance(v, Mapping) for v in self.overrides.values()):
+        if not isinstance(self.overrides, Mapping) or not all(isinstance(k, str) and isinstance(v, Mapping)
+                                                              for k, v in self.overrides.items()):
             raise SegQuantError(f"{where}: overrides must map globs to {{field: value}}, got {self.overrides!r}")
+        bad = sorted({f for v in self.overrides.values() for f in v} - set(OVERRIDABLE))
+        if bad:
+            raise SegQuantError(f"{where}: overrides name {bad}, which cannot be overridden; fields: {OVERRIDABLE}")
         if not isinstance(self.calibration, CalibrationSettings):
             raise SegQuantError(f"{where}: calibration must be CalibrationSettings")
         object.__setattr__(self, "skip", tuple(self.skip or ()))
@@ -124,7 +128,16 @@ class Recipe:
 
     def apply(self, plan: SegQuantPlan) -> SegQuantPlan:
         """The applied plan: overrides, then the technique switches, then the skipped layers kept in high
-        precision and every other layer given the recipe's precision. Applying twice changes nothing more."""
+        precision and every other layer given the recipe's precision.
+
+        Raises:
+            PlanError: ``plan`` is of another model, a glob matches nothing, or the plan was applied already
+                (apply a recipe to the analysed plan: a second recipe would inherit the first one's choices).
+        """
+        if plan.applied:
+            raise PlanError(f"recipe {self.name}: the plan was already applied"
+                            f"{f' (recipe {plan.recipe})' if plan.recipe else ''}; apply recipes to the analysed "
+                            "plan (segquant.analyze) only")
         self.validate(plan)
         applied = plan.with_overrides(self.overrides).ablate(seg_linear=self.seg_linear, dual_scale=self.dual_scale)
         return applied.keep_high_precision(self.skip).with_precision(self.precision, recipe=self.name)
@@ -142,6 +155,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "Recipe":
+        if not isinstance(data, Mapping):
+            raise SegQuantError(f"{source}: a recipe is a mapping of settings, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -173,6 +188,9 @@ class Recipe:
             if not isinstance(base, str) or base not in bundled_recipes():
                 raise SegQuantError(f"{path}: base must name a bundled recipe ({', '.join(bundled_recipes())}), "
                                     f"got {base!r}")
+            precision = data.get("precision")
+            if isinstance(precision, str) and precision in PRECISIONS:  # that precision's deltas, not the base's
+                base = f"{base.partition('/')[0]}/{precision}"
             merged = bundled_recipe(base).to_dict()
             merged["name"] = f"{base}+{path.stem}"
             if isinstance(data.get("calibration"), Mapping):  # calibration settings change key by key
@@ -221,12 +239,20 @@ def bundled_recipe(name: str) -> Recipe:
     base = _read_yaml(bases[model], BASE_SCHEMA_LINE)
     own = base.pop("precisions", None) or {}
     deltas = _read_yaml(_recipes_root() / DELTAS_FILE, "# schema: segquant.recipe.PrecisionDeltas")
-    data = {**base, **deltas.get(precision, {}), **own.get(precision, {}), "name": name, "precision": precision}
+    for where, table in ((bases[model], own), (DELTAS_FILE, deltas)):
+        if not isinstance(table, Mapping) or set(table) - set(PRECISIONS) or \
+                not all(isinstance(v, Mapping) for v in table.values()):
+            raise SegQuantError(f"{where}: precision deltas map precisions ({', '.join(PRECISIONS)}) to settings")
+    if precision not in deltas:
+        raise SegQuantError(f"{DELTAS_FILE} has no settings for precision {precision}")
+    data = {**base, **deltas[precision], **own.get(precision, {}), "name": name, "precision": precision}
     return Recipe.from_dict(data, str(bases[model]))
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A bundled recipe by name (``flux.1-dev/int8_w8a8``) or a recipe file by path."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise SegQuantError(f"a recipe is a bundled recipe name or a file path, got {name_or_path!r}")
     if str(name_or_path) in bundled_recipes():
         return bundled_recipe(str(name_or_path))
     path = Path(name_or_path)

@@ -135,6 +135,7 @@ class _LayerSettings:
     neg_amax: Tensor | None
     dual_mask: Tensor | None
     layer: LinearPlan | None = None
+    per_channel: bool = False
     stats: Any = None  # per-segment ranges of the smoothed input, for the reference fake quantization
     smooth: Tensor | None = None
     folded: bool = False
@@ -172,7 +173,7 @@ def _settings(name: str, module: nn.Module, layer: LinearPlan, observer: Segment
     per_channel = module.weight_quantizer.axis == 0
     weight = weight.to(module.weight.dtype)
     return _LayerSettings(weight, weight_amax(weight, layer.out_segments, per_channel), input_amax,
-                          pre_quant_scale, neg_amax, dual_mask, layer, stats,
+                          pre_quant_scale, neg_amax, dual_mask, layer, per_channel, stats,
                           smooth.to(module.weight.dtype) if smooth is not None else None, realisation == "folded")
 
 
@@ -186,7 +187,7 @@ def _set_amax(quantizer: TensorQuantizer, amax: Tensor, axis: int | None) -> Non
 def _apply(module: nn.Module, s: _LayerSettings) -> None:
     module.weight.data.copy_(s.weight)
     _set_amax(module.weight_quantizer, s.weight_amax.to(module.weight.device), 0)
-    mark(module.weight_quantizer).set_weight_role(list(s.layer.out_segments))
+    mark(module.weight_quantizer).set_weight_role(list(s.layer.out_segments), s.per_channel)
     quantizer = mark(module.input_quantizer)
     quantizer.set_input_role(list(s.layer.in_segments), list(s.layer.dual_scale_segments) if s.layer.dual_scale else [],
                              s.stats, s.smooth, s.folded)
@@ -200,9 +201,9 @@ def _apply(module: nn.Module, s: _LayerSettings) -> None:
 
 
 def _apply_dynamic(module: nn.Module, layer: LinearPlan) -> None:
-    _set_amax(module.weight_quantizer, weight_amax(module.weight, layer.out_segments,
-                                                   module.weight_quantizer.axis == 0), 0)
-    mark(module.weight_quantizer).set_weight_role(list(layer.out_segments))
+    per_channel = module.weight_quantizer.axis == 0
+    _set_amax(module.weight_quantizer, weight_amax(module.weight, layer.out_segments, per_channel), 0)
+    mark(module.weight_quantizer).set_weight_role(list(layer.out_segments), per_channel)
     mark(module.input_quantizer).set_input_role(
         list(layer.in_segments), list(layer.dual_scale_segments) if layer.dual_scale else [], None, None, False)
 
@@ -210,26 +211,39 @@ def _apply_dynamic(module: nn.Module, layer: LinearPlan) -> None:
 def _resolve_plan(model: nn.Module, layers: dict[str, nn.Module], forward_loop: Callable | None,
                   plan: dict | None, seg_linear: bool | None, dual_scale: bool | None, overrides: dict | None,
                   head_segments: bool) -> SegQuantPlan:
-    """The plan to quantize by: the given one (switched-off techniques and overrides applied once, when
-    asked for), else the analysis of the first calibration batch."""
+    """The plan to quantize by: the given one exactly as it is (technique switches that would change it, and
+    overrides, are refused: they belong to the plan), else the analysis of the first calibration batch, in
+    which layers whose quantizers the config switches off stay in high precision."""
     if plan is not None:
         resolved = SegQuantPlan.from_dict(plan)
         missing = [n for n in layers if n not in resolved and layers[n].input_quantizer.is_enabled]
         if missing:
             raise SegQuantError(f"the given plan has no entry for {missing[0]} ({len(missing)} quantized layers); "
                                 "it is not a plan of this model")
-        if seg_linear is False or dual_scale is False:
-            resolved = resolved.ablate(seg_linear=seg_linear is not False, dual_scale=dual_scale is not False)
+        switched = resolved.ablate(seg_linear=seg_linear is not False, dual_scale=dual_scale is not False)
+        if overrides or switched != resolved:
+            raise SegQuantError("the algorithm was given a plan and also seg_linear/dual_scale switches or overrides "
+                                "that would change it; apply them to the plan (plan.ablate, plan.with_overrides or "
+                                "the recipe) and pass the result")
+        off = [n for n, m in layers.items() if n in resolved and resolved[n].quantized
+               and not m.input_quantizer.is_enabled and not m.weight_quantizer.is_enabled]
+        if off:
+            raise SegQuantError(f"the plan quantizes {off[0]} ({len(off)} layers), but the ModelOpt config switches "
+                                "its quantizers off; keep layers in high precision in the plan (a recipe's skip) "
+                                "and use segquant_modelopt.config_for_plan")
+        return resolved
+    if forward_loop is None:
+        args, kwargs_in = (), example_inputs(model)
     else:
-        if forward_loop is None:
-            args, kwargs_in = (), example_inputs(model)
-        else:
-            args, kwargs_in = _first_batch(model, forward_loop)
-        options = AnalysisOptions(seg_linear=seg_linear is not False, dual_scale=dual_scale is not False,
-                                  head_segments=head_segments)
-        with _quantizers_off(model):
-            resolved = analyze(model, *args, analysis_options=options, **kwargs_in)
-    return resolved.with_overrides(overrides or {})
+        args, kwargs_in = _first_batch(model, forward_loop)
+    options = AnalysisOptions(seg_linear=seg_linear is not False, dual_scale=dual_scale is not False,
+                              head_segments=head_segments)
+    with _quantizers_off(model):
+        resolved = analyze(model, *args, analysis_options=options, **kwargs_in)
+    resolved = resolved.with_overrides(overrides or {})
+    off = [n for n, m in layers.items() if n in resolved and not m.input_quantizer.is_enabled
+           and not m.weight_quantizer.is_enabled]
+    return resolved.keep_high_precision(off) if off else resolved
 
 
 def _check_precision(name: str, module: nn.Module, precision: str) -> None:

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from segquant import Capabilities, QuantizedLayer, QuantizeOptions, SegQuantError, SegQuantPlan
-from segquant.backend import ForwardLoop, check_supported
+from segquant.backend import ForwardLoop, check_quantize_call
 
 from .configs import PRECISION_CONFIGS, config_for_plan
 from .export import export_onnx
-from .quantizer import is_marked
+from .quantizer import format_of, is_marked
 
 CHECKPOINT = "{denoiser}.modelopt.pth"
 
@@ -32,12 +32,19 @@ def _is_quantized(module: nn.Module) -> bool:
 
 
 def _layer_state(module: nn.Module) -> QuantizedLayer:
-    """Segments and DualScale as the layer's quantizers hold them (empty for a ModelOpt preset's layer)."""
+    """Segments, DualScale and formats as the layer's quantizers hold them (segments empty for a layer that a
+    ModelOpt preset quantized)."""
     inputs, weights = module.input_quantizer, module.weight_quantizer
+    w_fmt, a_fmt = format_of(weights), format_of(inputs)
+    granularity = getattr(weights, "_segquant_weight_granularity", None) or \
+        ("per_channel" if weights.axis == 0 else "per_tensor")
+    formats = dict(weight_format=w_fmt.name if w_fmt else "", act_format=a_fmt.name if a_fmt else "",
+                   weight_granularity=granularity,
+                   activation="dynamic" if inputs._dynamic else "static")
     if not is_marked(inputs):
-        return QuantizedLayer()
+        return QuantizedLayer(**formats)
     return QuantizedLayer(tuple(inputs._segquant_segments), tuple(getattr(weights, "_segquant_out_segments", ())),
-                          tuple(inputs._segquant_dual_segments))
+                          tuple(inputs._segquant_dual_segments), **formats)
 
 
 class ModelOptBackend:
@@ -49,7 +56,7 @@ class ModelOptBackend:
 
     def quantize(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                  forward_loop: ForwardLoop | None) -> nn.Module:
-        check_supported(self, plan)
+        check_quantize_call(self, plan, options, forward_loop)
         plan.check_model(model, complete=True)  # before mtq.quantize inserts a single quantizer
         return mtq.quantize(model, config_for_plan(plan, options), forward_loop)
 
@@ -60,9 +67,9 @@ class ModelOptBackend:
         mto.save(quantized, path)
         return quantized, [path]
 
-    def load(self, folder: Path, manifest: Mapping[str, Any], float_denoiser: Callable[[], nn.Module],
+    def load(self, folder: Path, name: str, denoiser_class: str, float_denoiser: Callable[[], nn.Module],
              dtype: torch.dtype) -> nn.Module:
-        path = Path(folder) / CHECKPOINT.format(denoiser=manifest["denoiser"])
+        path = Path(folder) / CHECKPOINT.format(denoiser=name)
         if not path.is_file():
             raise SegQuantError(f"{folder}: the ModelOpt checkpoint {path.name} is missing")
         return mto.restore(float_denoiser(), path)

@@ -10,11 +10,13 @@ Non-Linear layers (norms, convolutions) are left in high precision.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import modelopt.torch.quantization as mtq
 
 from segquant import QuantizeOptions, SegQuantError, SegQuantPlan, get_precision
+from segquant.options import DEFAULT_REALISATION, REALISATIONS, check_alpha, check_choice
 
 _NOT_LINEAR = ["nn.LayerNorm", "nn.InstanceNorm1d", "nn.InstanceNorm2d", "nn.InstanceNorm3d", "nn.Conv1d",
                "nn.Conv2d", "nn.Conv3d", "nn.ConvTranspose1d", "nn.ConvTranspose2d", "nn.ConvTranspose3d",
@@ -42,9 +44,7 @@ def with_segquant(base: dict[str, Any], **algorithm: Any) -> dict[str, Any]:
         raise SegQuantError("with_segquant expects a ModelOpt config in list form: {'quant_cfg': [...], "
                             "'algorithm': ...} (e.g. mtq.INT8_DEFAULT_CFG)")
     cfg = copy.deepcopy(base)
-    # ModelOpt's diffusion presets switch off every *proj_out.* by name; with SegQuant the plan decides
-    cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "*proj_out.*"]
-    cfg["quant_cfg"] += copy.deepcopy(_LINEAR_ONLY)
+    cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if not _names_layers(e)] + copy.deepcopy(_LINEAR_ONLY)
     base_algorithm = base.get("algorithm")
     options = {"method": "segquant"}
     if isinstance(base_algorithm, dict) and base_algorithm.get("method") == "segquant":
@@ -54,8 +54,18 @@ def with_segquant(base: dict[str, Any], **algorithm: Any) -> dict[str, Any]:
     elif base_algorithm == "smoothquant":
         options["alpha"] = 1.0
     options.update(algorithm)
+    check_alpha(options.get("alpha"), "alpha")
+    check_choice(options.get("realisation", DEFAULT_REALISATION), REALISATIONS, "realisation")
     cfg["algorithm"] = options
     return cfg
+
+
+def _names_layers(entry: dict[str, Any]) -> bool:
+    """A ModelOpt rule that picks layers by name (``*proj_out.*``, ``*lm_head*``, ``*router*`` ...), not by
+    quantizer kind (``*``, ``*weight_quantizer``) or module class: with SegQuant the plan decides which layers
+    are quantized, so such rules are dropped."""
+    name = entry.get("quantizer_name", "*")
+    return "parent_class" not in entry and name != "*" and not re.fullmatch(r"\*\w*_quantizer", name)
 
 
 def _with_weights(base: dict[str, Any], axis: int | None) -> dict[str, Any]:
@@ -108,6 +118,9 @@ def config_for_plan(plan: SegQuantPlan, options: QuantizeOptions = QuantizeOptio
     Raises:
         SegQuantError: the plan names no precision, or one ModelOpt has no config for.
     """
+    if not isinstance(plan, SegQuantPlan) or not isinstance(options, QuantizeOptions):
+        raise SegQuantError("config_for_plan(plan, options) takes a segquant.SegQuantPlan and a "
+                            f"segquant.QuantizeOptions, got {type(plan).__name__} and {type(options).__name__}")
     precision = plan.precision()
     if precision is None:
         raise SegQuantError("config_for_plan needs an applied plan (Recipe.apply or plan.with_precision)")

@@ -93,9 +93,12 @@ class SegmentTensorQuantizer(TensorQuantizer):
         if value is not None:
             self.register_buffer(name, value.detach().clone())
 
-    def set_weight_role(self, out_segments: list[int]) -> None:
+    def set_weight_role(self, out_segments: list[int], per_channel: bool) -> None:
+        """Per-row amax (``axis=0``) that is one value per output row (``per_channel``) or one per output
+        segment repeated over its rows (per tensor, as the plan's precision says)."""
         self._segquant_role = "weight"
         self._segquant_out_segments = [int(x) for x in out_segments]
+        self._segquant_weight_granularity = "per_channel" if per_channel else "per_tensor"
 
     def set_input_role(self, segments: list[int], dual_segments: list[int], stats: ActivationStats | None,
                        smooth: Tensor | None, folded: bool) -> None:

@@ -22,13 +22,14 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization import FqnToConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from segquant import PlanError, SegQuantError, SegQuantPlan
+from segquant import PRECISIONS, PlanError, SegQuantError, SegQuantPlan
 from segquant.calib import static_calibration
 from segquant.numerics import ActivationStats
 from segquant.options import check_choice
 
 from .linear import LayerSpec, ObservedSegQuantLinear, SegQuantLinear, convert_linear, prepare_linear, \
     unprepare_linear
+from .kernels import PRECISIONS as KERNEL_PRECISIONS
 from .options import SegQuantOptions
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ def _as_plan(plan: Any) -> SegQuantPlan:
     if isinstance(plan, SegQuantPlan):
         return plan
     if isinstance(plan, (str, Path)):
+        if not Path(plan).is_file():
+            raise PlanError(f"plan file {plan} does not exist (write one with segquant analyze --json)")
         return SegQuantPlan.load(plan)
     if isinstance(plan, dict):
         return SegQuantPlan.from_dict(plan)
@@ -127,16 +130,44 @@ def _as_plan(plan: Any) -> SegQuantPlan:
 
 
 def _options_for(plan: SegQuantPlan, options: SegQuantOptions | None, changes: dict[str, Any]) -> SegQuantOptions:
-    """The options of a config: given, else those of the plan's precision (applied plans), else the defaults."""
-    if options is not None:
-        if changes:
-            raise SegQuantError(f"pass either options=SegQuantOptions(...) or option keywords {sorted(changes)}")
-        return options
-    precision = plan.precision()
+    """The options of a config: given, else those of the plan's precision (applied plans), else the defaults.
+    ``precision`` may also name a registry precision (``int8_w8a8`` ...). Options that contradict an applied
+    plan's precision are refused."""
+    if options is not None and changes:
+        raise SegQuantError(f"pass either options=SegQuantOptions(...) or option keywords {sorted(changes)}")
+    if options is not None and not isinstance(options, SegQuantOptions):
+        raise SegQuantError(f"options must be a SegQuantOptions, got {type(options).__name__}")
+    named = changes.get("precision")  # "fp8"/"int8" are GEMM formats here; "int8_w8a8" ... registry names
+    registry = named if named in PRECISIONS and named not in KERNEL_PRECISIONS else None
+    precision = plan.precision() or registry
+    if registry is not None:
+        changes = {k: v for k, v in changes.items() if k != "precision"}
     try:
-        return SegQuantOptions.for_precision(precision, **changes) if precision else SegQuantOptions(**changes)
+        if options is None:
+            options = SegQuantOptions.for_precision(precision, **changes) if precision else SegQuantOptions(**changes)
     except TypeError as e:
         raise SegQuantError(f"SegQuantConfig: {e}; options are the fields of SegQuantOptions") from None
+    if precision is not None:
+        wanted = SegQuantOptions.for_precision(precision)
+        fixed = ("precision", "activation", "weight_granularity")
+        if any(getattr(options, k) != getattr(wanted, k) for k in fixed):
+            want = ", ".join(f"{k}={getattr(wanted, k)}" for k in fixed)
+            got = ", ".join(f"{k}={getattr(options, k)}" for k in fixed)
+            raise SegQuantError(f"the plan's precision {precision} is {want}; the options say {got}")
+    return options
+
+
+def _check_config_args(skip: Any, seg_linear: Any, dual_scale: Any, calibration: Any) -> None:
+    if skip is not None and (isinstance(skip, str) or not isinstance(skip, (list, tuple))
+                             or not all(isinstance(g, str) for g in skip)):
+        raise SegQuantError(f"skip must be a list of layer-name globs, got {skip!r}")
+    for key, value in (("seg_linear", seg_linear), ("dual_scale", dual_scale)):
+        if not isinstance(value, bool):
+            raise SegQuantError(f"{key} must be True or False, got {value!r}")
+    if calibration is not None and (not isinstance(calibration, dict) or not all(
+            isinstance(v, dict) for v in calibration.values())):
+        raise SegQuantError("calibration maps layer names to {'amax': [...], 'pos_amax': [...], 'neg_amax': [...]} "
+                            "(calibration_from(model))")
 
 
 @dataclass(init=False)
@@ -177,8 +208,12 @@ class SegQuantConfig(FqnToConfig):
         # fqn_to_config/module_fqn_to_config are derived from the plan; accepted for config_from_dict.
         if plan is None:
             raise SegQuantError("SegQuantConfig needs a plan: SegQuantConfig(segquant.analyze(model, ...))")
-        resolved = _as_plan(plan).ablate(seg_linear=seg_linear, dual_scale=dual_scale)
-        resolved = resolved.keep_high_precision(skip or [])
+        _check_config_args(skip, seg_linear, dual_scale, calibration)
+        given = _as_plan(plan)
+        resolved = given.ablate(seg_linear=seg_linear, dual_scale=dual_scale).keep_high_precision(skip or [])
+        if given.applied and resolved != given:
+            raise SegQuantError("the plan was applied by a recipe; skip, seg_linear and dual_scale would change it: "
+                                "set them in the recipe (or on the analysed plan) instead")
         self.plan, self.step, self.skip = resolved.to_dict(), step, list(skip or [])
         self.options = _options_for(resolved, options, option_changes)
         self.seg_linear, self.dual_scale, self.calibration, self.version = seg_linear, dual_scale, calibration, version

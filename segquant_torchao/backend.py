@@ -15,15 +15,28 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from segquant import PRECISIONS as SEGQUANT_PRECISIONS
 from segquant import Capabilities, QuantizedLayer, QuantizeOptions, SegQuantError, SegQuantPlan
-from segquant.backend import ForwardLoop, check_supported
+from segquant.backend import ForwardLoop, check_quantize_call
+from segquant.numerics import get_format
 
 from .api import SegQuantConfig, calibration_from, quantize
-from .linear import SegQuantLinear
+from .linear import SegQuantLinear, unprepare_linear
 from .options import SegQuantOptions
 
 CONFIG = "{denoiser}.segquant_torchao.json"
-PRECISIONS = ("int8_w8a8", "int8_perchannel", "fp8")
+
+
+def _runs(precision: str) -> bool:
+    try:
+        SegQuantOptions.for_precision(precision)
+    except SegQuantError:
+        return False
+    return True
+
+
+PRECISIONS = tuple(p for p in SEGQUANT_PRECISIONS if _runs(p))
+"""The registry precisions torchao's kernels run here (int8 and fp8 W8A8)."""
 
 
 def options_for(plan: SegQuantPlan, options: QuantizeOptions) -> SegQuantOptions:
@@ -39,48 +52,58 @@ class TorchAOBackend:
     capabilities = Capabilities(precisions=PRECISIONS, activation_modes=("static", "dynamic"), onnx_export=False,
                                 save_load=True)
 
-    def _prepare_and_calibrate(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
-                               forward_loop: ForwardLoop | None) -> SegQuantOptions:
-        check_supported(self, plan)
+    def _calibrated(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
+                    forward_loop: ForwardLoop | None, finish: Callable[[SegQuantConfig], Any]) -> Any:
+        """Prepare and calibrate, then ``finish(config)`` with the calibrated convert config; on any failure
+        the prepared layers are undone, so the model is left as it was."""
+        check_quantize_call(self, plan, options, forward_loop)
+        plan.check_model(model, complete=True)
         ao_options = options_for(plan, options)
-        if ao_options.activation == "static" and forward_loop is None:
+        if forward_loop is None:
             raise SegQuantError("static SegQuant on torchao needs a forward_loop that runs calibration data")
         quantize(model, SegQuantConfig(plan, options=ao_options, step="prepare"))
-        if forward_loop is not None:
-            with torch.no_grad():
-                forward_loop(model)
-        return ao_options
+        try:
+            try:
+                with torch.no_grad():
+                    forward_loop(model)
+            except Exception as e:  # noqa: BLE001 - the user's loop failed: say so, keep the cause
+                raise SegQuantError(f"forward_loop raised {type(e).__name__} during calibration: {e}") from e
+            config = SegQuantConfig(plan, options=ao_options, calibration=_calibration_or_none(model))
+            return finish(config)
+        except BaseException:
+            for module in model.modules():
+                unprepare_linear(module)
+            raise
 
     def quantize(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                  forward_loop: ForwardLoop | None) -> nn.Module:
-        ao_options = self._prepare_and_calibrate(model, plan, options, forward_loop)
-        return quantize(model, SegQuantConfig(plan, options=ao_options, step="convert"))
+        return self._calibrated(model, plan, options, forward_loop, lambda config: quantize(model, config))
 
     def quantize_and_save(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                           forward_loop: ForwardLoop | None, folder: Path, name: str) -> tuple[nn.Module, list[Path]]:
         """Prepare, calibrate, save the float weights and the calibrated config, convert in place."""
-        ao_options = self._prepare_and_calibrate(model, plan, options, forward_loop)
-        config = SegQuantConfig(plan, options=ao_options, calibration=calibration_from(model))
-        model.save_pretrained(Path(folder) / name)  # prepared layers still hold their float weights
-        config_path = Path(folder) / CONFIG.format(denoiser=name)
-        config_path.write_text(json.dumps({"plan": plan.to_dict(), "calibration": config.calibration,
-                                           "options": dataclasses.asdict(ao_options)}) + "\n")
-        return quantize(model, config), [Path(folder) / name, config_path]
+        def save_and_convert(config: SegQuantConfig) -> tuple[nn.Module, list[Path]]:
+            model.save_pretrained(Path(folder) / name)  # prepared layers still hold their float weights
+            config_path = Path(folder) / CONFIG.format(denoiser=name)
+            config_path.write_text(json.dumps({"plan": plan.to_dict(), "calibration": config.calibration,
+                                               "options": dataclasses.asdict(config.options)}) + "\n")
+            return quantize(model, config), [Path(folder) / name, config_path]
 
-    def load(self, folder: Path, manifest: Mapping[str, Any], float_denoiser: Callable[[], nn.Module],
+        return self._calibrated(model, plan, options, forward_loop, save_and_convert)
+
+    def load(self, folder: Path, name: str, denoiser_class: str, float_denoiser: Callable[[], nn.Module],
              dtype: torch.dtype) -> nn.Module:
         """The saved float weights, quantized while loading by diffusers' ``TorchAoConfig``."""
         import diffusers
         from diffusers import TorchAoConfig
 
-        name = manifest["denoiser"]
         config_path = Path(folder) / CONFIG.format(denoiser=name)
         if not config_path.is_file() or not (Path(folder) / name).is_dir():
             raise SegQuantError(f"{folder}: the torchao checkpoint ({name}/ and {config_path.name}) is incomplete")
-        saved = json.loads(config_path.read_text())
-        config = SegQuantConfig(saved["plan"], options=SegQuantOptions(**saved["options"]),
-                                calibration=saved["calibration"])
-        cls = getattr(diffusers, manifest["denoiser_class"])
+        config = _saved_config(json.loads(config_path.read_text()), config_path)
+        cls = getattr(diffusers, denoiser_class, None)
+        if cls is None:
+            raise SegQuantError(f"{folder}: {denoiser_class} is not a diffusers model class")
         return cls.from_pretrained(folder, subfolder=name, quantization_config=TorchAoConfig(config), torch_dtype=dtype)
 
     def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path) -> Path:
@@ -110,8 +133,33 @@ class TorchAOBackend:
         out = {}
         for name, m in model.named_modules():
             if isinstance(m, SegQuantLinear):
-                spec = m.segquant_spec
-                out[name] = QuantizedLayer(spec.in_segments, spec.out_segments, spec.dual_segments)
+                spec, opts = m.segquant_spec, m.segquant_spec.options
+                fmt = get_format(opts.precision).name
+                out[name] = QuantizedLayer(spec.in_segments, spec.out_segments, spec.dual_segments, fmt,
+                                           opts.weight_granularity, fmt, opts.activation)
             elif isinstance(m, nn.Linear) and isinstance(m.weight, TorchAOBaseTensor):
                 out[name] = QuantizedLayer()
         return out
+
+
+def _calibration_or_none(model: nn.Module) -> dict | None:
+    """The calibrated ranges of a prepared model (None when every layer is dynamic)."""
+    from .linear import ObservedSegQuantLinear
+
+    return calibration_from(model) if any(isinstance(m, ObservedSegQuantLinear) for m in model.modules()) else None
+
+
+def _saved_config(saved: dict[str, Any], path: Path) -> SegQuantConfig:
+    """The ``SegQuantConfig`` of a checkpoint; checkpoints written before ``SegQuantOptions`` stored the
+    options as flat keys beside the plan (and the then torchao default realisation, ``folded``)."""
+    if not isinstance(saved, dict) or "plan" not in saved:
+        raise SegQuantError(f"{path} is not a SegQuant torchao config (no plan)")
+    if "options" in saved:
+        return SegQuantConfig(saved["plan"], options=SegQuantOptions(**saved["options"]),
+                              calibration=saved.get("calibration"))
+    flat = {k: saved[k] for k in ("precision", "activation", "realisation", "weight_granularity", "fast_accum",
+                                  "kernel") if k in saved}
+    flat.setdefault("realisation", "folded")
+    return SegQuantConfig(saved["plan"], options=SegQuantOptions(**flat), calibration=saved.get("calibration"),
+                          skip=saved.get("skip", []), seg_linear=saved.get("seg_linear", True),
+                          dual_scale=saved.get("dual_scale", True))

@@ -77,4 +77,7 @@ class SegQuantOptions:
                  and v != getattr(base, k)}
         if fixed:
             raise SegQuantError(f"precision {precision} fixes {sorted(fixed)}; got {fixed}")
-        return base.replace(**changes)
+        try:
+            return base.replace(**changes)
+        except TypeError as e:
+            raise SegQuantError(f"{e}; the options are the fields of SegQuantOptions") from None

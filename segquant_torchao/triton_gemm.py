@@ -141,8 +141,9 @@ if HAS_TRITON:
                 for m, n, k, w, s in shapes]
 
     _KEY = ["M", "N", "K", "IS_FP8", "HAS_BIAS"]
-    _dual_tuned = triton.autotune(configs=_configs(True), key=_KEY)(_scaled_gemm_kernel)
-    _plain_tuned = triton.autotune(configs=_configs(False), key=_KEY)(_scaled_gemm_kernel)
+    # the autotuned kernels (DualScale and plain); public so that benchmarks can read their ``best_config``
+    dual_tuned = triton.autotune(configs=_configs(True), key=_KEY)(_scaled_gemm_kernel)
+    plain_tuned = triton.autotune(configs=_configs(False), key=_KEY)(_scaled_gemm_kernel)
 
 
 # ---- checks and the torch path -----------------------------------------------------------------------
@@ -211,7 +212,7 @@ def _launch_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_scal
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         _scaled_gemm_kernel[grid](*args, **flags, **config)
     else:
-        kernel = _dual_tuned if dual else _plain_tuned
+        kernel = dual_tuned if dual else plain_tuned
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         kernel[grid](*args, **flags)
     return out

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 from segquant import PRECISIONS, SegQuantError, backend_names
 from segquant.model_configs import bundled_configs
 
+from .quantize_job import DEFAULT_BACKEND
+
 DEFAULT_MODEL = "tiny-flux"
 """The bundled tiny model that ``segquant analyze`` uses without arguments."""
 
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "from the same noise and write metrics.json, report.md, grid.png and layers.png.")
     r.add_argument("--model", default="mnist-flux", help="mnist-flux (default), mnist-unet, or a folder written "
                    "by examples/train_mnist_models.py")
-    r.add_argument("--backend", default="modelopt", choices=backend_names(), help="default modelopt")
+    r.add_argument("--backend", default=DEFAULT_BACKEND, choices=backend_names(), help=f"default {DEFAULT_BACKEND}")
     r.add_argument("--recipe", default="int8_w8a8", help=f"a precision ({', '.join(PRECISIONS)}), a "
                    "bundled recipe name (mnist-flux/fp8) or a recipe file")
     r.add_argument("--num-samples", type=int, default=8, help="images per row (default 8)")

@@ -34,6 +34,8 @@ from .pipelines import (DTYPES, calibration_loop, denoiser_name, family_of, load
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_BACKEND = "modelopt"
+"""The backend of ``segquant quantize`` and ``segquant run`` when none is named (the ModelOpt deployment path)."""
 MANIFEST = "segquant.json"
 MANIFEST_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -60,7 +62,7 @@ class QuantizeJob:
 
     model: str
     out: str | Path
-    backend: str = "modelopt"
+    backend: str = DEFAULT_BACKEND
     precision: str = "int8_w8a8"
     recipe: str | Path | None = None
     prompts: str | Path | None = None
@@ -191,9 +193,16 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise SegQuantError(f"{folder} is not a SegQuant checkpoint: no {MANIFEST} (write one with segquant quantize)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise SegQuantError(f"{path}: version {manifest.get('version')}, this SegQuant reads {MANIFEST_VERSION}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SegQuantError(f"{path} cannot be read as a SegQuant manifest: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise SegQuantError(f"{path}: version {version}, this SegQuant reads {MANIFEST_VERSION}")
+    missing = [k for k in ("backend", "base_model", "denoiser", "denoiser_class", "dtype") if k not in manifest]
+    if missing:
+        raise SegQuantError(f"{path} lacks {missing}: not a complete SegQuant manifest")
     return manifest
 
 
@@ -208,11 +217,11 @@ def load_quantized(folder: str | Path, device: str = "cpu", dtype: str | None = 
     def float_denoiser() -> nn.Module:
         return load_component(base, name, manifest["denoiser_class"], dtype)
 
-    denoiser = backend.load(Path(folder), manifest, float_denoiser, DTYPES[dtype])
+    denoiser = backend.load(Path(folder), name, manifest["denoiser_class"], float_denoiser, DTYPES[dtype])
     return load_pipeline(base, dtype, device, **{name: denoiser})
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, model: str | None = None, backend: str = "modelopt",
+def add_job_arguments(parser: argparse.ArgumentParser, model: str | None = None, backend: str = DEFAULT_BACKEND,
                       precision: str = "int8_w8a8") -> None:
     """The arguments of ``QuantizeJob`` (shared by ``segquant quantize`` and the examples)."""
     parser.add_argument("--model", default=model, required=model is None,

@@ -96,8 +96,10 @@ def markdown(metrics: dict[str, Any]) -> str:
     lines += ["", f"FID uses the 128-d features of the embedded classifier; it is left out below 32 images and "
               f"dominated by estimation noise with {n} (compare rows, not absolute values). `benchmarks/quality.py` gives the statistics "
               "(several calibration seeds, paired confidence intervals).", "",
-              f"SegQuant changes {len(metrics['segquant_changed_layers'])} layers (input/output segments or DualScale); "
-              "their per-layer SQNR is in `layers.png` and `metrics.json`.", "",
+              f"The applied plan ({metrics['recipe']}), which the SegQuant row quantizes exactly: "
+              f"{metrics.get('plan', '-')}. SegQuant changes {len(metrics['segquant_changed_layers'])} of the layers it "
+              "quantizes (input/output segments or DualScale); their per-layer SQNR is in `layers.png` and "
+              "`metrics.json`.", "",
               "![grid](grid.png)", "", "![layers](layers.png)", ""]
     return "\n".join(lines)
 

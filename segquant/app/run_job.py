@@ -20,6 +20,8 @@ from segquant import Backend, SegQuantError, SegQuantPlan, analyze, backend_name
 from segquant.backend import check_supported
 from segquant.recipe import PRECISIONS, Recipe, load_recipe
 
+from .quantize_job import DEFAULT_BACKEND
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ class RunSettings:
     """
 
     model: str = "mnist-flux"
-    backend: str = "modelopt"
+    backend: str = DEFAULT_BACKEND
     recipe: str = "int8_w8a8"
     num_samples: int = 8
     calib_samples: int | None = None
@@ -173,7 +175,9 @@ def _score(job: _Job, rows: list[RowResult], flops: dict[str, int]) -> list[str]
     classifier, mnist = load_classifier(job.settings.device), mnist_test_feature_stats()
     fp_scores = score_images(rows[0].images, rows[0].images, job.labels, classifier)
     changed = [n for n in sorted(job.plan.quantized_layers()) if not job.plan[n].is_plain]
-    changed = [c for c in changed if c in rows[-1].quantized_layers]
+    if rows[-1].quantized_layers != set(job.plan.quantized_layers()):  # the contract, checked where it is reported
+        diff = sorted(rows[-1].quantized_layers ^ set(job.plan.quantized_layers()))
+        raise SegQuantError(f"backend {job.settings.backend} quantized other layers than the applied plan: {diff[:5]}")
     for i, row in enumerate(rows):
         scores = fp_scores if i == 0 else score_images(row.images, rows[0].images, job.labels, classifier)
         row.summary = scores.summary(None if i == 0 else fp_scores, mnist)

@@ -7,6 +7,9 @@ does; bad input fails before the model changes.
 """
 
 import copy
+import dataclasses
+import functools
+import json
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ pytest.importorskip("diffusers")
 
 import segquant  # noqa: E402
 from segquant import QuantizedLayer, QuantizeOptions, SegQuantError  # noqa: E402
+from segquant.numerics import get_format  # noqa: E402
 from segquant.recipe import bundled_recipes, load_recipe  # noqa: E402
 from segquant.recording import record_linears  # noqa: E402
 from _models import build_tiny  # noqa: E402
@@ -30,13 +34,26 @@ def backend_or_skip(name):
         pytest.skip(str(e))
 
 
-def tiny_case(model_class, seed=0):
+def tiny_inputs(model_class, seed=0):
+    """A tiny model of ``model_class`` and two batches of example inputs for it."""
     model = build_tiny(model_class, seed=seed)
     batches = []
     for i in range(2):
         torch.manual_seed(100 + i)
         batches.append(segquant.example_inputs(model))
+    return model, batches
+
+
+def tiny_case(model_class, seed=0):
+    model, batches = tiny_inputs(model_class, seed)
     return model, batches, segquant.analyze(model, **batches[0])
+
+
+@functools.cache
+def analysed_tiny_plan(model_class):
+    """The analysed plan of ``tiny_case(model_class)``, computed once per class (``Recipe.apply`` returns a new
+    plan, so the cached one is never changed)."""
+    return tiny_case(model_class)[2]
 
 
 def loop_over(batches):
@@ -48,22 +65,35 @@ def loop_over(batches):
 
 
 def _recipe_groups():
-    """One case per (model class, skip globs, precision): recipes that agree on these give the same applied
-    plan on a tiny model of their class. Returns {case id: [recipe names]}."""
+    """One case per distinct thing a bundled recipe does to a tiny model of its class: recipes with the same
+    model class, the same applied plan (less its "recipe" name) and the same quantize options are one case.
+    Returns {case id: [recipe names]}, the id being the group's first recipe and how many others it stands for."""
     groups = {}
     for name in bundled_recipes():
         recipe = load_recipe(name)
-        key = f"{recipe.model_class}-{recipe.precision}-{'+'.join(recipe.skip) or 'noskip'}"
+        applied = recipe.apply(analysed_tiny_plan(recipe.model_class)).to_dict()
+        applied.pop("recipe")
+        options = dataclasses.asdict(recipe.quantize_options(show_progress=False))
+        key = (recipe.model_class, json.dumps(applied, sort_keys=True),
+               json.dumps(options, sort_keys=True, default=repr))
         groups.setdefault(key, []).append(name)
-    return groups
+    return {names[0] + (f"-and-{len(names) - 1}-more" if len(names) > 1 else ""): names
+            for names in groups.values()}
 
 
 GROUPS = _recipe_groups()
 
 
 def expected_layers(plan):
-    return {n: QuantizedLayer(p.in_segments, p.out_segments, p.dual_scale_segments if p.dual_scale else ())
-            for n, p in plan.layers.items() if p.quantized}
+    """What the applied plan says of every quantized layer: segments, DualScale and its precision's formats."""
+    out = {}
+    for n, p in plan.layers.items():
+        if p.quantized:
+            spec = segquant.get_precision(p.precision)
+            out[n] = QuantizedLayer(p.in_segments, p.out_segments, p.dual_scale_segments if p.dual_scale else (),
+                                    get_format(spec.weight_format).name, spec.weight_granularity,
+                                    get_format(spec.act_format).name, spec.activation)
+    return out
 
 
 def assert_realises(backend, quantized, plan):
@@ -77,12 +107,12 @@ def assert_realises(backend, quantized, plan):
 def test_every_recipe_quantizes_exactly_its_applied_plan(backend_name, case):
     backend = backend_or_skip(backend_name)
     recipe = load_recipe(GROUPS[case][0])
+    plan = recipe.apply(analysed_tiny_plan(recipe.model_class))
     if recipe.precision not in backend.capabilities.precisions:
         with pytest.raises(SegQuantError, match=f"supports .*, not {recipe.precision}"):
-            segquant.backend.check_supported(backend, recipe.apply(tiny_case(recipe.model_class)[2]))
+            segquant.backend.check_supported(backend, plan)
         return
-    model, batches, analysed = tiny_case(recipe.model_class)
-    plan = recipe.apply(analysed)
+    model, batches = tiny_inputs(recipe.model_class)
     assert plan.high_precision_layers() and plan.precision() == recipe.precision
     quantized = backend.quantize(copy.deepcopy(model), plan, recipe.quantize_options(show_progress=False),
                                  loop_over(batches))
@@ -143,3 +173,52 @@ def test_bad_input_fails_before_the_model_changes(backend_name):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(SegQuantError, match="unknown backend 'nope'"):
         segquant.get_backend("nope")
+
+
+class NamedLikeOtherModels(nn.Module):
+    """Linears named like the layers ModelOpt's presets switch off by name (router, visual, lm_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.router, self.visual, self.lm_head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.lm_head(nn.functional.gelu(self.visual(nn.functional.silu(self.router(x))))) * 2
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_layer_names_never_decide_what_is_quantized(backend_name):
+    backend = backend_or_skip(backend_name)
+    torch.manual_seed(0)
+    model, batches = NamedLikeOtherModels(), [torch.randn(24, 16) for _ in range(2)]
+    plan = segquant.analyze(model, batches[0]).with_precision("int8_w8a8")
+    assert plan.quantized_layers() == ["router", "visual", "lm_head"]
+    quantized = backend.quantize(copy.deepcopy(model), plan, QuantizeOptions(smoothquant_alpha=0.5),
+                                 lambda m: [m(x) for x in batches])
+    assert_realises(backend, quantized, plan)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_a_failing_forward_loop_is_named(backend_name):
+    backend = backend_or_skip(backend_name)
+    model, batches = tiny_inputs("FluxTransformer2DModel")
+    plan = load_recipe("mnist-flux/int8_w8a8").apply(analysed_tiny_plan("FluxTransformer2DModel"))
+
+    def broken(m):
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(SegQuantError, match="forward_loop raised RuntimeError .*disk on fire"):
+        backend.quantize(model, plan, QuantizeOptions(), broken)
+    with pytest.raises(SegQuantError, match="forward_loop must be a function"):
+        backend.quantize(model, plan, QuantizeOptions(), "not a loop")
+    with pytest.raises(SegQuantError, match="expected segquant.QuantizeOptions"):
+        backend.quantize(model, plan, None, loop_over(batches))
+
+
+def test_smoothquant_with_dynamic_activations_is_refused_for_every_backend():
+    plan = load_recipe("mnist-flux/w4a8").apply(analysed_tiny_plan("FluxTransformer2DModel"))
+    for name in BACKENDS:
+        backend = backend_or_skip(name)
+        if "w4a8" in backend.capabilities.precisions:
+            with pytest.raises(SegQuantError, match="SmoothQuant .* needs calibrated static activations"):
+                segquant.backend.check_supported(backend, plan, QuantizeOptions(smoothquant_alpha=0.5))

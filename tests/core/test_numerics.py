@@ -230,3 +230,87 @@ def test_empty_and_non_finite_inputs():
     w[0, 0] = float("nan")
     with pytest.raises(SegQuantError, match="blk.l: weight contains NaN"):
         nx.reference_linear(torch.randn(2, 24), w, b, layer)
+
+
+# ---- SmoothQuant factors and folding ---------------------------------------------------------------
+
+def _smoothquant_by_hand(weight, act_amax, alpha):
+    """s_k = max_n |W[n, k]|^(1 - alpha) / max|x_k|^alpha, clamped to [1e-4, 1e4], one column at a time in
+    float64 (independent of the vectorised library code)."""
+    factors = []
+    for k in range(weight.shape[1]):
+        w_max = max(abs(float(v)) for v in weight[:, k])
+        s = w_max ** (1 - alpha) / float(act_amax[k]) ** alpha
+        factors.append(min(max(s, 1e-4), 1e4))
+    return torch.tensor(factors, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 0.8, 1.0])
+def test_smoothquant_factors_follow_the_formula(alpha):
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(16, 32, generator=g) * torch.logspace(-2, 2, 32)  # column ranges over 4 decades
+    act_amax = torch.rand(32, generator=g) * torch.logspace(2, -2, 32) + 1e-3
+    s = nx.smoothquant_factors(weight, act_amax, alpha)
+    assert s.shape == (32,) and s.dtype == torch.float32
+    torch.testing.assert_close(s.double(), _smoothquant_by_hand(weight, act_amax, alpha), rtol=1e-5, atol=0)
+
+
+def test_smoothquant_factors_at_alpha_0_and_1():
+    weight = torch.tensor([[0.5, -3.0, 1e5, 1e-6], [-2.0, 1.0, 0.0, 0.0]])
+    act_amax = torch.tensor([4.0, 0.25, 1e-6, 1e5])
+    # alpha 0: the weight's column amax (all of the range stays in the activations), clamped
+    torch.testing.assert_close(nx.smoothquant_factors(weight, act_amax, 0.0), torch.tensor([2.0, 3.0, 1e4, 1e-4]))
+    # alpha 1: 1 / the activation's channel amax (all of it moves into the weight), clamped
+    torch.testing.assert_close(nx.smoothquant_factors(weight, act_amax, 1.0), torch.tensor([0.25, 4.0, 1e4, 1e-4]))
+
+
+def test_smoothquant_factors_are_clamped():
+    weight = torch.tensor([[1e-12, 1e12, 1.0, 0.0, 1.0]])
+    act_amax = torch.tensor([1e12, 1e-12, 1.0, 1.0, 0.0])
+    s = nx.smoothquant_factors(weight, act_amax, 0.5)
+    torch.testing.assert_close(s[:3], torch.tensor([1e-4, 1e4, 1.0]))
+    # a zero weight column or a channel never seen non-zero still gives a finite factor inside the bounds
+    assert torch.isfinite(s).all() and (s >= 1e-4).all() and (s <= 1e4).all()
+    assert s[3].item() == pytest.approx(1e-4) and s[4].item() == pytest.approx(1e4)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_smoothquant_factors_reject_a_bad_alpha(alpha):
+    with pytest.raises(SegQuantError, match=r"alpha must be in \[0, 1\]"):
+        nx.smoothquant_factors(torch.ones(2, 3), torch.ones(3), alpha)
+
+
+@pytest.mark.parametrize("smoothed", [False, True], ids=["plain", "smoothed"])
+def test_fold_activation_scales_is_an_exact_rescaling(smoothed):
+    w, _ = _linear()
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(2))
+    x[:, 8:] *= 10
+    segments, units = (8, 16), torch.tensor([0.05, 0.3])
+    smooth = nx.smoothquant_factors(w, x.abs().amax(0), 0.5) if smoothed else None
+    folded, divisor = nx.fold_activation_scales(w, units, segments, smooth)
+    a = torch.cat([torch.full((8,), 0.05), torch.full((16,), 0.3)])
+    expected_divisor = a / smooth if smoothed else a
+    torch.testing.assert_close(divisor, expected_divisor, rtol=1e-6, atol=0)
+    assert folded.shape == w.shape and folded.dtype == torch.float32
+    torch.testing.assert_close(folded, w * expected_divisor, rtol=1e-6, atol=0)
+    torch.testing.assert_close((x / divisor) @ folded.t(), x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec, static", [
+    (nx.QuantSpec(), False),
+    (nx.QuantSpec(), True),
+    (nx.QuantSpec(realisation="folded"), True),
+    (nx.QuantSpec(weight_granularity="per_channel", act_granularity="per_token"), False),
+], ids=["split_k-dynamic", "split_k-static", "folded-static", "per_token"])
+def test_reference_linear_smoothing_is_a_rescaling_of_input_and_weight(spec, static):
+    w, b = _linear()
+    x = torch.nn.functional.gelu(torch.randn(6, 24, generator=torch.Generator().manual_seed(3)) * 3)
+    x[:, :8] *= 20
+    layer = LinearPlan(24, 8, in_segments=(8, 16), out_segments=(4, 4), dual_scale=True,
+                       dual_scale_segments=(1,), activation="gelu", name="blk.proj_out")
+    smooth = nx.smoothquant_factors(w, x.abs().amax(0), 0.5)
+    stats = nx.activation_stats(x * smooth, layer.in_segments) if static else None  # of the smoothed input
+    smoothed = nx.reference_linear(x, w, b, layer, spec, stats, smooth=smooth)
+    torch.testing.assert_close(smoothed, nx.reference_linear(x * smooth, w / smooth, b, layer, spec, stats),
+                               rtol=0, atol=0)
+    assert not torch.allclose(smoothed, nx.reference_linear(x, w, b, layer, spec, stats))  # smooth is used

@@ -51,7 +51,8 @@ def test_recipe_validates_on_the_full_size_model(name):
         expected = switched[name_]
         assert (layer.in_segments, layer.out_segments, layer.dual_scale_segments) == \
             (expected.in_segments, expected.out_segments, expected.dual_scale_segments), name_
-    assert recipe.apply(applied) == applied  # applying twice changes nothing more
+    with pytest.raises(PlanError, match="already applied"):  # a second recipe would inherit this one's choices
+        recipe.apply(applied)
 
 
 def test_recipe_bad_input(tmp_path):
@@ -107,3 +108,17 @@ def test_recipe_values_are_typed(tmp_path, text, message):
     path.write_text(f"# schema: segquant.recipe.Recipe\nbase: mnist-flux/int8_w8a8\n{text}\n")
     with pytest.raises(SegQuantError, match=message):
         load_recipe(path)
+
+
+def test_a_derived_recipe_of_another_precision_takes_that_precisions_settings(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("# schema: segquant.recipe.Recipe\nbase: flux.1-dev/int8_w8a8\nprecision: fp8\n")
+    mine = load_recipe(path)
+    assert (mine.precision, mine.smoothquant_alpha, mine.dual_scale) == ("fp8", None, False)
+    for bad in (None, 3):
+        with pytest.raises(SegQuantError, match="a recipe is a bundled recipe name or a file path"):
+            load_recipe(bad)
+    with pytest.raises(SegQuantError, match="a recipe is a mapping"):
+        Recipe.from_dict([1, 2])
+    with pytest.raises(SegQuantError, match="cannot be overridden"):
+        Recipe(name="x/fp8", model_class="M", config="c", precision="fp8", overrides={"a.*": {"colour": 1}})

@@ -332,3 +332,25 @@ def test_int6_inputs_match_reference():
             entry["cfg"]["num_bits"] = 6
     quantized = quantize(model, data, base=base)
     check_against_reference(model, quantized, data, nx.QuantSpec(act_format="int6", weight_granularity="per_channel"))
+
+
+def test_a_given_plan_is_quantized_as_it_is():
+    """Technique switches or overrides beside a given plan would apply a second time: refused, not applied."""
+    model, data = tiny(batches=1)
+    plan = segquant.analyze(model, **data[0])
+    with pytest.raises(SegQuantError, match="would change it"):
+        quantize(model, data, plan=plan.to_dict(), dual_scale=False)
+    with pytest.raises(SegQuantError, match="would change it"):
+        quantize(model, data, plan=plan.to_dict(), overrides={"proj_out": {"dual_scale": False}})
+    fp8 = segquant.load_recipe("mnist-flux/fp8").apply(plan)  # no DualScale: the FP8 config's switch changes nothing
+    config = sm.config_for_plan(fp8, segquant.QuantizeOptions(show_progress=False))
+    quantized = mtq.quantize(copy.deepcopy(model), config, loop_over(data))
+    assert sm.plan_of(quantized) == fp8
+    names = [e.get("quantizer_name") for e in sm.SEGQUANT_CFG["quant_cfg"]]
+    assert not any(n not in ("*", "*weight_quantizer", "*input_quantizer") for n in names)  # no layer-name rules
+    with pytest.raises(SegQuantError, match="config_for_plan needs an applied plan"):
+        sm.config_for_plan(plan)
+    with pytest.raises(SegQuantError, match="takes a segquant.SegQuantPlan"):
+        sm.config_for_plan(plan.to_dict())
+    with pytest.raises(SegQuantError, match="alpha must be a number in"):
+        sm.with_segquant(mtq.INT8_DEFAULT_CFG, alpha=2)

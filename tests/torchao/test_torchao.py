@@ -357,3 +357,46 @@ def test_empty_batch_through_every_realisation(precision):
                                          **amax))
         with torch.no_grad():
             assert layer(torch.zeros(0, 160)).shape == (0, 32)
+
+
+def test_an_applied_plan_decides_the_options():
+    from segquant.recipe import load_recipe
+
+    model, kwargs, plan = tiny()
+    applied = load_recipe("mnist-flux/int8_w8a8").apply(plan)
+    config = SegQuantConfig(applied)
+    assert (config.options.precision, config.options.activation, config.options.weight_granularity) == \
+        ("int8", "static", "per_tensor")
+    assert set(config.fqn_to_config) == set(applied.quantized_layers())
+    with pytest.raises(SegQuantError, match="the plan's precision int8_w8a8 is precision=int8"):
+        SegQuantConfig(applied, precision="fp8")
+    with pytest.raises(SegQuantError, match="skip, seg_linear and dual_scale would change it"):
+        SegQuantConfig(applied, skip=["x_embedder"] if not applied["x_embedder"].high_precision else ["norm_out.*"])
+    assert SegQuantConfig(plan, precision="int8_w8a8").options == config.options  # a registry name works too
+    for bad, message in (({"skip": "proj_out"}, "skip must be a list"), ({"seg_linear": "no"}, "seg_linear must be"),
+                         ({"calibration": {"a": 3}}, "calibration maps layer names"),
+                         ({"bogus": 1}, "fields of SegQuantOptions")):
+        with pytest.raises(SegQuantError, match=message):
+            SegQuantConfig(plan, **bad)
+    with pytest.raises(PlanError, match="does not exist"):
+        SegQuantConfig("no/such/plan.json")
+
+
+def test_a_failed_calibration_leaves_the_model_unchanged():
+    from segquant.recipe import load_recipe
+
+    model, kwargs, plan = tiny()
+    before = _state(model)
+    applied = load_recipe("mnist-flux/int8_w8a8").apply(plan)
+    backend = segquant.get_backend("torchao")
+
+    def broken(m):
+        m(**kwargs)
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(SegQuantError, match="forward_loop raised RuntimeError during calibration: disk on fire"):
+        backend.quantize(model, applied, segquant.QuantizeOptions(), broken)
+    _assert_unchanged(model, before)
+    with pytest.raises(SegQuantError, match="no calibration data reached"):
+        backend.quantize(model, applied, segquant.QuantizeOptions(), lambda m: None)
+    _assert_unchanged(model, before)
