@@ -52,7 +52,8 @@ def main(argv=None) -> None:
                     for n, lp in plan.layers.items() if lp.dual_scale}
         curves = {}
         for label, cost in (("FLOP model (naive, folded)", CostModel(kernel="naive", realisation="folded")),
-                            ("measured H100 naive DualScale", CostModel(kernel="naive", measured=measured))):
+                            ("measured H100 naive DualScale", CostModel(kernel="naive", realisation="folded",
+                                                                                      measured=measured))):
             curves[label] = [vars(pt) for pt in sweep(plan, gains, cost, THRESHOLDS)]
         result["formats"][fmt] = {
             "gains": {n: vars(g) for n, g in gains.items()}, "curves": curves,

@@ -186,7 +186,8 @@ def cost_aware(model, plan, inputs, args, kernel: str):
                                      max_rows=args.gain_rows, rows=rows)
     rows.update({n: IMAGE_TOKENS + TEXT_TOKENS for n in quantized if n not in rows})  # plain layers: full M
     gains = layer_gains(model, sub, captured, QuantSpec("fp8", "per_channel", "fp8", "per_tensor", "folded"), rows)
-    cost = CostModel(kernel=kernel, fused_dual_factor=args.fused_factor, tokens=IMAGE_TOKENS + TEXT_TOKENS)
+    cost = CostModel(kernel=kernel, realisation="folded", fused_dual_factor=args.fused_factor,
+                     tokens=IMAGE_TOKENS + TEXT_TOKENS)
     points = sweep(sub, gains, cost, [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf")])
     chosen_sub = select(sub, gains, cost, args.threshold)
     chosen = dataclasses.replace(plan, layers={**plan.layers, **chosen_sub.layers})

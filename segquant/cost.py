@@ -29,14 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SegQuantError
+from .options import DEFAULT_KERNEL, DEFAULT_REALISATION, KERNELS, REALISATIONS, check_choice
 from .numerics import QuantSpec, activation_stats, reference_linear, sqnr_db
 from .plan import LinearPlan, SegQuantPlan
 from .recording import record_linears
 
 logger = logging.getLogger(__name__)
-
-KERNELS = ("naive", "fused")
-
 
 @dataclass(frozen=True)
 class LayerGain:
@@ -63,7 +61,8 @@ class CostModel:
 
     Args:
         kernel: ``"naive"`` (torch's GEMMs) or ``"fused"`` (the Triton DualScale GEMM). Default naive.
-        realisation: static input segments ``"folded"`` (default) or ``"split_k"``; dynamic scales are split-K.
+        realisation: static input segments ``"split_k"`` (default, as everywhere) or ``"folded"`` (one GEMM:
+            what the torchao speed benchmark runs); dynamic scales are split-K.
         fused_dual_factor: extra time of the fused kernel's DualScale share, per unit of that share's plain
             GEMM time; measure it (``kernel_bench.py``: fused / plain - 1 on a fully DualScale layer). Default 1.
         segment_overhead: extra time per additional split-K GEMM, as a fraction of the layer. Default 0.1.
@@ -71,18 +70,16 @@ class CostModel:
         measured: ``{layer: (dual_extra, seg_extra)}`` relative extra times that replace the model's.
     """
 
-    kernel: str = "naive"
-    realisation: str = "folded"
+    kernel: str = DEFAULT_KERNEL
+    realisation: str = DEFAULT_REALISATION
     fused_dual_factor: float = 1.0
     segment_overhead: float = 0.1
     tokens: int = 4608
     measured: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise SegQuantError(f"CostModel.kernel must be one of {KERNELS}, got {self.kernel!r}")
-        if self.realisation not in ("folded", "split_k"):
-            raise SegQuantError(f"CostModel.realisation must be folded or split_k, got {self.realisation!r}")
+        check_choice(self.kernel, KERNELS, "CostModel.kernel")
+        check_choice(self.realisation, REALISATIONS, "CostModel.realisation")
         if self.fused_dual_factor < 0 or self.segment_overhead < 0:
             raise SegQuantError("CostModel factors must be non-negative")
 

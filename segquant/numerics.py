@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .errors import PlanError, SegQuantError
-from .options import DEFAULT_REALISATION, REALISATIONS, WEIGHT_GRANULARITIES, check_choice
+from .options import ACT_GRANULARITIES, DEFAULT_REALISATION, REALISATIONS, WEIGHT_GRANULARITIES, check_choice
 
 if TYPE_CHECKING:  # numerics reads a plan entry's fields; the plan module validates against the registry
     from .plan import LinearPlan
@@ -218,7 +218,7 @@ class QuantSpec:
         get_format(self.weight_format)
         get_format(self.act_format)
         check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, "weight_granularity")
-        check_choice(self.act_granularity, ("per_tensor", "per_token"), "act_granularity")
+        check_choice(self.act_granularity, ACT_GRANULARITIES, "act_granularity")
         check_choice(self.realisation, REALISATIONS, "realisation")
 
 

@@ -17,6 +17,9 @@ DEFAULT_REALISATION = "split_k"
 ACTIVATION_MODES = ("static", "dynamic")
 """``static``: calibrated per-segment scales; ``dynamic``: per-token scales computed at run time."""
 
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+"""Activation scales of the reference numerics: one per input segment (``per_tensor``) or per token as well."""
+
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 """``per_tensor``: one weight scale per output segment of the plan; ``per_channel``: one per output row."""
 

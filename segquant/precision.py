@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import SegQuantError
 from .numerics import QuantSpec, get_format
-from .options import ACTIVATION_MODES, WEIGHT_GRANULARITIES, check_choice
+from .options import ACTIVATION_MODES, DEFAULT_REALISATION, WEIGHT_GRANULARITIES, check_choice
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class PrecisionSpec:
         check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, f"precision {self.name}: weight_granularity")
         check_choice(self.activation, ACTIVATION_MODES, f"precision {self.name}: activation")
 
-    def quant_spec(self, realisation: str = "split_k") -> QuantSpec:
+    def quant_spec(self, realisation: str = DEFAULT_REALISATION) -> QuantSpec:
         """The ``segquant.numerics.QuantSpec`` of this precision (the reference both backends match)."""
         return QuantSpec(weight_format=self.weight_format, weight_granularity=self.weight_granularity,
                          act_format=self.act_format,

@@ -32,10 +32,12 @@ def synthetic_gains():
 
 def test_cost_model_extra_time():
     plan = synthetic_plan()
-    assert CostModel().extra(plan["down"]) == (1.0, 0.0)  # M doubled: one more GEMM, folded segments free
-    assert CostModel().extra(plan["proj"]) == (1.0, 0.0)
+    folded = CostModel(realisation="folded")
+    assert folded.extra(plan["down"]) == (1.0, 0.0)  # M doubled: one more GEMM, folded segments free
+    assert folded.extra(plan["proj"]) == (1.0, 0.0)
     assert CostModel(realisation="split_k").extra(plan["proj"]) == pytest.approx((0.8, 0.1))
-    assert CostModel(kernel="fused", fused_dual_factor=0.5).extra(plan["proj"]) == pytest.approx((0.4, 0.0))
+    assert CostModel(kernel="fused", realisation="folded", fused_dual_factor=0.5).extra(plan["proj"]) == \
+        pytest.approx((0.4, 0.0))
     assert CostModel(measured={"proj": (0.3, 0.05)}).extra(plan["proj"]) == (0.3, 0.05)
     assert CostModel().extra(plan["qkv"]) == (0.0, 0.0)
     with pytest.raises(SegQuantError, match="kernel must be one of"):
@@ -63,7 +65,7 @@ def test_select_keeps_what_pays():
     assert not none["down"].dual_scale and not none["proj"].dual_scale
     assert none["proj"].in_segments == (80,)  # split-K segments cost time too
     # folded segments are free: they stay at any threshold, and DualScale of a partial segment goes with them
-    folded = select(plan, gains, CostModel(), math.inf)
+    folded = select(plan, gains, CostModel(realisation="folded"), math.inf)
     assert folded["proj"].in_segments == (16, 64) and not folded["proj"].dual_scale
     with pytest.raises(SegQuantError, match="threshold must be >= 0"):
         select(plan, gains, cost, -1.0)
