@@ -142,14 +142,16 @@ def _options_for(plan: SegQuantPlan, options: SegQuantOptions | None, changes: d
     precision = plan.precision() or registry
     if registry is not None:
         changes = {k: v for k, v in changes.items() if k != "precision"}
+    fixed = ("precision", "activation", "weight_granularity")  # what a registry precision decides
     try:
         if options is None:
-            options = SegQuantOptions.for_precision(precision, **changes) if precision else SegQuantOptions(**changes)
+            rest = {k: v for k, v in changes.items() if k not in fixed}
+            options = SegQuantOptions.for_precision(precision, **rest) if precision else SegQuantOptions(**rest)
+            options = options.replace(**{k: v for k, v in changes.items() if k in fixed})
     except TypeError as e:
         raise SegQuantError(f"SegQuantConfig: {e}; options are the fields of SegQuantOptions") from None
     if precision is not None:
         wanted = SegQuantOptions.for_precision(precision)
-        fixed = ("precision", "activation", "weight_granularity")
         if any(getattr(options, k) != getattr(wanted, k) for k in fixed):
             want = ", ".join(f"{k}={getattr(wanted, k)}" for k in fixed)
             got = ", ".join(f"{k}={getattr(options, k)}" for k in fixed)

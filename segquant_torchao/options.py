@@ -60,23 +60,23 @@ class SegQuantOptions:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def for_precision(cls, precision: str, **changes: Any) -> "SegQuantOptions":
+    def for_precision(cls, name: str, **changes: Any) -> "SegQuantOptions":
         """The options that realise a ``segquant.precision`` name (``int8_w8a8``, ``fp8`` ...), with ``changes``
         for what the precision leaves open (realisation, kernel, SmoothQuant alpha ...).
 
         Raises:
             SegQuantError: the precision needs a format torchao's kernels do not run (INT4 weights).
         """
-        spec = get_precision(precision)
+        spec = get_precision(name)
         kernel_precision = _KERNEL_PRECISION.get(spec.weight_format)
         if kernel_precision is None or _KERNEL_PRECISION.get(spec.act_format) != kernel_precision:
-            raise SegQuantError(f"precision {precision} ({spec.weight_format} weights, {spec.act_format} activations) "
+            raise SegQuantError(f"precision {name} ({spec.weight_format} weights, {spec.act_format} activations) "
                                 "has no torchao kernel here; the torchao backend runs int8 and fp8 W8A8")
         base = cls(precision=kernel_precision, activation=spec.activation, weight_granularity=spec.weight_granularity)
         fixed = {k: v for k, v in changes.items() if k in ("precision", "activation", "weight_granularity")
                  and v != getattr(base, k)}
         if fixed:
-            raise SegQuantError(f"precision {precision} fixes {sorted(fixed)}; got {fixed}")
+            raise SegQuantError(f"precision {name} fixes {sorted(fixed)}; got {fixed}")
         try:
             return base.replace(**changes)
         except TypeError as e:
