@@ -35,24 +35,20 @@ _FIELD_TYPES = {"in_features": int, "out_features": int, "in_segments": list, "o
                 "high_precision": bool, "precision": (str, type(None))}
 
 
+def _as_ints(value: Iterable[int], what: str, name: str, expected: str) -> tuple[int, ...]:
+    """``value`` as a tuple of integers (not bools); ``PlanError`` saying ``expected`` otherwise."""
+    items = None if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) else tuple(value)
+    if items is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        shown = repr(value) if items is None else list(items)
+        raise PlanError(f"{name}: {what} must be a list of {expected}, got {shown}")
+    return items
+
+
 def _as_sizes(value: Iterable[int], what: str, name: str) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise PlanError(f"{name}: {what} must be a list of positive integers, got {value!r}")
-    sizes = tuple(value)
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-        raise PlanError(f"{name}: {what} must be a list of positive integers, got {list(sizes)}")
+    sizes = _as_ints(value, what, name, "positive integers")
     if any(s <= 0 for s in sizes):
         raise PlanError(f"{name}: {what} must be positive sizes, got {list(sizes)}")
     return sizes
-
-
-def _as_indices(value: Iterable[int], what: str, name: str) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise PlanError(f"{name}: {what} must be a list of segment indices, got {value!r}")
-    indices = tuple(value)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-        raise PlanError(f"{name}: {what} must be a list of segment indices, got {list(indices)}")
-    return indices
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ class LinearPlan:
         set_ = object.__setattr__
         set_(self, "in_segments", _as_sizes(self.in_segments or (self.in_features,), "in_segments", name))
         set_(self, "out_segments", _as_sizes(self.out_segments or (self.out_features,), "out_segments", name))
-        dual = _as_indices(self.dual_scale_segments, "dual_scale_segments", name)
+        dual = _as_ints(self.dual_scale_segments, "dual_scale_segments", name, "segment indices")
         set_(self, "dual_scale_segments", tuple(sorted(set(dual))))
         for key in ("patterns", "nodes"):
             value = getattr(self, key)
