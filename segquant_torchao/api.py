@@ -10,6 +10,8 @@ all-or-nothing transaction lives in ``quantize()``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,21 +22,25 @@ import torch
 from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization import FqnToConfig
-from torchao.quantization.transform_module import register_quantize_module_handler
+from torchao.utils import TorchAOBaseTensor
+from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER, register_quantize_module_handler
 
 from segquant import PRECISIONS, PlanError, SegQuantError, SegQuantPlan
 from segquant.calib import static_calibration
 from segquant.numerics import ActivationStats
 from segquant.options import check_choice
 
-from .linear import LayerSpec, ObservedSegQuantLinear, SegQuantLinear, convert_linear, prepare_linear, \
-    unprepare_linear
+from .diffusers_io import attach_quantization_config, is_diffusers_model
 from .kernels import PRECISIONS as KERNEL_PRECISIONS
+from .linear import check_linear, convert_linear, observed, prepare_linear, unprepare_linear
 from .options import SegQuantOptions
+from .plain import plain_config
+from .tensor import SegLinearSpec, SegQuantTensor
 
 logger = logging.getLogger(__name__)
 
 STEPS = ("prepare", "convert")
+ANY_MODULE = "re:.*"  # matched after every exact name (torchao deprecates "_default")
 _CALIBRATION_KEYS = ("amax", "pos_amax", "neg_amax")
 
 
@@ -75,8 +81,8 @@ class SegLinearConfig(AOBaseConfig):
         if self.options.activation == "dynamic" and self.step == "prepare":
             raise SegQuantError("dynamic activation scales need no prepare step; use step='convert'")
 
-    def spec(self) -> LayerSpec:
-        return LayerSpec(self.name or "<layer>", self.in_features, self.out_features,
+    def spec(self) -> SegLinearSpec:
+        return SegLinearSpec(self.name or "<layer>", self.in_features, self.out_features,
                          tuple(self.in_segments or [self.in_features]),
                          tuple(self.out_segments or [self.out_features]), tuple(self.dual_scale_segments),
                          self.options)
@@ -101,20 +107,73 @@ class SegLinearConfig(AOBaseConfig):
 
 @register_quantize_module_handler(SegLinearConfig)
 def _seg_linear_transform(module: nn.Module, config: SegLinearConfig, *, parameter_name: str = "weight") -> nn.Module:
+    if parameter_name != "weight":
+        raise SegQuantError(f"{config.name}: SegQuant quantizes a Linear's weight, not {parameter_name!r}")
     spec = config.spec()
     if config.options.activation == "static" and config.step == "prepare":
         return prepare_linear(module, spec)
-    carried = config.calibration()
     if config.options.activation == "dynamic":
+        torchao_config = plain_config(spec, module.weight.device)
+        if torchao_config is not None:  # a plain layer: torchao's own tensor and kernel
+            check_linear(module, spec.layer())
+            return _QUANTIZE_CONFIG_HANDLER[type(torchao_config)](module, torchao_config)
         return convert_linear(module, spec, None)
+    carried = config.calibration()
     if carried is not None:
         return convert_linear(module, spec, *carried)
-    if not isinstance(module, ObservedSegQuantLinear):
+    if not observed(module):
         raise SegQuantError(f"{spec.name}: convert before prepare: run quantize_ with step='prepare', "
                             "calibrate, then step='convert' (or pass calibrated amax in the config)")
     stats, smooth = static_calibration(module.segquant_observer, module.weight.detach().float(),
                                        spec.options.smoothquant_alpha)
     return convert_linear(module, spec, stats, smooth)
+
+
+@dataclass
+class SegQuantModelCheck(AOBaseConfig):
+    """The root entry (``""``) of a ``SegQuantConfig``: ``quantize_`` visits the root module first, so its
+    handler checks the whole plan (and, for a static convert, every layer's calibration) before any layer
+    changes."""
+
+    plan: dict = field(default_factory=dict)
+    options: SegQuantOptions = field(default_factory=SegQuantOptions)
+    step: str = "convert"
+    calibrated: list = field(default_factory=list)
+    attach: bool = True
+
+
+@register_quantize_module_handler(SegQuantModelCheck)
+def _check_model_transform(module: nn.Module, config: SegQuantModelCheck, **_: Any) -> nn.Module:
+    """Check everything first; a diffusers model being converted is marked quantized (``diffusers_io``) so
+    that ``save_pretrained`` writes its 8-bit weights."""
+    plan = SegQuantPlan.from_dict(config.plan)
+    plan.check_model(module, complete=True)
+    modules = dict(module.named_modules())
+    for name in plan.quantized_layers():
+        check_linear(modules[name], plan[name])
+    if config.options.activation == "static" and config.step == "convert":
+        _check_calibrated(module, plan.quantized_layers(), set(config.calibrated))
+    if config.step == "convert" and config.attach and is_diffusers_model(module):
+        attach_quantization_config(module, plan, config.options)
+    return module
+
+
+@dataclass
+class UnplannedLinear(AOBaseConfig):
+    """The catch-all entry (``"re:.*"``) of a ``SegQuantConfig``: a Linear the plan does not name means the plan
+    belongs to another model (loaders such as diffusers' visit one Linear at a time and never the root). Other
+    modules pass through."""
+
+    model_class: str = ""
+
+
+@register_quantize_module_handler(UnplannedLinear)
+def _unplanned_linear(module: nn.Module, config: UnplannedLinear, *, parameter_name: str = "weight") -> nn.Module:
+    if not isinstance(module, nn.Linear):
+        return module
+    raise PlanError(f"a Linear ({getattr(module, 'in_features', '?')} -> {getattr(module, 'out_features', '?')}) "
+                    f"that the plan of {config.model_class or 'this model'} does not name: the plan belongs to "
+                    "another model; re-run segquant.analyze on this model")
 
 
 def _as_plan(plan: Any) -> SegQuantPlan:
@@ -220,16 +279,31 @@ class SegQuantConfig(FqnToConfig):
         self.options = _options_for(resolved, options, option_changes)
         self.seg_linear, self.dual_scale, self.calibration, self.version = seg_linear, dual_scale, calibration, version
         self.fqn_to_config = self._layer_configs(resolved)
-        self.module_fqn_to_config = OrderedDict()
         super().__post_init__()
 
-    def _layer_configs(self, plan: SegQuantPlan) -> OrderedDict[str, AOBaseConfig]:
+    # The per-layer map is derived from the plan: kept out of the instance's public attributes, so that
+    # config_to_dict (diffusers' config.json) stores the plan and options once, not every layer's config.
+    @property
+    def fqn_to_config(self) -> OrderedDict[str, AOBaseConfig | None]:
+        return self._fqn_to_config
+
+    @fqn_to_config.setter
+    def fqn_to_config(self, value: OrderedDict[str, AOBaseConfig | None]) -> None:
+        self._fqn_to_config = value
+
+    module_fqn_to_config = fqn_to_config  # torchao's older name for the same map
+
+    def _layer_configs(self, plan: SegQuantPlan) -> OrderedDict[str, AOBaseConfig | None]:
+        """The root check, one ``SegLinearConfig`` per quantized layer, ``None`` (left alone) per
+        high-precision layer, and ``UnplannedLinear`` for anything else (it refuses unplanned Linears)."""
         calibration = self.calibration or {}
         unknown = sorted(set(calibration) - set(plan.quantized_layers()))
         if unknown:
             raise PlanError(f"calibration names layers that the plan does not quantize: {unknown[:3]}")
         SegLinearConfig(options=self.options, step=self.step)  # checks the shared options even if no layer is left
-        layers: OrderedDict[str, AOBaseConfig] = OrderedDict()
+        layers: OrderedDict[str, AOBaseConfig | None] = OrderedDict()
+        layers[""] = SegQuantModelCheck(plan=plan.to_dict(), options=self.options, step=self.step,
+                                        calibrated=sorted(calibration))
         for name in plan.quantized_layers():
             layer, stats = plan[name], calibration.get(name, {})
             layers[name] = SegLinearConfig(
@@ -238,7 +312,14 @@ class SegQuantConfig(FqnToConfig):
                 dual_scale_segments=list(layer.dual_scale_segments), options=self.options, step=self.step,
                 amax=stats.get("amax"), pos_amax=stats.get("pos_amax"), neg_amax=stats.get("neg_amax"),
                 smooth=stats.get("smooth"))
+        for name in plan.high_precision_layers():
+            layers[name] = None
+        layers[ANY_MODULE] = UnplannedLinear(model_class=plan.model_class)
         return layers
+
+    def layer_configs(self) -> dict[str, SegLinearConfig]:
+        """The per-layer configs of the quantized layers (without the root check and the fallbacks)."""
+        return {k: v for k, v in self.fqn_to_config.items() if isinstance(v, SegLinearConfig)}
 
     def segquant_plan(self) -> SegQuantPlan:
         return SegQuantPlan.from_dict(self.plan)
@@ -249,18 +330,17 @@ def check_plan(model: nn.Module, plan: SegQuantPlan | SegQuantConfig) -> None:
     (plan.segquant_plan() if isinstance(plan, SegQuantConfig) else plan).check_model(model)
 
 
-def _check_calibrated(model: nn.Module, config: SegQuantConfig) -> None:
+def _check_calibrated(model: nn.Module, names: list[str], calibrated: set[str]) -> None:
     """A static convert from observers: every layer must be prepared and have seen data, before any changes."""
     modules = dict(model.named_modules())
     missing = []
-    for name, layer_config in config.fqn_to_config.items():
-        if layer_config.calibration() is not None:
+    for name in names:
+        if name in calibrated:
             continue
-        module = modules[name]
-        if not isinstance(module, ObservedSegQuantLinear):
+        if not observed(modules[name]):
             raise SegQuantError(f"{name}: convert before prepare: run quantize with step='prepare', calibrate, "
                                 "then step='convert' (or pass calibration=calibration_from(model))")
-        if module.segquant_observer.batches == 0:
+        if modules[name].segquant_observer.batches == 0:
             missing.append(name)
     if missing:
         raise SegQuantError(f"calibration reached no data for {len(missing)} layer(s), e.g. {', '.join(missing[:3])}: "
@@ -270,22 +350,30 @@ def _check_calibrated(model: nn.Module, config: SegQuantConfig) -> None:
 def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
     """``quantize_(model, config, filter_fn=None)`` as one transaction: the whole plan (and any calibration
     the config carries, and for a static convert every layer's observations) is checked against the model
-    first, and a prepare that fails half-way is undone, so that a failure leaves the model unchanged."""
+    first, and a step that fails half-way is undone, so that a failure leaves the model unchanged."""
     from torchao.quantization import quantize_
 
     if not isinstance(config, SegQuantConfig):
         raise SegQuantError(f"expected a SegQuantConfig, got {type(config).__name__}")
-    check_plan(model, config)
-    if config.options.activation == "static" and config.step == "convert":
-        _check_calibrated(model, config)
+    modules = dict(model.named_modules())
+    check = config.fqn_to_config[""]
+    _check_model_transform(model, dataclasses.replace(check, attach=False))
+    before = {name: (modules[name].weight, observed(modules[name])) for name in config.layer_configs()}
+    run = copy.copy(config)  # the same layers; the diffusers marking waits until every layer converted
+    run.fqn_to_config = OrderedDict(config.fqn_to_config, **{"": dataclasses.replace(check, attach=False)})
     try:
-        quantize_(model, config, filter_fn=None)
-    except SegQuantError:
-        if config.step == "prepare":
-            modules = dict(model.named_modules())
-            for name in config.fqn_to_config:
-                unprepare_linear(modules[name])
+        quantize_(model, run, filter_fn=None)
+    except BaseException:
+        for name, (weight, was_observed) in before.items():
+            module = modules[name]
+            if module.weight is not weight:
+                module.weight = weight
+                module.__dict__.pop("extra_repr", None)  # torchao's handlers patch it per instance
+            if not was_observed:
+                unprepare_linear(module)
         raise
+    if config.step == "convert" and is_diffusers_model(model):
+        attach_quantization_config(model, SegQuantPlan.from_dict(check.plan), check.options)
     return model
 
 
@@ -294,7 +382,7 @@ def calibration_from(model: nn.Module) -> dict[str, dict[str, list[float]]]:
     ``SegQuantConfig(calibration=...)``."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, ObservedSegQuantLinear):
+        if observed(module):
             alpha = module.segquant_spec.options.smoothquant_alpha
             stats, smooth = static_calibration(module.segquant_observer, module.weight.detach().float(), alpha)
             out[name] = {"amax": stats.amax.tolist(), "pos_amax": stats.pos_amax.tolist(),
@@ -306,6 +394,13 @@ def calibration_from(model: nn.Module) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def quantized_layers(model: nn.Module) -> dict[str, SegQuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SegQuantLinear)}
+def quantized_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linears whose weight SegQuant quantized: ``SegQuantTensor`` weights and, for plain layers, torchao's
+    own quantized tensors."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and isinstance(m.weight, TorchAOBaseTensor)}
 
+
+def segquant_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linears whose weight is a ``SegQuantTensor``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and isinstance(m.weight, SegQuantTensor)}

@@ -1,9 +1,11 @@
 """The torchao backend (``segquant.backend.Backend``): an applied plan as static SegQuant layers (prepare ->
 calibrate -> convert), real int8/fp8 GEMMs, and torchao's own dynamic configs as the comparison row.
 
-The checkpoint is the denoiser's float weights (diffusers ``save_pretrained``) with the calibrated
-``SegQuantConfig``; ``load`` runs ``from_pretrained(quantization_config=TorchAoConfig(...))``, which quantizes
-every layer in place while loading."""
+The checkpoint is the quantized denoiser as diffusers writes it (``save_pretrained``: safetensors holding the
+8-bit codes and scales of every ``SegQuantTensor``, flattened by torchao's safetensors support, and a
+``quantization_config`` in its ``config.json``); ``load`` is ``from_pretrained`` of that folder, which rebuilds
+the tensors without quantizing again. Checkpoints of earlier versions (float weights plus
+``<denoiser>.segquant_torchao.json``) still load: they are quantized while loading."""
 
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ from segquant import Capabilities, QuantizedLayer, QuantizeOptions, SegQuantErro
 from segquant.backend import ForwardLoop, check_quantize_call
 from segquant.numerics import get_format
 
-from .api import SegQuantConfig, calibration_from, quantize
-from .linear import SegQuantLinear, unprepare_linear
+from .api import SegQuantConfig, calibration_from, quantize, quantized_layers
+from .linear import observed, unprepare_linear
 from .options import SegQuantOptions
+from .tensor import SegQuantTensor
 
-CONFIG = "{denoiser}.segquant_torchao.json"
+LEGACY_CONFIG = "{denoiser}.segquant_torchao.json"
 
 
 def _runs(precision: str) -> bool:
@@ -81,30 +84,32 @@ class TorchAOBackend:
 
     def quantize_and_save(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                           forward_loop: ForwardLoop | None, folder: Path, name: str) -> tuple[nn.Module, list[Path]]:
-        """Prepare, calibrate, save the float weights and the calibrated config, convert in place."""
-        def save_and_convert(config: SegQuantConfig) -> tuple[nn.Module, list[Path]]:
-            model.save_pretrained(Path(folder) / name)  # prepared layers still hold their float weights
-            config_path = Path(folder) / CONFIG.format(denoiser=name)
-            config_path.write_text(json.dumps({"plan": plan.to_dict(), "calibration": config.calibration,
-                                               "options": dataclasses.asdict(config.options)}) + "\n")
-            return quantize(model, config), [Path(folder) / name, config_path]
-
-        return self._calibrated(model, plan, options, forward_loop, save_and_convert)
+        """Prepare, calibrate, convert, then save the quantized denoiser with diffusers ``save_pretrained``."""
+        model = self.quantize(model, plan, options, forward_loop)
+        model.save_pretrained(Path(folder) / name)
+        return model, [Path(folder) / name]
 
     def load(self, folder: Path, name: str, denoiser_class: str, float_denoiser: Callable[[], nn.Module],
              dtype: torch.dtype) -> nn.Module:
-        """The saved float weights, quantized while loading by diffusers' ``TorchAoConfig``."""
+        """The saved quantized denoiser (``from_pretrained``; no quantization while loading)."""
         import diffusers
         from diffusers import TorchAoConfig
 
-        config_path = Path(folder) / CONFIG.format(denoiser=name)
-        if not config_path.is_file() or not (Path(folder) / name).is_dir():
-            raise SegQuantError(f"{folder}: the torchao checkpoint ({name}/ and {config_path.name}) is incomplete")
-        config = _saved_config(json.loads(config_path.read_text()), config_path)
         cls = getattr(diffusers, denoiser_class, None)
         if cls is None:
             raise SegQuantError(f"{folder}: {denoiser_class} is not a diffusers model class")
-        return cls.from_pretrained(folder, subfolder=name, quantization_config=TorchAoConfig(config), torch_dtype=dtype)
+        if not (Path(folder) / name).is_dir():
+            raise SegQuantError(f"{folder}: the torchao checkpoint has no {name}/ folder")
+        legacy = Path(folder) / LEGACY_CONFIG.format(denoiser=name)
+        if legacy.is_file():
+            config = _saved_config(json.loads(legacy.read_text()), legacy)
+            return cls.from_pretrained(folder, subfolder=name, quantization_config=TorchAoConfig(config),
+                                       torch_dtype=dtype)
+        model = cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype)
+        if not quantized_layers(model):
+            raise SegQuantError(f"{folder}/{name}: no quantized layer was loaded; it is not a torchao checkpoint "
+                                "of segquant quantize")
+        return model
 
     def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path) -> Path:
         raise SegQuantError("ONNX export is a ModelOpt path: use --backend modelopt")
@@ -132,21 +137,21 @@ class TorchAOBackend:
 
         out = {}
         for name, m in model.named_modules():
-            if isinstance(m, SegQuantLinear):
-                spec, opts = m.segquant_spec, m.segquant_spec.options
+            if not isinstance(m, nn.Linear):
+                continue
+            if isinstance(m.weight, SegQuantTensor):
+                spec, opts = m.weight.spec, m.weight.spec.options
                 fmt = get_format(opts.precision).name
                 out[name] = QuantizedLayer(spec.in_segments, spec.out_segments, spec.dual_segments, fmt,
                                            opts.weight_granularity, fmt, opts.activation)
-            elif isinstance(m, nn.Linear) and isinstance(m.weight, TorchAOBaseTensor):
+            elif isinstance(m.weight, TorchAOBaseTensor):
                 out[name] = QuantizedLayer()
         return out
 
 
 def _calibration_or_none(model: nn.Module) -> dict | None:
     """The calibrated ranges of a prepared model (None when every layer is dynamic)."""
-    from .linear import ObservedSegQuantLinear
-
-    return calibration_from(model) if any(isinstance(m, ObservedSegQuantLinear) for m in model.modules()) else None
+    return calibration_from(model) if any(observed(m) for m in model.modules()) else None
 
 
 def _saved_config(saved: dict[str, Any], path: Path) -> SegQuantConfig:

@@ -1,5 +1,6 @@
-"""The quantized Linear: an ``nn.Linear`` converted IN PLACE (its ``__class__`` swapped), so that it
-survives loaders that call ``quantize_`` on each leaf Linear (diffusers' ``TorchAoConfig``).
+"""A SegQuant Linear: an ``nn.Linear`` whose ``weight`` is a ``SegQuantTensor`` (``tensor.py``). This module
+holds what the tensor computes (``seg_linear``, reached through ``F.linear``), how a float weight becomes one
+(``quantize_weight``) and the calibration observer (a forward pre-hook, ``prepare_linear``).
 
 Realisations (see SPEC sections 2-3):
 - static ``folded``: per-segment activation scales folded into the weight columns; one GEMM, with M
@@ -7,7 +8,7 @@ Realisations (see SPEC sections 2-3):
 - static ``split_k``: one GEMM per input segment, ``y = sum_s a_s (W_s q_s)``.
 - ``dynamic``: per-token scales per segment (split-K), DualScale with per-token ``s+``/``s-``.
 
-Kernels (``LayerSpec.kernel``): ``naive`` runs every GEMM on ``torch._scaled_mm``/``torch._int_mm`` and
+Kernels (``SegQuantOptions.kernel``): ``naive`` runs every GEMM on ``torch._scaled_mm``/``torch._int_mm`` and
 DualScale with M doubled; ``fused`` runs DualScale GEMMs on the fused Triton kernel (one code tensor, the
 sign selects the scale; ``triton_gemm.py``) and int8 GEMMs on the Triton int8 GEMM, fp8 plain GEMMs staying on
 cuBLAS. Under ``fused`` the activations are still quantized by torch ops, which ``torch.compile`` fuses into
@@ -17,170 +18,120 @@ the producer of ``x`` (the GELU/SiLU), a pass the Triton GEMM cannot see into.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torchao.utils import TorchAOBaseTensor
 
 from segquant import LinearPlan, SegmentAmaxObserver, SegQuantError
 from segquant.numerics import ActivationStats, fold_activation_scales, scale_from_amax, weight_amax
 
 from .kernels import codes, dual_scale_mm, kernel_multiple, negative_codes, pad_to, \
     positive_codes, scaled_mm
-from .options import SegQuantOptions
+from .tensor import SegLinearSpec, SegQuantTensor
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """What a converted layer does; plain Python so that ``torch.compile`` treats it as constant."""
-
-    name: str
-    in_features: int
-    out_features: int
-    in_segments: tuple[int, ...]
-    out_segments: tuple[int, ...]
-    dual_segments: tuple[int, ...]
-    options: SegQuantOptions = SegQuantOptions()
-
-    bounds: tuple[tuple[int, int], ...] = ()
-
-    def __post_init__(self) -> None:
-        edges = [0]
-        for size in self.in_segments:
-            edges.append(edges[-1] + size)
-        object.__setattr__(self, "bounds", tuple(zip(edges, edges[1:])))
-
-    @property
-    def smoothed(self) -> bool:
-        return self.options.smoothquant_alpha is not None
-
-    def layer(self) -> LinearPlan:
-        return LinearPlan(self.in_features, self.out_features, self.in_segments, self.out_segments,
-                          dual_scale=bool(self.dual_segments), dual_scale_segments=self.dual_segments, name=self.name)
+def seg_linear(x: Tensor, w: SegQuantTensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, w, bias)`` for a SegQuant weight, in ``x``'s dtype."""
+    spec = w.spec
+    if x.shape[-1] != spec.in_features:
+        raise SegQuantError(f"{spec.name}: input has last dim {x.shape[-1]}, the layer takes {spec.in_features}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, spec.in_features)
+    if spec.folded:
+        y = _folded(w, x2, bias)  # the SmoothQuant factors are folded into col_scale
+    else:
+        y = _split(w, x2 * w.smooth if w.smooth is not None else x2, bias)
+    return y[:, :spec.out_features].reshape(*lead, spec.out_features)
 
 
-class ObservedSegQuantLinear(nn.Linear):
-    """A Linear that records per-segment, per-sign input ranges (the ``prepare`` step)."""
-
-    segquant_observer: SegmentAmaxObserver
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.segquant_observer.update(x.detach())
-        return F.linear(x, self.weight, self.bias)
-
-
-class SegQuantLinear(nn.Linear):
-    """A Linear whose weight is fp8/int8 codes with per-row scales and whose input is quantized per
-    SegQuant plan entry. Built by ``convert_linear``; never constructed directly."""
-
-    segquant_spec: LayerSpec
-
-    def extra_repr(self) -> str:
-        s = self.segquant_spec
-        return (f"in_features={s.in_features}, out_features={s.out_features}, precision={s.options.precision}, "
-                f"activation={s.options.activation}, in_segments={list(s.in_segments)}, dual={list(s.dual_segments)}")
-
-    def forward(self, x: Tensor) -> Tensor:
-        spec = self.segquant_spec
-        if x.shape[-1] != spec.in_features:
-            raise SegQuantError(f"{spec.name}: input has last dim {x.shape[-1]}, the layer takes {spec.in_features}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, spec.in_features)
-        if spec.options.activation == "static" and spec.options.realisation == "folded":
-            y = self._folded(x2, self.bias)  # the SmoothQuant factors are folded into col_scale
-        else:
-            y = self._split(x2 * self.smooth if spec.smoothed else x2, self.bias)
-        return y[:, :spec.out_features].reshape(*lead, spec.out_features)
-
-    def _folded(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        spec = self.segquant_spec
-        m = x.shape[0]
-        v = x.float() / self.col_scale
-        if spec.dual_segments and spec.options.kernel == "fused" and len(spec.dual_segments) == 1:
-            return self._folded_fused(x, v, bias)
-        if spec.dual_segments:
-            top = torch.where(self.dual_mask, v.clamp(min=0), v)
-            rows = [codes(top, 1.0, spec.options.precision)]
-            ratios = []
-            for j, i in enumerate(spec.dual_segments):
-                lo, hi = spec.bounds[i]
-                neg = torch.zeros_like(v)
-                neg[:, lo:hi] = v[:, lo:hi].clamp(max=0) / self.neg_ratio[i]  # (smoothed x-) / s-
-                rows.append(negative_codes(neg, 1.0, spec.options.precision))
-                ratios.append(self.neg_ratio[i])
-            a = torch.cat(rows, dim=0)
-            scale_a = torch.cat([x.new_ones(m, 1, dtype=torch.float32)] +
-                                [r.reshape(1, 1).expand(m, 1) for r in ratios], dim=0)
-            y = scaled_mm(a, self.qweight, scale_a, self.weight_scale, torch.float32,
-                          fast_accum=spec.options.fast_accum)
-            y = y.reshape(len(rows), m, y.shape[-1]).sum(0)
-            return _add_bias(y, bias).to(x.dtype)
-        a = codes(v, 1.0, spec.options.precision)
-        ones = x.new_ones(m, 1, dtype=torch.float32)
-        if spec.options.kernel == "fused" and spec.options.precision == "int8":
-            return _fused_gemm(a, self.qweight, ones[:1], self.weight_scale, x.dtype, bias)
-        return scaled_mm(a, self.qweight, ones, self.weight_scale, x.dtype, bias, spec.options.fast_accum)
-
-    def _folded_fused(self, x: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
-        """ONE code tensor: inside the DualScale segment the negative codes are ``x / s-`` (weight columns
-        carry ``s+``, so their accumulator is scaled by ``s- / s+``), everything else ``x / a_s``."""
-        spec = self.segquant_spec
-        i = spec.dual_segments[0]
-        lo, hi = spec.bounds[i]
-        neg = self.dual_mask & (x < 0)
-        q = codes(torch.where(neg, v / self.neg_ratio[i], v), 1.0, spec.options.precision)
-        ones = self.neg_ratio.new_ones(1)
-        return _fused_gemm(q, self.qweight, ones, self.weight_scale, x.dtype, bias, self.neg_ratio[i:i + 1],
-                           (lo, hi))
-
-    def _split(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        spec = self.segquant_spec
-        m = x.shape[0]
-        dynamic = spec.options.activation == "dynamic"
-        # one term: write x.dtype straight from the GEMM; several: accumulate in float32
-        acc_dtype = x.dtype if len(spec.bounds) == 1 else torch.float32
-        y = None
-        for i, (lo, hi) in enumerate(spec.bounds):
-            part = x[:, lo:hi]
-            weight = getattr(self, f"qweight_{i}")
-            if i in spec.dual_segments:
-                xf = part.float()
-                if dynamic:
-                    s_pos = scale_from_amax(xf.clamp(min=0).amax(-1, keepdim=True), spec.options.precision)
-                    s_neg = scale_from_amax((-xf).clamp(min=0).amax(-1, keepdim=True), spec.options.precision,
-                                            negative=True)
-                else:
-                    s_pos, s_neg = self.act_scale[i].reshape(1, 1), self.neg_scale[i].reshape(1, 1)
-                if spec.options.kernel == "fused":
-                    single = len(spec.bounds) == 1  # then the bias goes into the kernel's epilogue
-                    q = _dual_codes(xf, s_pos, s_neg, spec.options.precision)
-                    out = _fused_gemm(q, weight, s_pos, self.weight_scale, acc_dtype, bias if single else None, s_neg)
-                    if single:
-                        return out.to(x.dtype)
-                else:
-                    q_pos = positive_codes(xf, s_pos, spec.options.precision)
-                    q_neg = negative_codes(xf, s_neg, spec.options.precision)
-                    out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, self.weight_scale, acc_dtype,
-                                        spec.options.fast_accum)
-            else:
-                if dynamic:
-                    scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.options.precision)
-                else:
-                    scale = self.act_scale[i].reshape(1, 1)
-                single = len(spec.bounds) == 1
-                q = codes(part, scale, spec.options.precision)
-                if spec.options.kernel == "fused" and spec.options.precision == "int8":
-                    out = _fused_gemm(q, weight, scale, self.weight_scale, acc_dtype, bias if single else None)
-                else:
-                    out = scaled_mm(q, weight, scale.expand(m, 1), self.weight_scale, acc_dtype,
-                                    bias if single else None, spec.options.fast_accum)
-                if single:
-                    return out.to(x.dtype)
-            y = out if y is None else y + out
+def _folded(w: SegQuantTensor, x: Tensor, bias: Tensor | None) -> Tensor:
+    spec = w.spec
+    m = x.shape[0]
+    v = x.float() / w.col_scale
+    if spec.dual_segments and spec.options.kernel == "fused" and len(spec.dual_segments) == 1:
+        return _folded_fused(w, x, v, bias)
+    if spec.dual_segments:
+        top = torch.where(w.dual_mask, v.clamp(min=0), v)
+        rows = [codes(top, 1.0, spec.options.precision)]
+        ratios = []
+        for i in spec.dual_segments:
+            lo, hi = spec.bounds[i]
+            neg = torch.zeros_like(v)
+            neg[:, lo:hi] = v[:, lo:hi].clamp(max=0) / w.neg_ratio[i]  # (smoothed x-) / s-
+            rows.append(negative_codes(neg, 1.0, spec.options.precision))
+            ratios.append(w.neg_ratio[i])
+        a = torch.cat(rows, dim=0)
+        scale_a = torch.cat([x.new_ones(m, 1, dtype=torch.float32)] +
+                            [r.reshape(1, 1).expand(m, 1) for r in ratios], dim=0)
+        y = scaled_mm(a, w.qdata, scale_a, w.weight_scale, torch.float32, fast_accum=spec.options.fast_accum)
+        y = y.reshape(len(rows), m, y.shape[-1]).sum(0)
         return _add_bias(y, bias).to(x.dtype)
+    a = codes(v, 1.0, spec.options.precision)
+    ones = x.new_ones(m, 1, dtype=torch.float32)
+    if spec.options.kernel == "fused" and spec.options.precision == "int8":
+        return _fused_gemm(a, w.qdata, ones[:1], w.weight_scale, x.dtype, bias)
+    return scaled_mm(a, w.qdata, ones, w.weight_scale, x.dtype, bias, spec.options.fast_accum)
+
+
+def _folded_fused(w: SegQuantTensor, x: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """ONE code tensor: inside the DualScale segment the negative codes are ``x / s-`` (weight columns
+    carry ``s+``, so their accumulator is scaled by ``s- / s+``), everything else ``x / a_s``."""
+    spec = w.spec
+    i = spec.dual_segments[0]
+    lo, hi = spec.bounds[i]
+    neg = w.dual_mask & (x < 0)
+    q = codes(torch.where(neg, v / w.neg_ratio[i], v), 1.0, spec.options.precision)
+    ones = w.neg_ratio.new_ones(1)
+    return _fused_gemm(q, w.qdata, ones, w.weight_scale, x.dtype, bias, w.neg_ratio[i:i + 1], (lo, hi))
+
+
+def _split(w: SegQuantTensor, x: Tensor, bias: Tensor | None) -> Tensor:
+    spec = w.spec
+    m = x.shape[0]
+    dynamic = spec.options.activation == "dynamic"
+    fused = spec.options.kernel == "fused"
+    # one term: write x.dtype straight from the GEMM; several: accumulate in float32
+    single = len(spec.bounds) == 1
+    acc_dtype = x.dtype if single else torch.float32
+    y = None
+    for i, (lo, hi) in enumerate(spec.bounds):
+        part = x[:, lo:hi]
+        weight = w.segment_codes(i)
+        if i in spec.dual_segments:
+            xf = part.float()
+            if dynamic:
+                s_pos = scale_from_amax(xf.clamp(min=0).amax(-1, keepdim=True), spec.options.precision)
+                s_neg = scale_from_amax((-xf).clamp(min=0).amax(-1, keepdim=True), spec.options.precision,
+                                        negative=True)
+            else:
+                s_pos, s_neg = w.act_scale[i].reshape(1, 1), w.neg_scale[i].reshape(1, 1)
+            if fused:
+                q = _dual_codes(xf, s_pos, s_neg, spec.options.precision)
+                out = _fused_gemm(q, weight, s_pos, w.weight_scale, acc_dtype, bias if single else None, s_neg)
+            else:
+                q_pos = positive_codes(xf, s_pos, spec.options.precision)
+                q_neg = negative_codes(xf, s_neg, spec.options.precision)
+                out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, w.weight_scale, acc_dtype,
+                                    spec.options.fast_accum)
+                out = _add_bias(out, bias) if single else out
+        else:
+            if dynamic:
+                scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.options.precision)
+            else:
+                scale = w.act_scale[i].reshape(1, 1)
+            q = codes(part, scale, spec.options.precision)
+            if fused and spec.options.precision == "int8":
+                out = _fused_gemm(q, weight, scale, w.weight_scale, acc_dtype, bias if single else None)
+            else:
+                out = scaled_mm(q, weight, scale.expand(m, 1), w.weight_scale, acc_dtype,
+                                bias if single else None, spec.options.fast_accum)
+        if single:
+            return out.to(x.dtype)
+        y = out if y is None else y + out
+    return _add_bias(y, bias).to(x.dtype)
 
 
 def _dual_codes(x: Tensor, s_pos: Tensor, s_neg: Tensor, precision: str) -> Tensor:
@@ -203,42 +154,57 @@ def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     return y + bias
 
 
-def _check_module(module: nn.Module, spec: LayerSpec) -> None:
-    if isinstance(module, SegQuantLinear):
-        raise SegQuantError(f"{spec.name}: already quantized by SegQuant; quantize a fresh copy of the float model")
-    spec.layer().check_module(module)
-    if not module.weight.dtype.is_floating_point or module.weight.dtype in (torch.float8_e4m3fn,):
-        raise SegQuantError(f"{spec.name}: weight dtype {module.weight.dtype} is not a float dtype SegQuant "
+def observed(module: nn.Module) -> bool:
+    """Whether ``prepare_linear`` attached an observer to ``module``."""
+    return isinstance(getattr(module, "segquant_observer", None), SegmentAmaxObserver)
+
+
+def quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear whose weight is a ``SegQuantTensor``."""
+    return isinstance(module, nn.Linear) and isinstance(module.weight, SegQuantTensor)
+
+
+def check_linear(module: nn.Module, layer: LinearPlan) -> None:
+    """Raise ``SegQuantError`` unless ``module`` is a float ``nn.Linear`` of the planned shape with real weights."""
+    name = layer.name or "<layer>"
+    if isinstance(module, nn.Linear) and isinstance(module.weight, TorchAOBaseTensor):
+        raise SegQuantError(f"{name}: already quantized ({type(module.weight).__name__}); quantize a fresh "
+                            "copy of the float model")
+    layer.check_module(module)
+    if not module.weight.dtype.is_floating_point or module.weight.dtype.itemsize == 1:
+        raise SegQuantError(f"{name}: weight dtype {module.weight.dtype} is not a float dtype SegQuant "
                             "can quantize (use float32, float16 or bfloat16)")
     if module.weight.device.type == "meta":
-        raise SegQuantError(f"{spec.name}: weights are on the meta device; load real weights before quantizing")
+        raise SegQuantError(f"{name}: weights are on the meta device; load real weights before quantizing")
 
 
-def prepare_linear(module: nn.Linear, spec: LayerSpec) -> nn.Linear:
-    """Attach a per-segment observer (in place)."""
-    _check_module(module, spec)
+def _observe(module: nn.Module, args: tuple) -> None:
+    module.segquant_observer.update(args[0].detach())
+
+
+def prepare_linear(module: nn.Linear, spec: SegLinearSpec) -> nn.Linear:
+    """Attach a per-segment observer (a forward pre-hook; the module stays an ``nn.Linear``)."""
+    check_linear(module, spec.layer())
+    if observed(module):
+        raise SegQuantError(f"{spec.name}: already prepared; run calibration, then convert")
     module.segquant_observer = SegmentAmaxObserver(segments=spec.in_segments, name=spec.name)
     module.segquant_spec = spec
-    module.__class__ = ObservedSegQuantLinear
+    module.segquant_observer_hook = module.register_forward_pre_hook(_observe)
     return module
 
 
 def unprepare_linear(module: nn.Module) -> None:
-    """Undo ``prepare_linear`` (used to leave a model unchanged when a later step fails)."""
-    if isinstance(module, ObservedSegQuantLinear):
-        del module.segquant_observer
-        del module.segquant_spec
-        module.__class__ = nn.Linear
+    """Remove ``prepare_linear``'s observer (after convert, or to undo a failed step)."""
+    if observed(module):
+        module.segquant_observer_hook.remove()
+        del module.segquant_observer, module.segquant_observer_hook, module.segquant_spec
 
 
-def convert_linear(module: nn.Linear, spec: LayerSpec, stats: ActivationStats | None,
-                   smooth: Tensor | None = None) -> SegQuantLinear:
-    """Quantize ``module`` in place. ``stats`` (of the smoothed input when ``smooth`` is given) are required
-    for static activation scales; ``smooth`` holds the SmoothQuant factors when the options smooth."""
-    if isinstance(module, ObservedSegQuantLinear):
-        del module.segquant_observer
-        module.__class__ = nn.Linear
-    _check_module(module, spec)
+def quantize_weight(weight: Tensor, spec: SegLinearSpec, stats: ActivationStats | None,
+                    smooth: Tensor | None = None) -> SegQuantTensor:
+    """The ``SegQuantTensor`` of a float ``(N, K)`` weight. ``stats`` (of the smoothed input when ``smooth`` is
+    given) are required for static activation scales; ``smooth`` holds the SmoothQuant factors when the
+    options smooth."""
     if spec.options.activation == "static" and stats is None:
         raise SegQuantError(f"{spec.name}: static activation scales need calibration data")
     if spec.smoothed != (smooth is not None):
@@ -249,34 +215,35 @@ def convert_linear(module: nn.Linear, spec: LayerSpec, stats: ActivationStats | 
     if unaligned:
         logger.info("%s: sizes %s are not multiples of %d; the %s weight is zero-padded for the kernel",
                     spec.name, unaligned, multiple, spec.options.precision)
-    w = module.weight.detach().float()
+    w = weight.detach().float()
     device = w.device
-    buffers: dict[str, Tensor] = {}
+    data: dict[str, Tensor] = {}
     if stats is not None:
         act, neg = stats.scales(spec.layer(), spec.options.precision)
-        buffers["act_scale"], buffers["neg_scale"] = act.to(device), neg.to(device)
-        buffers["neg_ratio"] = (neg / act).to(device)
-    if spec.options.activation == "static" and spec.options.realisation == "folded":
-        w, buffers["col_scale"] = fold_activation_scales(w, buffers["act_scale"], spec.in_segments, smooth)
-        buffers["dual_mask"] = torch.cat([torch.full((size,), i in spec.dual_segments, dtype=torch.bool)
-                                          for i, size in enumerate(spec.in_segments)]).to(device)
+        data["act_scale"], data["neg_scale"], data["neg_ratio"] = act.to(device), neg.to(device), (neg / act).to(device)
+    if spec.folded:
+        w, data["col_scale"] = fold_activation_scales(w, data["act_scale"], spec.in_segments, smooth)
+        data["dual_mask"] = torch.cat([torch.full((size,), i in spec.dual_segments, dtype=torch.bool)
+                                       for i, size in enumerate(spec.in_segments)]).to(device)
     elif smooth is not None:
-        w = w / smooth.to(device)
-        buffers["smooth"] = smooth.to(device)
+        data["smooth"] = smooth.to(device)
+        w = w / data["smooth"]
     scale = scale_from_amax(weight_amax(w, spec.out_segments, spec.options.weight_granularity == "per_channel"),
                             spec.options.precision)
     q = codes(w, scale, spec.options.precision)
-    buffers["weight_scale"] = pad_to(scale.float(), 0, multiple, value=1.0).t().contiguous()  # (1, N)
-    if spec.options.activation == "static" and spec.options.realisation == "folded":
-        buffers["qweight"] = _pad_weight(q, multiple)
-    else:
-        for i, (lo, hi) in enumerate(spec.bounds):
-            buffers[f"qweight_{i}"] = _pad_weight(q[:, lo:hi].contiguous(), multiple)
-    del module.weight
-    for name, value in buffers.items():
-        module.register_buffer(name, value)
-    module.segquant_spec = spec
-    module.__class__ = SegQuantLinear
+    weight_scale = pad_to(scale.float(), 0, multiple, value=1.0).t().contiguous()  # (1, N_pad)
+    column_groups = [q] if spec.folded else [q[:, lo:hi] for lo, hi in spec.bounds]
+    qdata = torch.cat([_pad_weight(part.contiguous(), multiple) for part in column_groups], dim=1)
+    return SegQuantTensor(qdata.contiguous(), weight_scale, spec, weight.dtype, **data)
+
+
+def convert_linear(module: nn.Linear, spec: SegLinearSpec, stats: ActivationStats | None,
+                   smooth: Tensor | None = None) -> nn.Linear:
+    """Replace ``module.weight`` by its ``SegQuantTensor`` (and remove the observer)."""
+    check_linear(module, spec.layer())
+    qweight = quantize_weight(module.weight, spec, stats, smooth)
+    unprepare_linear(module)
+    module.weight = nn.Parameter(qweight, requires_grad=False)
     return module
 
 

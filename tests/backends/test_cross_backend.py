@@ -54,8 +54,8 @@ def test_torchao_applies_smoothquant_and_matches_the_reference(case):
     layers = quantized_layers(ao)
     assert set(layers) == set(plan.quantized_layers())
     for name, layer in layers.items():
-        assert layer.segquant_spec.smoothed and "smooth" in layer._buffers, name
-        smooth = layer.smooth
+        assert layer.weight.spec.smoothed and layer.weight.smooth is not None, name
+        smooth = layer.weight.smooth
         assert not torch.allclose(smooth, torch.ones_like(smooth)), name
         observer = segquant.SegmentAmaxObserver(plan[name])
         for x in inputs[name]:
@@ -77,28 +77,29 @@ def test_modelopt_and_torchao_share_smoothing_scales_and_integer_codes(case):
     model, plan, mo, ao, inputs = case
     mo_modules, ao_layers = dict(mo.named_modules()), quantized_layers(ao)
     for name, layer in ao_layers.items():
-        spec, mo_layer = layer.segquant_spec, mo_modules[name]
+        weight, mo_layer = layer.weight, mo_modules[name]
+        spec = weight.spec
         inq = mo_layer.input_quantizer
-        torch.testing.assert_close(inq.pre_quant_scale.float(), layer.smooth, rtol=1e-6, atol=0)
+        torch.testing.assert_close(inq.pre_quant_scale.float(), weight.smooth, rtol=1e-6, atol=0)
         # weight: ModelOpt holds W / s and its per-output-segment amax; torchao the int8 codes and scales
         w_scale = nx.scale_from_amax(mo_layer.weight_quantizer.amax.float(), "int8")
         mo_codes = nx.quantize(mo_layer.weight.detach().float(), w_scale, "int8")
-        ao_codes = torch.cat([getattr(layer, f"qweight_{i}")[:spec.out_features, :hi - lo]
+        ao_codes = torch.cat([weight.segment_codes(i)[:spec.out_features, :hi - lo]
                               for i, (lo, hi) in enumerate(spec.bounds)], dim=1).float()
         assert torch.equal(mo_codes, ao_codes), name
-        torch.testing.assert_close(w_scale.reshape(-1), layer.weight_scale.reshape(-1)[:spec.out_features],
+        torch.testing.assert_close(w_scale.reshape(-1), weight.weight_scale.reshape(-1)[:spec.out_features],
                                    rtol=1e-6, atol=0)
         # activations: the same per-segment scales, hence the same codes for the same input
         mo_stats = segquant.numerics.ActivationStats(inq._segquant_seg_amax, inq._segquant_seg_pos,
                                                      inq._segquant_seg_neg)
         mo_scale, mo_neg = mo_stats.scales(plan[name], "int8")
-        torch.testing.assert_close(mo_scale, layer.act_scale, rtol=1e-6, atol=0)
-        torch.testing.assert_close(mo_neg, layer.neg_scale, rtol=1e-6, atol=0)
-        x = inputs[name][0].reshape(-1, spec.in_features) * layer.smooth
+        torch.testing.assert_close(mo_scale, weight.act_scale, rtol=1e-6, atol=0)
+        torch.testing.assert_close(mo_neg, weight.neg_scale, rtol=1e-6, atol=0)
+        x = inputs[name][0].reshape(-1, spec.in_features) * weight.smooth
         for i, (lo, hi) in enumerate(spec.bounds):
             if i in spec.dual_segments:
                 continue  # two code tensors, checked through the layer outputs above and below
-            ao_q = codes(x[:, lo:hi], layer.act_scale[i], "int8").float()
+            ao_q = codes(x[:, lo:hi], weight.act_scale[i], "int8").float()
             mo_q = nx.quantize(x[:, lo:hi], mo_scale[i], "int8")
             assert torch.equal(ao_q, mo_q), name
 

@@ -14,8 +14,9 @@ import segquant  # noqa: E402
 from segquant import LinearPlan, PlanError, SegQuantError  # noqa: E402
 from segquant import numerics as nx  # noqa: E402
 from segquant.recording import record_linears  # noqa: E402
-from segquant_torchao import (SegLinearConfig, SegQuantConfig, SegQuantLinear, SegQuantOptions,  # noqa: E402
+from segquant_torchao import (SegLinearConfig, SegQuantConfig, SegQuantOptions, SegQuantTensor,  # noqa: E402
                               calibration_from, quantize, quantized_layers)
+from torchao.utils import TorchAOBaseTensor  # noqa: E402
 from _models import build_tiny  # noqa: E402
 
 # Same codes as the reference; only the accumulation order differs (fp32 in both).
@@ -35,6 +36,15 @@ def capture_inputs(model, kwargs):
     return {name: xs[0] for name, xs in rec.inputs.items()}
 
 
+def calibration_from_run(model, kwargs, plan, **options):
+    """The calibration of a static prepare on a copy of ``model``."""
+    prepared = copy.deepcopy(model)
+    quantize(prepared, SegQuantConfig(plan, activation="static", step="prepare", **options))
+    with torch.no_grad():
+        prepared(**kwargs)
+    return calibration_from(prepared)
+
+
 def static_quantize(model, kwargs, plan, **options):
     quantize(model, SegQuantConfig(plan, activation="static", step="prepare", **options))
     with torch.no_grad():
@@ -44,11 +54,29 @@ def static_quantize(model, kwargs, plan, **options):
     return calibration
 
 
+def torchao_layer(float_layer, layer_plan, spec):
+    """A plain layer as torchao's own dynamic config quantizes it (int8: Int8DynamicActivationInt8WeightConfig)."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    assert layer_plan.is_plain and spec.weight_format == "int8" and spec.act_granularity == "per_token"
+    expected = copy.deepcopy(float_layer)
+    quantize_(expected, Int8DynamicActivationInt8WeightConfig())
+    return expected
+
+
 def check_layers(model, quantized, plan, inputs, spec, calibration=None):
+    """SegQuant layers against segquant.numerics; plain layers on torchao's tensors against torchao itself."""
     modules = dict(model.named_modules())
     checked = 0
     for name, layer in quantized_layers(quantized).items():
         x = inputs[name]
+        if not isinstance(layer.weight, SegQuantTensor):
+            expected_layer = torchao_layer(modules[name], plan[name], spec)
+            assert type(layer.weight) is type(expected_layer.weight), name
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), expected_layer(x), rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+            checked += 1
+            continue
         stats = None
         if calibration is not None:
             c = calibration[name]
@@ -102,12 +130,18 @@ def test_dual_scale_and_segments_are_used():
     quantized = copy.deepcopy(model)
     quantize(quantized, SegQuantConfig(plan, precision="int8"))
     proj_out = quantized.single_transformer_blocks[0].proj_out
-    assert isinstance(proj_out, SegQuantLinear)
-    assert proj_out.segquant_spec.in_segments == (32, 128) and proj_out.segquant_spec.dual_segments == (1,)
+    assert type(proj_out) is nn.Linear and isinstance(proj_out.weight, SegQuantTensor)
+    assert proj_out.weight.spec.in_segments == (32, 128) and proj_out.weight.spec.dual_segments == (1,)
     ablated = copy.deepcopy(model)
-    quantize(ablated, SegQuantConfig(plan, precision="int8", seg_linear=False, dual_scale=False))
-    assert ablated.single_transformer_blocks[0].proj_out.segquant_spec.in_segments == (160,)
-    assert ablated.single_transformer_blocks[0].proj_out.segquant_spec.dual_segments == ()
+    quantize(ablated, SegQuantConfig(plan, precision="int8", seg_linear=False, dual_scale=False, activation="static",
+                                     calibration=calibration_from_run(model, kwargs, plan, precision="int8",
+                                                                      seg_linear=False, dual_scale=False)))
+    assert ablated.single_transformer_blocks[0].proj_out.weight.spec.in_segments == (160,)
+    assert ablated.single_transformer_blocks[0].proj_out.weight.spec.dual_segments == ()
+    # dynamic and plain (no segments, no DualScale): torchao's own int8 tensor
+    dynamic = copy.deepcopy(model)
+    quantize(dynamic, SegQuantConfig(plan, precision="int8", seg_linear=False, dual_scale=False))
+    assert type(dynamic.single_transformer_blocks[0].proj_out.weight).__name__ == "Int8Tensor"
 
 
 def test_config_takes_a_saved_plan(tmp_path):
@@ -125,7 +159,8 @@ def test_config_takes_a_saved_plan(tmp_path):
 def test_skip_keeps_layers_in_high_precision():
     model, kwargs, plan = tiny()
     quantize(model, SegQuantConfig(plan, skip=["proj_out", "x_embedder"]))
-    assert type(model.proj_out) is nn.Linear and type(model.x_embedder) is nn.Linear
+    assert not isinstance(model.proj_out.weight, TorchAOBaseTensor)
+    assert not isinstance(model.x_embedder.weight, TorchAOBaseTensor)
     assert plan["proj_out"].high_precision  # the analysis keeps the model's output layer already
     assert len(quantized_layers(model)) == len(plan.quantized_layers()) - 1
 
@@ -218,7 +253,9 @@ def test_diffusers_from_pretrained_quantizes(tmp_path):
     quantize(direct, SegQuantConfig(plan, precision="int8"))
     assert set(quantized_layers(loaded)) == set(quantized_layers(direct)) == set(plan.quantized_layers())
     for name, layer in quantized_layers(loaded).items():
-        assert layer.segquant_spec == quantized_layers(direct)[name].segquant_spec
+        assert type(layer.weight) is type(quantized_layers(direct)[name].weight)
+        if isinstance(layer.weight, SegQuantTensor):
+            assert layer.weight.spec == quantized_layers(direct)[name].weight.spec
     with torch.no_grad():
         torch.testing.assert_close(loaded(**kwargs)[0], direct(**kwargs)[0], rtol=0, atol=0)
 
@@ -271,7 +308,7 @@ def test_unsupported_dtype_and_double_quantization():
 
     model, kwargs, plan = tiny()
     quantize(model, SegQuantConfig(plan))
-    with pytest.raises(SegQuantError, match="already quantized by SegQuant; quantize a fresh copy"):
+    with pytest.raises(SegQuantError, match="already quantized \\(SegQuantTensor\\); quantize a fresh copy"):
         quantize(model, SegQuantConfig(plan))
     layer = nn.Linear(16, 16).to(torch.float8_e4m3fn)
     config = SegLinearConfig(name="l", in_features=16, out_features=16)
@@ -367,7 +404,7 @@ def test_an_applied_plan_decides_the_options():
     config = SegQuantConfig(applied)
     assert (config.options.precision, config.options.activation, config.options.weight_granularity) == \
         ("int8", "static", "per_tensor")
-    assert set(config.fqn_to_config) == set(applied.quantized_layers())
+    assert set(config.layer_configs()) == set(applied.quantized_layers())
     with pytest.raises(SegQuantError, match="the plan's precision int8_w8a8 is precision=int8"):
         SegQuantConfig(applied, precision="fp8")
     with pytest.raises(SegQuantError, match="skip, seg_linear and dual_scale would change it"):

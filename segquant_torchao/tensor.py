@@ -1,0 +1,191 @@
+"""``SegQuantTensor``: a SegQuant layer's quantized weight as a torchao tensor subclass.
+
+It follows torchao's ``TorchAOBaseTensor`` pattern (``Float8Tensor``, ``Int8Tensor``): plain tensors named by
+``tensor_data_names`` (codes, per-row weight scales, the calibrated activation scales, SmoothQuant factors),
+attributes named by ``tensor_attribute_names`` (the layer's ``SegLinearSpec`` and the logical dtype), and
+``implements`` for ``F.linear``. Because the layer stays an ``nn.Linear`` whose ``weight`` is this tensor,
+everything torchao and diffusers do with quantized weights works on it: ``state_dict`` /
+``load_state_dict(assign=True)``, diffusers ``save_pretrained`` (safetensors, flattened by torchao's
+safetensors support, where the class is registered) and ``from_pretrained`` of the pre-quantized folder,
+``.to(device)``, ``.to(dtype)`` / ``.half()`` (the codes stay; the logical dtype, in which the layer computes
+its output, changes) and ``torch.compile(fullgraph=True)``.
+
+Codes are stored ``(N, K)`` row-major, zero-padded for the kernels; split-K layers keep their input
+segments side by side along K, each padded on its own (``SegLinearSpec.code_bounds``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchao.utils import TorchAOBaseTensor
+
+from segquant import LinearPlan, SegQuantError
+
+from .kernels import kernel_multiple
+from .options import SegQuantOptions
+
+aten = torch.ops.aten
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class SegLinearSpec:
+    """What a SegQuant layer computes; plain, hashable data so that ``torch.compile`` treats it as constant
+    and torchao's safetensors support stores it as JSON."""
+
+    name: str
+    in_features: int
+    out_features: int
+    in_segments: tuple[int, ...]
+    out_segments: tuple[int, ...]
+    dual_segments: tuple[int, ...]
+    options: SegQuantOptions = SegQuantOptions()
+
+    def __post_init__(self) -> None:
+        for key in ("in_segments", "out_segments", "dual_segments"):  # JSON gives lists back
+            object.__setattr__(self, key, _ints(getattr(self, key)))
+        if isinstance(self.options, dict):
+            object.__setattr__(self, "options", SegQuantOptions(**self.options))
+
+    @property
+    def bounds(self) -> tuple[tuple[int, int], ...]:
+        """``(lo, hi)`` of each input segment in the layer's input."""
+        edges = [0]
+        for size in self.in_segments:
+            edges.append(edges[-1] + size)
+        return tuple(zip(edges, edges[1:]))
+
+    @property
+    def folded(self) -> bool:
+        return self.options.activation == "static" and self.options.realisation == "folded"
+
+    @property
+    def code_bounds(self) -> tuple[tuple[int, int], ...]:
+        """``(lo, hi)`` of each input segment's codes in ``qdata`` (split-K: each segment padded on its own)."""
+        multiple = kernel_multiple(self.options.precision)
+        if self.folded:
+            return ((0, -(-self.in_features // multiple) * multiple),)
+        edges = [0]
+        for size in self.in_segments:
+            edges.append(edges[-1] + -(-size // multiple) * multiple)
+        return tuple(zip(edges, edges[1:]))
+
+    @property
+    def smoothed(self) -> bool:
+        return self.options.smoothquant_alpha is not None
+
+    def layer(self) -> LinearPlan:
+        return LinearPlan(self.in_features, self.out_features, self.in_segments, self.out_segments,
+                          dual_scale=bool(self.dual_segments), dual_scale_segments=self.dual_segments, name=self.name)
+
+
+class SegQuantTensor(TorchAOBaseTensor):
+    """The quantized weight of one SegQuant Linear (logical shape ``(out_features, in_features)``).
+
+    Tensor data:
+        qdata: ``(N_pad, K_pad)`` fp8 e4m3 or int8 weight codes.
+        weight_scale: ``(1, N_pad)`` float32 per-row weight scales.
+        act_scale, neg_scale, neg_ratio: static only: per input segment, the activation scale (``s+`` on
+            DualScale segments), the negative-side scale ``s-`` and ``s- / s+``.
+        smooth: SmoothQuant factors ``(K,)`` multiplied into the input (split-K and dynamic).
+        col_scale, dual_mask: folded only: the ``(K,)`` input divisor and which columns are DualScale.
+    Attributes:
+        spec: the layer's ``SegLinearSpec``.
+        dtype: the logical (output) dtype.
+    """
+
+    tensor_data_names = ["qdata", "weight_scale"]
+    tensor_attribute_names = ["spec", "dtype"]
+    optional_tensor_data_names = ["act_scale", "neg_scale", "neg_ratio", "smooth", "col_scale", "dual_mask"]
+
+    def __new__(cls, qdata: Tensor, weight_scale: Tensor, spec: SegLinearSpec, dtype: torch.dtype,
+                act_scale: Tensor | None = None, neg_scale: Tensor | None = None, neg_ratio: Tensor | None = None,
+                smooth: Tensor | None = None, col_scale: Tensor | None = None, dual_mask: Tensor | None = None):
+        shape = (spec.out_features, spec.in_features)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device,
+                                                   requires_grad=False)
+
+    def __init__(self, qdata: Tensor, weight_scale: Tensor, spec: SegLinearSpec, dtype: torch.dtype,
+                 act_scale: Tensor | None = None, neg_scale: Tensor | None = None, neg_ratio: Tensor | None = None,
+                 smooth: Tensor | None = None, col_scale: Tensor | None = None,
+                 dual_mask: Tensor | None = None) -> None:
+        super().__init__()
+        self.qdata, self.weight_scale = qdata, weight_scale
+        self.spec = spec if isinstance(spec, SegLinearSpec) else SegLinearSpec(**spec)
+        self.act_scale, self.neg_scale, self.neg_ratio = act_scale, neg_scale, neg_ratio
+        self.smooth, self.col_scale, self.dual_mask = smooth, col_scale, dual_mask
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"SegQuantTensor({s.options.precision}, activation={s.options.activation}, "
+                f"realisation={s.options.realisation}, in_segments={list(s.in_segments)}, "
+                f"dual={list(s.dual_segments)}, shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})")
+
+    def segment_codes(self, i: int) -> Tensor:
+        """The ``(N_pad, K_i_pad)`` codes of input segment ``i`` (a view)."""
+        lo, hi = self.spec.code_bounds[i]
+        return self.qdata[:, lo:hi]
+
+    def dequantize(self, output_dtype: torch.dtype | None = None) -> Tensor:
+        """The float weight these codes stand for (what the layer multiplies, undoing folding and smoothing)."""
+        s = self.spec
+        n = s.out_features
+        rows = self.weight_scale.reshape(-1, 1)[:n]
+        parts = [self.segment_codes(i)[:n, :hi - lo].float() for i, (lo, hi) in enumerate(s.bounds)] \
+            if not s.folded else [self.qdata[:n, :s.in_features].float()]
+        w = torch.cat(parts, dim=1) * rows
+        if s.folded:
+            w = w / self.col_scale.float()
+        elif self.smooth is not None:
+            w = w * self.smooth.float()
+        return w.to(output_dtype or self.dtype)
+
+
+implements = SegQuantTensor.implements
+implements_torch_function = SegQuantTensor.implements_torch_function
+
+
+@implements(aten.linear.default)
+@implements_torch_function(torch.nn.functional.linear)
+def _(func, types, args, kwargs):
+    from .linear import seg_linear
+
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return seg_linear(x, weight, bias)
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """``.to(device)`` moves every tensor; ``.to(dtype)`` changes the logical dtype and keeps codes and scales."""
+    self = args[0]
+    to = self._get_to_kwargs(*args[1:], **kwargs)
+    device, dtype = to["device"], to.get("dtype", self.dtype)
+    if not dtype.is_floating_point or dtype.itemsize == 1:
+        raise SegQuantError(f"{self.spec.name}: a SegQuant weight computes in float32, float16 or bfloat16; "
+                            f"it cannot become {dtype} (its codes are already {self.qdata.dtype})")
+    moved = {name: getattr(self, name) for name in self.tensor_data_names + self.optional_tensor_data_names}
+    moved = {k: (v.to(device, non_blocking=to.get("non_blocking", False)) if v is not None else None)
+             for k, v in moved.items()}
+    return SegQuantTensor(spec=self.spec, dtype=dtype, **moved)
+
+
+def register_safetensors() -> None:
+    """Let torchao's safetensors support (used by diffusers ``save_pretrained``/``from_pretrained``) store and
+    rebuild ``SegQuantTensor``: its name and attribute classes join torchao's allow-lists."""
+    try:
+        from torchao.prototype.safetensors import safetensors_utils as st
+    except ImportError:  # pragma: no cover - torchao without safetensors support
+        return
+    for cls in (SegQuantTensor, SegLinearSpec, SegQuantOptions):
+        st.ALLOWED_CLASSES.setdefault(cls.__name__, cls)
+    if SegQuantTensor.__name__ not in st.ALLOWED_TENSORS_SUBCLASSES:
+        st.ALLOWED_TENSORS_SUBCLASSES.append(SegQuantTensor.__name__)
+
