@@ -118,7 +118,8 @@ def variants(layer, x):
         static = QuantSpec(weight_format=precision, weight_granularity="per_channel", act_format=precision,
                            realisation="folded")
         out += [
-            (f"segquant_{precision}_dynamic_plain", "segquant", seg(precision, "dynamic", plain=True), dyn, None),
+            # a plain dynamic layer is torchao's own tensor (segquant_torchao.plain): no SegQuant reference
+            (f"segquant_{precision}_dynamic_plain", "torchao", seg(precision, "dynamic", plain=True), None, None),
             (f"segquant_{precision}_dynamic", "segquant", seg(precision, "dynamic"), dyn, None),
             (f"segquant_{precision}_static_plain", "segquant", seg(precision, "static", plain=True), static, plain_stats),
             (f"segquant_{precision}_static", "segquant", seg(precision, "static"), static, stats),

@@ -16,6 +16,7 @@ segments side by side along K, each padded on its own (``SegLinearSpec.code_boun
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,14 @@ class SegQuantTensor(TorchAOBaseTensor):
         return (f"SegQuantTensor({s.options.precision}, activation={s.options.activation}, "
                 f"realisation={s.options.realisation}, in_segments={list(s.in_segments)}, "
                 f"dual={list(s.dual_segments)}, shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})")
+
+    def _stable_hash_for_caching(self) -> str:
+        """What AOT autograd's cache keys on: the spec, the logical dtype and the inner tensors' metadata."""
+        names, _ = self.__tensor_flatten__()
+        inner = [f"{n}:{tuple(getattr(self, n).shape)}:{getattr(self, n).dtype}:{getattr(self, n).stride()}"
+                 for n in names]
+        text = "|".join([repr(self.spec), str(self.dtype), str(self.device.type), *inner])
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def segment_codes(self, i: int) -> Tensor:
         """The ``(N_pad, K_i_pad)`` codes of input segment ``i`` (a view)."""
