@@ -117,10 +117,12 @@ def variants(layer, x):
                         act_granularity="per_token")
         static = QuantSpec(weight_format=precision, weight_granularity="per_channel", act_format=precision,
                            realisation="folded")
+        plain_layer = len(in_segs) == 1 and not dual and out_segs == [n]
         out += [
             # a plain dynamic layer is torchao's own tensor (segquant_torchao.plain): no SegQuant reference
             (f"segquant_{precision}_dynamic_plain", "torchao", seg(precision, "dynamic", plain=True), None, None),
-            (f"segquant_{precision}_dynamic", "segquant", seg(precision, "dynamic"), dyn, None),
+            (f"segquant_{precision}_dynamic", "torchao" if plain_layer else "segquant", seg(precision, "dynamic"),
+             None if plain_layer else dyn, None),
             (f"segquant_{precision}_static_plain", "segquant", seg(precision, "static", plain=True), static, plain_stats),
             (f"segquant_{precision}_static", "segquant", seg(precision, "static"), static, stats),
         ]

@@ -154,7 +154,7 @@ def _check_model_transform(module: nn.Module, config: SegQuantModelCheck, **_: A
     if config.options.activation == "static" and config.step == "convert":
         _check_calibrated(module, plan.quantized_layers(), set(config.calibrated))
     if config.step == "convert" and config.attach and is_diffusers_model(module):
-        attach_quantization_config(module, plan, config.options)
+        attach_quantization_config(module, SegQuantConfig(plan, options=config.options))
     return module
 
 
@@ -373,7 +373,7 @@ def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
                 unprepare_linear(module)
         raise
     if config.step == "convert" and is_diffusers_model(model):
-        attach_quantization_config(model, SegQuantPlan.from_dict(check.plan), check.options)
+        attach_quantization_config(model, SegQuantConfig(SegQuantPlan.from_dict(check.plan), options=check.options))
     return model
 
 

@@ -9,7 +9,6 @@ the tensors without quantizing again. Checkpoints of earlier versions (float wei
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Mapping

@@ -11,11 +11,10 @@ diffusers' error ("Casting a quantized model to a new `dtype` is unsupported"); 
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
+from torchao.core.config import AOBaseConfig
 
-from segquant import SegQuantError, SegQuantPlan
+from segquant import SegQuantError
 
 
 def is_diffusers_model(model: nn.Module) -> bool:
@@ -26,10 +25,10 @@ def is_diffusers_model(model: nn.Module) -> bool:
     return isinstance(model, ModelMixin)
 
 
-def attach_quantization_config(model: nn.Module, plan: SegQuantPlan, options: Any) -> nn.Module:
-    """Mark a diffusers model quantized with ``plan`` and ``options`` as diffusers marks a model it quantized
-    while loading. The stored config holds the plan and options, not the calibration: a pre-quantized load
-    does not quantize again.
+def attach_quantization_config(model: nn.Module, config: AOBaseConfig) -> nn.Module:
+    """Mark a diffusers model quantized with ``config`` as diffusers marks a model it quantized while loading
+    (``config`` is what ``config.json`` stores: the plan and options, not the calibration, since a pre-quantized
+    load does not quantize again).
 
     Raises:
         SegQuantError: ``model`` is not a diffusers model, or carries another library's quantizer.
@@ -37,16 +36,14 @@ def attach_quantization_config(model: nn.Module, plan: SegQuantPlan, options: An
     from diffusers import TorchAoConfig
     from diffusers.quantizers.torchao import TorchAoHfQuantizer
 
-    from .api import SegQuantConfig
-
     if not is_diffusers_model(model):
         raise SegQuantError(f"{type(model).__name__} is not a diffusers model; save its state_dict instead")
     existing = getattr(model, "hf_quantizer", None)
     if existing is not None and not isinstance(getattr(existing.quantization_config, "quant_type", None),
-                                               SegQuantConfig):
+                                               type(config)):
         raise SegQuantError(f"{type(model).__name__} already carries a {type(existing).__name__}; "
                             "quantize a float model")
-    quantizer = TorchAoHfQuantizer(TorchAoConfig(SegQuantConfig(plan, options=options)), pre_quantized=True)
+    quantizer = TorchAoHfQuantizer(TorchAoConfig(config), pre_quantized=True)
     quantizer.validate_environment(device_map=None)
     model.register_to_config(quantization_config=quantizer.quantization_config)  # written to config.json
     quantizer.preprocess_model(model, device_map=None)

@@ -1,19 +1,6 @@
-"""A SegQuant Linear: an ``nn.Linear`` whose ``weight`` is a ``SegQuantTensor`` (``tensor.py``). This module
-holds what the tensor computes (``seg_linear``, reached through ``F.linear``), how a float weight becomes one
-(``quantize_weight``) and the calibration observer (a forward pre-hook, ``prepare_linear``).
-
-Realisations (see SPEC sections 2-3):
-- static ``folded``: per-segment activation scales folded into the weight columns; one GEMM, with M
-  doubled (rows ``[q+ ; q-]``) when some input segment is DualScale.
-- static ``split_k``: one GEMM per input segment, ``y = sum_s a_s (W_s q_s)``.
-- ``dynamic``: per-token scales per segment (split-K), DualScale with per-token ``s+``/``s-``.
-
-Kernels (``SegQuantOptions.kernel``): ``naive`` runs every GEMM on ``torch._scaled_mm``/``torch._int_mm`` and
-DualScale with M doubled; ``fused`` runs DualScale GEMMs on the fused Triton kernel (one code tensor, the
-sign selects the scale; ``triton_gemm.py``) and int8 GEMMs on the Triton int8 GEMM, fp8 plain GEMMs staying on
-cuBLAS. Under ``fused`` the activations are still quantized by torch ops, which ``torch.compile`` fuses into
-the producer of ``x`` (the GELU/SiLU), a pass the Triton GEMM cannot see into.
-"""
+"""A SegQuant Linear: an ``nn.Linear`` whose ``weight`` is a ``SegQuantTensor`` (``tensor.py``, which computes
+through ``forward.py``). This module turns a float weight into one (``quantize_weight``, ``convert_linear``) and
+holds the calibration observer (a forward pre-hook, ``prepare_linear``)."""
 
 from __future__ import annotations
 
@@ -26,132 +13,10 @@ from torchao.utils import TorchAOBaseTensor
 from segquant import LinearPlan, SegmentAmaxObserver, SegQuantError
 from segquant.numerics import ActivationStats, fold_activation_scales, scale_from_amax, weight_amax
 
-from .kernels import codes, dual_scale_mm, kernel_multiple, negative_codes, pad_to, \
-    positive_codes, scaled_mm
+from .kernels import codes, kernel_multiple, pad_to
 from .tensor import SegLinearSpec, SegQuantTensor
 
 logger = logging.getLogger(__name__)
-
-
-def seg_linear(x: Tensor, w: SegQuantTensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, w, bias)`` for a SegQuant weight, in ``x``'s dtype."""
-    spec = w.spec
-    if x.shape[-1] != spec.in_features:
-        raise SegQuantError(f"{spec.name}: input has last dim {x.shape[-1]}, the layer takes {spec.in_features}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, spec.in_features)
-    if spec.folded:
-        y = _folded(w, x2, bias)  # the SmoothQuant factors are folded into col_scale
-    else:
-        y = _split(w, x2 * w.smooth if w.smooth is not None else x2, bias)
-    return y[:, :spec.out_features].reshape(*lead, spec.out_features)
-
-
-def _folded(w: SegQuantTensor, x: Tensor, bias: Tensor | None) -> Tensor:
-    spec = w.spec
-    m = x.shape[0]
-    v = x.float() / w.col_scale
-    if spec.dual_segments and spec.options.kernel == "fused" and len(spec.dual_segments) == 1:
-        return _folded_fused(w, x, v, bias)
-    if spec.dual_segments:
-        top = torch.where(w.dual_mask, v.clamp(min=0), v)
-        rows = [codes(top, 1.0, spec.options.precision)]
-        ratios = []
-        for i in spec.dual_segments:
-            lo, hi = spec.bounds[i]
-            neg = torch.zeros_like(v)
-            neg[:, lo:hi] = v[:, lo:hi].clamp(max=0) / w.neg_ratio[i]  # (smoothed x-) / s-
-            rows.append(negative_codes(neg, 1.0, spec.options.precision))
-            ratios.append(w.neg_ratio[i])
-        a = torch.cat(rows, dim=0)
-        scale_a = torch.cat([x.new_ones(m, 1, dtype=torch.float32)] +
-                            [r.reshape(1, 1).expand(m, 1) for r in ratios], dim=0)
-        y = scaled_mm(a, w.qdata, scale_a, w.weight_scale, torch.float32, fast_accum=spec.options.fast_accum)
-        y = y.reshape(len(rows), m, y.shape[-1]).sum(0)
-        return _add_bias(y, bias).to(x.dtype)
-    a = codes(v, 1.0, spec.options.precision)
-    ones = x.new_ones(m, 1, dtype=torch.float32)
-    if spec.options.kernel == "fused" and spec.options.precision == "int8":
-        return _fused_gemm(a, w.qdata, ones[:1], w.weight_scale, x.dtype, bias)
-    return scaled_mm(a, w.qdata, ones, w.weight_scale, x.dtype, bias, spec.options.fast_accum)
-
-
-def _folded_fused(w: SegQuantTensor, x: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
-    """ONE code tensor: inside the DualScale segment the negative codes are ``x / s-`` (weight columns
-    carry ``s+``, so their accumulator is scaled by ``s- / s+``), everything else ``x / a_s``."""
-    spec = w.spec
-    i = spec.dual_segments[0]
-    lo, hi = spec.bounds[i]
-    neg = w.dual_mask & (x < 0)
-    q = codes(torch.where(neg, v / w.neg_ratio[i], v), 1.0, spec.options.precision)
-    ones = w.neg_ratio.new_ones(1)
-    return _fused_gemm(q, w.qdata, ones, w.weight_scale, x.dtype, bias, w.neg_ratio[i:i + 1], (lo, hi))
-
-
-def _split(w: SegQuantTensor, x: Tensor, bias: Tensor | None) -> Tensor:
-    spec = w.spec
-    m = x.shape[0]
-    dynamic = spec.options.activation == "dynamic"
-    fused = spec.options.kernel == "fused"
-    # one term: write x.dtype straight from the GEMM; several: accumulate in float32
-    single = len(spec.bounds) == 1
-    acc_dtype = x.dtype if single else torch.float32
-    y = None
-    for i, (lo, hi) in enumerate(spec.bounds):
-        part = x[:, lo:hi]
-        weight = w.segment_codes(i)
-        if i in spec.dual_segments:
-            xf = part.float()
-            if dynamic:
-                s_pos = scale_from_amax(xf.clamp(min=0).amax(-1, keepdim=True), spec.options.precision)
-                s_neg = scale_from_amax((-xf).clamp(min=0).amax(-1, keepdim=True), spec.options.precision,
-                                        negative=True)
-            else:
-                s_pos, s_neg = w.act_scale[i].reshape(1, 1), w.neg_scale[i].reshape(1, 1)
-            if fused:
-                q = _dual_codes(xf, s_pos, s_neg, spec.options.precision)
-                out = _fused_gemm(q, weight, s_pos, w.weight_scale, acc_dtype, bias if single else None, s_neg)
-            else:
-                q_pos = positive_codes(xf, s_pos, spec.options.precision)
-                q_neg = negative_codes(xf, s_neg, spec.options.precision)
-                out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, w.weight_scale, acc_dtype,
-                                    spec.options.fast_accum)
-                out = _add_bias(out, bias) if single else out
-        else:
-            if dynamic:
-                scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.options.precision)
-            else:
-                scale = w.act_scale[i].reshape(1, 1)
-            q = codes(part, scale, spec.options.precision)
-            if fused and spec.options.precision == "int8":
-                out = _fused_gemm(q, weight, scale, w.weight_scale, acc_dtype, bias if single else None)
-            else:
-                out = scaled_mm(q, weight, scale.expand(m, 1), w.weight_scale, acc_dtype,
-                                bias if single else None, spec.options.fast_accum)
-        if single:
-            return out.to(x.dtype)
-        y = out if y is None else y + out
-    return _add_bias(y, bias).to(x.dtype)
-
-
-def _dual_codes(x: Tensor, s_pos: Tensor, s_neg: Tensor, precision: str) -> Tensor:
-    """DualScale's one code tensor: ``x+ / s+`` where ``x >= 0``, ``x- / s-`` elsewhere."""
-    return codes(torch.where(x >= 0, x / s_pos, x / s_neg), 1.0, precision)
-
-
-def _fused_gemm(q: Tensor, weight: Tensor, s_pos: Tensor, w_scale: Tensor, out_dtype: torch.dtype,
-                bias: Tensor | None, s_neg: Tensor | None = None, dual_range: tuple[int, int] | None = None) -> Tensor:
-    from .triton_gemm import scaled_gemm
-
-    return scaled_gemm(q, weight, s_pos, w_scale, out_dtype, bias=bias, s_neg=s_neg, dual_range=dual_range)
-
-
-def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
-    if bias is None:
-        return y
-    if bias.shape[0] != y.shape[-1]:
-        bias = pad_to(bias, 0, y.shape[-1])
-    return y + bias
 
 
 def observed(module: nn.Module) -> bool:

@@ -26,6 +26,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from segquant import LinearPlan, SegQuantError
 
+from .forward import seg_linear
 from .kernels import kernel_multiple
 from .options import SegQuantOptions
 
@@ -164,8 +165,6 @@ implements_torch_function = SegQuantTensor.implements_torch_function
 @implements(aten.linear.default)
 @implements_torch_function(torch.nn.functional.linear)
 def _(func, types, args, kwargs):
-    from .linear import seg_linear
-
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     return seg_linear(x, weight, bias)

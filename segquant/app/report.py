@@ -31,7 +31,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def save_grid_png(rows: Sequence[Any], path: Path, max_images: int = 16) -> None:
-    """Rows of images (full precision, baseline, SegQuant), one labelled row each."""
+    """Rows of images (full precision, then the quantized rows), one labelled row each."""
     plt = _plt()
     mosaic = grid([row.images[:max_images] for row in rows], pad=2)
     fig_w = max(4.0, mosaic.shape[1] / 34 * 0.9)
@@ -49,15 +49,15 @@ def save_grid_png(rows: Sequence[Any], path: Path, max_images: int = 16) -> None
 
 
 def save_layers_png(metrics: dict[str, Any], path: Path) -> None:
-    """Per-layer SQNR of the baseline and SegQuant rows (same full-precision inputs); the layers SegQuant
-    changes are marked."""
+    """Per-layer SQNR of the quantized rows (same full-precision inputs); the layers SegQuant changes are
+    marked."""
     plt = _plt()
     labels = list(metrics["layer_sqnr_db"])
     names = list(metrics["layer_sqnr_db"][labels[-1]])
     changed = set(metrics["segquant_changed_layers"])
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.12), 4.2), dpi=110)
     xs = range(len(names))
-    for label, marker in zip(labels, ("o", "s")):
+    for label, marker in zip(labels, ("o", "^", "s")):
         ys = [min(metrics["layer_sqnr_db"][label].get(n, float("nan")), 80) for n in names]
         ax.plot(xs, ys, marker=marker, markersize=3, linewidth=0.8, label=label)
     for i, n in enumerate(names):
@@ -100,8 +100,43 @@ def markdown(metrics: dict[str, Any]) -> str:
               f"{metrics.get('plan', '-')}. SegQuant changes {len(metrics['segquant_changed_layers'])} of the layers it "
               "quantizes (input/output segments or DualScale); their per-layer SQNR is in `layers.png` and "
               "`metrics.json`.", "",
-              "![grid](grid.png)", "", "![layers](layers.png)", ""]
+              *comparison_lines(metrics), "![grid](grid.png)", "", "![layers](layers.png)", ""]
     return "\n".join(lines)
+
+
+def comparison_lines(metrics: dict[str, Any]) -> list[str]:
+    """SegQuant against each other row: the paired PSNR interval and, against the like-for-like row (the same
+    recipe without SegLinear and DualScale), the layers SegQuant changes, best and worst first."""
+    comparisons = metrics.get("comparisons") or {}
+    if not comparisons:
+        return []
+    lines = ["## SegQuant against the other rows", "",
+             "Per-image PSNR difference (SegQuant minus the row), paired on the same noise, 95% bootstrap interval. "
+             f"With {metrics['settings']['num_samples']} images a difference inside the interval's width is noise.",
+             "", "| against | PSNR difference (dB) | 95% interval | verdict |", "|---|---|---|---|"]
+    for label, c in comparisons.items():
+        if "psnr_db_difference" in c:
+            lines.append(f"| {label} | {c['psnr_db_difference']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] | "
+                         f"{c['verdict']} |")
+        else:
+            lines.append(f"| {label} | - | - | {c['verdict']} |")
+    like = next((c for label, c in comparisons.items() if "without SegLinear" in label), None)
+    if like and like["layers"]:
+        deltas = {n: v["segquant_db"] - v["other_db"] for n, v in like["layers"].items()
+                  if v["segquant_db"] is not None and v["other_db"] is not None
+                  and abs(v["segquant_db"]) != float("inf") and abs(v["other_db"]) != float("inf")}
+        better = sum(d > 0.1 for d in deltas.values())
+        worse = sum(d < -0.1 for d in deltas.values())
+        lines += ["", f"Per layer, against {like['against']} on the same full-precision inputs: of the "
+                  f"{len(deltas)} layers SegQuant changes, {better} gain more than 0.1 dB SQNR and {worse} lose more "
+                  "than 0.1 dB (a layer's gain can be lost downstream; the image metric above is what counts).", "",
+                  "| layer | SQNR SegQuant (dB) | SQNR without (dB) | difference |", "|---|---|---|---|"]
+        ranked = sorted(deltas, key=deltas.get, reverse=True)
+        shown = ranked if len(ranked) <= 10 else ranked[:5] + ranked[-5:]
+        for n in shown:
+            v = like["layers"][n]
+            lines.append(f"| {n} | {v['segquant_db']:.2f} | {v['other_db']:.2f} | {deltas[n]:+.2f} |")
+    return lines + [""]
 
 
 def write_report(out: Path, metrics: dict[str, Any], rows: Sequence[Any]) -> None:

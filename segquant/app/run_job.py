@@ -74,6 +74,7 @@ class RowResult:
     layer_sqnr: dict[str, float] = field(default_factory=dict)
     quantized_layers: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    psnr: torch.Tensor | None = None  # per image, against the full-precision row
 
 
 def resolve_recipe(settings: RunSettings, model_name: str, model_class: str) -> Recipe:
@@ -90,12 +91,22 @@ def resolve_recipe(settings: RunSettings, model_name: str, model_class: str) -> 
     return recipe
 
 
+ROW_KINDS = ("baseline", "techniques_off", "segquant")
+"""The quantized rows: the library's preset as shipped; the same applied recipe (precision, activation mode,
+skip list, SmoothQuant) with SegLinear and DualScale switched off, through the same backend (the like-for-like
+row a gain of SegQuant is measured against); SegQuant."""
+
+
 def _quantize(backend: Backend, kind: str, den, recipe: Recipe, plan: SegQuantPlan, forward_loop,
               settings: RunSettings):
     if kind == "baseline":
         return backend.quantize_baseline(den.model, recipe.precision, forward_loop)
-    model = backend.quantize(den.model, plan, recipe.quantize_options(settings.progress), forward_loop)
-    return model, f"SegQuant {recipe.name} ({settings.backend})"
+    options = recipe.quantize_options(settings.progress)
+    if kind == "techniques_off":
+        off = plan.ablate(seg_linear=False, dual_scale=False)
+        return (backend.quantize(den.model, off, options, forward_loop),
+                f"{recipe.name} without SegLinear and DualScale ({settings.backend})")
+    return backend.quantize(den.model, plan, options, forward_loop), f"SegQuant {recipe.name} ({settings.backend})"
 
 
 @dataclass
@@ -180,12 +191,34 @@ def _score(job: _Job, rows: list[RowResult], flops: dict[str, int]) -> list[str]
         raise SegQuantError(f"backend {job.settings.backend} quantized other layers than the applied plan: {diff[:5]}")
     for i, row in enumerate(rows):
         scores = fp_scores if i == 0 else score_images(row.images, rows[0].images, job.labels, classifier)
+        row.psnr = scores.psnr
         row.summary = scores.summary(None if i == 0 else fp_scores, mnist)
         if i > 0:
             row.summary["quantized_linear_flop_fraction"] = quantized_flop_fraction(flops, row.quantized_layers)
             row.summary["mean_sqnr_db_changed_layers"] = mean_sqnr(row.layer_sqnr, changed, row.quantized_layers)
         row.summary["seconds"] = row.seconds
     return changed
+
+
+def compare_rows(rows: list[RowResult], changed: list[str]) -> dict[str, Any]:
+    """SegQuant (the last row) against every other quantized row: the paired per-image PSNR difference with its
+    95% bootstrap interval, and, per layer SegQuant changes, its SQNR against that row's on the same inputs."""
+    from .metrics import paired_interval
+
+    seg = rows[-1]
+    out: dict[str, Any] = {}
+    for other in rows[1:-1]:
+        entry: dict[str, Any] = {"against": other.label}
+        try:
+            interval = paired_interval(seg.psnr, other.psnr)
+            entry.update(psnr_db_difference=interval.mean, low=interval.low, high=interval.high, n=interval.n,
+                         verdict=("better" if interval.low > 0 else "worse" if interval.high < 0 else "within noise"))
+        except SegQuantError as e:  # e.g. identical images (infinite PSNR)
+            entry["verdict"] = f"no interval: {e}"
+        entry["layers"] = {n: {"segquant_db": seg.layer_sqnr.get(n), "other_db": other.layer_sqnr.get(n)}
+                           for n in changed}
+        out[other.label] = entry
+    return out
 
 
 def run(settings: RunSettings) -> dict[str, Any]:
@@ -204,14 +237,15 @@ def run(settings: RunSettings) -> dict[str, Any]:
     rows = [RowResult("full precision", job.sample(job.fp, "sampling full precision"))]
     rows[0].seconds = time.time() - t
     failed: dict[str, str] = {}
-    rows += [row for kind in ("baseline", "segquant") if (row := _quantized_row(job, kind, reference_io, failed))]
+    rows += [row for kind in ROW_KINDS if (row := _quantized_row(job, kind, reference_io, failed))]
     changed = _score(job, rows, flops)
+    comparisons = compare_rows(rows, changed)
     metrics = {
         "settings": asdict(settings), "recipe": job.recipe.name, "model_class": type(job.fp.model).__name__,
         "steps": job.steps, "calib_samples": len(job.calib_labels), "plan": job.plan.summary(),
         "rows": {row.label: row.summary for row in rows}, "failed_rows": failed,
         "layer_sqnr_db": {row.label: row.layer_sqnr for row in rows[1:]},
-        "segquant_changed_layers": changed,
+        "segquant_changed_layers": changed, "comparisons": comparisons,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": torch.cuda.get_device_name() if settings.device.startswith("cuda")
                         else platform.processor() or "cpu", "command": " ".join(sys.argv)},

@@ -31,8 +31,16 @@ def test_run_modelopt_end_to_end(tmp_path, capsys):
     assert not logging.root.manager.disable  # -q silenced the libraries only while it ran
     metrics = json.loads((out / "metrics.json").read_text())
     rows = list(metrics["rows"])
-    assert rows == ["full precision", "ModelOpt INT8_SMOOTHQUANT_CFG", "SegQuant mnist-flux/int8_w8a8 (modelopt)"]
-    fp, preset, seg = (metrics["rows"][r] for r in rows)
+    assert rows == ["full precision", "ModelOpt INT8_SMOOTHQUANT_CFG",
+                    "mnist-flux/int8_w8a8 without SegLinear and DualScale (modelopt)",
+                    "SegQuant mnist-flux/int8_w8a8 (modelopt)"]
+    fp, preset, off, seg = (metrics["rows"][r] for r in rows)
+    # the like-for-like row quantizes exactly the layers SegQuant quantizes; only the techniques differ
+    assert off["quantized_linear_flop_fraction"] == seg["quantized_linear_flop_fraction"]
+    like = metrics["comparisons"][rows[2]]
+    assert like["low"] <= like["psnr_db_difference"] <= like["high"] and like["n"] == 4
+    assert set(like["layers"]) == set(metrics["segquant_changed_layers"])
+    assert "## SegQuant against the other rows" in (out / "report.md").read_text()
     assert fp["psnr_db"] == float("inf") and fp["ssim"] == pytest.approx(1.0)
     assert 20 < seg["psnr_db"] < 80 and 20 < preset["psnr_db"] < 80
     # ModelOpt's preset skips every *proj_out*; SegQuant's recipe keeps only the final proj_out in high precision
