@@ -17,7 +17,7 @@ segments side by side along K, each padded on its own (``SegLinearSpec.code_boun
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,9 +40,11 @@ def _ints(value: Any) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class SegLinearSpec:
     """What a SegQuant layer computes; plain, hashable data so that ``torch.compile`` treats it as constant
-    and torchao's safetensors support stores it as JSON."""
+    and torchao's safetensors support stores it as JSON. ``name`` is for messages only: it takes no part in
+    equality, so that ``torch.compile``'s guards on the weight's metadata hold across the repeated blocks of a
+    model (one compiled block serves all, as with diffusers' ``compile_repeated_blocks``)."""
 
-    name: str
+    name: str = field(compare=False, repr=False)
     in_features: int
     out_features: int
     in_segments: tuple[int, ...]

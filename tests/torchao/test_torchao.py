@@ -437,3 +437,35 @@ def test_a_failed_calibration_leaves_the_model_unchanged():
     with pytest.raises(SegQuantError, match="no calibration data reached"):
         backend.quantize(model, applied, segquant.QuantizeOptions(), lambda m: None)
     _assert_unchanged(model, before)
+
+
+def test_repeated_blocks_share_one_compiled_graph():
+    """Regional compile (diffusers' compile_repeated_blocks): the layers' names take no part in the weights'
+    metadata, so one compiled block serves every block instead of recompiling per block."""
+    from torch._dynamo.utils import counters
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block() for _ in range(4)])
+
+        def forward(self, x, emb):
+            for block in self.blocks:
+                x = block(x, emb)
+            return x
+
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    x, emb = torch.randn(2, 24, 32), torch.randn(2, 32)
+    plan = segquant.analyze(model, x, emb)
+    quantize(model, SegQuantConfig(plan, activation="static", step="prepare"))
+    with torch.no_grad():
+        model(x, emb)
+    quantize(model, SegQuantConfig(plan, activation="static"))
+    torch._dynamo.reset()
+    counters.clear()
+    for block in model.blocks:
+        block.compile(fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        model(x.clone(), emb.clone())
+    assert counters["stats"]["unique_graphs"] == 1
