@@ -82,17 +82,23 @@ def quantize_weight(weight: Tensor, spec: SegLinearSpec, stats: ActivationStats 
                     spec.name, unaligned, multiple, spec.options.precision)
     w = weight.detach().float()
     device = w.device
-    data: dict[str, Tensor] = {}
+    data: dict[str, Tensor] = {}  # only what the realisation reads: every inner tensor is a graph input and a guard
     if stats is not None:
-        act, neg = stats.scales(spec.layer(), spec.options.precision)
-        data["act_scale"], data["neg_scale"], data["neg_ratio"] = act.to(device), neg.to(device), (neg / act).to(device)
+        act, neg = (t.to(device) for t in stats.scales(spec.layer(), spec.options.precision))
     if spec.folded:
-        w, data["col_scale"] = fold_activation_scales(w, data["act_scale"], spec.in_segments, smooth)
-        data["dual_mask"] = torch.cat([torch.full((size,), i in spec.dual_segments, dtype=torch.bool)
-                                       for i, size in enumerate(spec.in_segments)]).to(device)
-    elif smooth is not None:
-        data["smooth"] = smooth.to(device)
-        w = w / data["smooth"]
+        w, data["col_scale"] = fold_activation_scales(w, act, spec.in_segments, smooth)
+        if spec.dual_segments:
+            data["neg_ratio"] = neg / act
+            data["dual_mask"] = torch.cat([torch.full((size,), i in spec.dual_segments, dtype=torch.bool)
+                                           for i, size in enumerate(spec.in_segments)]).to(device)
+    else:
+        if stats is not None:
+            data["act_scale"] = act
+            if spec.dual_segments:
+                data["neg_scale"] = neg
+        if smooth is not None:
+            data["smooth"] = smooth.to(device)
+            w = w / data["smooth"]
     scale = scale_from_amax(weight_amax(w, spec.out_segments, spec.options.weight_granularity == "per_channel"),
                             spec.options.precision)
     q = codes(w, scale, spec.options.precision)

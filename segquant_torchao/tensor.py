@@ -96,10 +96,12 @@ class SegQuantTensor(TorchAOBaseTensor):
     Tensor data:
         qdata: ``(N_pad, K_pad)`` fp8 e4m3 or int8 weight codes.
         weight_scale: ``(1, N_pad)`` float32 per-row weight scales.
-        act_scale, neg_scale, neg_ratio: static only: per input segment, the activation scale (``s+`` on
-            DualScale segments), the negative-side scale ``s-`` and ``s- / s+``.
+        act_scale, neg_scale: static split-K: per input segment, the activation scale (``s+`` on DualScale
+            segments) and, with DualScale, the negative-side scale ``s-``.
         smooth: SmoothQuant factors ``(K,)`` multiplied into the input (split-K and dynamic).
-        col_scale, dual_mask: folded only: the ``(K,)`` input divisor and which columns are DualScale.
+        col_scale: static folded: the ``(K,)`` input divisor (segment scales and SmoothQuant folded in); with
+            DualScale also neg_ratio (``s- / s+`` per segment) and dual_mask (the DualScale columns).
+    Only what the realisation reads is stored: each inner tensor is a graph input and a guard under compile.
     Attributes:
         spec: the layer's ``SegLinearSpec``.
         dtype: the logical (output) dtype.
