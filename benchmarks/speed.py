@@ -196,12 +196,14 @@ def cost_aware(model, plan, inputs, args, kernel: str):
 
 
 def run_variant(variant: str, args) -> dict:
+    torch._inductor.config.freezing = args.freezing
     torch._dynamo.config.cache_size_limit = 1024
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     record: dict = dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
                         tokens=IMAGE_TOKENS + TEXT_TOKENS,
                         device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch=torch.__version__,
                         git=args.git, run=args.run_id, compile=args.compile, compile_mode=args.compile_mode,
+                        freezing=args.freezing,
                         quantize_small=args.quantize_small, command=os.environ.get("SPEED_COMMAND", ""))
     start = time.perf_counter()
     model, meta = build_model(args.blocks, *([args.config] if args.config else []))
@@ -335,6 +337,7 @@ def driver(args) -> None:
     passthrough = ["--out", str(args.out), "--run-id", args.run_id, "--iters", str(args.iters),
                    "--compile", args.compile,
                    "--compile-mode", args.compile_mode, "--git", args.git, "--threshold", str(args.threshold),
+                   *(["--freezing"] if args.freezing else []),
                    "--fused-factor", str(args.fused_factor), "--gain-rows", str(args.gain_rows)]
     passthrough += ["--blocks", str(args.blocks)] if args.blocks else []
     passthrough += ["--config", str(args.config)] if args.config else []
@@ -529,6 +532,8 @@ def main() -> None:
                         help="torch.compile the whole model, or each repeated block (diffusers' "
                              "compile_repeated_blocks), or not at all")
     parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--freezing", action="store_true",
+                        help="inductor freezing: parameters become constants of the compiled graph (inference only)")
     parser.add_argument("--quantize-small", action="store_true", help="quantize the M = batch layers too")
     parser.add_argument("--threshold", type=float, default=0.1, help="cost-aware: dB per %% of GEMM time")
     parser.add_argument("--fused-factor", type=float, default=1.0,
