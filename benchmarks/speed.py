@@ -533,7 +533,9 @@ def main() -> None:
                              "compile_repeated_blocks), or not at all")
     parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--freezing", action="store_true",
-                        help="inductor freezing: parameters become constants of the compiled graph (inference only)")
+                        help="inductor freezing: parameters become constants of the compiled graph (inference only; "
+                             "with --compile regional each block then compiles anew: on the H200 no variant finished "
+                             "its first call within 75 s)")
     parser.add_argument("--quantize-small", action="store_true", help="quantize the M = batch layers too")
     parser.add_argument("--threshold", type=float, default=0.1, help="cost-aware: dB per %% of GEMM time")
     parser.add_argument("--fused-factor", type=float, default=1.0,

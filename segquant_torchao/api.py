@@ -113,20 +113,27 @@ def _seg_linear_transform(module: nn.Module, config: SegLinearConfig, *, paramet
     if config.options.activation == "static" and config.step == "prepare":
         return prepare_linear(module, spec)
     if config.options.activation == "dynamic":
-        torchao_config = plain_config(spec, module.weight.device)
-        if torchao_config is not None:  # a plain layer: torchao's own tensor and kernel
-            check_linear(module, spec.layer())
-            return _QUANTIZE_CONFIG_HANDLER[type(torchao_config)](module, torchao_config)
-        return convert_linear(module, spec, None)
+        return _convert(module, spec, None, None)
     carried = config.calibration()
     if carried is not None:
-        return convert_linear(module, spec, *carried)
+        return _convert(module, spec, *carried)
     if not observed(module):
         raise SegQuantError(f"{spec.name}: convert before prepare: run quantize_ with step='prepare', "
                             "calibrate, then step='convert' (or pass calibrated amax in the config)")
     stats, smooth = static_calibration(module.segquant_observer, module.weight.detach().float(),
                                        spec.options.smoothquant_alpha)
-    return convert_linear(module, spec, stats, smooth)
+    return _convert(module, spec, stats, smooth)
+
+
+def _convert(module: nn.Module, spec: SegLinearSpec, stats: ActivationStats | None,
+             smooth: torch.Tensor | None) -> nn.Module:
+    """A plain layer that torchao's own configs express gets their tensor and kernel; the rest a SegQuantTensor."""
+    torchao_config = plain_config(spec, module.weight.device)
+    if torchao_config is None:
+        return convert_linear(module, spec, stats, smooth)
+    check_linear(module, spec.layer())
+    unprepare_linear(module)
+    return _QUANTIZE_CONFIG_HANDLER[type(torchao_config)](module, torchao_config)
 
 
 @dataclass

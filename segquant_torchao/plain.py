@@ -1,6 +1,11 @@
-"""Plain layers on torchao's own configs: a layer the plan neither segments nor dual-scales, with dynamic
-per-token activations and per-channel weights, is exactly what torchao's dynamic configs do; it gets their
-tensor (``Int8Tensor``, ``Float8Tensor``) and kernels instead of a ``SegQuantTensor``."""
+"""Plain layers on torchao's own configs: a layer the plan neither segments, dual-scales nor smooths, with
+per-channel weights and dynamic per-token activations, is what torchao's dynamic configs do; it gets their tensor
+(``Int8Tensor``, ``Float8Tensor``) and kernels instead of a ``SegQuantTensor``.
+
+Static layers stay on ``SegQuantTensor``: torchao 0.18's ``Int8StaticActivationInt8WeightConfig`` asserts that
+its scale has the activation's rank (a transformer's 3-D activations fail in ``Int8Tensor.from_hp``), and its
+static float8 config is a prototype that refuses CPU tensors; the static fp8 path here is also the one
+``benchmarks/speed.py`` measures."""
 
 from __future__ import annotations
 
@@ -17,11 +22,11 @@ def fp8_supported(device: torch.device) -> bool:
 
 def plain_config(spec: SegLinearSpec, device: torch.device) -> AOBaseConfig | None:
     """torchao's config for a plain dynamic layer on ``device``, or None where SegQuant's own tensor runs it
-    (a segmented, DualScale, smoothed, per-tensor or static layer; the fused kernels; fp8 where torchao's float8
-    tensors need a newer GPU)."""
+    (a static, segmented, DualScale, smoothed or per-tensor-weight layer; the fused kernels; fp8 where torchao's
+    float8 tensors need a newer GPU)."""
+    from torchao.float8.inference import Float8MMConfig
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
                                       Int8DynamicActivationInt8WeightConfig, PerRow)
-    from torchao.float8.inference import Float8MMConfig
 
     o = spec.options
     if (o.activation != "dynamic" or o.weight_granularity != "per_channel" or o.kernel != "naive"
