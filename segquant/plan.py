@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import PlanError
+from .files import atomic_write_text
 from .precision import PRECISIONS
 
 PLAN_VERSION = 2
@@ -445,7 +446,8 @@ class SegQuantPlan:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the plan as JSON, atomically (an interrupted save leaves the previous file)."""
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "SegQuantPlan":

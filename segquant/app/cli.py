@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = RunSettings(model=args.model, backend=args.backend, recipe=args.recipe, num_samples=args.num_samples,
                            calib_samples=args.calib_samples, steps=args.steps, out=args.out, device=args.device,
-                           seed=args.seed, progress=not args.quiet)
+                           seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
     metrics = run(settings)
     if not args.quiet:
         for label, row in metrics["rows"].items():
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="segquant-run", help="report folder (default ./segquant-run)")
     r.add_argument("--device", default="cpu", help="torch device (default cpu)")
     r.add_argument("--seed", type=int, default=0, help="noise seed of the evaluated images")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an earlier "
+                   "segquant run report")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars, print nothing")
     r.set_defaults(func=cmd_run)
     return parser
@@ -198,6 +200,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SegQuantError as e:
         print(f"segquant: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("segquant: interrupted (outputs left as they were)", file=sys.stderr)
+        return 130
+    except (OSError, UnicodeDecodeError) as e:  # the environment or a file, not SegQuant
+        if args.verbose:
+            raise
+        print(f"segquant: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"segquant: internal error: {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ image against them, Frechet distance between feature sets, and confidence interv
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -27,8 +27,10 @@ from torch import nn
 
 from segquant import Backend, SegQuantError, SegQuantPlan, analyze, backend_names, example_inputs, get_backend
 from segquant.backend import check_supported
+from segquant.files import atomic_write_text
 from segquant.recipe import PRECISIONS, CalibrationSettings, Recipe, load_recipe
 
+from .outputs import check_output_folder, staged_output
 from .pipelines import (DTYPES, calibration_loop, denoiser_name, family_of, load_component, load_pipeline,
                         read_prompts)
 
@@ -39,6 +41,7 @@ DEFAULT_BACKEND = "modelopt"
 MANIFEST = "segquant.json"
 MANIFEST_VERSION = 1
 PLAN_FILE = "plan.json"
+COMMAND = "segquant quantize"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class QuantizeJob:
         seed: the first calibration prompt's seed (prompt i uses ``seed + i``).
         onnx: also export the quantized denoiser to ONNX (ModelOpt only).
         show_progress: tqdm over calibration prompts.
+        overwrite: replace a non-empty ``out`` that is not an earlier ``segquant quantize`` checkpoint.
     """
 
     model: str
@@ -76,6 +80,7 @@ class QuantizeJob:
     seed: int = 0
     onnx: bool = False
     show_progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in backend_names():
@@ -152,6 +157,8 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
             a precision the backend does not support, or a backend that is not installed.
     """
     backend = _check_backend(job)
+    out = check_output_folder(job.out, [p for p in (job.model, job.prompts, job.recipe) if p], COMMAND,
+                              job.overwrite)
     prompts = read_prompts(job.prompts)
     pipe = load_pipeline(job.model, job.dtype, job.device)
     name = denoiser_name(pipe)
@@ -164,24 +171,31 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
     prompts = prompts[:settings.num_prompts]
     logger.info("calibrating %s (%s) on %d prompts x %d steps", recipe.name, job.backend, len(prompts), settings.steps)
     forward_loop = calibration_loop(pipe, prompts, settings, job.seed, job.show_progress)
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_output(out, COMMAND) as stage:  # the old checkpoint stays until the new one is complete
+        quantized, files = _quantize_into(stage, job, backend, pipe, name, plan, recipe, forward_loop)
+    return QuantizeResult(pipe, recipe, settings, plan, [out / f.relative_to(stage) for f in files])
+
+
+def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, name: str, plan: SegQuantPlan,
+                   recipe: Recipe, forward_loop: Any) -> tuple[nn.Module, list[Path]]:
+    """Quantize, save, optionally export and write the manifest last, all inside ``stage``."""
+    denoiser = getattr(pipe, name)
     inputs, handle = _call_capture(denoiser)
     try:
         quantized, files = backend.quantize_and_save(denoiser, plan, recipe.quantize_options(job.show_progress),
-                                                     forward_loop, out, name)
+                                                     forward_loop, stage, name)
     finally:
         handle.remove()
     setattr(pipe, name, quantized)
-    plan.save(out / PLAN_FILE)
-    files.append(out / PLAN_FILE)
+    plan.save(stage / PLAN_FILE)
+    files.append(stage / PLAN_FILE)
     if job.onnx:
-        files.append(backend.export_onnx(quantized, inputs, out / f"{name}.onnx"))
+        files.append(backend.export_onnx(quantized, inputs, stage / f"{name}.onnx"))
     manifest = {"version": MANIFEST_VERSION, "backend": job.backend, "recipe": recipe.name,
                 "base_model": _base_reference(job.model), "denoiser": name,
                 "denoiser_class": type(denoiser).__name__, "dtype": job.dtype, "files": [f.name for f in files]}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return QuantizeResult(pipe, recipe, settings, plan, [out / MANIFEST, *files])
+    atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return quantized, [stage / MANIFEST, *files]
 
 
 def _base_reference(model: str) -> str:
@@ -242,10 +256,13 @@ def add_job_arguments(parser: argparse.ArgumentParser, model: str | None = None,
     parser.add_argument("--onnx", action="store_true", help="also export the denoiser to ONNX (backends with ONNX "
                         "export: modelopt)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an "
+                        "earlier segquant quantize checkpoint")
 
 
 def job_from_args(args: argparse.Namespace) -> QuantizeJob:
     return QuantizeJob(model=args.model, out=args.out, backend=args.backend, precision=args.precision,
                        recipe=args.recipe, prompts=args.prompts, num_prompts=args.num_prompts, steps=args.steps,
                        guidance=args.guidance, height=args.height, width=args.width, dtype=args.dtype,
-                       device=args.device, seed=args.seed, onnx=args.onnx, show_progress=not args.no_progress)
+                       device=args.device, seed=args.seed, onnx=args.onnx, show_progress=not args.no_progress,
+                       overwrite=args.overwrite)

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from .embedded.images import grid
 from segquant.errors import SegQuantError
+from segquant.files import atomic_write_text
 
 
 def _plt():
@@ -141,7 +142,7 @@ def comparison_lines(metrics: dict[str, Any]) -> list[str]:
 
 def write_report(out: Path, metrics: dict[str, Any], rows: Sequence[Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
-    (out / "report.md").write_text(markdown(metrics))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float) + "\n")
+    atomic_write_text(out / "report.md", markdown(metrics))
     save_grid_png(rows, out / "grid.png")
     save_layers_png(metrics, out / "layers.png")

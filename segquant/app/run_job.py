@@ -11,7 +11,6 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,10 @@ from segquant import Backend, SegQuantError, SegQuantPlan, analyze, backend_name
 from segquant.backend import check_supported
 from segquant.recipe import PRECISIONS, Recipe, load_recipe
 
+from .outputs import check_output_folder, staged_output
 from .quantize_job import DEFAULT_BACKEND
+
+COMMAND = "segquant run"
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class RunSettings:
         out: report folder.
         device: torch device.
         seed: noise seed of the evaluated images (calibration uses ``seed + 1``).
+        overwrite: replace a non-empty ``out`` that is not an earlier ``segquant run`` report.
     """
 
     model: str = "mnist-flux"
@@ -52,6 +55,7 @@ class RunSettings:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in backend_names():
@@ -226,9 +230,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     from .evaluation import linear_flops, record_linear_io
     from .report import write_report
 
-    out = Path(settings.out)
-    if out.exists() and not out.is_dir():
-        raise SegQuantError(f"--out {out} exists and is not a folder")
+    out = check_output_folder(settings.out, [settings.model], COMMAND, settings.overwrite)
     start = time.time()
     job = _prepare(settings)
     reference_io = record_linear_io(job.fp.model, lambda: job.fp.model(**job.example))
@@ -251,5 +253,6 @@ def run(settings: RunSettings) -> dict[str, Any]:
                         else platform.processor() or "cpu", "command": " ".join(sys.argv)},
         "seconds": time.time() - start,
     }
-    write_report(out, metrics, rows)
+    with staged_output(out, COMMAND) as stage:  # an earlier report stays until the new one is complete
+        write_report(stage, metrics, rows)
     return metrics
