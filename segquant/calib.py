@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -29,8 +29,11 @@ class SegmentAmaxObserver:
         self.segments = tuple(layer.in_segments if layer is not None else segments)
         self.name = name or (layer.name if layer is not None else "") or "<layer>"
         self.batches = 0
+        self.rows = 0
         self.ndim = 0
         self.channels: ActivationStats | None = None  # per-channel (K,) maxima
+        self.first_row: Tensor | None = None  # to tell data that never varies (degenerate calibration)
+        self.varies = False
 
     def update(self, x: Tensor) -> None:
         """Fold one batch of inputs ``(..., K)`` into the running ranges.
@@ -51,7 +54,11 @@ class SegmentAmaxObserver:
             new = ActivationStats(torch.maximum(old.amax, new.amax), torch.maximum(old.pos_amax, new.pos_amax),
                                   torch.maximum(old.neg_amax, new.neg_amax))
         self.channels = new
+        if flat.shape[0]:
+            self.first_row = flat[0].clone() if self.first_row is None else self.first_row
+            self.varies = self.varies or bool((flat != self.first_row).any())
         self.batches += 1
+        self.rows += flat.shape[0]
         self.ndim = x.dim()
 
     def channel_stats(self) -> ActivationStats:
@@ -83,3 +90,35 @@ def static_calibration(observer: SegmentAmaxObserver, weight: Tensor,
         return observer.stats(), None
     smooth = smoothquant_factors(weight, observer.channel_stats().amax, alpha)
     return observer.stats(smooth), smooth
+
+
+def check_calibration(observers: Mapping[str, SegmentAmaxObserver]) -> None:
+    """Raise ``SegQuantError`` naming every layer that calibration never reached, whose range is zero on an
+    input segment (a zero scale: the layer would output nothing but its bias), and refuse calibration data
+    without variation (at least half the layers saw the same input vector in every row, e.g. all-zero latents
+    and prompts: the ranges say nothing about real inputs; a single constant input such as a fixed guidance
+    embedding is normal). Both backends call this before they change any layer.
+
+    Keep such layers in high precision (the recipe's ``skip``) if the zeros are real.
+    """
+    unreached = [name for name, obs in observers.items() if obs.batches == 0]
+    if unreached:
+        raise SegQuantError(f"calibration reached no data for {len(unreached)} layer(s), e.g. "
+                            f"{', '.join(unreached[:3])}: run the model on calibration inputs between prepare and "
+                            "convert (or pass a forward_loop that uses them); nothing was converted")
+    zero = {}
+    for name, obs in observers.items():
+        amax = obs.stats().amax
+        if (amax <= 0).any():
+            zero[name] = [i for i, a in enumerate(amax.tolist()) if a <= 0]
+    if zero:
+        shown = "; ".join(f"{n} (input segment {', '.join(map(str, s))})" for n, s in list(zero.items())[:3])
+        raise SegQuantError(f"calibration saw only zeros in {len(zero)} layer(s): {shown}. Check the calibration "
+                            "data (all zeros?), or keep these layers in high precision (the recipe's skip); "
+                            "nothing was converted")
+    constant = [name for name, obs in observers.items() if obs.rows > 1 and not obs.varies]
+    if constant and len(constant) >= len(observers) / 2:  # one constant input (a fixed guidance) is normal
+        raise SegQuantError(f"calibration data without variation: {len(constant)} of {len(observers)} layers (e.g. "
+                            f"{', '.join(constant[:3])}) saw the same input vector in every row. Calibrate on "
+                            "real samples (images, prompts, timesteps), not constant or all-zero inputs; nothing "
+                            "was converted")

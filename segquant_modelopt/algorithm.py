@@ -24,7 +24,7 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 
 from segquant import AnalysisOptions, LinearPlan, SegmentAmaxObserver, SegQuantError, SegQuantPlan, analyze, \
     example_inputs, get_precision
-from segquant.calib import static_calibration
+from segquant.calib import check_calibration, static_calibration
 from segquant.numerics import QuantFormat, expand_segments, fold_activation_scales, get_format, weight_amax
 from segquant.options import DEFAULT_REALISATION, REALISATIONS
 from segquant.recording import record_linears
@@ -320,6 +320,7 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
     static = {n: m for n, m in enabled.items() if not m.input_quantizer._dynamic}
     observers = {name: SegmentAmaxObserver(resolved[name]) for name in static}
     _observe(model, forward_loop, observers, show_progress)
+    check_calibration(observers)
     settings = {n: _settings(n, m, resolved[n], observers[n], realisation, alpha) for n, m in static.items()}
     for name, module in static.items():  # nothing above changed a layer: apply all or nothing
         _apply(module, settings[name])

@@ -26,7 +26,7 @@ from torchao.utils import TorchAOBaseTensor
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER, register_quantize_module_handler
 
 from segquant import PRECISIONS, PlanError, SegQuantError, SegQuantPlan
-from segquant.calib import static_calibration
+from segquant.calib import check_calibration, static_calibration
 from segquant.numerics import ActivationStats
 from segquant.options import check_choice
 
@@ -338,20 +338,18 @@ def check_plan(model: nn.Module, plan: SegQuantPlan | SegQuantConfig) -> None:
 
 
 def _check_calibrated(model: nn.Module, names: list[str], calibrated: set[str]) -> None:
-    """A static convert from observers: every layer must be prepared and have seen data, before any changes."""
+    """A static convert from observers: every layer must be prepared and have seen usable data, before any
+    changes (``segquant.calib.check_calibration``)."""
     modules = dict(model.named_modules())
-    missing = []
+    observers = {}
     for name in names:
         if name in calibrated:
             continue
         if not observed(modules[name]):
             raise SegQuantError(f"{name}: convert before prepare: run quantize with step='prepare', calibrate, "
                                 "then step='convert' (or pass calibration=calibration_from(model))")
-        if modules[name].segquant_observer.batches == 0:
-            missing.append(name)
-    if missing:
-        raise SegQuantError(f"calibration reached no data for {len(missing)} layer(s), e.g. {', '.join(missing[:3])}: "
-                            "run the model on calibration inputs between prepare and convert; nothing was converted")
+        observers[name] = modules[name].segquant_observer
+    check_calibration(observers)
 
 
 def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
@@ -387,6 +385,7 @@ def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
 def calibration_from(model: nn.Module) -> dict[str, dict[str, list[float]]]:
     """The calibrated ranges (and SmoothQuant factors) of every observed layer, for
     ``SegQuantConfig(calibration=...)``."""
+    check_calibration({name: m.segquant_observer for name, m in model.named_modules() if observed(m)})
     out = {}
     for name, module in model.named_modules():
         if observed(module):
