@@ -77,7 +77,7 @@ def test_cli_quantize_from_the_hub_cache_with_onnx(flux_folder, empty_offline_ca
 
 def test_progress_over_calibration_prompts(flux_folder, tmp_path, capsys):
     pytest.importorskip("torchao")
-    quantize_pipeline(QuantizeJob(model=str(flux_folder), out=tmp_path, backend="torchao", precision="fp8",
+    quantize_pipeline(QuantizeJob(model=str(flux_folder), out=tmp_path / "out", backend="torchao", precision="fp8",
                                   **{**TINY, "show_progress": True}))
     assert "calibration prompts: 100%" in capsys.readouterr().err
 
@@ -85,8 +85,8 @@ def test_progress_over_calibration_prompts(flux_folder, tmp_path, capsys):
 def test_unknown_model_id(empty_offline_cache, tmp_path, capsys):
     with pytest.raises(SegQuantError, match="'nobody/no-such-model' is not a local folder and its weights are not "
                                             "in the local Hugging Face cache \\(offline"):
-        quantize_pipeline(QuantizeJob(model="nobody/no-such-model", out=tmp_path, **TINY))
-    assert main(["quantize", "--model", "nobody/no-such-model", "--out", str(tmp_path)]) == 2
+        quantize_pipeline(QuantizeJob(model="nobody/no-such-model", out=tmp_path / "out", **TINY))
+    assert main(["quantize", "--model", "nobody/no-such-model", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("segquant: error: cannot load nobody/no-such-model") and "Traceback" not in err
 
@@ -106,8 +106,8 @@ def test_recipe_for_another_family(flux_folder, tmp_path, capsys):
     pytest.importorskip("modelopt.torch.quantization")
     with pytest.raises(PlanError, match="recipe sdxl-base/fp8 is for UNet2DConditionModel, the model is a "
                                         "FluxTransformer2DModel"):
-        quantize_pipeline(QuantizeJob(model=str(flux_folder), out=tmp_path, recipe="sdxl-base/fp8", **TINY))
-    assert main(["quantize", "--model", str(flux_folder), "--out", str(tmp_path), "--recipe", "sdxl-base/fp8",
+        quantize_pipeline(QuantizeJob(model=str(flux_folder), out=tmp_path / "out", recipe="sdxl-base/fp8", **TINY))
+    assert main(["quantize", "--model", str(flux_folder), "--out", str(tmp_path / "out"), "--recipe", "sdxl-base/fp8",
                  *TINY_ARGS]) == 2
     assert "is for UNet2DConditionModel" in capsys.readouterr().err
     assert not (tmp_path / "segquant.json").exists()
@@ -117,25 +117,25 @@ def test_bad_prompt_files(tmp_path, capsys):
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n  \n")
     with pytest.raises(SegQuantError, match="prompt file .*prompts.txt holds no prompts"):
-        quantize_pipeline(QuantizeJob(model="any/model", out=tmp_path, prompts=empty, **TINY))
-    assert main(["quantize", "--model", "any/model", "--out", str(tmp_path), "--prompts", str(tmp_path / "no.txt")]) == 2
+        quantize_pipeline(QuantizeJob(model="any/model", out=tmp_path / "out", prompts=empty, **TINY))
+    assert main(["quantize", "--model", "any/model", "--out", str(tmp_path / "out"), "--prompts", str(tmp_path / "no.txt")]) == 2
     assert "no.txt does not exist" in capsys.readouterr().err
 
 
 def test_bad_backend_precision_and_options(tmp_path, capsys):
     with pytest.raises(SegQuantError, match="unknown backend 'tensorrt'; one of modelopt, torchao"):
-        QuantizeJob(model="m", out=tmp_path, backend="tensorrt")
+        QuantizeJob(model="m", out=tmp_path / "out", backend="tensorrt")
     with pytest.raises(SegQuantError, match="unknown precision 'int3'"):
-        QuantizeJob(model="m", out=tmp_path, precision="int3")
+        QuantizeJob(model="m", out=tmp_path / "out", precision="int3")
     with pytest.raises(SegQuantError, match="unknown dtype 'float8'"):
-        QuantizeJob(model="m", out=tmp_path, dtype="float8")
+        QuantizeJob(model="m", out=tmp_path / "out", dtype="float8")
     pytest.importorskip("torchao")
     with pytest.raises(SegQuantError, match="backend torchao has no ONNX export; use a backend that has one"):
-        quantize_pipeline(QuantizeJob(model="m", out=tmp_path, backend="torchao", onnx=True))
+        quantize_pipeline(QuantizeJob(model="m", out=tmp_path / "out", backend="torchao", onnx=True))
     with pytest.raises(SegQuantError, match="backend torchao supports int8_w8a8, int8_perchannel, fp8, not w4a8"):
-        quantize_pipeline(QuantizeJob(model="m", out=tmp_path, backend="torchao", precision="w4a8"))
+        quantize_pipeline(QuantizeJob(model="m", out=tmp_path / "out", backend="torchao", precision="w4a8"))
     with pytest.raises(SystemExit) as exit_info:
-        main(["quantize", "--model", "m", "--out", str(tmp_path), "--backend", "tensorrt"])
+        main(["quantize", "--model", "m", "--out", str(tmp_path / "out"), "--backend", "tensorrt"])
     assert exit_info.value.code == 2 and "invalid choice: 'tensorrt'" in capsys.readouterr().err
 
 

@@ -78,7 +78,8 @@ def test_run_torchao_on_the_unet(tmp_path):
     (["--backend", "torchao", "--recipe", "w4a8"], "backend torchao supports"),
 ])
 def test_run_bad_input(argv, message, tmp_path, capsys):
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    (tmp_path / "model").mkdir()
+    argv = [a.replace("{tmp}", str(tmp_path / "model")) for a in argv]
     for flag in ("--num-samples", "--calib-samples", "--steps"):
         if flag not in argv:
             argv += [flag, "1"]
