@@ -168,10 +168,11 @@ class Recipe:
         calibration = values.pop("calibration", None) or {}
         if not isinstance(calibration, Mapping):
             raise SegQuantError(f"{source}: calibration must be a mapping of settings, got {calibration!r}")
-        try:
-            values["calibration"] = CalibrationSettings(**calibration)
-        except TypeError as e:
-            raise SegQuantError(f"{source}: bad calibration settings: {e}") from None
+        known = [f.name for f in dataclasses.fields(CalibrationSettings)]
+        unknown = sorted(set(calibration) - set(known))
+        if unknown:
+            raise SegQuantError(f"{source}: unknown calibration keys {unknown}; known: {known}")
+        values["calibration"] = CalibrationSettings(**calibration)
         values["overrides"] = values.get("overrides") or {}
         try:
             return cls(**values)

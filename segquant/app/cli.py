@@ -33,23 +33,59 @@ def _read_config(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
                                 "subfolder; pass a diffusers model folder or --config")
     elif args.config is not None:
         path = Path(args.config)
-        if not path.exists() or path.is_dir():
+        if not path.exists():
             raise SegQuantError(f"config file {path} does not exist")
+        if not path.is_file():  # a folder, a FIFO or a device would block or fail in read_text
+            raise SegQuantError(f"config {path} is not a regular file; pass a diffusers config.json")
     else:
         configs = bundled_configs()
         if args.model not in configs:
             raise SegQuantError(f"unknown bundled model {args.model!r}; bundled: {', '.join(sorted(configs))}")
         path = configs[args.model]
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SegQuantError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise SegQuantError(f"{path} must hold a JSON object (a diffusers config)")
+    check_config_size(config, str(path), args.allow_large)
     model_class = args.model_class or config.get("_class_name")
     if not model_class:
         raise SegQuantError(f"{path} has no _class_name; pass --model-class (e.g. FluxTransformer2DModel)")
     return model_class, config, str(path)
+
+
+MAX_REPEATS = 512      # blocks / layers of one kind; FLUX.1-dev has 57, SDXL's UNet fewer
+MAX_WIDTH = 65_536     # hidden sizes and head dims multiplied out
+
+
+def check_config_size(config: dict[str, Any], source: str, allow_large: bool = False) -> None:
+    """Refuse, within a second, configs whose block counts or widths would build modules for minutes even on
+    ``meta`` (``--allow-large`` for the brave)."""
+    if allow_large:
+        return
+    counts = {k: v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)
+              and ("layers" in k or "blocks" in k)}
+    widths = {k: v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)
+              and ("dim" in k or "channels" in k or k.endswith("_size"))}
+    heads = config.get("num_attention_heads"), config.get("attention_head_dim")
+    if all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
+        widths["num_attention_heads x attention_head_dim"] = heads[0] * heads[1]
+    too_many = {k: v for k, v in counts.items() if v > MAX_REPEATS}
+    too_wide = {k: v for k, v in widths.items() if v > MAX_WIDTH}
+    if too_many or too_wide:
+        found = ", ".join(f"{k}={v}" for k, v in {**too_many, **too_wide}.items())
+        raise SegQuantError(f"{source}: {found} is far beyond any released denoiser (at most {MAX_REPEATS} blocks, "
+                            f"width {MAX_WIDTH}); building it would take minutes: check the config, or pass "
+                            "--allow-large")
+
+
+def check_json_target(path: Path) -> None:
+    """``--json`` is checked before the analysis runs."""
+    if path.is_dir():
+        raise SegQuantError(f"--json {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise SegQuantError(f"--json {path}: the folder {path.parent} does not exist")
 
 
 def _build_on_meta(model_class: str, config: dict[str, Any]):
@@ -77,6 +113,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from segquant.inputs import example_inputs
     from segquant.plan import format_table
 
+    if args.json:
+        check_json_target(Path(args.json))
     model_class, config, source = _read_config(args)
     start = time.perf_counter()
     model = _build_on_meta(model_class, config)
@@ -135,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model-dir", help="a diffusers model or pipeline folder (reads its config.json)")
     src.add_argument("--model", default=DEFAULT_MODEL, help=f"a bundled model (default {DEFAULT_MODEL})")
     p.add_argument("--json", help="write the plan to this JSON file")
+    p.add_argument("--allow-large", action="store_true",
+                   help=f"analyse configs beyond {MAX_REPEATS} blocks or width {MAX_WIDTH} (slow)")
     p.add_argument("--capture", choices=("auto", "export", "eager"), default="auto",
                    help="graph capture: torch.export with eager fallback (default), or one of them")
     p.add_argument("--head-segments", action="store_true",
