@@ -11,7 +11,6 @@ all-or-nothing transaction lives in ``quantize()``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -146,21 +145,26 @@ class SegQuantModelCheck(AOBaseConfig):
     options: SegQuantOptions = field(default_factory=SegQuantOptions)
     step: str = "convert"
     calibrated: list = field(default_factory=list)
-    attach: bool = True
+
+
+def _check_model(model: nn.Module, config: SegQuantModelCheck) -> SegQuantPlan:
+    """Raise unless the plan fits ``model`` (and a static convert's calibration is usable); returns the plan."""
+    plan = SegQuantPlan.from_dict(config.plan)
+    plan.check_model(model, complete=True)
+    modules = dict(model.named_modules())
+    for name in plan.quantized_layers():
+        check_linear(modules[name], plan[name])
+    if config.options.activation == "static" and config.step == "convert":
+        _check_calibrated(model, plan.quantized_layers(), set(config.calibrated))
+    return plan
 
 
 @register_quantize_module_handler(SegQuantModelCheck)
 def _check_model_transform(module: nn.Module, config: SegQuantModelCheck, **_: Any) -> nn.Module:
     """Check everything first; a diffusers model being converted is marked quantized (``diffusers_io``) so
     that ``save_pretrained`` writes its 8-bit weights."""
-    plan = SegQuantPlan.from_dict(config.plan)
-    plan.check_model(module, complete=True)
-    modules = dict(module.named_modules())
-    for name in plan.quantized_layers():
-        check_linear(modules[name], plan[name])
-    if config.options.activation == "static" and config.step == "convert":
-        _check_calibrated(module, plan.quantized_layers(), set(config.calibrated))
-    if config.step == "convert" and config.attach and is_diffusers_model(module):
+    plan = _check_model(module, config)
+    if config.step == "convert" and is_diffusers_model(module):
         attach_quantization_config(module, SegQuantConfig(plan, options=config.options))
     return module
 
@@ -362,10 +366,10 @@ def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
         raise SegQuantError(f"expected a SegQuantConfig, got {type(config).__name__}")
     modules = dict(model.named_modules())
     check = config.fqn_to_config[""]
-    _check_model_transform(model, dataclasses.replace(check, attach=False))
+    plan = _check_model(model, check)
     before = {name: (modules[name].weight, observed(modules[name])) for name in config.layer_configs()}
-    run = copy.copy(config)  # the same layers; the diffusers marking waits until every layer converted
-    run.fqn_to_config = OrderedDict(config.fqn_to_config, **{"": dataclasses.replace(check, attach=False)})
+    run = copy.copy(config)  # the same layers without the root entry: checked above, marked only on success
+    run.fqn_to_config = OrderedDict(config.fqn_to_config, **{"": None})
     try:
         quantize_(model, run, filter_fn=None)
     except BaseException:
@@ -378,7 +382,7 @@ def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
                 unprepare_linear(module)
         raise
     if config.step == "convert" and is_diffusers_model(model):
-        attach_quantization_config(model, SegQuantConfig(SegQuantPlan.from_dict(check.plan), options=check.options))
+        attach_quantization_config(model, SegQuantConfig(plan, options=check.options))
     return model
 
 

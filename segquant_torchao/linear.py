@@ -24,11 +24,6 @@ def observed(module: nn.Module) -> bool:
     return isinstance(getattr(module, "segquant_observer", None), SegmentAmaxObserver)
 
 
-def quantized(module: nn.Module) -> bool:
-    """Whether ``module`` is a Linear whose weight is a ``SegQuantTensor``."""
-    return isinstance(module, nn.Linear) and isinstance(module.weight, SegQuantTensor)
-
-
 def check_linear(module: nn.Module, layer: LinearPlan) -> None:
     """Raise ``SegQuantError`` unless ``module`` is a float ``nn.Linear`` of the planned shape with real weights."""
     name = layer.name or "<layer>"

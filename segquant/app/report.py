@@ -121,7 +121,7 @@ def comparison_lines(metrics: dict[str, Any]) -> list[str]:
                          f"{c['verdict']} |")
         else:
             lines.append(f"| {label} | - | - | {c['verdict']} |")
-    like = next((c for label, c in comparisons.items() if "without SegLinear" in label), None)
+    like = next((c for c in comparisons.values() if c.get("like_for_like")), None)
     if like and like["layers"]:
         deltas = {n: v["segquant_db"] - v["other_db"] for n, v in like["layers"].items()
                   if v["segquant_db"] is not None and v["other_db"] is not None

@@ -79,6 +79,7 @@ class RowResult:
     quantized_layers: set[str] = field(default_factory=set)
     seconds: float = 0.0
     psnr: torch.Tensor | None = None  # per image, against the full-precision row
+    kind: str = ""  # one of ROW_KINDS for a quantized row
 
 
 def resolve_recipe(settings: RunSettings, model_name: str, model_class: str) -> Recipe:
@@ -177,7 +178,7 @@ def _quantized_row(job: _Job, kind: str, reference_io, failed: dict[str, str]) -
         return None
     images = job.sample(den, f"sampling {kind}")
     row = RowResult(label, images, layer_sqnr=layer_sqnr(den.model, reference_io),
-                    quantized_layers=set(job.backend.quantized_linears(den.model)))
+                    quantized_layers=set(job.backend.quantized_linears(den.model)), kind=kind)
     row.seconds = time.time() - t
     return row
 
@@ -212,7 +213,7 @@ def compare_rows(rows: list[RowResult], changed: list[str]) -> dict[str, Any]:
     seg = rows[-1]
     out: dict[str, Any] = {}
     for other in rows[1:-1]:
-        entry: dict[str, Any] = {"against": other.label}
+        entry: dict[str, Any] = {"against": other.label, "like_for_like": other.kind == "techniques_off"}
         try:
             interval = paired_interval(seg.psnr, other.psnr)
             entry.update(psnr_db_difference=interval.mean, low=interval.low, high=interval.high, n=interval.n,

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 import segquant  # noqa: E402
 from segquant import PlanError, SegQuantError  # noqa: E402
-from segquant_torchao import SegQuantConfig, SegQuantTensor, quantize, quantized_layers  # noqa: E402
+from segquant_torchao import SegQuantConfig, SegQuantTensor, calibration_from, quantize, quantized_layers  # noqa: E402
 from torchao.utils import TorchAOBaseTensor  # noqa: E402
 from _models import build_tiny, build_tiny_flux_pipeline, build_tiny_sd3_pipeline  # noqa: E402
 
@@ -50,14 +50,18 @@ def state_of(model):
     return out
 
 
+def same_bits(x, y):
+    """Bit equality, fp8 codes included (compared as int8: fp8 has no equality kernel on every device)."""
+    as_int = (lambda t: t.view(torch.int8) if t.dtype == torch.float8_e4m3fn else t)
+    return torch.equal(as_int(x), as_int(y))
+
+
 def assert_same_state(a, b):
     assert a.keys() == b.keys()
     for key in a:
         if isinstance(a[key], tuple):
             assert a[key][:2] == b[key][:2], key
-            assert all(torch.equal(x.view(torch.int8) if x.dtype == torch.float8_e4m3fn else x,
-                                   y.view(torch.int8) if y.dtype == torch.float8_e4m3fn else y)
-                       for x, y in zip(a[key][2], b[key][2])), key
+            assert all(same_bits(x, y) for x, y in zip(a[key][2], b[key][2])), key
         else:
             assert torch.equal(a[key], b[key]), key
 
@@ -169,9 +173,12 @@ def test_to_dtype_and_device_keep_codes_and_scales():
     x = torch.randn(4, 8, 32)
     plan = segquant.analyze(block, x, analysis_options=segquant.AnalysisOptions(keep_output_layer=False))
     assert plan["down"].in_segments == (32, 64) and plan["down"].dual_scale_segments == (1,)
+    float_weights = {name: getattr(block, name).weight.detach().clone() for name in ("up", "down")}
+    fresh = copy.deepcopy(block)
     quantize(block, SegQuantConfig(plan, precision="fp8", activation="static", step="prepare"))
     with torch.no_grad():
         block(x)
+    calibration = calibration_from(block)
     quantize(block, SegQuantConfig(plan, precision="fp8", activation="static"))
     before = state_of(block)
     with torch.no_grad():
@@ -184,9 +191,7 @@ def test_to_dtype_and_device_keep_codes_and_scales():
                                                                                              torch.float16)
             for key, value in state_of(low).items():
                 if isinstance(value, tuple):  # codes and scales untouched; only the logical dtype changed
-                    assert all(torch.equal(a.view(torch.int8) if a.dtype == torch.float8_e4m3fn else a,
-                                           b.view(torch.int8) if b.dtype == torch.float8_e4m3fn else b)
-                               for a, b in zip(value[2], before[key][2])), key
+                    assert all(same_bits(a, b) for a, b in zip(value[2], before[key][2])), key
             dtype = low.down.weight.dtype
             h = torch.cat([x, nn.functional.gelu(block.up(x))], dim=-1).to(dtype)
             for name, inp in (("up", x.to(dtype)), ("down", h)):
@@ -197,6 +202,17 @@ def test_to_dtype_and_device_keep_codes_and_scales():
             assert low(x.to(dtype)).dtype == dtype
     with pytest.raises(SegQuantError, match="cannot become torch.int8"):
         block.down.weight.to(torch.int8)
+    # dequantize (diffusers' _dequantize calls it): the float weight the codes stand for, in split-K and
+    # with the activation scales folded into the weight columns (undone here)
+    folded = copy.deepcopy(fresh)
+    quantize(folded, SegQuantConfig(plan, precision="fp8", activation="static", realisation="folded",
+                                    calibration=calibration))
+    for model in (block, folded):
+        for name in ("up", "down"):
+            original, restored = float_weights[name], getattr(model, name).weight.dequantize()
+            assert restored.shape == original.shape and restored.dtype == torch.float32
+            error = (restored - original).abs().max() / original.abs().max()
+            assert 0 < error < 0.07, (name, error)  # fp8 e4m3 keeps 3 mantissa bits: at most 1/16 relative
 
 
 def test_a_quantized_diffusers_model_refuses_a_dtype_cast_with_diffusers_error():
@@ -251,7 +267,7 @@ def test_checkpoints_of_earlier_versions_still_load(tmp_path):
     import dataclasses
     import json
 
-    from segquant_torchao import SegQuantOptions, calibration_from
+    from segquant_torchao import SegQuantOptions
 
     model = build_tiny("FluxTransformer2DModel")
     kwargs = segquant.example_inputs(model)
