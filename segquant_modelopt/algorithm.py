@@ -17,10 +17,12 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 from modelopt.torch.opt.config import ModeloptField
+from modelopt.torch.opt.conversion import ModeloptStateManager
 from modelopt.torch.quantization.config import QuantizeAlgorithmConfig
 from modelopt.torch.quantization.mode import BaseCalibrateModeDescriptor, CalibrateModeRegistry
 from modelopt.torch.quantization.model_calib import max_calibrate
-from modelopt.torch.quantization.nn import TensorQuantizer
+from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
+from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
 
 from segquant import AnalysisOptions, LinearPlan, SegmentAmaxObserver, SegQuantError, SegQuantPlan, analyze, \
     example_inputs, get_precision
@@ -28,6 +30,7 @@ from segquant.calib import check_calibration, static_calibration
 from segquant.numerics import QuantFormat, expand_segments, fold_activation_scales, get_format, weight_amax
 from segquant.options import DEFAULT_REALISATION, REALISATIONS
 from segquant.recording import record_linears
+from segquant.transaction import ModelSnapshot
 
 from .quantizer import format_of, is_marked, mark
 
@@ -185,7 +188,7 @@ def _set_amax(quantizer: TensorQuantizer, amax: Tensor, axis: int | None) -> Non
 
 
 def _apply(module: nn.Module, s: _LayerSettings) -> None:
-    module.weight.data.copy_(s.weight)
+    module.weight.data = s.weight  # replaced, not written in place: a failed step restores the old data
     _set_amax(module.weight_quantizer, s.weight_amax.to(module.weight.device), 0)
     mark(module.weight_quantizer).set_weight_role(list(s.layer.out_segments), s.per_channel)
     quantizer = mark(module.input_quantizer)
@@ -300,7 +303,55 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
                        dual_scale: bool | None = None, realisation: str = DEFAULT_REALISATION,
                        alpha: float | None = None, overrides: dict | None = None, head_segments: bool = False,
                        show_progress: bool = True, plan: dict | None = None, **kwargs: Any) -> None:
-    """Calibrate ``model`` (already converted by ``mtq.quantize``'s quantize step) with SegQuant."""
+    """Calibrate ``model`` (already converted by ``mtq.quantize``'s quantize step) with SegQuant.
+
+    All or nothing: if anything fails (bad input, the user's loop, Ctrl-C), the model is put back as it was
+    before ``mtq.quantize``: SegQuant's changes are undone and, when this call's quantize step converted a
+    float model, so is the conversion (classes, quantizer children, ModelOpt's state)."""
+    layers = _quantized_linears(model)
+    twice = [n for n, m in layers.items() if is_marked(m.input_quantizer)]
+    if twice:
+        _keep_high_precision(layers, plan_of(model))  # mtq's quantize step re-enabled them; leave the model as it was
+        raise SegQuantError(f"{twice[0]} is already quantized by SegQuant ({len(twice)} layers); quantize "
+                            "a fresh copy of the float model instead")
+    modes = [mode for mode, _ in ModeloptStateManager(model).state_dict()]
+    fresh = modes == ["quantize"] and not any(hasattr(q, "_amax") for q in model.modules()
+                                              if isinstance(q, TensorQuantizer))
+    snapshot = ModelSnapshot(model)
+    try:
+        _calibrate(model, forward_loop, seg_linear, dual_scale, realisation, alpha, overrides, head_segments,
+                   show_progress, plan)
+    except BaseException:
+        snapshot.restore()
+        if fresh:
+            undo_conversion(model)
+        raise
+
+
+def undo_conversion(model: nn.Module) -> None:
+    """Turn a model that ``mtq.quantize``'s quantize step has just converted back into the float model it was:
+    every ModelOpt dynamic module exported to its original class, every quantizer child removed (the model had
+    none: ModelOpt's state shows that this call converted it), the original parameter objects put back (export
+    re-wraps them), and ModelOpt's state removed."""
+    params = {(id(m), n): p for m in model.modules() for n, p in m._parameters.items()}
+    for module in reversed(list(model.modules())):
+        if isinstance(module, QuantModule):
+            module.export()
+        for name, param in list(module._parameters.items()):
+            original = params.get((id(module), name))
+            if original is not None and original is not param:
+                module._parameters[name] = original
+        for child_name, child in list(module._modules.items()):  # quantizers added outside export's bookkeeping
+            if isinstance(child, (TensorQuantizer, SequentialQuantizer)):
+                del module._modules[child_name]
+        module.__dict__.pop("_parallel_state", None)  # a plain attribute of ModelOpt's QuantModule that export keeps
+    for key in ("_modelopt_state", "_modelopt_state_version"):
+        model.__dict__.pop(key, None)
+
+
+def _calibrate(model: nn.Module, forward_loop: Callable | None, seg_linear: bool | None, dual_scale: bool | None,
+               realisation: str, alpha: float | None, overrides: dict | None, head_segments: bool,
+               show_progress: bool, plan: dict | None) -> None:
     layers = _quantized_linears(model)
     dynamic_only = all(m.input_quantizer._dynamic for m in layers.values() if m.input_quantizer.is_enabled)
     if forward_loop is None and not dynamic_only:
@@ -308,11 +359,6 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
                             "mtq.quantize(model, config, forward_loop) with forward_loop(model) running the "
                             "model on a few batches (a dynamic-activation config such as SEGQUANT_W4A8_CFG "
                             "can run without one on a known diffusers model)")
-    twice = [n for n, m in layers.items() if is_marked(m.input_quantizer)]
-    if twice:
-        _keep_high_precision(layers, plan_of(model))  # mtq's quantize step re-enabled them; leave the model as it was
-        raise SegQuantError(f"{twice[0]} is already quantized by SegQuant ({len(twice)} layers); quantize "
-                            "a fresh copy of the float model instead")
     resolved = _resolve_plan(model, layers, forward_loop, plan, seg_linear, dual_scale, overrides, head_segments)
     enabled = {n: m for n, m in layers.items()
                if n in resolved and resolved[n].quantized and m.input_quantizer.is_enabled}

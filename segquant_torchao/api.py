@@ -28,6 +28,7 @@ from segquant import PRECISIONS, PlanError, SegQuantError, SegQuantPlan
 from segquant.calib import check_calibration, static_calibration
 from segquant.numerics import ActivationStats
 from segquant.options import check_choice
+from segquant.transaction import model_transaction
 
 from .diffusers_io import attach_quantization_config, is_diffusers_model
 from .kernels import PRECISIONS as KERNEL_PRECISIONS
@@ -364,23 +365,12 @@ def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
 
     if not isinstance(config, SegQuantConfig):
         raise SegQuantError(f"expected a SegQuantConfig, got {type(config).__name__}")
-    modules = dict(model.named_modules())
     check = config.fqn_to_config[""]
     plan = _check_model(model, check)
-    before = {name: (modules[name].weight, observed(modules[name])) for name in config.layer_configs()}
     run = copy.copy(config)  # the same layers without the root entry: checked above, marked only on success
     run.fqn_to_config = OrderedDict(config.fqn_to_config, **{"": None})
-    try:
+    with model_transaction(model):  # weights, observers and torchao's per-instance patches, all or nothing
         quantize_(model, run, filter_fn=None)
-    except BaseException:
-        for name, (weight, was_observed) in before.items():
-            module = modules[name]
-            if module.weight is not weight:
-                module.weight = weight
-                module.__dict__.pop("extra_repr", None)  # torchao's handlers patch it per instance
-            if not was_observed:
-                unprepare_linear(module)
-        raise
     if config.step == "convert" and is_diffusers_model(model):
         attach_quantization_config(model, SegQuantConfig(plan, options=check.options))
     return model
