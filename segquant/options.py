@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from .errors import SegQuantError
 
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "geglu", "swiglu")
+"""Activations whose outputs feed DualScale layers."""
+
 REALISATIONS = ("split_k", "folded")
 """How per-segment input scales are realised: ``split_k`` (exact: one GEMM per input segment, ``a_s``
 applied after) or ``folded`` (``a_s`` folded into the weight columns before weight quantization: one GEMM,

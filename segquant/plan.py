@@ -17,13 +17,12 @@ from typing import Any, Iterable, Mapping
 
 from .errors import PlanError
 from .files import atomic_write_text
+from .options import ACTIVATIONS
 from .precision import PRECISIONS
+from .schema import LayerFile, PlanFile, fields_set, parse
 
 PLAN_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "geglu", "swiglu")
-"""Activations whose outputs feed DualScale layers."""
 
 PATTERNS = ("linear->chunk", "linear->split", "linear->unbind", "cat->linear", "stack->linear",
             "reshape->linear", "act->linear", "act->cat->linear", "linear->output", "override")
@@ -31,9 +30,6 @@ PATTERNS = ("linear->chunk", "linear->split", "linear->unbind", "cat->linear", "
 
 OVERRIDABLE = ("in_segments", "out_segments", "dual_scale", "dual_scale_segments", "activation", "high_precision",
                 "precision")
-_FIELD_TYPES = {"in_features": int, "out_features": int, "in_segments": list, "out_segments": list, "dual_scale": bool,
-                "dual_scale_segments": list, "activation": (str, type(None)), "patterns": list, "nodes": list,
-                "high_precision": bool, "precision": (str, type(None))}
 
 
 def _as_ints(value: Iterable[int], what: str, name: str, expected: str) -> tuple[int, ...]:
@@ -194,22 +190,13 @@ class LinearPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], name: str = "") -> "LinearPlan":
-        required = ("in_features", "out_features")
-        missing = [k for k in required if k not in data]
-        if missing:
-            raise PlanError(f"{name or '<layer>'}: plan entry lacks {missing}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"name"}
-        unknown = set(data) - known
-        if unknown:
-            raise PlanError(f"{name or '<layer>'}: unknown plan keys {sorted(unknown)}; known: {sorted(known)}")
-        for key, value in data.items():
-            expected = _FIELD_TYPES[key]
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-                raise PlanError(f"{name or '<layer>'}: plan key {key!r} must be {names.replace('NoneType', 'null')}"
-                                f", got {value!r}")
-        return cls(name=name, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+    def from_dict(cls, data: Mapping[str, Any], name: str = "", source: str = "") -> "LinearPlan":
+        """A plan entry from JSON-like data, validated by ``segquant.schema.LayerFile``."""
+        if not isinstance(data, Mapping):
+            raise PlanError(f"{name or '<layer>'}: a plan entry is a mapping of LinearPlan fields, got "
+                            f"{type(data).__name__}")
+        entry = parse(LayerFile, dict(data), source, name or "<layer>", PlanError)
+        return cls(name=name, **fields_set(entry, data))
 
 
 @dataclass(frozen=True)
@@ -415,35 +402,31 @@ class SegQuantPlan:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SegQuantPlan":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> "SegQuantPlan":
+        """A plan from JSON-like data, validated by ``segquant.schema.PlanFile`` (strict types, no unknown keys)."""
         if not isinstance(data, Mapping) or "layers" not in data:
-            raise PlanError("not a SegQuant plan: expected a mapping with 'version' and 'layers'")
+            raise PlanError(f"{source}: not a SegQuant plan: expected a mapping with 'version' and 'layers'")
         if "version" not in data:
-            raise PlanError("plan has no 'version' field; re-run `segquant analyze` to regenerate it")
-        unknown = set(data) - {"version", "model_class", "capture", "recipe", "layers"}
-        if unknown:
-            raise PlanError(f"unknown plan keys {sorted(unknown)}; a plan has version, model_class, capture, "
-                            "recipe and layers")
-        if not isinstance(data["layers"], Mapping):
-            raise PlanError(f"plan 'layers' must map module names to entries, got {type(data['layers']).__name__}")
-        for key in ("model_class", "capture", "recipe"):
-            if not isinstance(data.get(key, ""), str):
-                raise PlanError(f"plan {key!r} must be a string, got {data[key]!r}")
-        layers = {}
-        for n, d in data["layers"].items():
-            if not isinstance(d, Mapping):
-                raise PlanError(f"{n}: a plan entry is a mapping of LinearPlan fields, got {type(d).__name__}")
-            layers[n] = LinearPlan.from_dict(d, name=n)
-        return cls(layers=layers, model_class=data.get("model_class", ""), capture=data.get("capture", "export"),
-                   recipe=data.get("recipe", ""), version=data["version"])
+            raise PlanError(f"{source}: plan has no 'version' field; re-run `segquant analyze` to regenerate it")
+        version = data["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
+            try:
+                cls(layers={}, version=version)
+            except PlanError as e:
+                raise PlanError(f"{source}: {e}") from None
+        checked = parse(PlanFile, dict(data), source, "", PlanError)
+        layers = {name: LinearPlan(name=name, **fields_set(entry, data["layers"][name]))
+                  for name, entry in checked.layers.items()}
+        return cls(layers=layers, model_class=checked.model_class, capture=checked.capture, recipe=checked.recipe,
+                   version=checked.version)
 
     @classmethod
-    def from_json(cls, text: str) -> "SegQuantPlan":
+    def from_json(cls, text: str, source: str = "plan") -> "SegQuantPlan":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise PlanError(f"plan is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+            raise PlanError(f"{source} is not valid JSON: {e}") from None
+        return cls.from_dict(data, source)
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON, atomically (an interrupted save leaves the previous file)."""
@@ -451,7 +434,11 @@ class SegQuantPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "SegQuantPlan":
-        return cls.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"cannot read plan {path}: {e}") from None
+        return cls.from_json(text, str(path))
 
 
 def _fmt_sizes(sizes: tuple[int, ...]) -> str:

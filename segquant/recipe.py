@@ -24,6 +24,7 @@ from .errors import PlanError, SegQuantError
 from .options import DEFAULT_REALISATION, REALISATIONS, check_alpha, check_choice
 from .plan import OVERRIDABLE, SegQuantPlan
 from .precision import PRECISIONS as _REGISTRY
+from .schema import CalibrationFile, RecipeFile, fields_set, parse
 
 SCHEMA_LINE = "# schema: segquant.recipe.Recipe"
 BASE_SCHEMA_LINE = "# schema: segquant.recipe.RecipeBase"
@@ -50,15 +51,7 @@ class CalibrationSettings:
     width: int = 1024
 
     def __post_init__(self) -> None:
-        for key in ("num_prompts", "steps", "height", "width"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise SegQuantError(f"calibration {key} must be an integer, got {value!r}")
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
-            raise SegQuantError(f"calibration guidance must be a number, got {self.guidance!r}")
-        if self.num_prompts < 1 or self.steps < 1 or self.height < 16 or self.width < 16:
-            raise SegQuantError(f"calibration settings out of range: {self} (num_prompts and steps at least 1, "
-                                "height and width at least 16)")
+        parse(CalibrationFile, dataclasses.asdict(self), "calibration settings")
 
 
 _BOOL_KEYS = ("seg_linear", "dual_scale")
@@ -155,25 +148,15 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "Recipe":
+        """A recipe from YAML-like data, validated by ``segquant.schema.RecipeFile`` (strict types, ranges,
+        required keys, no unknown keys)."""
         if not isinstance(data, Mapping):
             raise SegQuantError(f"{source}: a recipe is a mapping of settings, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise SegQuantError(f"{source}: unknown recipe keys {sorted(unknown)}; known: {sorted(known)}")
-        missing = [k for k in ("name", "model_class", "config", "precision") if k not in data]
-        if missing:
-            raise SegQuantError(f"{source}: recipe lacks {missing}")
-        values = dict(data)
-        calibration = values.pop("calibration", None) or {}
-        if not isinstance(calibration, Mapping):
-            raise SegQuantError(f"{source}: calibration must be a mapping of settings, got {calibration!r}")
-        known = [f.name for f in dataclasses.fields(CalibrationSettings)]
-        unknown = sorted(set(calibration) - set(known))
-        if unknown:
-            raise SegQuantError(f"{source}: unknown calibration keys {unknown}; known: {known}")
-        values["calibration"] = CalibrationSettings(**calibration)
-        values["overrides"] = values.get("overrides") or {}
+        checked = parse(RecipeFile, dict(data), source)
+        values = fields_set(checked, data)
+        values["calibration"] = CalibrationSettings(**checked.calibration.model_dump())
+        values["overrides"] = {glob: fields_set(entry, data["overrides"][glob])
+                               for glob, entry in checked.overrides.items()}
         try:
             return cls(**values)
         except SegQuantError as e:

@@ -93,12 +93,12 @@ def test_bad_plan_input():
         SegQuantPlan.from_json(json.dumps({"version": 3, "layers": {}}))
     with pytest.raises(PlanError, match="version '1' is not supported"):
         SegQuantPlan.from_json(json.dumps({"version": "1", "layers": {}}))
-    with pytest.raises(PlanError, match="x: plan key 'dual_scale' must be bool, got 'false'"):
+    with pytest.raises(PlanError, match="plan: x: dual_scale must be true or false \\(not quoted\\), got 'false'"):
         SegQuantPlan.from_dict({"version": 2, "layers": {"x": {"in_features": 2, "out_features": 2,
                                                                 "dual_scale": "false"}}})
     with pytest.raises(PlanError, match="no 'version'"):
         SegQuantPlan.from_json(json.dumps({"layers": {}}))
-    with pytest.raises(PlanError, match=r"x: unknown plan keys \['colour'\]"):
+    with pytest.raises(PlanError, match=r"x: unknown keys \['colour'\]; known: \['activation'"):
         SegQuantPlan.from_dict({"version": 1, "layers": {"x": {"in_features": 2, "out_features": 2, "colour": 1}}})
     with pytest.raises(PlanError, match="matches no layer"):
         _plan().override("nothing.*", dual_scale=False)

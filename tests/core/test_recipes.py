@@ -72,11 +72,11 @@ def test_recipe_bad_input(tmp_path):
     with pytest.raises(SegQuantError, match="starts with the line '# schema: segquant.recipe.Recipe'"):
         load_recipe(bad)
     bad.write_text("# schema: segquant.recipe.Recipe\nname: a/fp8\nmodel_class: M\nconfig: c\nprecision: fp8\ncolour: red\n")
-    with pytest.raises(SegQuantError, match=r"unknown recipe keys \['colour'\]"):
+    with pytest.raises(SegQuantError, match=r"r.yaml: unknown keys \['colour'\]; known: \['name', 'model_class'"):
         load_recipe(bad)
     bad.write_text("# schema: segquant.recipe.Recipe\nname: a/fp8\nmodel_class: M\nconfig: c\nprecision: fp8\n"
                    "calibration: {steps: 0}\n")
-    with pytest.raises(SegQuantError, match="calibration settings out of range"):
+    with pytest.raises(SegQuantError, match="calibration.steps must be in \\[1, 1000\\], got 0"):
         load_recipe(bad)
 
 
@@ -97,11 +97,11 @@ def test_recipes_compose_from_a_model_base_and_precision_deltas(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("dual_scale: 'false'", "dual_scale must be true or false, got 'false'"),
-    ("smoothquant_alpha: 2", "smoothquant_alpha must be a number in \\[0, 1\\]"),
-    ("realisation: fold", "realisation must be one of split_k, folded"),
+    ("dual_scale: 'false'", "dual_scale must be true or false \\(not quoted\\), got 'false'"),
+    ("smoothquant_alpha: 2", "smoothquant_alpha must be in \\[0, 1\\], got 2"),
+    ("realisation: fold", "realisation must be one of 'split_k' or 'folded'; got 'fold'"),
     ("skip: proj_out", "skip must be a list of layer-name globs"),
-    ("calibration: {steps: '4'}", "calibration steps must be an integer"),
+    ("calibration: {steps: '4'}", "calibration.steps must be an integer, got '4'"),
 ])
 def test_recipe_values_are_typed(tmp_path, text, message):
     path = tmp_path / "r.yaml"
