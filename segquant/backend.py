@@ -69,17 +69,21 @@ class QuantizeOptions:
         smoothquant_alpha: SmoothQuant migration strength in [0, 1], or None for no smoothing.
         realisation: input segments as ``split_k`` or ``folded`` (``segquant.options.REALISATIONS``).
         show_progress: tqdm over calibration batches.
+        keep_degenerate: keep layers that calibration never reached, or whose range is zero on an input
+            segment, in high precision (with a warning naming them) instead of refusing to quantize.
     """
 
     smoothquant_alpha: float | None = None
     realisation: str = DEFAULT_REALISATION
     show_progress: bool = True
+    keep_degenerate: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "smoothquant_alpha", check_alpha(self.smoothquant_alpha))
         check_choice(self.realisation, REALISATIONS, "realisation")
-        if not isinstance(self.show_progress, bool):
-            raise SegQuantError(f"show_progress must be true or false, got {self.show_progress!r}")
+        for key in ("show_progress", "keep_degenerate"):
+            if not isinstance(getattr(self, key), bool):
+                raise SegQuantError(f"QuantizeOptions.{key} must be True or False, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True)

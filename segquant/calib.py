@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Sequence
 
 import torch
@@ -10,6 +11,8 @@ from torch import Tensor
 from .errors import SegQuantError
 from .numerics import ActivationStats, reduce_segments, smoothquant_factors
 from .plan import LinearPlan
+
+logger = logging.getLogger(__name__)
 
 
 class SegmentAmaxObserver:
@@ -92,33 +95,51 @@ def static_calibration(observer: SegmentAmaxObserver, weight: Tensor,
     return observer.stats(smooth), smooth
 
 
-def check_calibration(observers: Mapping[str, SegmentAmaxObserver]) -> None:
-    """Raise ``SegQuantError`` naming every layer that calibration never reached, whose range is zero on an
-    input segment (a zero scale: the layer would output nothing but its bias), and refuse calibration data
-    without variation (at least half the layers saw the same input vector in every row, e.g. all-zero latents
-    and prompts: the ranges say nothing about real inputs; a single constant input such as a fixed guidance
-    embedding is normal). Both backends call this before they change any layer.
+def check_calibration(observers: Mapping[str, SegmentAmaxObserver], keep_degenerate: bool = False) -> list[str]:
+    """Check that calibration can give every layer a usable scale; both backends call this before they change
+    any layer.
 
-    Keep such layers in high precision (the recipe's ``skip``) if the zeros are real.
+    Refused: layers that calibration never reached, layers whose range is zero on an input segment (a zero
+    scale: the layer would output nothing but its bias), and calibration data without variation (at least half
+    the layers saw the same input vector in every row, e.g. all-zero latents and prompts: the ranges say nothing
+    about real inputs; a single constant input such as a fixed guidance embedding is normal).
+
+    Args:
+        observers: layer name -> its observer after the calibration batches.
+        keep_degenerate: return the unreached and zero-range layers (to be kept in high precision) instead of
+            raising; data without variation is refused either way.
+
+    Returns:
+        The layers to keep in high precision (empty unless ``keep_degenerate``).
+
+    Raises:
+        SegQuantError: naming the layers, with what to do.
     """
     unreached = [name for name, obs in observers.items() if obs.batches == 0]
-    if unreached:
-        raise SegQuantError(f"calibration reached no data for {len(unreached)} layer(s), e.g. "
-                            f"{', '.join(unreached[:3])}: run the model on calibration inputs between prepare and "
-                            "convert (or pass a forward_loop that uses them); nothing was converted")
     zero = {}
     for name, obs in observers.items():
-        amax = obs.stats().amax
-        if (amax <= 0).any():
-            zero[name] = [i for i, a in enumerate(amax.tolist()) if a <= 0]
-    if zero:
+        if obs.batches:
+            amax = obs.stats().amax
+            if (amax <= 0).any():
+                zero[name] = [i for i, a in enumerate(amax.tolist()) if a <= 0]
+    if unreached and not keep_degenerate:
+        raise SegQuantError(f"calibration reached no data for {len(unreached)} layer(s), e.g. "
+                            f"{', '.join(unreached[:3])}: run the model on calibration inputs between prepare and "
+                            "convert (or pass a forward_loop that uses them), or keep them in high precision "
+                            "(keep_degenerate, --keep-degenerate-layers); nothing was converted")
+    if zero and not keep_degenerate:
         shown = "; ".join(f"{n} (input segment {', '.join(map(str, s))})" for n, s in list(zero.items())[:3])
         raise SegQuantError(f"calibration saw only zeros in {len(zero)} layer(s): {shown}. Check the calibration "
-                            "data (all zeros?), or keep these layers in high precision (the recipe's skip); "
-                            "nothing was converted")
+                            "data (all zeros?), or keep these layers in high precision (the recipe's skip, or "
+                            "keep_degenerate / --keep-degenerate-layers); nothing was converted")
     constant = [name for name, obs in observers.items() if obs.rows > 1 and not obs.varies]
     if constant and len(constant) >= len(observers) / 2:  # one constant input (a fixed guidance) is normal
         raise SegQuantError(f"calibration data without variation: {len(constant)} of {len(observers)} layers (e.g. "
                             f"{', '.join(constant[:3])}) saw the same input vector in every row. Calibrate on "
                             "real samples (images, prompts, timesteps), not constant or all-zero inputs; nothing "
                             "was converted")
+    kept = unreached + list(zero)
+    if kept:
+        logger.warning("keeping %d layer(s) in high precision: calibration never reached %d and saw only zeros on "
+                       "an input segment of %d (e.g. %s)", len(kept), len(unreached), len(zero), ", ".join(kept[:3]))
+    return kept

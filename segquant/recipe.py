@@ -135,10 +135,10 @@ class Recipe:
         applied = plan.with_overrides(self.overrides).ablate(seg_linear=self.seg_linear, dual_scale=self.dual_scale)
         return applied.keep_high_precision(self.skip).with_precision(self.precision, recipe=self.name)
 
-    def quantize_options(self, show_progress: bool = True) -> QuantizeOptions:
+    def quantize_options(self, show_progress: bool = True, keep_degenerate: bool = False) -> QuantizeOptions:
         """The numeric options a backend takes beside the applied plan."""
         return QuantizeOptions(smoothquant_alpha=self.smoothquant_alpha, realisation=self.realisation,
-                               show_progress=show_progress)
+                               show_progress=show_progress, keep_degenerate=keep_degenerate)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

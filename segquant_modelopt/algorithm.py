@@ -59,6 +59,10 @@ class SegQuantCalibConfig(QuantizeAlgorithmConfig):
                                     description="{glob: {field: value}} applied to the plan (LinearPlan fields).")
     head_segments: bool = ModeloptField(default=False, title="One input segment per attention head.",
                                         description="See segquant.AnalysisOptions.head_segments.")
+    keep_degenerate: bool = ModeloptField(
+        default=False, title="Keep degenerate layers in high precision.",
+        description="Layers that calibration never reached, or whose range is zero on an input segment, stay in "
+                    "high precision (a warning names them) instead of being an error.")
     show_progress: bool = ModeloptField(default=True, title="Progress bar.",
                                         description="Show a tqdm bar over calibration batches.")
     plan: dict | None = ModeloptField(default=None, title="The applied plan.",
@@ -293,16 +297,13 @@ def _observe(model: nn.Module, forward_loop: Callable | None, observers: dict[st
             max_calibrate(model, None if forward_loop is None else lambda m: _run_loop(forward_loop, m, "calibration"))
     finally:
         progress.close()
-    missing = [n for n, o in observers.items() if o.batches == 0]
-    if missing:
-        raise SegQuantError(f"calibration data never reached {len(missing)} quantized layer(s), e.g. "
-                            f"{', '.join(missing[:3])}; run inputs that use them or disable their quantizers")
 
 
 def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, seg_linear: bool | None = None,
                        dual_scale: bool | None = None, realisation: str = DEFAULT_REALISATION,
                        alpha: float | None = None, overrides: dict | None = None, head_segments: bool = False,
-                       show_progress: bool = True, plan: dict | None = None, **kwargs: Any) -> None:
+                       show_progress: bool = True, plan: dict | None = None, keep_degenerate: bool = False,
+                       **kwargs: Any) -> None:
     """Calibrate ``model`` (already converted by ``mtq.quantize``'s quantize step) with SegQuant.
 
     All or nothing: if anything fails (bad input, the user's loop, Ctrl-C), the model is put back as it was
@@ -320,7 +321,7 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
     snapshot = ModelSnapshot(model)
     try:
         _calibrate(model, forward_loop, seg_linear, dual_scale, realisation, alpha, overrides, head_segments,
-                   show_progress, plan)
+                   show_progress, plan, keep_degenerate)
     except BaseException:
         snapshot.restore()
         if fresh:
@@ -351,7 +352,7 @@ def undo_conversion(model: nn.Module) -> None:
 
 def _calibrate(model: nn.Module, forward_loop: Callable | None, seg_linear: bool | None, dual_scale: bool | None,
                realisation: str, alpha: float | None, overrides: dict | None, head_segments: bool,
-               show_progress: bool, plan: dict | None) -> None:
+               show_progress: bool, plan: dict | None, keep_degenerate: bool) -> None:
     layers = _quantized_linears(model)
     dynamic_only = all(m.input_quantizer._dynamic for m in layers.values() if m.input_quantizer.is_enabled)
     if forward_loop is None and not dynamic_only:
@@ -366,7 +367,11 @@ def _calibrate(model: nn.Module, forward_loop: Callable | None, seg_linear: bool
     static = {n: m for n, m in enabled.items() if not m.input_quantizer._dynamic}
     observers = {name: SegmentAmaxObserver(resolved[name]) for name in static}
     _observe(model, forward_loop, observers, show_progress)
-    check_calibration(observers)
+    kept = check_calibration(observers, keep_degenerate)
+    if kept:
+        resolved = resolved.keep_high_precision(kept)
+        static = {n: m for n, m in static.items() if n not in kept}
+        enabled = {n: m for n, m in enabled.items() if n not in kept}
     settings = {n: _settings(n, m, resolved[n], observers[n], realisation, alpha) for n, m in static.items()}
     for name, module in static.items():  # nothing above changed a layer: apply all or nothing
         _apply(module, settings[name])

@@ -129,5 +129,6 @@ def config_for_plan(plan: SegQuantPlan, options: QuantizeOptions = QuantizeOptio
         raise SegQuantError(f"no ModelOpt config for precision {precision}; one of {', '.join(PRECISION_CONFIGS)}")
     cfg = copy.deepcopy(PRECISION_CONFIGS[precision])
     cfg["algorithm"] = {"method": "segquant", "plan": plan.to_dict(), "alpha": options.smoothquant_alpha,
-                        "realisation": options.realisation, "show_progress": options.show_progress}
+                        "realisation": options.realisation, "show_progress": options.show_progress,
+                        "keep_degenerate": options.keep_degenerate}
     return cfg

@@ -19,7 +19,9 @@ from torch import nn
 from segquant import PRECISIONS as SEGQUANT_PRECISIONS
 from segquant import Capabilities, QuantizedLayer, QuantizeOptions, SegQuantError, SegQuantPlan
 from segquant.backend import ForwardLoop, check_quantize_call
+from segquant.calib import check_calibration
 from segquant.numerics import get_format
+from segquant.transaction import model_transaction
 
 from .api import SegQuantConfig, calibration_from, quantize, quantized_layers
 from .linear import observed, unprepare_linear
@@ -57,25 +59,28 @@ class TorchAOBackend:
     def _calibrated(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                     forward_loop: ForwardLoop | None, finish: Callable[[SegQuantConfig], Any]) -> Any:
         """Prepare and calibrate, then ``finish(config)`` with the calibrated convert config; on any failure
-        the prepared layers are undone, so the model is left as it was."""
+        the model is left as it was. With ``options.keep_degenerate``, layers without a usable range stay in
+        high precision (the plan given to ``finish`` says so)."""
         check_quantize_call(self, plan, options, forward_loop)
         plan.check_model(model, complete=True)
         ao_options = options_for(plan, options)
         if forward_loop is None:
             raise SegQuantError("static SegQuant on torchao needs a forward_loop that runs calibration data")
-        quantize(model, SegQuantConfig(plan, options=ao_options, step="prepare"))
-        try:
+        with model_transaction(model):  # prepare, calibrate, convert: all or nothing
+            quantize(model, SegQuantConfig(plan, options=ao_options, step="prepare"))
             try:
                 with torch.no_grad():
                     forward_loop(model)
             except Exception as e:  # noqa: BLE001 - the user's loop failed: say so, keep the cause
                 raise SegQuantError(f"forward_loop raised {type(e).__name__} during calibration: {e}") from e
-            config = SegQuantConfig(plan, options=ao_options, calibration=_calibration_or_none(model))
-            return finish(config)
-        except BaseException:
-            for module in model.modules():
-                unprepare_linear(module)
-            raise
+            modules = dict(model.named_modules())
+            observers = {n: m.segquant_observer for n, m in modules.items() if observed(m)}
+            kept = check_calibration(observers, options.keep_degenerate)
+            for name in kept:
+                unprepare_linear(modules[name])
+            if kept:
+                plan = plan.keep_high_precision(kept)
+            return finish(SegQuantConfig(plan, options=ao_options, calibration=_calibration_or_none(model)))
 
     def quantize(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                  forward_loop: ForwardLoop | None) -> nn.Module:

@@ -62,6 +62,7 @@ class QuantizeJob:
         onnx: also export the quantized denoiser to ONNX (ModelOpt only).
         show_progress: tqdm over calibration prompts.
         overwrite: replace a non-empty ``out`` that is not an earlier ``segquant quantize`` checkpoint.
+        keep_degenerate: keep layers without a usable calibration range in high precision instead of failing.
     """
 
     model: str
@@ -81,6 +82,7 @@ class QuantizeJob:
     onnx: bool = False
     show_progress: bool = True
     overwrite: bool = False
+    keep_degenerate: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in backend_names():
@@ -172,21 +174,25 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
     logger.info("calibrating %s (%s) on %d prompts x %d steps", recipe.name, job.backend, len(prompts), settings.steps)
     forward_loop = calibration_loop(pipe, prompts, settings, job.seed, job.show_progress)
     with staged_output(out, COMMAND) as stage:  # the old checkpoint stays until the new one is complete
-        quantized, files = _quantize_into(stage, job, backend, pipe, name, plan, recipe, forward_loop)
+        plan, files = _quantize_into(stage, job, backend, pipe, name, plan, recipe, forward_loop)
     return QuantizeResult(pipe, recipe, settings, plan, [out / f.relative_to(stage) for f in files])
 
 
 def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, name: str, plan: SegQuantPlan,
-                   recipe: Recipe, forward_loop: Any) -> tuple[nn.Module, list[Path]]:
-    """Quantize, save, optionally export and write the manifest last, all inside ``stage``."""
+                   recipe: Recipe, forward_loop: Any) -> tuple[SegQuantPlan, list[Path]]:
+    """Quantize, save, optionally export and write the manifest last, all inside ``stage``; returns the plan
+    the checkpoint holds and its files."""
     denoiser = getattr(pipe, name)
     inputs, handle = _call_capture(denoiser)
     try:
-        quantized, files = backend.quantize_and_save(denoiser, plan, recipe.quantize_options(job.show_progress),
-                                                     forward_loop, stage, name)
+        options = recipe.quantize_options(job.show_progress, job.keep_degenerate)
+        quantized, files = backend.quantize_and_save(denoiser, plan, options, forward_loop, stage, name)
     finally:
         handle.remove()
     setattr(pipe, name, quantized)
+    kept = [n for n in plan.quantized_layers() if n not in backend.quantized_linears(quantized)]
+    if kept:  # --keep-degenerate-layers: the saved plan says what the checkpoint really holds
+        plan = plan.keep_high_precision(kept)
     plan.save(stage / PLAN_FILE)
     files.append(stage / PLAN_FILE)
     if job.onnx:
@@ -195,7 +201,7 @@ def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, n
                 "base_model": _base_reference(job.model), "denoiser": name,
                 "denoiser_class": type(denoiser).__name__, "dtype": job.dtype, "files": [f.name for f in files]}
     atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return quantized, [stage / MANIFEST, *files]
+    return plan, [stage / MANIFEST, *files]
 
 
 def _base_reference(model: str) -> str:
@@ -258,6 +264,8 @@ def add_job_arguments(parser: argparse.ArgumentParser, model: str | None = None,
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an "
                         "earlier segquant quantize checkpoint")
+    parser.add_argument("--keep-degenerate-layers", action="store_true", help="keep layers that calibration never "
+                        "reached, or saw only zeros on, in high precision (a warning names them) instead of failing")
 
 
 def job_from_args(args: argparse.Namespace) -> QuantizeJob:
@@ -265,4 +273,4 @@ def job_from_args(args: argparse.Namespace) -> QuantizeJob:
                        recipe=args.recipe, prompts=args.prompts, num_prompts=args.num_prompts, steps=args.steps,
                        guidance=args.guidance, height=args.height, width=args.width, dtype=args.dtype,
                        device=args.device, seed=args.seed, onnx=args.onnx, show_progress=not args.no_progress,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, keep_degenerate=args.keep_degenerate_layers)

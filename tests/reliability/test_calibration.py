@@ -60,6 +60,38 @@ def test_all_zero_calibration_data_is_refused(backend):
     target = copy.deepcopy(model)
     with pytest.raises(SegQuantError, match="calibration saw only zeros in|calibration data without variation"):
         segquant.get_backend(backend).quantize(target, plan, segquant.QuantizeOptions(show_progress=False), zeros_loop)
-    if backend == "torchao":  # the torchao transaction leaves the model as it was
-        after = target.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before)
+    after = target.state_dict()  # both backends' transactions leave the model as it was
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("backend", ["torchao", "modelopt"])
+def test_keep_degenerate_keeps_a_zero_range_layer_in_high_precision(backend, caplog):
+    pytest.importorskip("torchao" if backend == "torchao" else "modelopt")
+    from segquant.recipe import load_recipe
+
+    model = build_tiny("FluxTransformer2DModel")
+    dead = "transformer_blocks.0.ff.net.2"  # its input is GELU(0) = 0 once the layer before it outputs zeros
+    with torch.no_grad():
+        model.transformer_blocks[0].ff.net[0].proj.weight.zero_()
+        model.transformer_blocks[0].ff.net[0].proj.bias.zero_()
+    kwargs = segquant.example_inputs(model)
+    plan = load_recipe("mnist-flux/int8_w8a8").apply(segquant.analyze(model, **kwargs))
+    assert plan[dead].quantized
+    backend_ = segquant.get_backend(backend)
+    strict = copy.deepcopy(model)
+    with pytest.raises(SegQuantError, match=f"calibration saw only zeros in 1 layer\\(s\\): {dead} \\(input segment 0\\)"
+                                            ".*keep_degenerate"):
+        backend_.quantize(strict, plan, segquant.QuantizeOptions(show_progress=False), lambda m: m(**kwargs))
+    options = segquant.QuantizeOptions(show_progress=False, keep_degenerate=True)
+    with caplog.at_level("WARNING", logger="segquant.calib"):
+        quantized = backend_.quantize(copy.deepcopy(model), plan, options, lambda m: m(**kwargs))
+    layers = backend_.quantized_linears(quantized)
+    assert dead not in layers and set(layers) == set(plan.quantized_layers()) - {dead}
+    assert "keeping 1 layer(s) in high precision" in caplog.text and dead in caplog.text
+    with torch.no_grad():
+        assert torch.isfinite(quantized(**kwargs)[0]).all()
+
+
+def test_quantize_options_refuse_a_non_boolean_keep_degenerate():
+    with pytest.raises(SegQuantError, match="QuantizeOptions.keep_degenerate must be True or False, got 'yes'"):
+        segquant.QuantizeOptions(keep_degenerate="yes")
