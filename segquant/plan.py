@@ -415,8 +415,11 @@ class SegQuantPlan:
             except PlanError as e:
                 raise PlanError(f"{source}: {e}") from None
         checked = parse(PlanFile, dict(data), source, "", PlanError)
-        layers = {name: LinearPlan(name=name, **fields_set(entry, data["layers"][name]))
-                  for name, entry in checked.layers.items()}
+        try:  # what only the dataclass checks (segments that sum to the width ...), with the file named too
+            layers = {name: LinearPlan(name=name, **fields_set(entry, data["layers"][name]))
+                      for name, entry in checked.layers.items()}
+        except PlanError as e:
+            raise PlanError(f"{source}: {e}") from None
         return cls(layers=layers, model_class=checked.model_class, capture=checked.capture, recipe=checked.recipe,
                    version=checked.version)
 

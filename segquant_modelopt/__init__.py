@@ -12,7 +12,7 @@ except ImportError as e:  # pragma: no cover - exercised only without modelopt
                       f"(after installing torch) [{e}]") from e
 
 from .algorithm import SegQuantCalibConfig, SegQuantModeDescriptor, plan_of, segquant_calibrate
-from .backend import ModelOptBackend
+from .backend import ModelOptBackend, restore
 from .configs import (PRECISION_CONFIGS, SEGQUANT_CFG, SEGQUANT_FP8_CFG, SEGQUANT_INT8_CFG,
                       SEGQUANT_INT8_PERCHANNEL_CFG, SEGQUANT_W4A8_CFG, config_for_plan, with_segquant)
 from .quantizer import SegmentTensorQuantizer, SegQuantFlag
@@ -20,4 +20,4 @@ from .quantizer import SegmentTensorQuantizer, SegQuantFlag
 __all__ = ["PRECISION_CONFIGS", "SEGQUANT_CFG", "SEGQUANT_FP8_CFG", "SEGQUANT_INT8_CFG",
            "SEGQUANT_INT8_PERCHANNEL_CFG", "SEGQUANT_W4A8_CFG", "ModelOptBackend", "SegQuantCalibConfig",
            "SegQuantModeDescriptor", "SegmentTensorQuantizer", "SegQuantFlag", "config_for_plan", "plan_of",
-           "segquant_calibrate", "with_segquant"]
+           "restore", "segquant_calibrate", "with_segquant"]

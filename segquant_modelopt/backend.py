@@ -4,6 +4,8 @@ with ``mto.save``/``mto.restore``, ONNX export, and ModelOpt's own presets as th
 from __future__ import annotations
 
 import copy
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,6 +26,22 @@ CHECKPOINT = "{denoiser}.modelopt.pth"
 BASELINE_PRESETS = {"int8_w8a8": "INT8_SMOOTHQUANT_CFG", "int8_perchannel": "INT8_DEFAULT_CFG",
                     "fp8": "FP8_DEFAULT_CFG", "w4a8": "W4A8_AWQ_BETA_CFG"}
 """The ModelOpt preset each precision is compared with (``segquant run``'s baseline row)."""
+
+
+def restore(model: nn.Module, f: str | Path, **kwargs: Any) -> nn.Module:
+    """``mto.restore`` for SegQuant checkpoints (importing this function registers SegQuant with ModelOpt).
+
+    ``mto.restore`` unpickles with ``weights_only=True``; a class that no imported package allow-lists makes
+    torch suggest ``weights_only=False``. Here that is one line naming the class and the import that provides it.
+    """
+    try:
+        return mto.restore(model, f, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        name = found.group(1) if found else "a class torch does not allow"
+        raise SegQuantError(f"{f}: the checkpoint holds {name}, which no imported package allow-lists; import "
+                            f"the package that defines it before restoring (SegQuant's quantizers: `import "
+                            "segquant_modelopt`), and only load checkpoints you trust") from None
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -72,7 +90,7 @@ class ModelOptBackend:
         path = Path(folder) / CHECKPOINT.format(denoiser=name)
         if not path.is_file():
             raise SegQuantError(f"{folder}: the ModelOpt checkpoint {path.name} is missing")
-        return mto.restore(float_denoiser(), path)
+        return restore(float_denoiser(), path)
 
     def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path) -> Path:
         if not example_kwargs:

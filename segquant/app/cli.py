@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from segquant import PRECISIONS, SegQuantError, backend_names
 from segquant.model_configs import bundled_configs
 
+from .pipelines import MAX_REPEATS, MAX_WIDTH, check_config_size
 from .quantize_job import DEFAULT_BACKEND
 
 DEFAULT_MODEL = "tiny-flux"
@@ -53,31 +54,6 @@ def _read_config(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
     if not model_class:
         raise SegQuantError(f"{path} has no _class_name; pass --model-class (e.g. FluxTransformer2DModel)")
     return model_class, config, str(path)
-
-
-MAX_REPEATS = 512      # blocks / layers of one kind; FLUX.1-dev has 57, SDXL's UNet fewer
-MAX_WIDTH = 65_536     # hidden sizes and head dims multiplied out
-
-
-def check_config_size(config: dict[str, Any], source: str, allow_large: bool = False) -> None:
-    """Refuse, within a second, configs whose block counts or widths would build modules for minutes even on
-    ``meta`` (``--allow-large`` for the brave)."""
-    if allow_large:
-        return
-    counts = {k: v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)
-              and ("layers" in k or "blocks" in k)}
-    widths = {k: v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)
-              and ("dim" in k or "channels" in k or k.endswith("_size"))}
-    heads = config.get("num_attention_heads"), config.get("attention_head_dim")
-    if all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
-        widths["num_attention_heads x attention_head_dim"] = heads[0] * heads[1]
-    too_many = {k: v for k, v in counts.items() if v > MAX_REPEATS}
-    too_wide = {k: v for k, v in widths.items() if v > MAX_WIDTH}
-    if too_many or too_wide:
-        found = ", ".join(f"{k}={v}" for k, v in {**too_many, **too_wide}.items())
-        raise SegQuantError(f"{source}: {found} is far beyond any released denoiser (at most {MAX_REPEATS} blocks, "
-                            f"width {MAX_WIDTH}); building it would take minutes: check the config, or pass "
-                            "--allow-large")
 
 
 def check_json_target(path: Path) -> None:

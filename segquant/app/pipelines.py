@@ -66,6 +66,55 @@ def _not_available(model: str, offline: bool, error: Exception) -> SegQuantError
                          f"{model}`) or pass --model /path/to/pipeline [{type(error).__name__}: {error}]")
 
 
+MAX_REPEATS = 512      # blocks / layers of one kind; FLUX.1-dev has 57, SDXL's UNet fewer
+MAX_WIDTH = 65_536     # hidden sizes and head dims multiplied out
+
+
+def check_config_size(config: dict[str, Any], source: str, allow_large: bool = False) -> None:
+    """Refuse, within a second, configs whose block counts or widths would build modules for minutes even on
+    ``meta`` (``--allow-large`` for the brave)."""
+    if allow_large:
+        return
+    counts = {k: v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)
+              and ("layers" in k or "blocks" in k)}
+    widths = {k: v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)
+              and ("dim" in k or "channels" in k or k.endswith("_size"))}
+    heads = config.get("num_attention_heads"), config.get("attention_head_dim")
+    if all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
+        widths["num_attention_heads x attention_head_dim"] = heads[0] * heads[1]
+    too_many = {k: v for k, v in counts.items() if v > MAX_REPEATS}
+    too_wide = {k: v for k, v in widths.items() if v > MAX_WIDTH}
+    if too_many or too_wide:
+        found = ", ".join(f"{k}={v}" for k, v in {**too_many, **too_wide}.items())
+        raise SegQuantError(f"{source}: {found} is far beyond any released denoiser (at most {MAX_REPEATS} blocks, "
+                            f"width {MAX_WIDTH}); building it would take minutes: check the config, or pass "
+                            "--allow-large")
+
+
+def check_model_folder(model: str, allow_large: bool = False) -> None:
+    """Before any loading: a local pipeline folder must have a readable ``model_index.json`` and a denoiser
+    config of a sane size (``check_config_size``); a hub id is left to the loader."""
+    folder = Path(model)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise SegQuantError(f"--model {model} is a file; pass a diffusers pipeline folder or a hub id")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise SegQuantError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
+    for path in (index, *(folder / name / "config.json" for name in DENOISERS)):
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SegQuantError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise SegQuantError(f"{path} must hold a JSON object")
+        if path is not index:
+            check_config_size(config, str(path), allow_large)
+
+
 def load_pipeline(model: str, dtype: str = "bfloat16", device: str = "cpu", **components: Any):
     """``DiffusionPipeline.from_pretrained`` with local files only when offline (``HF_HUB_OFFLINE``).
 
@@ -146,7 +195,12 @@ def read_prompts(path: str | Path | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise SegQuantError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SegQuantError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start}); write one "
+                            "prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SegQuantError(f"prompt file {path} holds no prompts; write one prompt per line")
     return prompts

@@ -31,8 +31,8 @@ from segquant.files import atomic_write_text
 from segquant.recipe import PRECISIONS, CalibrationSettings, Recipe, load_recipe
 
 from .outputs import check_output_folder, staged_output
-from .pipelines import (DTYPES, calibration_loop, denoiser_name, family_of, load_component, load_pipeline,
-                        read_prompts)
+from .pipelines import (DTYPES, calibration_loop, check_model_folder, denoiser_name, family_of, load_component,
+                        load_pipeline, read_prompts)
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +91,15 @@ class QuantizeJob:
             raise SegQuantError(f"unknown precision {self.precision!r}; one of {', '.join(PRECISIONS)}")
         if self.dtype not in DTYPES:
             raise SegQuantError(f"unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
+        dataclasses.replace(CalibrationSettings(), **self._calibration_overrides())  # their types and ranges
 
     def calibration(self, recipe: Recipe) -> CalibrationSettings:
         """The recipe's calibration settings with this job's overrides."""
-        changes = {k: getattr(self, k) for k in ("num_prompts", "steps", "guidance", "height", "width")
-                   if getattr(self, k) is not None}
-        return dataclasses.replace(recipe.calibration, **changes)
+        return dataclasses.replace(recipe.calibration, **self._calibration_overrides())
+
+    def _calibration_overrides(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("num_prompts", "steps", "guidance", "height", "width")
+                if getattr(self, k) is not None}
 
 
 @dataclass
@@ -118,9 +121,12 @@ def meta_plan(denoiser: nn.Module) -> SegQuantPlan:
     return analyze(skeleton, **example_inputs(skeleton))
 
 
-def resolve_recipe(job: QuantizeJob, denoiser: nn.Module, plan: SegQuantPlan) -> Recipe:
-    """The job's recipe, checked against the model: its class and every glob must match."""
-    if job.recipe is not None:
+def resolve_recipe(job: QuantizeJob, denoiser: nn.Module, plan: SegQuantPlan, given: Recipe | None = None) -> Recipe:
+    """The job's recipe (``given``: already loaded), checked against the model: its class and every glob must
+    match."""
+    if given is not None:
+        recipe = given
+    elif job.recipe is not None:
         recipe = load_recipe(job.recipe)
     else:
         recipe = load_recipe(f"{family_of(job.model, denoiser)}/{job.precision}")
@@ -162,11 +168,13 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
     out = check_output_folder(job.out, [p for p in (job.model, job.prompts, job.recipe) if p], COMMAND,
                               job.overwrite)
     prompts = read_prompts(job.prompts)
+    given = load_recipe(job.recipe) if job.recipe is not None else None  # every input checked before loading
+    check_model_folder(job.model)
     pipe = load_pipeline(job.model, job.dtype, job.device)
     name = denoiser_name(pipe)
     denoiser = getattr(pipe, name)
     analysed = meta_plan(denoiser)
-    recipe = resolve_recipe(job, denoiser, analysed)
+    recipe = resolve_recipe(job, denoiser, analysed, given)
     plan = recipe.apply(analysed)
     check_supported(backend, plan)
     settings = job.calibration(recipe)

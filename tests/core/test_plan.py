@@ -98,7 +98,7 @@ def test_bad_plan_input():
                                                                 "dual_scale": "false"}}})
     with pytest.raises(PlanError, match="no 'version'"):
         SegQuantPlan.from_json(json.dumps({"layers": {}}))
-    with pytest.raises(PlanError, match=r"x: unknown keys \['colour'\]; known: \['activation'"):
+    with pytest.raises(PlanError, match=r"x: unknown keys \['colour'\]; known: \['in_features'"):
         SegQuantPlan.from_dict({"version": 1, "layers": {"x": {"in_features": 2, "out_features": 2, "colour": 1}}})
     with pytest.raises(PlanError, match="matches no layer"):
         _plan().override("nothing.*", dual_scale=False)

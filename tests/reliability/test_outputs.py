@@ -21,7 +21,6 @@ from segquant import SegQuantError  # noqa: E402
 from segquant.app.cli import main  # noqa: E402
 from segquant.app.outputs import OWNER_FILE, check_output_folder, staged_output  # noqa: E402
 from segquant.files import atomic_write_text  # noqa: E402
-from _models import build_tiny_flux_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--dtype", "float32", "--device", "cpu", "--num-prompts", "1", "--steps", "1", "--height", "32",
@@ -36,13 +35,6 @@ def hashes(folder: Path) -> dict[str, str]:
 
 def leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
-
-
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("flux") / "pipe"
-    build_tiny_flux_pipeline(folder)
-    return folder
 
 
 class FakeSave:
