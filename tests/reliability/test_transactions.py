@@ -109,10 +109,10 @@ MODELOPT_FAILURES = {
     "loop raises on batch 2": (None, lambda kwargs: (lambda m: [m(**kwargs), m(**kwargs), (_ for _ in ()).throw(
         RuntimeError("data loader broke"))]), SegQuantError, "data loader broke"),
     "Ctrl-C in the loop": (None, lambda kwargs: (lambda m: (m(**kwargs), (_ for _ in ()).throw(KeyboardInterrupt()))),
-                           KeyboardInterrupt, ""),
+                           KeyboardInterrupt, None),
     "3rd layer's settings": (("_settings", 3), None, Injected, "injected"),
     "2nd layer applied": (("_apply", 2), None, Injected, "injected"),
-    "Ctrl-C while applying": (("_apply", 5, KeyboardInterrupt), None, KeyboardInterrupt, ""),
+    "Ctrl-C while applying": (("_apply", 5, KeyboardInterrupt), None, KeyboardInterrupt, None),
     "calibration check": (("check_calibration", 1), None, Injected, "injected"),
 }
 
