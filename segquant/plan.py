@@ -409,6 +409,8 @@ class SegQuantPlan:
         if "version" not in data:
             raise PlanError(f"{source}: plan has no 'version' field; re-run `segquant analyze` to regenerate it")
         version = data["version"]
+        if isinstance(version, str) and version.strip().isdigit() and int(version) in READABLE_VERSIONS:
+            raise PlanError(f"{source}: plan version must be an integer: write {int(version)}, not {version!r}")
         if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
             try:
                 cls(layers={}, version=version)

@@ -91,6 +91,26 @@ def check_config_size(config: dict[str, Any], source: str, allow_large: bool = F
                             "--allow-large")
 
 
+def check_device(name: str) -> None:
+    """``--device`` names a device this machine has (checked before any work; torch would fail late and
+    with a message about its build)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise SegQuantError(f"--device {name!r} is not a torch device ({e}); e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SegQuantError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise SegQuantError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0 to "
+                                f"cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise SegQuantError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise SegQuantError(f"--device {name}: SegQuant runs on cpu, cuda or mps, not {device.type}")
+
+
 def check_model_folder(model: str, allow_large: bool = False) -> None:
     """Before any loading: a local pipeline folder must have a readable ``model_index.json`` and a denoiser
     config of a sane size (``check_config_size``); a hub id is left to the loader."""

@@ -31,8 +31,8 @@ from segquant.files import atomic_write_text
 from segquant.recipe import PRECISIONS, CalibrationSettings, Recipe, load_recipe
 
 from .outputs import check_output_folder, staged_output
-from .pipelines import (DTYPES, calibration_loop, check_model_folder, denoiser_name, family_of, load_component,
-                        load_pipeline, read_prompts)
+from .pipelines import (DTYPES, calibration_loop, check_device, check_model_folder, denoiser_name, family_of,
+                        load_component, load_pipeline, read_prompts)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class QuantizeJob:
         if self.dtype not in DTYPES:
             raise SegQuantError(f"unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
         dataclasses.replace(CalibrationSettings(), **self._calibration_overrides())  # their types and ranges
+        check_device(self.device)
 
     def calibration(self, recipe: Recipe) -> CalibrationSettings:
         """The recipe's calibration settings with this job's overrides."""

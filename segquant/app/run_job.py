@@ -20,6 +20,7 @@ from segquant.backend import check_supported
 from segquant.recipe import PRECISIONS, Recipe, load_recipe
 
 from .outputs import check_output_folder, staged_output
+from .pipelines import check_device
 from .quantize_job import DEFAULT_BACKEND
 
 COMMAND = "segquant run"
@@ -66,8 +67,7 @@ class RunSettings:
             raise SegQuantError(f"--calib-samples must be at least 1, got {self.calib_samples}")
         if self.steps is not None and self.steps < 1:
             raise SegQuantError(f"--steps must be at least 1, got {self.steps}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SegQuantError(f"--device {self.device}: no CUDA device is available")
+        check_device(self.device)
 
 
 @dataclass

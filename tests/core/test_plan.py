@@ -91,7 +91,7 @@ def test_bad_plan_input():
         SegQuantPlan.from_json("{oops")
     with pytest.raises(PlanError, match="version 3 is not supported"):
         SegQuantPlan.from_json(json.dumps({"version": 3, "layers": {}}))
-    with pytest.raises(PlanError, match="version '1' is not supported"):
+    with pytest.raises(PlanError, match="plan version must be an integer: write 1, not '1'"):
         SegQuantPlan.from_json(json.dumps({"version": "1", "layers": {}}))
     with pytest.raises(PlanError, match="plan: x: dual_scale must be true or false \\(not quoted\\), got 'false'"):
         SegQuantPlan.from_dict({"version": 2, "layers": {"x": {"in_features": 2, "out_features": 2,

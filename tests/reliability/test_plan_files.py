@@ -52,7 +52,7 @@ CASES = {
     "segment as string": (edit_layer(in_segments="160"), "in_segments must be a list, got '160'"),
     "unknown activation": (edit_layer(dual_scale=True, activation="relu"), "activation must be one of 'silu'"),
     "unknown precision": (edit_layer(precision="int3"), "precision must be one of 'int8_w8a8'"),
-    "version as string": (lambda d: d.update(version="2"), "plan version '2' is not supported"),
+    "version as string": (lambda d: d.update(version="2"), "plan version must be an integer: write 2, not '2'"),
     "future version": (lambda d: d.update(version=9), "plan version 9 is not supported"),
     "no version": (lambda d: d.pop("version"), "plan has no 'version' field"),
     "layers as list": (lambda d: d.update(layers=[1]), "layers must be a mapping, got \\[1\\]"),
@@ -96,7 +96,8 @@ def test_a_bad_plan_in_a_modelopt_config_leaves_the_model_as_it_was(flux):
     with pytest.raises(PlanError, match=f"{LAYER}: dual_scale must be true or false"):
         mtq.quantize(model, config, lambda m: m(**kwargs))
     assert [type(m) for m in model.modules()] == classes
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == before.keys()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
 
 
 def test_restore_without_the_plugin_names_the_import(flux, tmp_path):
@@ -121,8 +122,9 @@ def test_restore_without_the_plugin_names_the_import(flux, tmp_path):
         torch.serialization.add_safe_globals([g for g in allowed if g is not SegQuantFlag])
         with pytest.raises(Exception, match="segquant_modelopt.quantizer.SegQuantFlag"):
             mto.restore(copy.deepcopy(model), path)
-        with pytest.raises(segquant.SegQuantError, match="holds segquant_modelopt.quantizer.SegQuantFlag, which no "
-                                                         "imported package allow-lists; import .*`import segquant_modelopt`"):
+        named = ("holds segquant_modelopt.quantizer.SegQuantFlag, which no imported package allow-lists; "
+                 "import .*`import segquant_modelopt`")
+        with pytest.raises(segquant.SegQuantError, match=named):
             segquant_modelopt.restore(copy.deepcopy(model), path)
     finally:
         torch.serialization.clear_safe_globals()

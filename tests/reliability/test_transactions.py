@@ -105,7 +105,8 @@ def test_snapshot_of_a_non_module_is_an_error():
 
 # ---- ModelOpt: mtq.quantize with the segquant algorithm --------------------------------------------------
 MODELOPT_FAILURES = {
-    "empty forward loop": (None, lambda kwargs: (lambda m: None), SegQuantError, "calibration reached no data for 41 layer"),
+    "empty forward loop": (None, lambda kwargs: (lambda m: None), SegQuantError,
+                           "calibration reached no data for 41 layer"),
     "loop raises on batch 2": (None, lambda kwargs: (lambda m: [m(**kwargs), m(**kwargs), (_ for _ in ()).throw(
         RuntimeError("data loader broke"))]), SegQuantError, "data loader broke"),
     "Ctrl-C in the loop": (None, lambda kwargs: (lambda m: (m(**kwargs), (_ for _ in ()).throw(KeyboardInterrupt()))),
