@@ -63,7 +63,7 @@ def _folded(w: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
         y = y.reshape(len(rows), m, y.shape[-1]).sum(0)
         return _add_bias(y, bias).to(x.dtype)
     a = codes(v, 1.0, spec.options.precision)
-    ones = x.new_ones(m, 1, dtype=torch.float32)
+    ones = x.new_ones(1, 1, dtype=torch.float32)
     if spec.options.kernel == "fused" and spec.options.precision == "int8":
         return _fused_gemm(a, w.qdata, ones[:1], w.weight_scale, x.dtype, bias)
     return scaled_mm(a, w.qdata, ones, w.weight_scale, x.dtype, bias, spec.options.fast_accum)
@@ -83,7 +83,6 @@ def _folded_fused(w: Tensor, x: Tensor, v: Tensor, bias: Tensor | None) -> Tenso
 
 def _split(w: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
     spec = w.spec
-    m = x.shape[0]
     dynamic = spec.options.activation == "dynamic"
     fused = spec.options.kernel == "fused"
     # one term: write x.dtype straight from the GEMM; several: accumulate in float32
@@ -119,7 +118,7 @@ def _split(w: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
             if fused and spec.options.precision == "int8":
                 out = _fused_gemm(q, weight, scale, w.weight_scale, acc_dtype, bias if single else None)
             else:
-                out = scaled_mm(q, weight, scale.expand(m, 1), w.weight_scale, acc_dtype,
+                out = scaled_mm(q, weight, scale, w.weight_scale, acc_dtype,
                                 bias if single else None, spec.options.fast_accum)
         if single:
             return out.to(x.dtype)

@@ -58,15 +58,20 @@ def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_d
     Args:
         a: ``(M, K)`` fp8 or int8 codes.
         weight: ``(N, K)`` codes of the same dtype, K and N already multiples of ``kernel_multiple``.
-        scale_a: ``(M, 1)`` float32 row scales; scale_b: ``(1, N)`` float32 column scales.
+        scale_a: ``(M, 1)`` float32 row scales; scale_b: ``(1, N)`` float32 column scales. When both hold one
+            value (any shape), the tensorwise GEMM runs with scalar scales.
         bias: ``(N,)`` or None; added inside the GEMM's epilogue where the kernel allows (one pass
             over the output instead of two).
     Returns:
         ``(M, N)`` in ``out_dtype``.
     """
     m, k = a.shape
-    scale_a = scale_a.float().expand(m, 1).contiguous()
-    scale_b = scale_b.float().reshape(1, -1).contiguous()
+    tensorwise = scale_a.numel() == 1 and scale_b.numel() == 1  # scalar scales: the tensorwise GEMM
+    if tensorwise:
+        scale_a, scale_b = scale_a.float().reshape(()), scale_b.float().reshape(())
+    else:
+        scale_a = scale_a.float().expand(m, 1).contiguous()
+        scale_b = scale_b.float().reshape(1, -1).contiguous()
     if k != weight.shape[1]:
         a = pad_to(a.view(torch.int8) if a.dtype == FP8_DTYPE else a, 1, weight.shape[1])
         a = a.view(FP8_DTYPE) if weight.dtype == FP8_DTYPE else a
@@ -74,7 +79,7 @@ def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_d
         bias = pad_to(bias, 0, weight.shape[0])
     if a.dtype == FP8_DTYPE:
         # cuBLASLt's row-wise scaled fp8 GEMM writes bf16 only; the CPU kernel writes any float dtype
-        mm_dtype = torch.bfloat16 if a.is_cuda and out_dtype == torch.float32 else out_dtype
+        mm_dtype = torch.bfloat16 if a.is_cuda and out_dtype == torch.float32 and not tensorwise else out_dtype
         fused = bias is not None and bias.dtype == mm_dtype
         y = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias if fused else None,
                              out_dtype=mm_dtype, use_fast_accum=fast_accum)

@@ -97,10 +97,22 @@ def quantize_weight(weight: Tensor, spec: SegLinearSpec, stats: ActivationStats 
     scale = scale_from_amax(weight_amax(w, spec.out_segments, spec.options.weight_granularity == "per_channel"),
                             spec.options.precision)
     q = codes(w, scale, spec.options.precision)
-    weight_scale = pad_to(scale.float(), 0, multiple, value=1.0).t().contiguous()  # (1, N_pad)
+    if tensorwise(spec):  # one scale for the whole weight: the GEMM takes scalar scales, no (M, 1) scale per call
+        weight_scale = scale.float().reshape(-1)[:1].reshape(1, 1).contiguous()
+    else:
+        weight_scale = pad_to(scale.float(), 0, multiple, value=1.0).t().contiguous()  # (1, N_pad)
     column_groups = [q] if spec.folded else [q[:, lo:hi] for lo, hi in spec.bounds]
     qdata = torch.cat([_pad_weight(part.contiguous(), multiple) for part in column_groups], dim=1)
     return SegQuantTensor(qdata.contiguous(), weight_scale, spec, weight.dtype, **data)
+
+
+def tensorwise(spec: SegLinearSpec) -> bool:
+    """True when the layer's weight has one scale (per-tensor granularity, one output segment) and every GEMM
+    it runs can take it as a scalar: cuBLASLt's tensorwise fp8 GEMM (or ``_int_mm`` and a scalar product) with
+    a scalar activation scale, where the row-wise form would build an ``(M, 1)`` scale tensor on every call.
+    DualScale (M doubled with two row scales) and the Triton int8 GEMM (per-column scales) keep the vector."""
+    return (spec.options.weight_granularity == "per_tensor" and len(spec.out_segments) == 1
+            and not spec.dual_segments and not (spec.options.kernel == "fused" and spec.options.precision == "int8"))
 
 
 def convert_linear(module: nn.Linear, spec: SegLinearSpec, stats: ActivationStats | None,

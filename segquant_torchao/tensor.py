@@ -95,7 +95,8 @@ class SegQuantTensor(TorchAOBaseTensor):
 
     Tensor data:
         qdata: ``(N_pad, K_pad)`` fp8 e4m3 or int8 weight codes.
-        weight_scale: ``(1, N_pad)`` float32 per-row weight scales.
+        weight_scale: ``(1, N_pad)`` float32 per-row weight scales, or ``(1, 1)`` for a weight with one scale
+            (``linear.tensorwise``).
         act_scale, neg_scale: static split-K: per input segment, the activation scale (``s+`` on DualScale
             segments) and, with DualScale, the negative-side scale ``s-``.
         smooth: SmoothQuant factors ``(K,)`` multiplied into the input (split-K and dynamic).
@@ -147,11 +148,17 @@ class SegQuantTensor(TorchAOBaseTensor):
         lo, hi = self.spec.code_bounds[i]
         return self.qdata[:, lo:hi]
 
+    def row_scales(self) -> Tensor:
+        """The ``(N,)`` weight scale of every output row (a one-scale weight's scale repeated)."""
+        n = self.spec.out_features
+        scales = self.weight_scale.reshape(-1)
+        return scales.expand(n) if scales.numel() == 1 else scales[:n]
+
     def dequantize(self, output_dtype: torch.dtype | None = None) -> Tensor:
         """The float weight these codes stand for (what the layer multiplies, undoing folding and smoothing)."""
         s = self.spec
         n = s.out_features
-        rows = self.weight_scale.reshape(-1, 1)[:n]
+        rows = self.row_scales().reshape(-1, 1)
         parts = [self.segment_codes(i)[:n, :hi - lo].float() for i, (lo, hi) in enumerate(s.bounds)] \
             if not s.folded else [self.qdata[:n, :s.in_features].float()]
         w = torch.cat(parts, dim=1) * rows

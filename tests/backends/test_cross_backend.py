@@ -87,7 +87,7 @@ def test_modelopt_and_torchao_share_smoothing_scales_and_integer_codes(case):
         ao_codes = torch.cat([weight.segment_codes(i)[:spec.out_features, :hi - lo]
                               for i, (lo, hi) in enumerate(spec.bounds)], dim=1).float()
         assert torch.equal(mo_codes, ao_codes), name
-        torch.testing.assert_close(w_scale.reshape(-1), weight.weight_scale.reshape(-1)[:spec.out_features],
+        torch.testing.assert_close(w_scale.reshape(-1).expand(spec.out_features), weight.row_scales(),
                                    rtol=1e-6, atol=0)
         # activations: the same per-segment scales, hence the same codes for the same input
         mo_stats = segquant.numerics.ActivationStats(inq._segquant_seg_amax, inq._segquant_seg_pos,
