@@ -14,8 +14,8 @@ import segquant  # noqa: E402
 from segquant import LinearPlan, PlanError, SegQuantError  # noqa: E402
 from segquant import numerics as nx  # noqa: E402
 from segquant.recording import record_linears  # noqa: E402
-from segquant_torchao import (SegLinearConfig, SegQuantConfig, SegQuantOptions, SegQuantTensor,  # noqa: E402
-                              calibration_from, quantize, quantized_layers)
+from segquant_torchao import (SegLinearConfig, SegLinearSpec, SegQuantConfig, SegQuantOptions,  # noqa: E402
+                              SegQuantTensor, calibration_from, quantize, quantized_layers)
 from torchao.utils import TorchAOBaseTensor  # noqa: E402
 from _models import build_tiny  # noqa: E402
 
@@ -142,6 +142,16 @@ def test_dual_scale_and_segments_are_used():
     dynamic = copy.deepcopy(model)
     quantize(dynamic, SegQuantConfig(plan, precision="int8", seg_linear=False, dual_scale=False))
     assert type(dynamic.single_transformer_blocks[0].proj_out.weight).__name__ == "Int8Tensor"
+
+
+def test_plain_int8_layers_stay_segquant_tensors_on_cuda():
+    """torchao's Int8Tensor cannot run a compiled layer with 16 rows or fewer on CUDA (torch._int_mm); SegQuant's
+    own int8 GEMM pads small M, so plain int8 layers on CUDA keep a SegQuantTensor (decided without a GPU)."""
+    from segquant_torchao.plain import plain_config
+
+    spec = SegLinearSpec("x", 64, 256, (64,), (256,), (), SegQuantOptions(precision="int8", kernel="naive"))
+    assert type(plain_config(spec, torch.device("cpu"))).__name__ == "Int8DynamicActivationInt8WeightConfig"
+    assert plain_config(spec, torch.device("cuda")) is None
 
 
 def test_config_takes_a_saved_plan(tmp_path):
