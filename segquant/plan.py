@@ -439,6 +439,8 @@ class SegQuantPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "SegQuantPlan":
+        if not isinstance(path, (str, Path)):
+            raise PlanError(f"a plan is loaded from a file path, got {type(path).__name__}")
         try:
             text = Path(path).read_text()
         except (OSError, UnicodeDecodeError) as e:
