@@ -4,8 +4,8 @@
 ``SegQuantConfig`` is an ``FqnToConfig`` that maps every quantized layer of the plan to its ``SegLinearConfig``
 (layers the plan keeps in high precision are left out), so it works both with
 ``quantize_(model, config, filter_fn=None)`` and with loaders that quantize one leaf Linear at a time
-(diffusers' ``TorchAoConfig``), where the handler changes the Linear in place. Configs are plain data; the
-all-or-nothing transaction lives in ``quantize()``.
+(diffusers' ``TorchAoConfig``), where the handler changes the Linear in place. Configs are plain data. A whole
+model converts all or nothing: ``quantize()`` in one transaction, a direct ``quantize_`` through ``_Journal``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from segquant import PRECISIONS, PlanError, SegQuantError, SegQuantPlan
 from segquant.calib import check_calibration, static_calibration
 from segquant.numerics import ActivationStats
 from segquant.options import check_choice
-from segquant.transaction import model_transaction
+from segquant.transaction import ModelSnapshot, model_transaction
 
 from .diffusers_io import attach_quantization_config, is_diffusers_model
 from .kernels import PRECISIONS as KERNEL_PRECISIONS
@@ -105,8 +105,52 @@ class SegLinearConfig(AOBaseConfig):
         return stats, smooth
 
 
+@dataclass
+class _Journal:
+    """A direct ``quantize_(model, SegQuantConfig(...))`` as one transaction: the root entry snapshots the model
+    (it is visited first) and the layer handlers count down; the first layer that fails (Ctrl-C included) puts
+    the whole model back before the error propagates. ``segquant_torchao.quantize`` runs its own transaction."""
+
+    snapshot: ModelSnapshot
+    modules: dict[int, nn.Module]
+    remaining: int
+
+    def covers(self, module: nn.Module) -> bool:
+        return self.modules.get(id(module)) is module
+
+
+_journal: _Journal | None = None
+
+
+def _start_journal(model: nn.Module, layers: int) -> None:
+    global _journal
+    _journal = _Journal(ModelSnapshot(model), {id(m): m for m in model.modules()}, layers) if layers else None
+
+
+def _journaled(module: nn.Module, step: Any) -> nn.Module:
+    """``step()`` for one layer; on failure the journal's model is restored, on the last layer it is dropped."""
+    global _journal
+    journal = _journal if _journal is not None and _journal.covers(module) else None
+    try:
+        result = step()
+    except BaseException:
+        if journal is not None:
+            _journal = None
+            journal.snapshot.restore()
+        raise
+    if journal is not None:
+        journal.remaining -= 1
+        if journal.remaining <= 0:
+            _journal = None
+    return result
+
+
 @register_quantize_module_handler(SegLinearConfig)
 def _seg_linear_transform(module: nn.Module, config: SegLinearConfig, *, parameter_name: str = "weight") -> nn.Module:
+    return _journaled(module, lambda: _transform_linear(module, config, parameter_name))
+
+
+def _transform_linear(module: nn.Module, config: SegLinearConfig, parameter_name: str) -> nn.Module:
     if parameter_name != "weight":
         raise SegQuantError(f"{config.name}: SegQuant quantizes a Linear's weight, not {parameter_name!r}")
     spec = config.spec()
@@ -165,6 +209,7 @@ def _check_model_transform(module: nn.Module, config: SegQuantModelCheck, **_: A
     """Check everything first; a diffusers model being converted is marked quantized (``diffusers_io``) so
     that ``save_pretrained`` writes its 8-bit weights."""
     plan = _check_model(module, config)
+    _start_journal(module, len(plan.quantized_layers()))
     if config.step == "convert" and is_diffusers_model(module):
         attach_quantization_config(module, SegQuantConfig(plan, options=config.options))
     return module
@@ -363,8 +408,10 @@ def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
     first, and a step that fails half-way is undone, so that a failure leaves the model unchanged."""
     from torchao.quantization import quantize_
 
+    global _journal
     if not isinstance(config, SegQuantConfig):
         raise SegQuantError(f"expected a SegQuantConfig, got {type(config).__name__}")
+    _journal = None  # this call is its own transaction
     check = config.fqn_to_config[""]
     plan = _check_model(model, check)
     run = copy.copy(config)  # the same layers without the root entry: checked above, marked only on success

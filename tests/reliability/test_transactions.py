@@ -171,3 +171,28 @@ def test_failed_torchao_quantize_leaves_the_model(monkeypatch, fresh, point, cal
     with pytest.raises(exc):
         quantize(model, SegQuantConfig(plan))
     assert_unchanged(model, prepared[0], prepared[1], kwargs, prepared_out)
+
+
+@pytest.mark.parametrize("call,exc", [(1, Injected), (9, Injected), (4, KeyboardInterrupt)])
+def test_failed_direct_quantize_leaves_the_model(monkeypatch, fresh, call, exc):
+    """The README's ``quantize_(model, SegQuantConfig(plan), filter_fn=None)`` is all or nothing as well (here the
+    convert step of a static plan, after a prepare step and calibration)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import quantize_
+
+    from segquant_torchao import SegQuantConfig, api, linear, quantized_layers
+
+    model, kwargs, plan, *_ = fresh
+    quantize_(model, SegQuantConfig(plan, step="prepare"), filter_fn=None)
+    with torch.no_grad():
+        model(**kwargs)
+        prepared_out = model(**kwargs)[0]
+    prepared, snapshot = fingerprint(model), ModelSnapshot(model)
+    fail_at(monkeypatch, linear, "quantize_weight", call, exc)
+    with pytest.raises(exc):
+        quantize_(model, SegQuantConfig(plan), filter_fn=None)
+    assert_unchanged(model, prepared, snapshot, kwargs, prepared_out)
+    assert api._journal is None
+    monkeypatch.undo()
+    quantize_(model, SegQuantConfig(plan), filter_fn=None)  # then it converts, and holds no snapshot afterwards
+    assert len(quantized_layers(model)) == len(plan.quantized_layers()) and api._journal is None
