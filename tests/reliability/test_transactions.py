@@ -196,3 +196,28 @@ def test_failed_direct_quantize_leaves_the_model(monkeypatch, fresh, call, exc):
     monkeypatch.undo()
     quantize_(model, SegQuantConfig(plan), filter_fn=None)  # then it converts, and holds no snapshot afterwards
     assert len(quantized_layers(model)) == len(plan.quantized_layers()) and api._journal is None
+
+
+@pytest.mark.parametrize("model_name", ["SD3Transformer2DModel", "UNet2DConditionModel"])
+@pytest.mark.parametrize("backend", ["modelopt", "torchao"])
+def test_failed_quantization_leaves_other_denoisers_as_they_were(monkeypatch, model_name, backend):
+    """The same all-or-nothing on an MMDiT and a UNet (ModelOpt converts their attention and Conv layers too)."""
+    pytest.importorskip(backend)
+    model = build_tiny(model_name)
+    kwargs = segquant.example_inputs(model)
+    plan = segquant.analyze(model, **kwargs).with_precision("int8_w8a8")
+    model.register_forward_pre_hook(lambda module, args: None)
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+    before, snapshot = fingerprint(model), ModelSnapshot(model)
+    if backend == "modelopt":
+        from segquant_modelopt import algorithm as target
+        point = "_apply"
+    else:
+        from segquant_torchao import linear as target
+        point = "quantize_weight"
+    fail_at(monkeypatch, target, point, 3)
+    with pytest.raises(Injected):
+        segquant.get_backend(backend).quantize(model, plan, segquant.QuantizeOptions(show_progress=False),
+                                               lambda m: m(**kwargs))
+    assert_unchanged(model, before, snapshot, kwargs, expected)
