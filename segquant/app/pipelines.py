@@ -62,7 +62,7 @@ def _not_available(model: str, offline: bool, error: Exception) -> SegQuantError
     else:
         where = (f"{model!r} is not a local folder and its weights are not in the local Hugging Face cache"
                  + (" (offline: HF_HUB_OFFLINE is set, local files only)" if offline else ""))
-    return SegQuantError(f"cannot load {model}: {where}. Download it first (`huggingface-cli download "
+    return SegQuantError(f"cannot load {model}: {where}. Download it first (`hf download "
                          f"{model}`) or pass --model /path/to/pipeline [{type(error).__name__}: {error}]")
 
 

@@ -89,6 +89,7 @@ def test_unknown_model_id(empty_offline_cache, tmp_path, capsys):
     assert main(["quantize", "--model", "nobody/no-such-model", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("segquant: error: cannot load nobody/no-such-model") and "Traceback" not in err
+    assert "`hf download nobody/no-such-model`" in err  # the command the installed huggingface_hub ships
 
 
 def test_folder_without_weights(flux_folder, tmp_path, capsys):
