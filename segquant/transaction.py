@@ -54,11 +54,7 @@ class ModelSnapshot:
         self.tensors: list[_TensorState] = []
         seen: set[int] = set()
         for module in model.modules():
-            attrs = dict(module.__dict__)
-            for table in _TABLES:
-                if table in attrs:
-                    attrs[table] = type(attrs[table])(attrs[table])
-            self.modules.append(_ModuleState(module, type(module), attrs))
+            self.modules.append(_ModuleState(module, type(module), _with_tables_copied(module.__dict__)))
             for tensor in (*module._parameters.values(), *module._buffers.values()):
                 if tensor is not None and id(tensor) not in seen:
                     seen.add(id(tensor))
@@ -75,7 +71,7 @@ class ModelSnapshot:
             if type(module) is not state.cls:
                 module.__class__ = state.cls
             module.__dict__.clear()
-            module.__dict__.update({k: (type(v)(v) if k in _TABLES else v) for k, v in state.attrs.items()})
+            module.__dict__.update(_with_tables_copied(state.attrs))
         changed = []
         for state in self.tensors:
             if state.tensor._version != state.version:
@@ -97,6 +93,11 @@ class ModelSnapshot:
             if any(_table_items(state.module.__dict__.get(t)) != _table_items(state.attrs.get(t)) for t in _TABLES):
                 return False
         return all(s.tensor._version == s.version and _same_storage(s.tensor.data, s.data) for s in self.tensors)
+
+
+def _with_tables_copied(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A module's attribute dict with its parameter, buffer, child and hook tables copied (the rest by reference)."""
+    return {k: (type(v)(v) if k in _TABLES else v) for k, v in attrs.items()}
 
 
 def _table_items(table: Any) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any, Sequence
 from segquant import PRECISIONS, SegQuantError, backend_names
 from segquant.model_configs import bundled_configs
 
-from .pipelines import MAX_REPEATS, MAX_WIDTH, check_config_size
+from .pipelines import MAX_REPEATS, MAX_WIDTH, check_config_size, read_json_object
 from .quantize_job import DEFAULT_BACKEND
 
 DEFAULT_MODEL = "tiny-flux"
@@ -43,12 +42,7 @@ def _read_config(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
         if args.model not in configs:
             raise SegQuantError(f"unknown bundled model {args.model!r}; bundled: {', '.join(sorted(configs))}")
         path = configs[args.model]
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SegQuantError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise SegQuantError(f"{path} must hold a JSON object (a diffusers config)")
+    config = read_json_object(path, "a diffusers config")
     check_config_size(config, str(path), args.allow_large)
     model_class = args.model_class or config.get("_class_name")
     if not model_class:

@@ -111,6 +111,18 @@ def check_device(name: str) -> None:
         raise SegQuantError(f"--device {name}: SegQuant runs on cpu, cuda or mps, not {device.type}")
 
 
+def read_json_object(path: Path, what: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; ``SegQuantError`` naming the file if it is not valid JSON or not an object
+    (``what`` says what the object should be)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SegQuantError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise SegQuantError(f"{path} must hold a JSON object{f' ({what})' if what else ''}")
+    return config
+
+
 def check_model_folder(model: str, allow_large: bool = False) -> None:
     """Before any loading: a local pipeline folder must have a readable ``model_index.json`` and a denoiser
     config of a sane size (``check_config_size``); a hub id is left to the loader."""
@@ -125,12 +137,7 @@ def check_model_folder(model: str, allow_large: bool = False) -> None:
     for path in (index, *(folder / name / "config.json" for name in DENOISERS)):
         if not path.is_file():
             continue
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SegQuantError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise SegQuantError(f"{path} must hold a JSON object")
+        config = read_json_object(path)
         if path is not index:
             check_config_size(config, str(path), allow_large)
 

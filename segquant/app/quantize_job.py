@@ -199,7 +199,8 @@ def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, n
     finally:
         handle.remove()
     setattr(pipe, name, quantized)
-    kept = [n for n in plan.quantized_layers() if n not in backend.quantized_linears(quantized)]
+    converted = backend.quantized_linears(quantized)
+    kept = [n for n in plan.quantized_layers() if n not in converted]
     if kept:  # --keep-degenerate-layers: the saved plan says what the checkpoint really holds
         plan = plan.keep_high_precision(kept)
     plan.save(stage / PLAN_FILE)

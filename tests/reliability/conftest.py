@@ -11,3 +11,17 @@ def flux_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flux") / "pipe"
     build_tiny_flux_pipeline(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def flux():
+    """Tiny FLUX (not to be changed by a test), its example inputs and the mnist-flux INT8 applied plan."""
+    pytest.importorskip("diffusers")
+    import segquant
+    from segquant.recipe import load_recipe
+    from _models import build_tiny
+
+    model = build_tiny("FluxTransformer2DModel")
+    kwargs = segquant.example_inputs(model)
+    plan = load_recipe("mnist-flux/int8_w8a8").apply(segquant.analyze(model, **kwargs))
+    return model, kwargs, plan

@@ -13,16 +13,6 @@ pytest.importorskip("diffusers")
 
 import segquant  # noqa: E402
 from segquant import PlanError, SegQuantPlan  # noqa: E402
-from segquant.recipe import load_recipe  # noqa: E402
-from _models import build_tiny  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def flux():
-    model = build_tiny("FluxTransformer2DModel")
-    kwargs = segquant.example_inputs(model)
-    plan = load_recipe("mnist-flux/int8_w8a8").apply(segquant.analyze(model, **kwargs))
-    return model, kwargs, plan
 
 
 LAYER = "single_transformer_blocks.0.proj_out"

@@ -10,7 +10,6 @@ pytest.importorskip("diffusers")
 
 import segquant  # noqa: E402
 from segquant import SegQuantError  # noqa: E402
-from segquant.recipe import load_recipe  # noqa: E402
 from segquant.transaction import ModelSnapshot, model_transaction  # noqa: E402
 from _models import build_tiny  # noqa: E402
 
@@ -49,14 +48,6 @@ def assert_unchanged(model, before, snapshot, kwargs, expected):
     assert snapshot.unchanged(model)
     with torch.no_grad():
         assert torch.equal(model(**kwargs)[0], expected)
-
-
-@pytest.fixture(scope="module")
-def flux():
-    model = build_tiny("FluxTransformer2DModel")
-    kwargs = segquant.example_inputs(model)
-    plan = load_recipe("mnist-flux/int8_w8a8").apply(segquant.analyze(model, **kwargs))
-    return model, kwargs, plan
 
 
 @pytest.fixture
