@@ -1,0 +1,452 @@
+"""HF checkpoints of ModelOpt-quantized SegQuant denoisers that tell the truth, and their loader.
+
+ModelOpt's ``export_hf_checkpoint`` reads a SegQuant model's quantizers as if ModelOpt had made them: it labels a
+static per-segment FP8 model ``FP8_PER_CHANNEL_PER_TOKEN``, writes per-channel input amax vectors as
+``input_scale`` and drops DualScale's negative scales. ``export_hf_checkpoint`` here writes what the standard
+formats can express in their standard form and says what they cannot:
+
+- ``diffusion_pytorch_model.safetensors`` in ModelOpt's unified layout: each quantized Linear's ``weight`` holds
+  its codes (``int8`` or ``float8_e4m3fn``) with ``weight_scale`` (one per output row: output segments are
+  per-channel weight scales; a scalar for ``FP8``), ``input_scale`` (one per tensor) and ``pre_quant_scale``
+  (SmoothQuant factors, or input segments folded as ``smooth / a_s``) where the layer's format has them. Layers
+  kept in high precision are written as they are and listed in ``exclude_modules``.
+- ``config.json``'s ``quantization_config`` (``quant_method: modelopt``) names each layer's standard
+  ``quant_algo`` (``W8A8_SQ_PER_CHANNEL``, ``FP8``, ``FP8_PER_CHANNEL_PER_TOKEN``): one for the whole model when
+  all layers share it, else ``MIXED_PRECISION`` with ``quantized_layers``, where a layer that needs what only
+  SegQuant expresses is labelled ``SEGQUANT`` so that no standard runtime loads it as something else.
+- Its ``segquant`` section (``SECTION_VERSION``) describes every quantized layer (segments, DualScale segments,
+  activation kind, realisation, smoothing) and lists under ``needs`` what a layer uses beyond its standard form:
+  ``input_segments`` (split-K per-segment activation scales), ``dual_scale``, ``output_segments`` and
+  ``pre_quant_scale`` (FP8 has one weight scale and no pre-quant scale), ``format`` (formats no ModelOpt
+  ``quant_algo`` names, e.g. INT4 per-channel weights with INT8 per-token activations).
+- ``segquant.safetensors``: the calibrated ranges the SegQuant runtime quantizes with (per input segment: amax,
+  positive and negative amax) and the SmoothQuant factors, so that ``load_hf_checkpoint`` rebuilds a model whose
+  outputs equal the fake-quant model's bit for bit.
+
+``strict=True`` refuses a model with any layer that needs SegQuant, naming the layers, before writing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from segquant import SegQuantError
+from segquant.numerics import ActivationStats, QuantFormat, get_format, quantize, quantize_input_segment, \
+    scale_from_amax
+
+from .quantizer import format_of, is_marked
+
+SECTION_VERSION = 1
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+SEGQUANT_FILE = "segquant.safetensors"
+SEGQUANT_ALGO = "SEGQUANT"
+"""The ``quant_algo`` of a layer that only the SegQuant runtime (``load_hf_checkpoint``) runs as quantized."""
+
+NEEDS = {
+    "input_segments": "per-segment activation scales applied split-K (standard formats have one input scale)",
+    "dual_scale": "separate positive and negative activation scales",
+    "output_segments": "one weight scale per output segment where the format has one per tensor (FP8)",
+    "pre_quant_scale": "SmoothQuant factors or folded input segments, which the FP8 format has no place for",
+    "format": "weight/activation formats no ModelOpt quant_algo names",
+}
+"""What each ``needs`` entry of the ``segquant`` section means."""
+
+
+@dataclass
+class LayerExport:
+    """How one quantized Linear is written.
+
+    Args:
+        name: module name.
+        weight_format / act_format: ``segquant.numerics`` format names (``act_format`` empty: weight only).
+        activations: ``static`` (calibrated per segment), ``dynamic_per_token`` or ``none``.
+        in_segments / out_segments / dual_scale_segments: as in the plan.
+        realisation: ``split_k`` or ``folded`` (static activations only).
+        smoothed: whether the layer has SmoothQuant factors.
+        standard: the ModelOpt ``quant_algo`` of the layer, None when it needs SegQuant.
+        needs: keys of ``NEEDS`` that the layer uses beyond ``standard`` form.
+    """
+
+    name: str
+    weight_format: str
+    act_format: str
+    activations: str
+    in_segments: list[int]
+    out_segments: list[int]
+    dual_scale_segments: list[int]
+    realisation: str
+    smoothed: bool
+    standard: str | None = None
+    needs: list[str] = field(default_factory=list)
+
+    def section(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("name", "standard")}
+        out["quant_algo"] = self.standard or SEGQUANT_ALGO
+        return out
+
+
+def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The Linear layers with an enabled ModelOpt quantizer; every one must be a SegQuant layer."""
+    layers, foreign = {}, []
+    for name, module in model.named_modules():
+        quantizers = [getattr(module, q, None) for q in ("weight_quantizer", "input_quantizer")]
+        enabled = [q for q in quantizers if q is not None and getattr(q, "is_enabled", False)]
+        if not enabled:
+            continue
+        if not isinstance(module, nn.Linear) or not all(is_marked(q) for q in enabled):
+            foreign.append(name)
+        else:
+            layers[name] = module
+    if foreign:
+        raise SegQuantError(f"{foreign[0]} ({len(foreign)} layers) was quantized by ModelOpt, not by the segquant "
+                            "algorithm; export models without SegQuant layers with "
+                            "modelopt.torch.export.export_hf_checkpoint")
+    if not layers:
+        raise SegQuantError(f"{type(model).__name__} has no SegQuant-quantized layer; quantize it with "
+                            "mtq.quantize(model, SEGQUANT_CFG, forward_loop) first")
+    return layers
+
+
+def _standard_algo(layer: LayerExport, weight_one_scale: bool, has_pre_quant_scale: bool) -> tuple[str | None, list[str]]:
+    needs = []
+    if layer.dual_scale_segments:
+        needs.append("dual_scale")
+    if len(layer.in_segments) > 1 and layer.realisation != "folded":
+        needs.append("input_segments")
+    w, a, kind = layer.weight_format, layer.act_format, layer.activations
+    if (w, a, kind) == ("int8", "int8", "static"):
+        algo = "W8A8_SQ_PER_CHANNEL"
+    elif (w, kind) == ("int8", "none"):
+        algo = "W8A16"
+    elif (w, a, kind) == ("fp8_e4m3", "fp8_e4m3", "static"):
+        algo = "FP8"
+        if not weight_one_scale:
+            needs.append("output_segments")
+        if has_pre_quant_scale:
+            needs.append("pre_quant_scale")
+    elif (w, a, kind) == ("fp8_e4m3", "fp8_e4m3", "dynamic_per_token"):
+        algo = "FP8_PER_CHANNEL_PER_TOKEN"
+    else:
+        algo = None
+        needs.append("format")
+    return (None if needs else algo), needs
+
+
+def describe(model: nn.Module) -> dict[str, LayerExport]:
+    """How ``export_hf_checkpoint`` writes each quantized Linear of a ModelOpt SegQuant model.
+
+    Raises:
+        SegQuantError: a layer quantized by ModelOpt's own algorithms, or no SegQuant layer at all.
+    """
+    out = {}
+    for name, module in _quantized_layers(model).items():
+        wq, iq = module.weight_quantizer, module.input_quantizer
+        w_fmt, a_fmt = format_of(wq), format_of(iq) if iq.is_enabled else None
+        role = getattr(iq, "_segquant_role", None) if iq.is_enabled else None
+        activations = {"input": "static", "dynamic": "dynamic_per_token", None: "none"}[role]
+        segments = list(getattr(iq, "_segquant_segments", [module.in_features]))
+        layer = LayerExport(name, w_fmt.name, a_fmt.name if a_fmt else "", activations, segments,
+                            list(getattr(wq, "_segquant_out_segments", [module.out_features])),
+                            list(getattr(iq, "_segquant_dual_segments", [])) if role else [],
+                            "folded" if getattr(iq, "_segquant_folded", False) else "split_k",
+                            role is not None and "_segquant_smooth" in iq._buffers)
+        scale = _weight_scale(module)
+        layer.standard, layer.needs = _standard_algo(layer, bool((scale == scale.flatten()[0]).all()),
+                                                     _pre_quant_scale(module) is not None)
+        out[name] = layer
+    return out
+
+
+def _weight_scale(module: nn.Module) -> Tensor:
+    """``(N, 1)`` float32: the weight quantizer's scale per output row (its fake quantization's own)."""
+    wq = module.weight_quantizer
+    return scale_from_amax(wq._amax, format_of(wq)).expand(module.out_features, 1)
+
+
+def _pre_quant_scale(module: nn.Module) -> Tensor | None:
+    iq = module.input_quantizer
+    return iq.pre_quant_scale if iq.is_enabled and iq.pre_quant_scale is not None else None
+
+
+def _codes(module: nn.Module, scale: Tensor, fmt: QuantFormat) -> Tensor:
+    codes = quantize(module.weight.detach(), scale, fmt)
+    return codes.to(torch.float8_e4m3fn) if fmt.is_float else codes.to(torch.int8)
+
+
+def _layer_tensors(name: str, module: nn.Module, layer: LayerExport) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(standard tensors, SegQuant tensors) of one quantized layer."""
+    fmt = get_format(layer.weight_format)
+    scale = _weight_scale(module)
+    standard = {f"{name}.weight": _codes(module, scale, fmt)}
+    one_scale = layer.standard == "FP8"
+    standard[f"{name}.weight_scale"] = scale.flatten()[0].clone() if one_scale else scale.flatten().clone()
+    if module.bias is not None:
+        standard[f"{name}.bias"] = module.bias.detach().clone()
+    iq, extra = module.input_quantizer, {}
+    if layer.activations == "static":
+        if layer.standard is not None:
+            standard[f"{name}.input_scale"] = scale_from_amax(iq._amax.detach().reshape(()), layer.act_format)
+            pqs = _pre_quant_scale(module)
+            if pqs is not None:
+                standard[f"{name}.pre_quant_scale"] = pqs.detach().clone()
+        for key in ("amax", "pos", "neg"):
+            extra[f"{name}.input_{key}"] = iq._buffers[f"_segquant_seg_{key}"].detach().float().clone()
+    if layer.smoothed:
+        extra[f"{name}.smooth"] = iq._segquant_smooth.detach().clone()
+    return standard, extra
+
+
+def _quantization_config(layers: dict[str, LayerExport], excluded: list[str]) -> dict[str, Any]:
+    import modelopt
+
+    from segquant import __version__
+
+    algos = {layer.standard or SEGQUANT_ALGO for layer in layers.values()}
+    config: dict[str, Any] = {"quant_method": "modelopt",
+                              "producer": {"name": "segquant", "version": __version__,
+                                           "modelopt_version": modelopt.__version__},
+                              "kv_cache_quant_algo": None, "exclude_modules": sorted(excluded)}
+    if len(algos) == 1 and SEGQUANT_ALGO not in algos:
+        config["quant_algo"] = algos.pop()
+    else:
+        config["quant_algo"] = "MIXED_PRECISION"
+        config["quantized_layers"] = {n: {"quant_algo": layer.standard or SEGQUANT_ALGO} for n, layer in layers.items()}
+    config["segquant"] = {
+        "version": SECTION_VERSION, "tensors": SEGQUANT_FILE, "needs": NEEDS,
+        "layers_needing_segquant": sorted(n for n, layer in layers.items() if layer.needs),
+        "layers": {n: layer.section() for n, layer in layers.items()},
+    }
+    return config
+
+
+def _excluded(model: nn.Module, quantized: dict[str, LayerExport]) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+
+
+def _plain_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's parameters and persistent buffers without ModelOpt's quantizer state."""
+    return {k: v.detach() for k, v in model.state_dict().items()
+            if "_quantizer." not in k and "._amax" not in k and not k.endswith("_pre_quant_scale")}
+
+
+def export_hf_checkpoint(model: nn.Module, export_dir: str | Path, *, strict: bool = False) -> Path:
+    """Write a ModelOpt SegQuant denoiser as an HF checkpoint folder (see the module docstring for the layout).
+
+    Example:
+        >>> model = mtq.quantize(transformer, SEGQUANT_CFG, forward_loop)
+        >>> export_hf_checkpoint(model, "flux-segquant-int8")
+        >>> again = load_hf_checkpoint("flux-segquant-int8")
+
+    Args:
+        model: a diffusers model (``ModelMixin``: it has a ``config``) quantized with the ``segquant`` algorithm.
+        export_dir: a folder that does not exist yet or is empty; written completely or not at all.
+        strict: refuse layers that need SegQuant (split-K input segments, DualScale, ...) instead of recording
+            them in the ``segquant`` section: the checkpoint is then standard ModelOpt form only.
+    Returns:
+        ``export_dir``.
+    Raises:
+        SegQuantError: not a SegQuant model, not a diffusers model, a non-empty ``export_dir``, or (strict) the
+            layers that need SegQuant.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "save_config"):
+        raise SegQuantError("export_hf_checkpoint needs a diffusers model (the denoiser, e.g. pipe.transformer), "
+                            f"got {type(model).__name__}")
+    layers = describe(model)
+    special = [n for n, layer in layers.items() if layer.needs]
+    if strict and special:
+        why = sorted({need for n in special for need in layers[n].needs})
+        named = ", ".join(f"{n} ({'+'.join(layers[n].needs)})" for n in special[:5])
+        raise SegQuantError(f"strict export: {len(special)} layers need SegQuant beyond the standard ModelOpt formats "
+                            f"({', '.join(why)}): {named}{' ...' if len(special) > 5 else ''}; "
+                            "quantize with realisation='folded' and dual_scale=False for a standard-only checkpoint, "
+                            "or export with strict=False")
+    export_dir = Path(export_dir)
+    if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
+        raise SegQuantError(f"{export_dir} exists and is not an empty folder; give a new folder")
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    standard = _plain_state(model)
+    extra: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+    for name, layer in layers.items():
+        std, seg = _layer_tensors(name, modules[name], layer)
+        standard.update(std)
+        extra.update(seg)
+    stage = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.", dir=export_dir.parent))
+    try:
+        model.save_config(stage)
+        config_path = stage / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = _quantization_config(layers, _excluded(model, layers))
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous().cpu() for k, v in standard.items()}, str(stage / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        save_file({k: v.contiguous().cpu() for k, v in extra.items()}, str(stage / SEGQUANT_FILE),
+                  metadata={"format": "pt"})
+        if export_dir.exists():
+            export_dir.rmdir()
+        stage.rename(export_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return export_dir
+
+
+class SegQuantCheckpointLinear(nn.Linear):
+    """A Linear run as the SegQuant fake-quant model runs it: its weight is the dequantized checkpoint weight and
+    its input is quantized per segment (``segquant.numerics.quantize_input_segment``) from the stored ranges."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, layer: LayerExport,
+                 tensors: dict[str, Tensor], device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.layer = layer
+        self.act_format = get_format(layer.act_format) if layer.act_format else None
+        for key in ("input_amax", "input_pos", "input_neg", "smooth"):
+            if key in tensors:
+                self.register_buffer(key, tensors[key], persistent=False)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        if layer.activations == "none" or x.numel() == 0:
+            return x
+        v = x * self.smooth if layer.smoothed else x
+        stats = None
+        if layer.activations == "static":
+            stats = ActivationStats(self.input_amax, self.input_pos, self.input_neg)
+        dual = set(layer.dual_scale_segments)
+        parts = [quantize_input_segment(part, self.act_format, i in dual, stats is None, stats, i)
+                 for i, part in enumerate(v.split(layer.in_segments, dim=-1))]
+        if layer.realisation == "folded":
+            return torch.cat([q for q, _ in parts], dim=-1).to(x.dtype)
+        return torch.cat([q * unit for q, unit in parts], dim=-1).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantize_input(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        layer = self.layer
+        return (f"{super().extra_repr()}, {layer.weight_format}/{layer.act_format or '-'} {layer.activations}, "
+                f"in_segments={layer.in_segments}, dual_scale={layer.dual_scale_segments}")
+
+
+def read_quantization_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model config without quantization_config, quantization_config)`` of an exported folder.
+
+    Raises:
+        SegQuantError: no config.json, or one without a SegQuant ``quantization_config`` of a known version.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise SegQuantError(f"{folder}: no config.json; pass a folder written by export_hf_checkpoint")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SegQuantError(f"{path}: not valid JSON ({e})") from None
+    quant = config.pop("quantization_config", None) if isinstance(config, dict) else None
+    section = quant.get("segquant") if isinstance(quant, dict) else None
+    if not isinstance(section, dict):
+        raise SegQuantError(f"{path}: no quantization_config with a segquant section; not written by "
+                            "segquant_modelopt.export_hf_checkpoint")
+    if section.get("version") != SECTION_VERSION:
+        raise SegQuantError(f"{path}: segquant section version {section.get('version')!r}; this segquant reads "
+                            f"version {SECTION_VERSION}")
+    return config, quant
+
+
+def _dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    scale = scale.float()
+    return (codes.float() * (scale[:, None] if scale.dim() == 1 else scale)).to(dtype)
+
+
+def load_hf_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the quantized denoiser from a folder written by ``export_hf_checkpoint``.
+
+    Every quantized Linear becomes a ``SegQuantCheckpointLinear`` (dequantized weight, per-segment input
+    quantization): the outputs equal those of the exported fake-quant model bit for bit, on the same device and
+    dtype. diffusers, safetensors and accelerate are needed; ModelOpt is not.
+
+    Raises:
+        SegQuantError: the folder is not a SegQuant checkpoint, or its tensors do not match its config.
+    """
+    import diffusers
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config, quant = read_quantization_config(folder)
+    section = quant["segquant"]
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if cls is None:
+        raise SegQuantError(f"{folder}: {config.get('_class_name')!r} is not a diffusers model class")
+    for name in (WEIGHTS_FILE, section.get("tensors", SEGQUANT_FILE)):
+        if not (folder / name).is_file():
+            raise SegQuantError(f"{folder}: {name} is missing; the export is incomplete")
+    state = load_file(str(folder / WEIGHTS_FILE))
+    extra = load_file(str(folder / section.get("tensors", SEGQUANT_FILE)))
+    with init_empty_weights():
+        model = cls.from_config(config)
+    dtype = next(v.dtype for k, v in state.items() if v.is_floating_point() and v.element_size() > 1)
+    for name, entry in section["layers"].items():
+        fields = {k: v for k, v in entry.items() if k != "quant_algo"}
+        layer = LayerExport(name, standard=None if entry["quant_algo"] == SEGQUANT_ALGO else entry["quant_algo"],
+                            **fields)
+        try:
+            codes, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")
+            old = model.get_submodule(name)
+        except (KeyError, AttributeError) as e:
+            raise SegQuantError(f"{folder}: layer {name} of the segquant section has no {e} in the checkpoint") from None
+        for key in ("input_scale", "pre_quant_scale"):
+            state.pop(f"{name}.{key}", None)
+        tensors = {k.rsplit(".", 1)[1]: v for k, v in extra.items() if k.rsplit(".", 1)[0] == name}
+        new = SegQuantCheckpointLinear(old.in_features, old.out_features, old.bias is not None, layer, tensors,
+                                       device="meta", dtype=dtype)
+        model.set_submodule(name, new)
+        state[f"{name}.weight"] = _dequantize(codes, scale, dtype)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise SegQuantError(f"{folder}: the weights do not match {cls.__name__}'s config: "
+                            f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def _has_segquant_layers(model: Any) -> bool:
+    modules = model.modules() if isinstance(model, nn.Module) else \
+        (m for c in getattr(model, "components", {}).values() if isinstance(c, nn.Module) for m in c.modules())
+    return any(is_marked(q) for m in modules for q in (getattr(m, "weight_quantizer", None),
+                                                        getattr(m, "input_quantizer", None)) if q is not None)
+
+
+def guard_modelopt_export() -> None:
+    """Make ModelOpt's ``export_hf_checkpoint`` refuse SegQuant models (before it changes anything) instead of
+    writing a checkpoint whose ``quant_algo`` and scales misdescribe them. Both of its paths (diffusers and
+    transformers) go through these module-level functions, whichever way the caller imported the public one."""
+    from modelopt.torch.export import unified_export_hf as hf
+
+    def refusing(original):
+        if getattr(original, "_segquant_guard", False):
+            return original
+
+        def export(model: Any, *args: Any, **kwargs: Any) -> Any:
+            if _has_segquant_layers(model):
+                raise SegQuantError("ModelOpt's export_hf_checkpoint cannot describe SegQuant layers (per-segment "
+                                    "and DualScale scales); use segquant_modelopt.export_hf_checkpoint(model, "
+                                    "export_dir), and load it back with segquant_modelopt.load_hf_checkpoint")
+            return original(model, *args, **kwargs)
+
+        export._segquant_guard = True
+        return export
+
+    for name in ("_export_diffusers_checkpoint", "_export_transformers_checkpoint"):
+        if hasattr(hf, name):
+            setattr(hf, name, refusing(getattr(hf, name)))
