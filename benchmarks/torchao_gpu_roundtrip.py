@@ -45,7 +45,7 @@ def one_case(model, kwargs, plan, precision: str, mode: str, folder: Path) -> di
         eager = q(**kwargs)[0]
         compiled = torch.compile(q, fullgraph=True)(**kwargs)[0]
     q.save_pretrained(folder)
-    loaded = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).to("cuda")
+    loaded = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
     with torch.inference_mode():
         again = loaded(**kwargs)[0]
     with torch.inference_mode():

@@ -158,7 +158,7 @@ def load_pipeline(model: str, dtype: str = "bfloat16", device: str = "cpu", **co
         raise SegQuantError("segquant quantize needs diffusers: pip install 'segquant[diffusers]'") from None
     offline = _offline()
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype_of(dtype), local_files_only=offline,
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype_of(dtype), local_files_only=offline,
                                                  **components)
     except (OSError, ValueError) as e:  # HF hub errors are OSErrors; invalid ids are ValueErrors
         raise _not_available(model, offline, e) from None
@@ -174,7 +174,7 @@ def load_component(model: str, subfolder: str, class_name: str, dtype: str = "bf
         raise SegQuantError(f"{class_name} is not a diffusers model class")
     offline = _offline()
     try:
-        return cls.from_pretrained(model, subfolder=subfolder, torch_dtype=dtype_of(dtype), local_files_only=offline)
+        return cls.from_pretrained(model, subfolder=subfolder, dtype=dtype_of(dtype), local_files_only=offline)
     except (OSError, ValueError) as e:
         raise _not_available(model, offline, e) from None
 

@@ -30,6 +30,7 @@ from segquant.backend import check_supported
 from segquant.files import atomic_write_text
 from segquant.recipe import PRECISIONS, CalibrationSettings, Recipe, load_recipe
 
+from .extras import require
 from .outputs import check_output_folder, staged_output
 from .pipelines import (DTYPES, calibration_loop, check_device, check_model_folder, denoiser_name, family_of,
                         load_component, load_pipeline, read_prompts)
@@ -165,6 +166,9 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
         SegQuantError: weights not available locally, a recipe for another model, an empty prompt file,
             a precision the backend does not support, or a backend that is not installed.
     """
+    require("quantize", "segquant quantize")
+    if job.onnx:
+        require("onnx", "segquant quantize --onnx")
     backend = _check_backend(job)
     out = check_output_folder(job.out, [p for p in (job.model, job.prompts, job.recipe) if p], COMMAND,
                               job.overwrite)

@@ -19,6 +19,7 @@ from segquant import Backend, SegQuantError, SegQuantPlan, analyze, backend_name
 from segquant.backend import check_supported
 from segquant.recipe import PRECISIONS, Recipe, load_recipe
 
+from .extras import require
 from .outputs import check_output_folder, staged_output
 from .pipelines import check_device
 from .quantize_job import DEFAULT_BACKEND
@@ -231,6 +232,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     from .evaluation import linear_flops, record_linear_io
     from .report import write_report
 
+    require("run", "segquant run")
     out = check_output_folder(settings.out, [settings.model], COMMAND, settings.overwrite)
     start = time.time()
     job = _prepare(settings)

@@ -79,7 +79,7 @@ def test_save_pretrained_round_trip_is_bit_identical(tmp_path, model_name, preci
     with torch.no_grad():
         expected = q(**kwargs)[0]
     q.save_pretrained(tmp_path)
-    loaded = getattr(diffusers, model_name).from_pretrained(tmp_path, torch_dtype=torch.float32)
+    loaded = getattr(diffusers, model_name).from_pretrained(tmp_path, dtype=torch.float32)
     assert set(quantized_layers(loaded)) == set(plan.quantized_layers())
     assert_same_state(state_of(loaded), state_of(q))
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_loading_with_the_quantization_config_the_user_passes(tmp_path):
     with pytest.warns(UserWarning, match="already has a `quantization_config`"):
         loaded = FluxTransformer2DModel.from_pretrained(
             tmp_path, quantization_config=TorchAoConfig(SegQuantConfig(plan, precision="int8")),
-            torch_dtype=torch.float32)
+            dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(loaded(**kwargs)[0], q(**kwargs)[0])
 
@@ -138,7 +138,7 @@ def test_pipeline_round_trip(tmp_path, family):
     plan = segquant.analyze(transformer, **kwargs)
     pipe.transformer = quantized_copy(transformer, kwargs, plan, "fp8", "static_split_k")
     pipe.save_pretrained(tmp_path / "quantized")
-    loaded = type(pipe).from_pretrained(tmp_path / "quantized", torch_dtype=torch.float32)
+    loaded = type(pipe).from_pretrained(tmp_path / "quantized", dtype=torch.float32)
     assert isinstance(loaded.transformer, getattr(diffusers, type(transformer).__name__))
     assert set(quantized_layers(loaded.transformer)) == set(plan.quantized_layers())
     with torch.no_grad():
@@ -259,7 +259,7 @@ def test_a_plan_that_does_not_fit_fails_before_any_layer_changes(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(SegQuantError):
         FluxTransformer2DModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig(SegQuantConfig(foreign)),
-                                               torch_dtype=torch.float32)
+                                               dtype=torch.float32)
 
 
 def test_checkpoints_of_earlier_versions_still_load(tmp_path):

@@ -258,7 +258,7 @@ def test_diffusers_from_pretrained_quantizes(tmp_path):
     model.save_pretrained(tmp_path)
     config = SegQuantConfig(plan, precision="int8")
     loaded = FluxTransformer2DModel.from_pretrained(tmp_path, quantization_config=TorchAoConfig(config),
-                                                    torch_dtype=torch.float32)
+                                                    dtype=torch.float32)
     direct = copy.deepcopy(model)
     quantize(direct, SegQuantConfig(plan, precision="int8"))
     assert set(quantized_layers(loaded)) == set(quantized_layers(direct)) == set(plan.quantized_layers())

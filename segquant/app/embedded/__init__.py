@@ -67,7 +67,7 @@ def load_denoiser(model: str = DEFAULT_DENOISER, device: str | torch.device = "c
     except ImportError:
         raise SegQuantError("the embedded models need diffusers: pip install 'segquant[diffusers]'") from None
     try:
-        model_module = getattr(diffusers, _SUBFOLDERS[sub]).from_pretrained(folder / sub, torch_dtype=dtype)
+        model_module = getattr(diffusers, _SUBFOLDERS[sub]).from_pretrained(folder / sub, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise SegQuantError(f"{folder / sub}: could not load the diffusers model: {e}") from None
     state = _load_safetensors(folder / "conditioner.safetensors")
