@@ -205,7 +205,7 @@ def _layer_tensors(name: str, module: nn.Module, layer: LayerExport) -> tuple[di
     return standard, extra
 
 
-def _quantization_config(layers: dict[str, LayerExport], excluded: list[str]) -> dict[str, Any]:
+def _quantization_config(layers: dict[str, LayerExport], excluded: list[str], dtype: torch.dtype) -> dict[str, Any]:
     import modelopt
 
     from segquant import __version__
@@ -221,7 +221,7 @@ def _quantization_config(layers: dict[str, LayerExport], excluded: list[str]) ->
         config["quant_algo"] = "MIXED_PRECISION"
         config["quantized_layers"] = {n: {"quant_algo": layer.standard or SEGQUANT_ALGO} for n, layer in layers.items()}
     config["segquant"] = {
-        "version": SECTION_VERSION, "tensors": SEGQUANT_FILE, "needs": NEEDS,
+        "version": SECTION_VERSION, "tensors": SEGQUANT_FILE, "needs": NEEDS, "dtype": str(dtype).removeprefix("torch."),
         "layers_needing_segquant": sorted(n for n, layer in layers.items() if layer.needs),
         "layers": {n: layer.section() for n, layer in layers.items()},
     }
@@ -230,6 +230,11 @@ def _quantization_config(layers: dict[str, LayerExport], excluded: list[str]) ->
 
 def _excluded(model: nn.Module, quantized: dict[str, LayerExport]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (the one its unquantized tensors are written in)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _plain_state(model: nn.Module) -> dict[str, Tensor]:
@@ -287,7 +292,8 @@ def export_hf_checkpoint(model: nn.Module, export_dir: str | Path, *, strict: bo
         model.save_config(stage)
         config_path = stage / "config.json"
         config = json.loads(config_path.read_text())
-        config["quantization_config"] = _quantization_config(layers, _excluded(model, layers))
+        config["quantization_config"] = _quantization_config(layers, _excluded(model, layers),
+                                                             _dtype_of(model))
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.contiguous().cpu() for k, v in standard.items()}, str(stage / WEIGHTS_FILE),
                   metadata={"format": "pt"})
@@ -395,7 +401,9 @@ def load_hf_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -
     extra = load_file(str(folder / section.get("tensors", SEGQUANT_FILE)))
     with init_empty_weights():
         model = cls.from_config(config)
-    dtype = next(v.dtype for k, v in state.items() if v.is_floating_point() and v.element_size() > 1)
+    dtype = getattr(torch, str(section.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SegQuantError(f"{folder}: unknown dtype {section.get('dtype')!r} in the segquant section")
     for name, entry in section["layers"].items():
         fields = {k: v for k, v in entry.items() if k != "quant_algo"}
         layer = LayerExport(name, standard=None if entry["quant_algo"] == SEGQUANT_ALGO else entry["quant_algo"],

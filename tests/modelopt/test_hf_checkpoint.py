@@ -217,3 +217,18 @@ def test_bad_inputs(tiny_models, tmp_path):
     model.save_config(tmp_path / "g")
     with pytest.raises(SegQuantError, match="no quantization_config with a segquant section"):
         sm.load_hf_checkpoint(tmp_path / "g")
+
+
+def test_bfloat16_model_round_trips_in_bfloat16(tiny_models, tmp_path):
+    float_model, data = tiny_models["FluxTransformer2DModel"]
+    model = copy.deepcopy(float_model).to(torch.bfloat16)
+    batches = [{k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in b.items()}
+               for b in data]
+    quantized_model = mtq.quantize(model, sm.with_segquant(sm.SEGQUANT_INT8_CFG, show_progress=False),
+                                   loop_over(batches))
+    folder = sm.export_hf_checkpoint(quantized_model, tmp_path / "ckpt")
+    assert quant_config(folder)["segquant"]["dtype"] == "bfloat16"
+    loaded = sm.load_hf_checkpoint(folder)
+    assert loaded.proj_out.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(quantized_model(**batches[0])[0], loaded(**batches[0])[0])
