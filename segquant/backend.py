@@ -31,6 +31,12 @@ ENTRY_POINT_GROUP = "segquant.backends"
 ForwardLoop = Callable[[nn.Module], None]
 """``forward_loop(model)`` runs the model on calibration data (ModelOpt's convention)."""
 
+ONNX_MODES = ("tensorrt", "qdq")
+"""ONNX export modes: ``tensorrt`` (every activation Q/DQ per tensor, per-segment scales only as the folded
+realisation's ``pre_quant_scale`` Mul; per-K scales and DualScale are refused) or ``qdq`` (what the quantizers
+hold: per-channel activation Q/DQ for ``split_k`` segments, two Q/DQ branches for DualScale)."""
+DEFAULT_ONNX_MODE = "tensorrt"
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -133,8 +139,9 @@ class Backend(Protocol):
         """The quantized denoiser ``name`` (a diffusers ``denoiser_class``) of a checkpoint written by
         ``quantize_and_save`` into ``folder``; ``float_denoiser()`` builds the base model's float one."""
 
-    def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path) -> Path:
-        """Export a quantized model to ONNX (only when ``capabilities.onnx_export``)."""
+    def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path,
+                    mode: str = DEFAULT_ONNX_MODE) -> Path:
+        """Export a quantized model to ONNX (only when ``capabilities.onnx_export``) in one of ``ONNX_MODES``."""
 
     def quantize_baseline(self, model: nn.Module, precision: str, forward_loop: ForwardLoop | None) \
             -> tuple[nn.Module, str]:

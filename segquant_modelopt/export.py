@@ -1,22 +1,56 @@
 """ONNX export of a ModelOpt-quantized SegQuant model with standard QuantizeLinear/DequantizeLinear.
 
-Per-segment scales export as per-channel Q/DQ on the input's last axis (``split_k``) or as a Mul by
-``pre_quant_scale`` before a per-tensor Q/DQ (``folded``); DualScale as two Q/DQ branches (x+ and x-)
-added before the Linear, whose weight has its own Q/DQ.
+Two modes (``segquant.backend.ONNX_MODES``):
+
+- ``"tensorrt"`` (default): every activation Q/DQ is per tensor (a one-element scale, no axis), the form
+  TensorRT's INT8/FP8 GEMM fusion takes. Per-segment scales reach the graph only as the ``folded``
+  realisation's ``pre_quant_scale`` Mul before that Q/DQ (the scales are folded into the weight); weights keep
+  per-channel Q/DQ on axis 0. A model with per-K input scales (``split_k`` with more than one segment) or
+  DualScale is refused before exporting (``check_tensorrt``), and the written graph is checked (``qdq_axes``).
+- ``"qdq"``: what the quantizers hold: per-segment scales as per-channel Q/DQ on the input's last axis
+  (``split_k``), DualScale as two Q/DQ branches (x+ and x-) added before the MatMul. onnxruntime runs it;
+  TensorRT is unlikely to fuse ``Add(DQ, DQ) -> MatMul`` or per-channel activation Q/DQ into an INT8 GEMM.
+
+Exporter: TorchScript (``dynamo=False``) in both modes. ModelOpt 0.47 emits Q/DQ only through the TorchScript
+``symbolic`` of its ``FakeTensorQuantFunction``; it has no ``torch.export``/dynamo ONNX path for that fake
+quantization (tried with torch 2.13, onnxscript 0.7.2 on a tiny folded FLUX):
+
+- ``torch.onnx.export(..., dynamo=True)`` on CPU fails in step 1 (``torch.export``):
+  ``GuardOnDataDependentSymNode: Could not guard on data-dependent expression Eq(u0, 1)``, raised by
+  ``if min_amax < 0:`` in ``modelopt.torch.quantization.tensor_quant._tensor_quant``;
+- on CUDA tensors the quantizer calls the custom op ``tensorrt::quantize_op``, which ``torch.export`` keeps but
+  the ONNX translation cannot lower (step 3): ``DispatchError: No ONNX function found for
+  <OpOverload(op='tensorrt.quantize_op', overload='default')>`` (the op called directly, on CPU).
+
+Even where it traced, it would be a fake-quant subgraph, not QuantizeLinear/DequantizeLinear.
+
+Example:
+    >>> export_onnx(quantized, example_kwargs, "flux.onnx")              # TensorRT: per-tensor activations
+    >>> qdq_axes("flux.onnx")["activation_per_axis"]
+    {'QuantizeLinear': 0, 'DequantizeLinear': 0}
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from modelopt.torch.quantization.nn import TensorQuantizer
 
 from segquant import SegQuantError
+from segquant.backend import DEFAULT_ONNX_MODE, ONNX_MODES
+from segquant.options import check_choice
 
 OPSET = 17
+SHOWN = 3
+"""Layers a refusal names (then a count)."""
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def _rms_norm_symbolic(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
@@ -44,27 +78,107 @@ class _KeywordModule(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
 
-def export_onnx(model: nn.Module, example_kwargs: dict[str, Any], path: str | Path, opset: int = OPSET) -> Path:
+def tensorrt_blockers(model: nn.Module) -> dict[str, str]:
+    """Layers whose enabled input quantizer is not one per-tensor scale, with why: ``"<n> per-K input scales"``
+    (a ``split_k`` layer with segments) and/or ``"DualScale"``."""
+    found = {}
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "input_quantizer", None)
+        if not isinstance(quantizer, TensorQuantizer) or not quantizer.is_enabled:
+            continue
+        why = []
+        if quantizer.amax is not None and quantizer.amax.numel() > 1:
+            why.append(f"{quantizer.amax.numel()} per-K input scales")
+        if getattr(quantizer, "dual_scale", False):
+            why.append("DualScale")
+        if why:
+            found[name] = " and ".join(why)
+    return found
+
+
+def check_tensorrt(model: nn.Module) -> None:
+    """Refuse a model that ``mode="tensorrt"`` cannot export with per-tensor activation Q/DQ.
+
+    Raises:
+        SegQuantError: naming the first ``SHOWN`` such layers, their number and the fix.
+    """
+    found = tensorrt_blockers(model)
+    if found:
+        shown = ", ".join(f"{name} ({why})" for name, why in list(found.items())[:SHOWN])
+        more = f" and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
+        raise SegQuantError(
+            f"ONNX mode tensorrt needs one per-tensor activation scale per layer; {len(found)} layers of "
+            f"{type(model).__name__} have per-K input scales or DualScale: {shown}{more}; quantize with "
+            "realisation='folded' and dual_scale=False (segquant quantize --onnx does), or export with "
+            "mode='qdq' (per-channel activation Q/DQ and DualScale branches, which TensorRT is unlikely to fuse "
+            "into INT8 GEMMs)")
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
+
+
+@contextlib.contextmanager
+def _ir_log_off():
+    """No TorchScript IR on stdout: on a failure the exporter logs the whole graph (thousands of lines for a
+    FLUX) through ``torch._C._jit_onnx_log``, and its log switch is always on (torch's ``setup_onnx_logging``
+    tests the function ``_jit_is_onnx_log_enabled`` instead of calling it)."""
+    log = getattr(torch._C, "_jit_onnx_log", None)
+    if log is None:
+        yield
+        return
+    torch._C._jit_onnx_log = lambda *args: None
+    try:
+        yield
+    finally:
+        torch._C._jit_onnx_log = log
+
+
+def _torchscript_export(module: nn.Module, args: tuple, path: Path, opset: int, names: list[str]) -> None:
+    """``torch.onnx.export(dynamo=False)`` without its TracerWarnings, deprecation notices (the choice is
+    deliberate: see the module docstring) or IR log; a failure is one line (the exporter's first line; its
+    exception stays in ``__context__``)."""
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), _ir_log_off():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export",
+                                    DeprecationWarning)
+            warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=names,
+                              output_names=["output"])
+    except Exception as e:  # noqa: BLE001 - surface the exporter's reason with what was exported
+        name = type(module.model).__name__ if isinstance(module, _KeywordModule) else type(module).__name__
+        raise SegQuantError(f"ONNX export of {name} failed: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def export_onnx(model: nn.Module, example_kwargs: dict[str, Any], path: str | Path, opset: int = OPSET,
+                mode: str = DEFAULT_ONNX_MODE) -> Path:
     """Export a (fake-)quantized model called as ``model(**example_kwargs)`` to ONNX.
 
     Tensor keyword arguments become ONNX inputs (same names); the others are baked in.
 
+    Args:
+        mode: ``"tensorrt"`` (per-tensor activation Q/DQ only) or ``"qdq"`` (see the module docstring).
     Raises:
-        SegQuantError: if no example input is a tensor or the export fails.
+        SegQuantError: an unknown mode, no example input is a tensor, a model ``mode="tensorrt"`` cannot
+            export (``check_tensorrt``), or the export fails (one line: the exporter's reason).
     """
+    check_choice(mode, ONNX_MODES, "ONNX export mode")
     names = [k for k, v in example_kwargs.items() if isinstance(v, torch.Tensor)]
     if not names:
         raise SegQuantError("export_onnx needs at least one tensor among the example inputs")
+    if mode == "tensorrt":
+        check_tensorrt(model)
     constants = {k: v for k, v in example_kwargs.items() if k not in names}
-    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
     path = Path(path)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(_KeywordModule(model, names, constants), tuple(example_kwargs[n] for n in names),
-                              str(path), dynamo=False, opset_version=opset, input_names=names,
-                              output_names=["output"])
-    except Exception as e:  # noqa: BLE001 - surface the exporter's reason with what was exported
-        raise SegQuantError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: {e}") from e
+    _torchscript_export(_KeywordModule(model, names, constants), tuple(example_kwargs[n] for n in names), path,
+                        opset, names)
+    if mode == "tensorrt":
+        per_axis = sum(qdq_axes(path)["activation_per_axis"].values())
+        if per_axis:
+            raise SegQuantError(f"{path}: {per_axis} activation Q/DQ nodes are per axis although every input "
+                                "quantizer is per tensor; export with mode='qdq', or report this with the model")
     return path
 
 
@@ -72,5 +186,51 @@ def qdq_counts(path: str | Path) -> dict[str, int]:
     """Numbers of QuantizeLinear and DequantizeLinear nodes in an ONNX file."""
     import onnx
 
-    ops = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
-    return {"QuantizeLinear": ops["QuantizeLinear"], "DequantizeLinear": ops["DequantizeLinear"]}
+    ops = Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+    return {op: ops[op] for op in _QDQ}
+
+
+def _constant_size(node: Any) -> int | None:
+    """Number of elements of a Constant node's value."""
+    for attribute in node.attribute:
+        if attribute.name == "value":
+            return math.prod(attribute.t.dims)
+        if attribute.name in ("value_float", "value_int"):
+            return 1
+        if attribute.name in ("value_floats", "value_ints"):
+            return len(attribute.floats or attribute.ints)
+    return None
+
+
+def qdq_axes(path: str | Path) -> dict[str, dict[str, int]]:
+    """Q/DQ nodes of an ONNX file by what they quantize and how.
+
+    A node quantizes a weight when its input is computed from constants only (an initializer, a Constant, or
+    the integer initializer of a constant-folded weight feeding a DequantizeLinear), else an activation. It is
+    per tensor when its scale has one element, per axis otherwise (or when the file does not state the scale's
+    size: a scale computed at run time).
+
+    Returns:
+        ``{"activation_per_tensor", "activation_per_axis", "weight_per_tensor", "weight_per_axis"}``, each
+        ``{"QuantizeLinear": n, "DequantizeLinear": n}``.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constant = {t.name for t in graph.initializer}
+    sizes: dict[str, int | None] = {t.name: math.prod(t.dims) for t in graph.initializer}
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if node.op_type == "Constant":
+            sizes[node.output[0]] = _constant_size(node)
+        elif node.op_type in ("Identity", "Cast") and node.input[0] in sizes:
+            sizes[node.output[0]] = sizes[node.input[0]]
+        if all(name in constant for name in node.input if name):  # "" is an omitted optional input
+            constant.update(node.output)
+    counts = {f"{role}_{granularity}": dict.fromkeys(_QDQ, 0)
+              for role in ("activation", "weight") for granularity in ("per_tensor", "per_axis")}
+    for node in graph.node:
+        if node.op_type in _QDQ:
+            role = "weight" if node.input[0] in constant else "activation"
+            granularity = "per_tensor" if sizes.get(node.input[1]) == 1 else "per_axis"
+            counts[f"{role}_{granularity}"][node.op_type] += 1
+    return counts

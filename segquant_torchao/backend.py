@@ -18,7 +18,7 @@ from torch import nn
 
 from segquant import PRECISIONS as SEGQUANT_PRECISIONS
 from segquant import Capabilities, QuantizedLayer, QuantizeOptions, SegQuantError, SegQuantPlan
-from segquant.backend import ForwardLoop, check_quantize_call
+from segquant.backend import DEFAULT_ONNX_MODE, ForwardLoop, check_quantize_call
 from segquant.calib import check_calibration
 from segquant.numerics import get_format
 from segquant.transaction import model_transaction
@@ -108,14 +108,15 @@ class TorchAOBackend:
         if legacy.is_file():
             config = _saved_config(json.loads(legacy.read_text()), legacy)
             return cls.from_pretrained(folder, subfolder=name, quantization_config=TorchAoConfig(config),
-                                       torch_dtype=dtype)
-        model = cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype)
+                                       dtype=dtype)
+        model = cls.from_pretrained(folder, subfolder=name, dtype=dtype)
         if not quantized_layers(model):
             raise SegQuantError(f"{folder}/{name}: no quantized layer was loaded; it is not a torchao checkpoint "
                                 "of segquant quantize")
         return model
 
-    def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path) -> Path:
+    def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path,
+                    mode: str = DEFAULT_ONNX_MODE) -> Path:
         raise SegQuantError("ONNX export is a ModelOpt path: use --backend modelopt")
 
     def quantize_baseline(self, model: nn.Module, precision: str, forward_loop: ForwardLoop | None) \

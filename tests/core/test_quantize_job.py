@@ -1,6 +1,7 @@
 """segquant quantize: the job on tiny pipelines (CLI, hub ids from the local cache, ONNX) and bad input."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -73,13 +74,26 @@ def test_cli_quantize_from_the_hub_cache_with_onnx(flux_folder, empty_offline_ca
     onnx.checker.check_model(str(out / "transformer.onnx"))
     pipe = load_quantized(out)
     assert any(type(m).__name__ == "SegmentTensorQuantizer" for m in pipe.transformer.modules())
+    # --onnx is TensorRT's form by default: folded, DualScale off, per-tensor activation Q/DQ only
+    from segquant import SegQuantPlan
+    from segquant_modelopt.export import qdq_axes
+
+    plan = SegQuantPlan.load(out / "plan.json")
+    layers = len(plan.quantized_layers())
+    assert not plan.dual_scaled() and manifest["onnx_mode"] == "tensorrt"
+    assert manifest["notes"] == [line for line in text.splitlines() if line.startswith("ONNX for TensorRT:")]
+    assert "ONNX for TensorRT: DualScale switched off on " in text and "realisation split_k -> folded" in text
+    axes = qdq_axes(out / "transformer.onnx")
+    assert axes["activation_per_axis"] == {"QuantizeLinear": 0, "DequantizeLinear": 0}
+    assert axes["activation_per_tensor"] == {"QuantizeLinear": layers, "DequantizeLinear": layers}
 
 
 def test_progress_over_calibration_prompts(flux_folder, tmp_path, capsys):
     pytest.importorskip("torchao")
     quantize_pipeline(QuantizeJob(model=str(flux_folder), out=tmp_path / "out", backend="torchao", precision="fp8",
                                   **{**TINY, "show_progress": True}))
-    assert "calibration prompts: 100%" in capsys.readouterr().err
+    err = capsys.readouterr().err  # not a terminal: one plain line per step, no bar
+    assert re.search(r"^calibration prompts: 2/2 prompts in \d+\.\d s$", err, re.M) and "\r" not in err
 
 
 def test_unknown_model_id(empty_offline_cache, tmp_path, capsys):

@@ -59,7 +59,7 @@ def fake_backend(monkeypatch):
     def install(save: FakeSave, onnx_error: BaseException | None = None):
         monkeypatch.setattr(cls, "quantize_and_save", lambda self, *a: save(*a))
         if onnx_error is not None:
-            def export(self, model, inputs, path):
+            def export(self, model, inputs, path, mode="tensorrt"):
                 Path(path).write_text("half an onnx")
                 raise onnx_error
             monkeypatch.setattr(cls, "export_onnx", export)
