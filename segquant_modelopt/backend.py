@@ -3,11 +3,15 @@ with ``mto.save``/``mto.restore``, ONNX export, and ModelOpt's own presets as th
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import pickle
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import modelopt.torch.opt as mto
 import modelopt.torch.quantization as mtq
@@ -15,11 +19,13 @@ import torch
 from torch import nn
 
 from segquant import Capabilities, QuantizedLayer, QuantizeOptions, SegQuantError, SegQuantPlan
-from segquant.backend import ForwardLoop, check_quantize_call
+from segquant.backend import DEFAULT_ONNX_MODE, ForwardLoop, check_quantize_call
 
 from .configs import PRECISION_CONFIGS, config_for_plan
 from .export import export_onnx
 from .quantizer import format_of, is_marked
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = "{denoiser}.modelopt.pth"
 
@@ -42,6 +48,43 @@ def restore(model: nn.Module, f: str | Path, **kwargs: Any) -> nn.Module:
         raise SegQuantError(f"{f}: the checkpoint holds {name}, which no imported package allow-lists; import "
                             f"the package that defines it before restoring (SegQuant's quantizers: `import "
                             "segquant_modelopt`), and only load checkpoints you trust") from None
+
+
+def quantize_quietly(model: nn.Module, config: dict[str, Any], forward_loop: ForwardLoop | None) -> nn.Module:
+    """``mtq.quantize`` with what ModelOpt prints (``Inserted N quantizers``, ``Smoothed N modules``) logged at
+    INFO on this module's logger instead of written to stdout: ModelOpt has no switch for its prints."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            return mtq.quantize(model, config, forward_loop)
+    finally:
+        for line in out.getvalue().splitlines():
+            if line.strip():
+                logger.info("modelopt: %s", line.strip())
+
+
+_NOT_CALIBRATED = re.compile(r"(?P<name>\S+) is not calibrated, skip smoothing")
+
+
+@contextlib.contextmanager
+def _switched_off_layers_not_warned(model: nn.Module) -> Iterator[None]:
+    """ModelOpt's SmoothQuant warns ``<layer> is not calibrated, skip smoothing`` for every Linear whose input
+    quantizer its own preset switched off (``*proj_out.*``, six on the embedded FLUX): expected, so logged at
+    DEBUG instead. The same warning for a layer that is on, and every other warning, is shown as it was."""
+    with warnings.catch_warnings():  # puts showwarning back
+        show = warnings.showwarning
+
+        def drop_switched_off(message, category, filename, lineno, file=None, line=None):
+            found = _NOT_CALIBRATED.fullmatch(str(message))
+            module = dict(model.named_modules()).get(found["name"]) if found else None
+            quantizer = getattr(module, "input_quantizer", None)
+            if quantizer is not None and not quantizer.is_enabled:
+                logger.debug("ModelOpt: %s (its preset switched the layer off)", message)
+                return
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = drop_switched_off
+        yield
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -76,7 +119,7 @@ class ModelOptBackend:
                  forward_loop: ForwardLoop | None) -> nn.Module:
         check_quantize_call(self, plan, options, forward_loop)
         plan.check_model(model, complete=True)  # before mtq.quantize inserts a single quantizer
-        return mtq.quantize(model, config_for_plan(plan, options), forward_loop)
+        return quantize_quietly(model, config_for_plan(plan, options), forward_loop)
 
     def quantize_and_save(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                           forward_loop: ForwardLoop | None, folder: Path, name: str) -> tuple[nn.Module, list[Path]]:
@@ -92,10 +135,13 @@ class ModelOptBackend:
             raise SegQuantError(f"{folder}: the ModelOpt checkpoint {path.name} is missing")
         return restore(float_denoiser(), path)
 
-    def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path) -> Path:
+    def export_onnx(self, model: nn.Module, example_kwargs: Mapping[str, Any], path: Path,
+                    mode: str = DEFAULT_ONNX_MODE) -> Path:
+        """Q/DQ ONNX (``segquant_modelopt.export.export_onnx``): ``tensorrt`` mode refuses per-K input scales
+        and DualScale, ``qdq`` mode exports them as per-channel Q/DQ and two Q/DQ branches."""
         if not example_kwargs:
             raise SegQuantError("no denoiser call was recorded during calibration: nothing to export")
-        return export_onnx(model, dict(example_kwargs), path)
+        return export_onnx(model, dict(example_kwargs), path, mode=mode)
 
     def quantize_baseline(self, model: nn.Module, precision: str, forward_loop: ForwardLoop | None) \
             -> tuple[nn.Module, str]:
@@ -103,7 +149,9 @@ class ModelOptBackend:
         if precision not in BASELINE_PRESETS:
             raise SegQuantError(f"no ModelOpt baseline preset for precision {precision!r}")
         preset = BASELINE_PRESETS[precision]
-        return mtq.quantize(model, copy.deepcopy(getattr(mtq, preset)), forward_loop), f"ModelOpt {preset}"
+        with _switched_off_layers_not_warned(model):
+            quantized = quantize_quietly(model, copy.deepcopy(getattr(mtq, preset)), forward_loop)
+        return quantized, f"ModelOpt {preset}"
 
     def quantized_linears(self, model: nn.Module) -> dict[str, QuantizedLayer]:
         return {name: _layer_state(module) for name, module in model.named_modules()

@@ -208,11 +208,11 @@ def _layer_tensors(name: str, module: nn.Module, layer: LayerExport) -> tuple[di
 def _quantization_config(layers: dict[str, LayerExport], excluded: list[str], dtype: torch.dtype) -> dict[str, Any]:
     import modelopt
 
-    from segquant import __version__
+    import segquant
 
     algos = {layer.standard or SEGQUANT_ALGO for layer in layers.values()}
     config: dict[str, Any] = {"quant_method": "modelopt",
-                              "producer": {"name": "segquant", "version": __version__,
+                              "producer": {"name": "segquant", "version": segquant.__version__,
                                            "modelopt_version": modelopt.__version__},
                               "kv_cache_quant_algo": None, "exclude_modules": sorted(excluded)}
     if len(algos) == 1 and SEGQUANT_ALGO not in algos:
@@ -243,6 +243,17 @@ def _plain_state(model: nn.Module) -> dict[str, Tensor]:
             if "_quantizer." not in k and "._amax" not in k and not k.endswith("_pre_quant_scale")}
 
 
+def _check_standard_only(layers: dict[str, LayerExport]) -> None:
+    special = [n for n, layer in layers.items() if layer.needs]
+    if special:
+        why = sorted({need for n in special for need in layers[n].needs})
+        named = ", ".join(f"{n} ({'+'.join(layers[n].needs)})" for n in special[:5])
+        raise SegQuantError(f"strict export: {len(special)} layers need SegQuant beyond the standard ModelOpt formats "
+                            f"({', '.join(why)}): {named}{' ...' if len(special) > 5 else ''}; "
+                            "quantize with realisation='folded' and dual_scale=False for a standard-only checkpoint, "
+                            "or export with strict=False")
+
+
 def export_hf_checkpoint(model: nn.Module, export_dir: str | Path, *, strict: bool = False) -> Path:
     """Write a ModelOpt SegQuant denoiser as an HF checkpoint folder (see the module docstring for the layout).
 
@@ -262,20 +273,12 @@ def export_hf_checkpoint(model: nn.Module, export_dir: str | Path, *, strict: bo
         SegQuantError: not a SegQuant model, not a diffusers model, a non-empty ``export_dir``, or (strict) the
             layers that need SegQuant.
     """
-    from safetensors.torch import save_file
-
     if not isinstance(model, nn.Module) or not hasattr(model, "save_config"):
         raise SegQuantError("export_hf_checkpoint needs a diffusers model (the denoiser, e.g. pipe.transformer), "
                             f"got {type(model).__name__}")
     layers = describe(model)
-    special = [n for n, layer in layers.items() if layer.needs]
-    if strict and special:
-        why = sorted({need for n in special for need in layers[n].needs})
-        named = ", ".join(f"{n} ({'+'.join(layers[n].needs)})" for n in special[:5])
-        raise SegQuantError(f"strict export: {len(special)} layers need SegQuant beyond the standard ModelOpt formats "
-                            f"({', '.join(why)}): {named}{' ...' if len(special) > 5 else ''}; "
-                            "quantize with realisation='folded' and dual_scale=False for a standard-only checkpoint, "
-                            "or export with strict=False")
+    if strict:
+        _check_standard_only(layers)
     export_dir = Path(export_dir)
     if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
         raise SegQuantError(f"{export_dir} exists and is not an empty folder; give a new folder")
@@ -287,13 +290,22 @@ def export_hf_checkpoint(model: nn.Module, export_dir: str | Path, *, strict: bo
         std, seg = _layer_tensors(name, modules[name], layer)
         standard.update(std)
         extra.update(seg)
+    _write_folder(model, export_dir, _quantization_config(layers, _excluded(model, layers), _dtype_of(model)),
+                  standard, extra)
+    return export_dir
+
+
+def _write_folder(model: nn.Module, export_dir: Path, quantization_config: dict[str, Any],
+                  standard: dict[str, Tensor], extra: dict[str, Tensor]) -> None:
+    """Write the folder in a hidden sibling and rename it into place: complete or not at all."""
+    from safetensors.torch import save_file
+
     stage = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.", dir=export_dir.parent))
     try:
         model.save_config(stage)
         config_path = stage / "config.json"
         config = json.loads(config_path.read_text())
-        config["quantization_config"] = _quantization_config(layers, _excluded(model, layers),
-                                                             _dtype_of(model))
+        config["quantization_config"] = quantization_config
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.contiguous().cpu() for k, v in standard.items()}, str(stage / WEIGHTS_FILE),
                   metadata={"format": "pt"})
@@ -305,7 +317,6 @@ def export_hf_checkpoint(model: nn.Module, export_dir: str | Path, *, strict: bo
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return export_dir
 
 
 class SegQuantCheckpointLinear(nn.Linear):

@@ -118,6 +118,32 @@ class SegmentTensorQuantizer(TensorQuantizer):
         self._set_buffer("_segquant_neg_amax", neg_amax)
         self._set_buffer("_segquant_dual_mask", dual_mask)
 
+    def extra_repr(self) -> str:
+        """ModelOpt's description (one line of ``mtq.print_quant_summary``) with SegQuant's state: DualScale's
+        negative-side amax next to the positive one, then the role and its segments, e.g.
+        ``8 bit fake per-tensor amax=5.49e-01 neg_amax=4.12e-01 ... quant segquant=input segments=32|128
+        dual_scale=1``."""
+        text = super().extra_repr()
+        role = getattr(self, "_segquant_role", None)
+        if self._disabled or role is None:
+            return text
+        if self.dual_scale and "_segquant_neg_amax" in self._buffers:
+            amax = f" amax={self._short_amax()}"
+            neg_amax, mask = self._segquant_neg_amax, self._segquant_dual_mask
+            if neg_amax.numel() == mask.numel() > 1:  # per column: only DualScale columns have a negative side
+                neg_amax = neg_amax.reshape(-1)[mask.reshape(-1).bool()]
+            neg = f" neg_amax={self._short_tensor(neg_amax)}"
+            text = text.replace(amax, amax + neg, 1) if amax in text else text + neg
+        if role == "weight":
+            return (f"{text} segquant=weight out_segments={_sizes(self._segquant_out_segments)} "
+                    f"{self._segquant_weight_granularity}")
+        text += f" segquant={role} segments={_sizes(self._segquant_segments)}"
+        if self._segquant_dual_segments:
+            text += f" dual_scale={','.join(map(str, self._segquant_dual_segments))}"
+        if "_segquant_smooth" in self._buffers:
+            text += " smoothed"
+        return text + (" folded" if self._segquant_folded else "")
+
     def _reference_forward(self, x: Tensor) -> Tensor:
         fmt = self.segquant_format
         if self._segquant_role == "weight":
@@ -155,6 +181,13 @@ class SegmentTensorQuantizer(TensorQuantizer):
             finally:
                 self._buffers["_amax"] = amax
         return out
+
+
+def _sizes(sizes: list[int]) -> str:
+    """Segment sizes in short: ``128``, ``6x32``, ``32|128``."""
+    if len(set(sizes)) == 1 and len(sizes) > 1:
+        return f"{len(sizes)}x{sizes[0]}"
+    return "|".join(map(str, sizes))
 
 
 def mark(quantizer: TensorQuantizer) -> SegmentTensorQuantizer:

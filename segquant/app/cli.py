@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import sys
 import time
-import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
 from segquant import PRECISIONS, SegQuantError, backend_names
 from segquant.model_configs import bundled_configs
 
+from .console import NORMAL, QUIET, VERBOSE, command_output
 from .pipelines import MAX_REPEATS, MAX_WIDTH, check_config_size, read_json_object
 from .quantize_job import DEFAULT_BACKEND
 
@@ -104,9 +103,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize_job import job_from_args, quantize_pipeline
 
+    args.no_progress = args.no_progress or args.quiet  # --no-progress: the option before -q, kept
     result = quantize_pipeline(job_from_args(args))
+    if args.quiet:
+        return 0
     print(result.plan)  # the applied plan: what the backend quantized
     print(f"quantized {args.model} with {result.recipe.name} ({args.backend}); plan: {result.plan.summary()}")
+    for note in result.notes:
+        print(note)
     for path in result.files:
         print(f"wrote {path}")
     print(f"load: segquant.app.load_quantized({str(args.out)!r})")
@@ -128,12 +132,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from segquant.precision import PRECISIONS as SPECS
+    from segquant.recipe import bundled_recipe, bundled_recipes
+
+    if args.quiet:
+        return 0
+    rows = [("recipe", "model class", "precision", "SegLinear", "DualScale", "SmoothQuant alpha")]
+    for name in bundled_recipes():
+        r = bundled_recipe(name)
+        alpha = "-" if r.smoothquant_alpha is None else f"{r.smoothquant_alpha:g}"
+        rows.append((name, r.model_class, r.precision, "on" if r.seg_linear else "off",
+                     "on" if r.dual_scale else "off", alpha))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\nprecisions (--precision, or --recipe of segquant run):")
+    width = max(map(len, SPECS))
+    for spec in SPECS.values():
+        print(f"  {spec.name.ljust(width)}  {spec.description}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segquant", description="SegQuant: segment-aware, dual-scale "
-                                     "post-training quantization for diffusion models")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the analysis does")
+                                     "post-training quantization for diffusion models",
+                                     parents=[_verbosity_options(subcommand=False)])
+    parser.add_argument("--version", action="version", version=f"segquant {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("analyze", help="write the SegQuant plan of a diffusers denoiser (built on meta)",
+    verbosity = _verbosity_options(subcommand=True)
+    p = sub.add_parser("analyze", parents=[verbosity],
+                       help="write the SegQuant plan of a diffusers denoiser (built on meta)",
                        description="Build the model on the meta device (no weights), trace it and write "
                        "the plan. Without --config/--model-dir the bundled tiny FLUX model is analysed.")
     p.add_argument("--model-class", help="diffusers class name, e.g. FluxTransformer2DModel "
@@ -150,21 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-segments", action="store_true",
                    help="one input segment per attention head before output projections")
     p.add_argument("--all-layers", action="store_true", help="list plain layers too")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=cmd_analyze)
     from .quantize_job import add_job_arguments
 
-    q = sub.add_parser("quantize", help="quantize a diffusers pipeline's denoiser with a recipe and save it",
+    q = sub.add_parser("quantize", parents=[verbosity],
+                       help="quantize a diffusers pipeline's denoiser with a recipe and save it",
                        description="Load the pipeline (local files only when HF_HUB_OFFLINE is set), calibrate "
                        "on a prompt file, quantize the denoiser with the backend and recipe, save a checkpoint "
                        "that segquant.app.load_quantized loads back, optionally export ONNX.")
     add_job_arguments(q)
     q.set_defaults(func=cmd_quantize)
 
-    r = sub.add_parser("run", help="the main job: quantize an embedded MNIST model with SegQuant and the "
-                       "backend's preset, and write a report", description="Quantize an embedded model (or a "
-                       "folder in its layout) with the backend's own preset and with SegQuant, sample every row "
-                       "from the same noise and write metrics.json, report.md, grid.png and layers.png.")
+    _add_run(sub.add_parser("run", parents=[verbosity], help="the main job: quantize an embedded MNIST model "
+                            "with SegQuant and the backend's preset, and write a report",
+                            description="Quantize an embedded model (or a folder in its layout) with the "
+                            "backend's own preset and with SegQuant, sample every row from the same noise and "
+                            "write metrics.json, report.md, grid.png and layers.png."))
+    c = sub.add_parser("recipes", parents=[verbosity], help="list the bundled recipes and precisions",
+                       description="The bundled recipes (--recipe of quantize and run, or the base: of a recipe "
+                       "file) with their model class, precision and techniques, and the precisions.")
+    c.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def _add_run(r: argparse.ArgumentParser) -> None:
     r.add_argument("--model", default="mnist-flux", help="mnist-flux (default), mnist-unet, or a folder written "
                    "by examples/train_mnist_models.py")
     r.add_argument("--backend", default=DEFAULT_BACKEND, choices=backend_names(), help=f"default {DEFAULT_BACKEND}")
@@ -178,34 +216,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="noise seed of the evaluated images")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an earlier "
                    "segquant run report")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars, print nothing")
     r.set_defaults(func=cmd_run)
-    return parser
 
 
-@contextlib.contextmanager
-def _libraries_silenced(quiet: bool):
-    """``-q``: no warnings or log records below ERROR from the libraries (torch, torchao, ModelOpt, diffusers);
-    our own errors still reach stderr."""
-    if not quiet:
-        yield
-        return
-    previous = logging.root.manager.disable
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(previous)
+def _verbosity_options(subcommand: bool) -> argparse.ArgumentParser:
+    """``-q``/``-v``, the same before and after the subcommand. After it they default to SUPPRESS, so that an
+    option given before it is not reset by the subcommand's default."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_mutually_exclusive_group()
+    default = argparse.SUPPRESS if subcommand else False
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="print errors only: no results, no progress, no warnings")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="also print what the steps do, the libraries' warnings and log records, and the "
+                       "traceback of an internal error")
+    return options
+
+
+def version() -> str:
+    """The installed distribution's version (the package's own when it runs from a source tree)."""
+    try:
+        return metadata.version("segquant")
+    except metadata.PackageNotFoundError:
+        from segquant import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose: give one of them")
     try:
-        with _libraries_silenced(getattr(args, "quiet", False)):
+        with command_output(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL):
             return args.func(args)
     except SegQuantError as e:
         print(f"segquant: error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ from segquant import SegQuantError
 
 DISTRIBUTIONS = {"diffusers": "diffusers", "safetensors": "safetensors", "accelerate": "accelerate",
                  "huggingface_hub": "huggingface_hub", "matplotlib": "matplotlib", "PIL": "pillow",
-                 "transformers": "transformers", "tokenizers": "tokenizers", "onnx": "onnx", "onnxscript": "onnxscript",
+                 "transformers": "transformers", "tokenizers": "tokenizers", "onnx": "onnx",
                  "modelopt": "nvidia-modelopt", "torchao": "torchao"}
 """Import name -> distribution name of every optional module the application imports."""
 
@@ -20,7 +20,7 @@ EXTRA_MODULES = {
     "diffusers": ("diffusers", "safetensors", "accelerate", "huggingface_hub"),
     "run": ("diffusers", "safetensors", "matplotlib", "PIL"),
     "quantize": ("diffusers", "safetensors", "accelerate", "huggingface_hub", "transformers", "tokenizers"),
-    "onnx": ("onnx", "onnxscript"),
+    "onnx": ("onnx",),
 }
 """The modules each extra must provide before its command starts (backends check their own library)."""
 

@@ -6,13 +6,15 @@ diffusers is imported inside the functions, so ``segquant`` itself needs only to
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import os
+import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -20,6 +22,8 @@ from torch import nn
 from segquant.errors import SegQuantError
 from segquant.model_configs import bundled_configs
 from segquant.recipe import CalibrationSettings, bundled_recipes, load_recipe
+
+from .console import is_terminal, progress
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +146,14 @@ def check_model_folder(model: str, allow_large: bool = False) -> None:
             check_config_size(config, str(path), allow_large)
 
 
-def load_pipeline(model: str, dtype: str = "bfloat16", device: str = "cpu", **components: Any):
-    """``DiffusionPipeline.from_pretrained`` with local files only when offline (``HF_HUB_OFFLINE``).
+def load_pipeline(model: str, dtype: str = "bfloat16", device: str = "cpu", *, show_progress: bool = True,
+                  **components: Any):
+    """``DiffusionPipeline.from_pretrained`` with local files only when offline (``HF_HUB_OFFLINE``), without
+    diffusers' and transformers' nested loading bars (``_loading_bars``).
 
     Args:
         model: a hub id or a local diffusers pipeline folder.
+        show_progress: Hugging Face Hub download bars, when stderr is a terminal.
         components: components passed to ``from_pretrained`` instead of being loaded (e.g. a quantized
             ``transformer``).
     Raises:
@@ -158,11 +165,44 @@ def load_pipeline(model: str, dtype: str = "bfloat16", device: str = "cpu", **co
         raise SegQuantError("segquant quantize needs diffusers: pip install 'segquant[diffusers]'") from None
     offline = _offline()
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype_of(dtype), local_files_only=offline,
-                                                 **components)
+        with _loading_bars(show_progress):
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype_of(dtype), local_files_only=offline,
+                                                     **components)
     except (OSError, ValueError) as e:  # HF hub errors are OSErrors; invalid ids are ValueErrors
         raise _not_available(model, offline, e) from None
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _loading_bars(show_progress: bool) -> Iterator[None]:
+    """diffusers' bar over pipeline components and transformers' bar over each checkpoint's weights (one inside
+    the other) off while loading; the Hub's download bars only with ``show_progress`` on a terminal. The
+    libraries' switches are put back afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub_utils
+
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        transformers_logging = None
+    diffusers_on = diffusers_logging.is_progress_bar_enabled()
+    transformers_on = transformers_logging is not None and transformers_logging.is_progress_bar_enabled()
+    hub_off = hub_utils.are_progress_bars_disabled()
+    diffusers_logging.disable_progress_bar()
+    if transformers_logging is not None:
+        transformers_logging.disable_progress_bar()  # also switches the Hub's off
+    if show_progress and is_terminal(sys.stderr) and not hub_off:
+        hub_utils.enable_progress_bars()
+    else:
+        hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if diffusers_on:
+            diffusers_logging.enable_progress_bar()
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+        (hub_utils.disable_progress_bars if hub_off else hub_utils.enable_progress_bars)()
 
 
 def load_component(model: str, subfolder: str, class_name: str, dtype: str = "bfloat16") -> nn.Module:
@@ -174,7 +214,8 @@ def load_component(model: str, subfolder: str, class_name: str, dtype: str = "bf
         raise SegQuantError(f"{class_name} is not a diffusers model class")
     offline = _offline()
     try:
-        return cls.from_pretrained(model, subfolder=subfolder, dtype=dtype_of(dtype), local_files_only=offline)
+        with _loading_bars(show_progress=True):
+            return cls.from_pretrained(model, subfolder=subfolder, dtype=dtype_of(dtype), local_files_only=offline)
     except (OSError, ValueError) as e:
         raise _not_available(model, offline, e) from None
 
@@ -247,15 +288,12 @@ def calibration_loop(pipe: Any, prompts: list[str], settings: CalibrationSetting
                      show_progress: bool = True) -> Callable[[nn.Module], None]:
     """A ``forward_loop(denoiser)`` that runs the pipeline on every prompt (one fixed seed per prompt),
     so that every sampling step's denoiser input is a calibration batch. Images are not decoded."""
-    from tqdm.auto import tqdm
-
     kwargs = call_kwargs(pipe, settings)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # one bar: over the prompts, none inside per sampling step
 
     def forward_loop(denoiser: nn.Module) -> None:
-        with torch.no_grad(), tqdm(prompts, desc="calibration prompts", unit="prompt",
-                                   disable=not show_progress) as bar:
-            for i, prompt in enumerate(bar):
+        with torch.no_grad():
+            for i, prompt in enumerate(progress(prompts, "calibration prompts", "prompt", show_progress)):
                 generator = torch.Generator(pipe.device).manual_seed(seed + i)
                 pipe(prompt, generator=generator, output_type="latent", **kwargs)
 

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from segquant import Backend, SegQuantError, SegQuantPlan, analyze, backend_names, example_inputs, get_backend
-from segquant.backend import check_supported
+from segquant.backend import DEFAULT_ONNX_MODE, ONNX_MODES, QuantizeOptions, check_supported
 from segquant.files import atomic_write_text
+from segquant.options import check_choice
 from segquant.recipe import PRECISIONS, CalibrationSettings, Recipe, load_recipe
 
+from .console import Progress
 from .extras import require
 from .outputs import check_output_folder, staged_output
 from .pipelines import (DTYPES, calibration_loop, check_device, check_model_folder, denoiser_name, family_of,
@@ -61,7 +63,11 @@ class QuantizeJob:
         device: where the pipeline runs.
         seed: the first calibration prompt's seed (prompt i uses ``seed + i``).
         onnx: also export the quantized denoiser to ONNX (ModelOpt only).
-        show_progress: tqdm over calibration prompts.
+        onnx_mode: ``tensorrt`` (default: per-tensor activation Q/DQ only; the job then quantizes with the folded
+            realisation and DualScale off, see ``tensorrt_ready``) or ``qdq`` (the recipe as it is: per-channel
+            activation Q/DQ for split_k segments, two Q/DQ branches for DualScale).
+        show_progress: one progress bar each for loading and the calibration prompts (a plain line each when
+            stderr is not a terminal; ``segquant.app.console.Progress``).
         overwrite: replace a non-empty ``out`` that is not an earlier ``segquant quantize`` checkpoint.
         keep_degenerate: keep layers without a usable calibration range in high precision instead of failing.
     """
@@ -81,6 +87,7 @@ class QuantizeJob:
     device: str = "cpu"
     seed: int = 0
     onnx: bool = False
+    onnx_mode: str = DEFAULT_ONNX_MODE
     show_progress: bool = True
     overwrite: bool = False
     keep_degenerate: bool = False
@@ -94,6 +101,7 @@ class QuantizeJob:
             raise SegQuantError(f"unknown dtype {self.dtype!r}; one of {', '.join(DTYPES)}")
         dataclasses.replace(CalibrationSettings(), **self._calibration_overrides())  # their types and ranges
         check_device(self.device)
+        check_choice(self.onnx_mode, ONNX_MODES, "onnx_mode")
 
     def calibration(self, recipe: Recipe) -> CalibrationSettings:
         """The recipe's calibration settings with this job's overrides."""
@@ -107,13 +115,15 @@ class QuantizeJob:
 @dataclass
 class QuantizeResult:
     """What ``quantize_pipeline`` produced: the quantized pipeline (in memory), its recipe, the
-    calibration settings used, the applied plan and the files written."""
+    calibration settings used, the applied plan, the files written and one line per change the job made to
+    the recipe's quantization (``tensorrt_ready``)."""
 
     pipe: Any
     recipe: Recipe
     calibration: CalibrationSettings
     plan: SegQuantPlan
     files: list[Path]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def meta_plan(denoiser: nn.Module) -> SegQuantPlan:
@@ -175,7 +185,9 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
     prompts = read_prompts(job.prompts)
     given = load_recipe(job.recipe) if job.recipe is not None else None  # every input checked before loading
     check_model_folder(job.model)
-    pipe = load_pipeline(job.model, job.dtype, job.device)
+    with Progress(f"loading {job.model}", unit="pipeline", enabled=job.show_progress) as bar:
+        pipe = load_pipeline(job.model, job.dtype, job.device, show_progress=job.show_progress)
+        bar.update()
     name = denoiser_name(pipe)
     denoiser = getattr(pipe, name)
     analysed = meta_plan(denoiser)
@@ -187,18 +199,38 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
     logger.info("calibrating %s (%s) on %d prompts x %d steps", recipe.name, job.backend, len(prompts), settings.steps)
     forward_loop = calibration_loop(pipe, prompts, settings, job.seed, job.show_progress)
     with staged_output(out, COMMAND) as stage:  # the old checkpoint stays until the new one is complete
-        plan, files = _quantize_into(stage, job, backend, pipe, name, plan, recipe, forward_loop)
-    return QuantizeResult(pipe, recipe, settings, plan, [out / f.relative_to(stage) for f in files])
+        plan, files, notes = _quantize_into(stage, job, backend, pipe, name, plan, recipe, forward_loop)
+    return QuantizeResult(pipe, recipe, settings, plan, [out / f.relative_to(stage) for f in files], notes)
+
+
+def tensorrt_ready(plan: SegQuantPlan, options: QuantizeOptions) -> tuple[SegQuantPlan, QuantizeOptions, list[str]]:
+    """The plan and options that ``--onnx-mode tensorrt`` quantizes with, so that every activation Q/DQ of the
+    ONNX is per tensor: DualScale off (``plan.ablate``) and the folded realisation (per-segment scales folded
+    into the weights, one ``pre_quant_scale`` Mul before the Q/DQ); and a line saying what changed, if anything.
+    The checkpoint, its plan.json and the ONNX then agree."""
+    dual = plan.dual_scaled()
+    changes = [f"DualScale switched off on {len(dual)} layers"] if dual else []
+    if options.realisation != "folded":
+        changes.append(f"realisation {options.realisation} -> folded")
+    note = f"ONNX for TensorRT: {', '.join(changes)} (--onnx-mode qdq keeps the recipe's)"
+    return (plan.ablate(dual_scale=False), dataclasses.replace(options, realisation="folded"),
+            [note] if changes else [])
 
 
 def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, name: str, plan: SegQuantPlan,
-                   recipe: Recipe, forward_loop: Any) -> tuple[SegQuantPlan, list[Path]]:
+                   recipe: Recipe, forward_loop: Any) -> tuple[SegQuantPlan, list[Path], list[str]]:
     """Quantize, save, optionally export and write the manifest last, all inside ``stage``; returns the plan
-    the checkpoint holds and its files."""
+    the checkpoint holds, its files and the notes of ``tensorrt_ready``."""
     denoiser = getattr(pipe, name)
     inputs, handle = _call_capture(denoiser)
     try:
-        options = recipe.quantize_options(job.show_progress, job.keep_degenerate)
+        # no bar per batch from the backend: the job's bar over the prompts is the one of this step
+        options = recipe.quantize_options(False, job.keep_degenerate)
+        notes: list[str] = []
+        if job.onnx and job.onnx_mode == "tensorrt":
+            plan, options, notes = tensorrt_ready(plan, options)
+            for note in notes:
+                logger.info(note)
         quantized, files = backend.quantize_and_save(denoiser, plan, options, forward_loop, stage, name)
     finally:
         handle.remove()
@@ -210,12 +242,14 @@ def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, n
     plan.save(stage / PLAN_FILE)
     files.append(stage / PLAN_FILE)
     if job.onnx:
-        files.append(backend.export_onnx(quantized, inputs, stage / f"{name}.onnx"))
+        files.append(backend.export_onnx(quantized, inputs, stage / f"{name}.onnx", mode=job.onnx_mode))
     manifest = {"version": MANIFEST_VERSION, "backend": job.backend, "recipe": recipe.name,
                 "base_model": _base_reference(job.model), "denoiser": name,
                 "denoiser_class": type(denoiser).__name__, "dtype": job.dtype, "files": [f.name for f in files]}
+    if job.onnx:
+        manifest.update(onnx_mode=job.onnx_mode, notes=notes)
     atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return plan, [stage / MANIFEST, *files]
+    return plan, [stage / MANIFEST, *files], notes
 
 
 def _base_reference(model: str) -> str:
@@ -275,6 +309,10 @@ def add_job_arguments(parser: argparse.ArgumentParser, model: str | None = None,
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--onnx", action="store_true", help="also export the denoiser to ONNX (backends with ONNX "
                         "export: modelopt)")
+    parser.add_argument("--onnx-mode", default=DEFAULT_ONNX_MODE, choices=ONNX_MODES,
+                        help="tensorrt (default): per-tensor activation Q/DQ only, so the denoiser is quantized with "
+                        "the folded realisation and DualScale off; qdq: the recipe as it is (per-channel activation "
+                        "Q/DQ, DualScale as two Q/DQ branches)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an "
                         "earlier segquant quantize checkpoint")
@@ -286,5 +324,6 @@ def job_from_args(args: argparse.Namespace) -> QuantizeJob:
     return QuantizeJob(model=args.model, out=args.out, backend=args.backend, precision=args.precision,
                        recipe=args.recipe, prompts=args.prompts, num_prompts=args.num_prompts, steps=args.steps,
                        guidance=args.guidance, height=args.height, width=args.width, dtype=args.dtype,
-                       device=args.device, seed=args.seed, onnx=args.onnx, show_progress=not args.no_progress,
-                       overwrite=args.overwrite, keep_degenerate=args.keep_degenerate_layers)
+                       device=args.device, seed=args.seed, onnx=args.onnx, onnx_mode=args.onnx_mode,
+                       show_progress=not args.no_progress, overwrite=args.overwrite,
+                       keep_degenerate=args.keep_degenerate_layers)

@@ -3,9 +3,7 @@ all rows from the same noise, and write a report folder (metrics.json, report.md
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
 import platform
 import sys
@@ -44,6 +42,8 @@ class RunSettings:
         out: report folder.
         device: torch device.
         seed: noise seed of the evaluated images (calibration uses ``seed + 1``).
+        progress: one progress bar per sampling and calibration step (a plain line when stderr is not a
+            terminal).
         overwrite: replace a non-empty ``out`` that is not an earlier ``segquant run`` report.
     """
 
@@ -107,7 +107,7 @@ def _quantize(backend: Backend, kind: str, den, recipe: Recipe, plan: SegQuantPl
               settings: RunSettings):
     if kind == "baseline":
         return backend.quantize_baseline(den.model, recipe.precision, forward_loop)
-    options = recipe.quantize_options(settings.progress)
+    options = recipe.quantize_options(show_progress=False)  # the forward loop's bar is this step's only one
     if kind == "techniques_off":
         off = plan.ablate(seg_linear=False, dual_scale=False)
         return (backend.quantize(den.model, off, options, forward_loop),
@@ -129,12 +129,12 @@ class _Job:
     calib_labels: torch.Tensor
     example: dict[str, Any]
 
-    def forward_loop_for(self, den):
+    def forward_loop_for(self, den, kind: str):
         from .embedded import sample
 
         def forward_loop(model):
             sample(den, self.calib_labels, seed=self.settings.seed + 1, steps=self.steps,
-                   progress=self.settings.progress, desc="calibrating")
+                   progress=self.settings.progress, desc=f"calibrating {kind}")
         return forward_loop
 
     def sample(self, den, desc: str) -> torch.Tensor:
@@ -165,11 +165,9 @@ def _quantized_row(job: _Job, kind: str, reference_io, failed: dict[str, str]) -
 
     t = time.time()
     den = copy.deepcopy(job.fp)
-    quiet = contextlib.nullcontext() if job.settings.progress else contextlib.redirect_stdout(io.StringIO())
     try:
-        with quiet:  # ModelOpt prints what it inserts
-            den.model, label = _quantize(job.backend, kind, den, job.recipe, job.plan, job.forward_loop_for(den),
-                                         job.settings)
+        den.model, label = _quantize(job.backend, kind, den, job.recipe, job.plan, job.forward_loop_for(den, kind),
+                                     job.settings)
     except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is reported, not fatal
         if kind != "baseline":
             raise

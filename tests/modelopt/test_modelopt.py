@@ -2,8 +2,10 @@
 segquant.numerics, the ablation switches, save/restore and bad input."""
 
 import copy
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -243,7 +245,7 @@ def test_onnx_export_runs_in_onnxruntime(realisation, tmp_path):
 
     model, data = tiny(batches=2)
     quantized = quantize(model, data, realisation=realisation)
-    path = export_onnx(quantized, data[0], tmp_path / "flux.onnx")
+    path = export_onnx(quantized, data[0], tmp_path / "flux.onnx", mode="qdq")  # per-K and DualScale Q/DQ
     plan = sm.plan_of(quantized)
     quantized_layers = [n for n in plan.layers if n != "proj_out"]  # 49 of the 50 Linear layers
     dual = [n for n in plan.dual_scaled() if n != "proj_out"]       # 16 with a second (negative) branch
@@ -354,3 +356,32 @@ def test_a_given_plan_is_quantized_as_it_is():
         sm.config_for_plan(plan.to_dict())
     with pytest.raises(SegQuantError, match="alpha must be a number in"):
         sm.with_segquant(mtq.INT8_DEFAULT_CFG, alpha=2)
+
+
+def test_quant_summary_shows_segments_and_dual_scale_negative_range(capsys):
+    model, data = tiny(batches=2)
+    quantized = quantize(model, data)
+    capsys.readouterr()
+    mtq.print_quant_summary(quantized)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    proj = lines["single_transformer_blocks.0.proj_out.input_quantizer"]
+    # positive amax over all 160 columns, the negative side's over the 128 DualScale (GELU) columns only
+    assert re.search(r" amax=\[\S+, \S+\]\(160\) neg_amax=\[\S+, \S+\]\(128\) ", proj)
+    assert "segquant=input segments=32|128 dual_scale=1" in proj
+    weight = lines["transformer_blocks.0.norm1.linear.weight_quantizer"]
+    assert "segquant=weight out_segments=6x32 per_channel" in weight and "neg_amax" not in weight
+    plain = lines["transformer_blocks.0.attn.to_q.input_quantizer"]
+    assert "segquant=input segments=" in plain and "neg_amax" not in plain and "dual_scale" not in plain
+    assert lines["proj_out.input_quantizer"].endswith("TensorQuantizer(disabled)")
+
+
+def test_baseline_preset_quiet_about_the_layers_it_switches_off(capsys):
+    """ModelOpt's SmoothQuant preset switches every *proj_out* off and then warns that each is not calibrated;
+    the backend keeps that (expected) warning and ModelOpt's prints out of the output."""
+    model, data = tiny(batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantized, label = sm.ModelOptBackend().quantize_baseline(copy.deepcopy(model), "int8_w8a8", loop_over(data))
+    assert label == "ModelOpt INT8_SMOOTHQUANT_CFG" and not quantized.proj_out.input_quantizer.is_enabled
+    assert [str(w.message) for w in caught if "skip smoothing" in str(w.message)] == []
+    assert capsys.readouterr().out == ""  # "Inserted N quantizers", "Smoothed N modules": INFO records now

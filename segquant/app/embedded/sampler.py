@@ -4,9 +4,10 @@ embedded models start from identical noise and can be compared image by image.""
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from segquant.errors import SegQuantError
+
+from ..console import Progress
 from .models import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, Denoiser
 
 
@@ -37,18 +38,17 @@ def sample(denoiser: Denoiser, labels: torch.Tensor, *, seed: int = 0, steps: in
     times = torch.linspace(1.0, 0.0, steps + 1)
     out = []
     starts = range(0, labels.numel(), batch_size)
-    bar = tqdm(total=len(starts) * steps, desc=desc, disable=not progress, leave=False)
-    for start in starts:
-        x = noise[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device)
-        for t, t_next in zip(times[:-1], times[1:]):
-            tt = torch.full((x.shape[0],), float(t), device=device)
-            v = denoiser.velocity(x, tt, y)
-            if guidance_scale != 1.0:
-                v_null = denoiser.velocity(x, tt, torch.full_like(y, NULL_CLASS))
-                v = v_null + guidance_scale * (v - v_null)
-            x = x + (t_next - t) * v
-            bar.update(1)
-        out.append(x.clamp(-1, 1).cpu())
-    bar.close()
+    with Progress(desc, total=len(starts) * steps, unit="step", enabled=progress) as bar:
+        for start in starts:
+            x = noise[start:start + batch_size].to(device)
+            y = labels[start:start + batch_size].to(device)
+            for t, t_next in zip(times[:-1], times[1:]):
+                tt = torch.full((x.shape[0],), float(t), device=device)
+                v = denoiser.velocity(x, tt, y)
+                if guidance_scale != 1.0:
+                    v_null = denoiser.velocity(x, tt, torch.full_like(y, NULL_CLASS))
+                    v = v_null + guidance_scale * (v - v_null)
+                x = x + (t_next - t) * v
+                bar.update(1)
+            out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
