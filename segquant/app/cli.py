@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from importlib import metadata
@@ -257,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segquant: interrupted (outputs left as they were)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `segquant recipes | head`: the reader left; stop writing, say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, UnicodeDecodeError) as e:  # the environment or a file, not SegQuant
         if args.verbose:
             raise

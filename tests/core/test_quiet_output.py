@@ -180,3 +180,21 @@ def test_default_verbosity_keeps_our_warnings_and_drops_the_libraries(capfd):
     assert [str(w.message) for w in caught] == ["from segquant"]
     err = capfd.readouterr().err
     assert "our record" in err and "a library record" not in err
+
+
+
+def test_a_reader_that_leaves_early_is_no_error(monkeypatch, capfd):
+    """``segquant recipes | head -1``: writing to a closed pipe ends the command quietly with exit code 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    closed = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        assert main(["recipes"]) == 0
+    finally:
+        monkeypatch.undo()
+        try:
+            closed.close()
+        except BrokenPipeError:
+            pass
+    assert capfd.readouterr().err == ""
