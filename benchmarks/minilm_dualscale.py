@@ -6,8 +6,11 @@ GELU-fed Linear layers (``encoder.layer.N.output.dense``); all quantization is S
 (``segquant.numerics``), calibrated statically (max, per tensor; DualScale: max of x+ and of |x-|) on the
 first half of a fixed sentence list and evaluated on the second half.
 
-Per GELU-fed layer: output MSE/SQNR of one INT8 per-tensor activation scale vs DualScale, with float
-weights and with INT8 per-channel weights. End to end: cosine similarity of the sentence embeddings (mean
+Per GELU-fed layer: output MSE/SQNR of one INT8 per-tensor activation scale vs DualScale vs the activation
+shift (quantize ``x - c`` symmetrically, ``c`` the centre of the calibrated range, per tensor or per channel;
+``segquant.numerics.shift_fake_quant``; in a deployment ``W c`` goes into the bias and the GEMM is a plain one),
+with float weights and with INT8 per-channel weights; and how much of DualScale's error reduction the shift
+recovers, in log ratio. End to end: cosine similarity of the sentence embeddings (mean
 pooling + L2 norm, as the model card) to the float model, with paired bootstrap intervals.
 
     HF_HUB_OFFLINE=1 python benchmarks/minilm_dualscale.py [--out benchmarks/results]
@@ -16,6 +19,7 @@ pooling + L2 norm, as the model card) to the float model, with paired bootstrap 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 
@@ -210,6 +214,8 @@ def main(argv=None) -> None:
     observers = {n: SegmentAmaxObserver(plan[n]) for n in names}
     capture_inputs(model, names, calib, observers)
     stats = {n: observers[n].stats() for n in names}
+    calib_kept = capture_inputs(model, names, calib, keep=set(dual_names))
+    channel_range = {n: (torch.cat(calib_kept[n]).amin(0), torch.cat(calib_kept[n]).amax(0)) for n in dual_names}
 
     # ---- per-layer error on the evaluation half (each layer fed its own float input) -------------
     kept = capture_inputs(model, names, evals, keep=set(dual_names))
@@ -221,8 +227,12 @@ def main(argv=None) -> None:
         m, st = modules[name], stats[name]
         x = torch.cat(kept[name])
         w, b = m.weight.detach().float(), m.bias.detach().float()
+        lo, hi = -st.neg_amax[0], st.pos_amax[0]  # the calibrated range (it includes 0)
+        w_hat = nq.fake_quant(w, nq.scale_from_amax(nq.weight_amax(w, (m.out_features,), True), FMT), FMT)
         with torch.no_grad():
             y = F.linear(x, w, b)
+            x_shift = nq.shift_fake_quant(x, FMT, lo, hi)
+            x_shift_ch = nq.shift_fake_quant(x, FMT, *channel_range[name])
             x_single = nq.fake_quant_tensor(x, FMT, "per_tensor", amax=st.amax[0])
             x_dual = nq.dual_scale_fake_quant(x, FMT, st.pos_amax[0], st.neg_amax[0])
             outs = {
@@ -230,6 +240,10 @@ def main(argv=None) -> None:
                 "a8_dual": F.linear(x_dual, w, b),
                 "w8a8_single": nq.reference_linear(x, w, b, single_plan[name], spec_w8, st),
                 "w8a8_dual": nq.reference_linear(x, w, b, plan[name], spec_w8, st),
+                "a8_shift": F.linear(x_shift, w, b),
+                "w8a8_shift": F.linear(x_shift, w_hat, b),
+                "a8_shift_channel": F.linear(x_shift_ch, w, b),
+                "w8a8_shift_channel": F.linear(x_shift_ch, w_hat, b),
             }
         mse = {k: float((o.double() - y.double()).pow(2).mean()) for k, o in outs.items()}
         sqnr = {k: nq.sqnr_db(y, o) for k, o in outs.items()}
@@ -243,7 +257,12 @@ def main(argv=None) -> None:
             "output_mse": mse, "output_sqnr_db": sqnr,
             "mse_ratio_a8": mse["a8_single"] / mse["a8_dual"],
             "mse_ratio_w8a8": mse["w8a8_single"] / mse["w8a8_dual"],
+            "mse_ratio_a8_shift": mse["a8_single"] / mse["a8_shift"],
+            "mse_ratio_w8a8_shift": mse["w8a8_single"] / mse["w8a8_shift"],
+            "mse_ratio_w8a8_shift_channel": mse["w8a8_single"] / mse["w8a8_shift_channel"],
         }
+        for kind in ("a8", "w8a8"):  # share of DualScale's reduction the shift recovers, in log ratio
+            row[f"shift_recovers_{kind}"] = math.log(row[f"mse_ratio_{kind}_shift"]) / math.log(row[f"mse_ratio_{kind}"])
         per_layer.append(row)
 
     # ---- end to end -------------------------------------------------------------------------------
@@ -324,6 +343,28 @@ def main(argv=None) -> None:
             f"| {sq['a8_single']:.1f} / {sq['a8_dual']:.1f} "
             f"| {mse['w8a8_single']:.3e} | {mse['w8a8_dual']:.3e} | {r['mse_ratio_w8a8']:.2f}x "
             f"| {sq['w8a8_single']:.1f} / {sq['w8a8_dual']:.1f} |")
+    recovered = {kind: sum(r[f"shift_recovers_{kind}"] for r in per_layer) / len(per_layer) for kind in ("a8", "w8a8")}
+    result["shift_recovers_mean"] = recovered
+    lines += [
+        "",
+        "### Activation shift: quantize x - c (c = centre of the calibrated range), W c folded into the bias",
+        "",
+        "| layer | centre c | W8A8 MSE one scale | DualScale | shift | shift per channel | ratio DualScale / shift "
+        "| shift recovers (log ratio), A8 / W8A8 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in per_layer:
+        mse = r["output_mse"]
+        centre = (r["calib_pos_amax"] - r["calib_neg_amax"]) / 2
+        lines.append(
+            f"| {r['layer']} | {centre:.2f} | {mse['w8a8_single']:.3e} | {mse['w8a8_dual']:.3e} | {mse['w8a8_shift']:.3e} "
+            f"| {mse['w8a8_shift_channel']:.3e} | {r['mse_ratio_w8a8']:.2f}x / {r['mse_ratio_w8a8_shift']:.2f}x "
+            f"| {100 * r['shift_recovers_a8']:.0f}% / {100 * r['shift_recovers_w8a8']:.0f}% |")
+    lines += [
+        "",
+        f"Mean share of DualScale's log error reduction that the per-tensor shift recovers: "
+        f"{100 * recovered['a8']:.0f}% (float weights), {100 * recovered['w8a8']:.0f}% (INT8 per-channel weights).",
+    ]
     lines += [
         "",
         f"## End to end: sentence-embedding cosine to the float model ({len(evals)} evaluation sentences)",

@@ -192,6 +192,41 @@ def dual_scale_fake_quant(x: Tensor, fmt: str | QuantFormat = "int8", pos_amax: 
     return dual_scale_dequantize(q, s_pos, s_neg).to(x.dtype)
 
 
+# ---- activation shift ------------------------------------------------------------------------------
+
+def shift_center(lo: Tensor, hi: Tensor) -> Tensor:
+    """``c = (hi + lo) / 2``: the centre of a calibrated range ``[lo, hi]`` (per tensor: scalars; per channel:
+    ``(K,)``). Quantizing ``x - c`` symmetrically spends the codes on the range the data has, not on a mirror of
+    its longer side (after GELU: about [-0.17, 25] -> [-12.6, 12.6], half the step of one symmetric scale)."""
+    return (torch.as_tensor(hi, dtype=torch.float32) + torch.as_tensor(lo, dtype=torch.float32)) / 2
+
+
+def shift_amax(lo: Tensor, hi: Tensor) -> Tensor:
+    """The per-tensor amax of ``x - shift_center(lo, hi)``: the largest half-range over the channels."""
+    half = (torch.as_tensor(hi, dtype=torch.float32) - torch.as_tensor(lo, dtype=torch.float32)) / 2
+    return half.abs().amax()
+
+
+def shift_fake_quant(x: Tensor, fmt: str | QuantFormat, lo: Tensor, hi: Tensor) -> Tensor:
+    """``Q(x - c) + c`` in ``x.dtype``, ``c = shift_center(lo, hi)``, one symmetric scale from ``shift_amax``.
+
+    A Linear computes ``W (Q(x - c) + c) + b = W Q(x - c) + (b + W c)``: the GEMM is a plain one on symmetric
+    codes and the shift is a bias (``shift_bias``), so any INT8/FP8 format expresses it.
+    """
+    c = shift_center(lo, hi).to(x.device)
+    v = x.float() - c
+    return (fake_quant(v, scale_from_amax(shift_amax(lo, hi).to(x.device), fmt), fmt) + c).to(x.dtype)
+
+
+def shift_bias(weight: Tensor, bias: Tensor | None, center: Tensor) -> Tensor:
+    """``b + W c``: the bias of a Linear whose input is quantized as ``Q(x - c)`` (``weight`` as the GEMM uses it,
+    i.e. dequantized when the weights are quantized). Shape ``(N,)``, float32."""
+    w = weight.float()
+    c = torch.as_tensor(center, dtype=torch.float32, device=w.device).expand(w.shape[1])
+    out = w @ c
+    return out if bias is None else out + bias.float()
+
+
 # ---- a whole Linear --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

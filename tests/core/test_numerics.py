@@ -314,3 +314,53 @@ def test_reference_linear_smoothing_is_a_rescaling_of_input_and_weight(spec, sta
     torch.testing.assert_close(smoothed, nx.reference_linear(x * smooth, w / smooth, b, layer, spec, stats),
                                rtol=0, atol=0)
     assert not torch.allclose(smoothed, nx.reference_linear(x, w, b, layer, spec, stats))  # smooth is used
+
+
+# ---- activation shift -------------------------------------------------------------------------------
+
+def _gelu_like(n=4096, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.gelu(torch.randn(n, k, generator=g) * 3)
+
+
+def test_shift_centres_the_range_and_halves_the_step():
+    x = _gelu_like()
+    lo, hi = x.min(), x.max()
+    c = nx.shift_center(lo, hi)
+    assert torch.isclose(c, (lo + hi) / 2)
+    assert torch.isclose(nx.shift_amax(lo, hi), (hi - lo) / 2)
+    x_hat = nx.shift_fake_quant(x, "int8", lo, hi)
+    step = float((hi - lo) / 2 / 127)
+    assert float((x_hat - x).abs().max()) <= step / 2 + 1e-6  # within half a step of the shifted scale
+    single = nx.fake_quant_tensor(x, "int8", "per_tensor")
+    mse_single, mse_shift = [float((v - x).pow(2).mean()) for v in (single, x_hat)]
+    assert 3.0 < mse_single / mse_shift < 5.0  # about 4x: a step (hi - lo) / 2 instead of hi, squared
+
+
+def test_shift_as_a_bias_equals_the_fake_quant_form():
+    """W (Q(x - c) + c) + b == W Q(x - c) + (b + W c): the GEMM runs on plain symmetric codes."""
+    x = _gelu_like(256, 32)
+    torch.manual_seed(1)
+    w, b = torch.randn(16, 32), torch.randn(16)
+    lo, hi = x.min(), x.max()
+    c = nx.shift_center(lo, hi)
+    codes_form = nx.fake_quant(x - c, nx.scale_from_amax(nx.shift_amax(lo, hi), "int8"), "int8")
+    y_bias = torch.nn.functional.linear(codes_form, w, nx.shift_bias(w, b, c))
+    y_fake = torch.nn.functional.linear(nx.shift_fake_quant(x, "int8", lo, hi), w, b)
+    torch.testing.assert_close(y_bias, y_fake, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(nx.shift_bias(w, None, c), w @ c.expand(32))
+
+
+def test_shift_per_channel_uses_each_channels_centre():
+    x = _gelu_like(512, 8) + torch.arange(8.0) * 5  # channels offset from each other
+    lo, hi = x.amin(0), x.amax(0)
+    per_tensor = nx.shift_fake_quant(x, "int8", x.min(), x.max())
+    per_channel = nx.shift_fake_quant(x, "int8", lo, hi)
+    assert nx.shift_center(lo, hi).shape == (8,)
+    assert float((per_channel - x).pow(2).mean()) < float((per_tensor - x).pow(2).mean())
+
+
+def test_shift_of_a_symmetric_range_is_one_symmetric_scale():
+    x = torch.linspace(-3, 3, 101)
+    assert torch.equal(nx.shift_fake_quant(x, "int8", torch.tensor(-3.0), torch.tensor(3.0)),
+                       nx.fake_quant_tensor(x, "int8", "per_tensor"))
