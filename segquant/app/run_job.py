@@ -225,6 +225,27 @@ def compare_rows(rows: list[RowResult], changed: list[str]) -> dict[str, Any]:
     return out
 
 
+def attribute_gain(rows: list[RowResult]) -> dict[str, Any]:
+    """Split SegQuant's PSNR gain over the backend's preset into the recipe's part (the same recipe without
+    SegLinear and DualScale against the preset) and the method's part (SegQuant against that row), each a paired
+    per-image difference with its 95% bootstrap interval. Empty when a row is missing or has no interval."""
+    from .metrics import paired_interval
+
+    by_kind = {row.kind: row for row in rows if row.kind}
+    if not all(k in by_kind for k in ROW_KINDS):
+        return {}
+    baseline, off, seg = (by_kind[k] for k in ROW_KINDS)
+    parts = {}
+    for key, better, worse in (("total", seg, baseline), ("recipe", off, baseline), ("method", seg, off)):
+        try:
+            iv = paired_interval(better.psnr, worse.psnr)
+        except SegQuantError:
+            return {}
+        parts[key] = {"psnr_db_difference": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n,
+                      "better": better.label, "worse": worse.label}
+    return parts
+
+
 def run(settings: RunSettings) -> dict[str, Any]:
     """Do the whole job; returns the metrics written to ``metrics.json``."""
     from .evaluation import linear_flops, record_linear_io
@@ -243,12 +264,13 @@ def run(settings: RunSettings) -> dict[str, Any]:
     rows += [row for kind in ROW_KINDS if (row := _quantized_row(job, kind, reference_io, failed))]
     changed = _score(job, rows, flops)
     comparisons = compare_rows(rows, changed)
+    attribution = attribute_gain(rows)
     metrics = {
         "settings": asdict(settings), "recipe": job.recipe.name, "model_class": type(job.fp.model).__name__,
         "steps": job.steps, "calib_samples": len(job.calib_labels), "plan": job.plan.summary(),
         "rows": {row.label: row.summary for row in rows}, "failed_rows": failed,
         "layer_sqnr_db": {row.label: row.layer_sqnr for row in rows[1:]},
-        "segquant_changed_layers": changed, "comparisons": comparisons,
+        "segquant_changed_layers": changed, "comparisons": comparisons, "attribution": attribution,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": torch.cuda.get_device_name() if settings.device.startswith("cuda")
                         else platform.processor() or "cpu", "command": " ".join(sys.argv)},

@@ -53,6 +53,12 @@ def test_run_modelopt_end_to_end(tmp_path, capsys):
     width, height = _png_size(out / "grid.png")
     assert width > 4 * 32 and height > 3 * 32
     assert _png_size(out / "layers.png")[0] > 400
+    parts = metrics["attribution"]  # the gain over the preset = the recipe's part + the method's part, per image
+    assert parts["total"]["psnr_db_difference"] == pytest.approx(
+        parts["recipe"]["psnr_db_difference"] + parts["method"]["psnr_db_difference"], abs=1e-9)
+    assert parts["method"]["psnr_db_difference"] == pytest.approx(like["psnr_db_difference"])
+    assert parts["recipe"]["better"] == rows[2] and parts["recipe"]["worse"] == rows[1]
+    assert "Where the gain over ModelOpt INT8_SMOOTHQUANT_CFG comes from" in (out / "report.md").read_text()
     assert capsys.readouterr().out == ""  # -q prints nothing
 
 
