@@ -16,12 +16,12 @@ diffusers = pytest.importorskip("diffusers")
 
 def analyze_meta(key):
     config = FULL_CONFIGS[key]
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of this process: what the analysis costs, not how busy the machine is
     with torch.device("meta"):
         model = getattr(diffusers, config["_class_name"]).from_config(config)
     plan = segquant.analyze(model, **segquant.example_inputs(model))
-    seconds = time.perf_counter() - start
-    assert seconds < 60, f"{key} took {seconds:.1f} s on meta"
+    seconds = time.process_time() - start
+    assert seconds < 60, f"{key} took {seconds:.1f} s of CPU time on meta"
     return plan
 
 
