@@ -26,23 +26,9 @@ import segquant  # noqa: E402
 from segquant import GraphAnalysisError, SegQuantError  # noqa: E402
 import segquant_modelopt as sm  # noqa: E402
 from _models import build_tiny  # noqa: E402
+from test_modelopt import loop_over, tiny  # noqa: E402
 
 SEGQUANT = sm.with_segquant(sm.SEGQUANT_CFG, show_progress=False)
-
-
-def example_batches(model, n=2):
-    batches = []
-    for seed in range(n):
-        torch.manual_seed(100 + seed)
-        batches.append(segquant.example_inputs(model))
-    return batches
-
-
-def loop_over(batches):
-    def forward_loop(model):
-        for batch in batches:
-            model(**batch)
-    return forward_loop
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +41,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batches():
-    return example_batches(build_tiny("FluxTransformer2DModel"))
+    return tiny("FluxTransformer2DModel", batches=2)[1]
 
 
 @pytest.fixture(scope="module")

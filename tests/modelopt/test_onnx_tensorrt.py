@@ -2,7 +2,6 @@
 realisation, DualScale off) and refuses what it cannot; ``mode="qdq"`` keeps today's per-channel and DualScale
 Q/DQ. onnxruntime is compared with the PyTorch fake quantization at its basic and default optimisation levels."""
 
-import copy
 import json
 from collections import Counter
 
@@ -15,11 +14,11 @@ pytest.importorskip("diffusers")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import segquant  # noqa: E402
 from segquant import SegQuantError  # noqa: E402
 import segquant_modelopt as sm  # noqa: E402
 from segquant_modelopt.export import export_onnx, qdq_axes  # noqa: E402
-from _models import build_tiny, build_tiny_flux_pipeline  # noqa: E402
+from _models import build_tiny_flux_pipeline  # noqa: E402
+from test_modelopt import quantize, tiny  # noqa: E402
 
 # ONNX QuantizeLinear rounds x / scale like the reference fake quantization: the same numbers up to float32
 # accumulation order. Measured max abs diff 2.4e-7 (FLUX) and 4.8e-7 (SD3) at every level in tensorrt mode.
@@ -34,23 +33,6 @@ NONE = {"QuantizeLinear": 0, "DequantizeLinear": 0}
 
 def pair(n):
     return {"QuantizeLinear": n, "DequantizeLinear": n}
-
-
-def tiny(name, batches=2):
-    model = build_tiny(name)
-    data = []
-    for seed in range(batches):
-        torch.manual_seed(100 + seed)
-        data.append(segquant.example_inputs(model))
-    return model, data
-
-
-def quantize(model, data, **algorithm):
-    def forward_loop(m):
-        for batch in data:
-            m(**batch)
-    cfg = sm.with_segquant(mtq.INT8_DEFAULT_CFG, show_progress=False, **algorithm)
-    return mtq.quantize(copy.deepcopy(model), cfg, forward_loop)
 
 
 def run_ort(path, batch, level, tmp_path, **config):
@@ -75,7 +57,7 @@ def max_diff(quantized, path, batch, level, tmp_path, **config):
 @pytest.fixture(scope="module", params=["FluxTransformer2DModel", "SD3Transformer2DModel"])
 def tensorrt_export(request, tmp_path_factory):
     """A folded, DualScale-off model exported in the default (tensorrt) mode."""
-    model, data = tiny(request.param)
+    model, data = tiny(request.param, batches=2)
     quantized = quantize(model, data, realisation="folded", dual_scale=False)
     path = export_onnx(quantized, data[0], tmp_path_factory.mktemp("onnx") / "model.onnx")
     return request.param, quantized, data, path
@@ -114,7 +96,7 @@ def test_onnxruntime_matches_fake_quant_at_basic_and_default_levels(tensorrt_exp
     (dict(realisation="folded"), "time_text_embed.timestep_embedder.linear_2", "DualScale"),
 ])
 def test_tensorrt_mode_refuses_per_k_scales_and_dual_scale(algorithm, layer, why, tmp_path):
-    model, data = tiny("FluxTransformer2DModel")
+    model, data = tiny("FluxTransformer2DModel", batches=2)
     quantized = quantize(model, data, **algorithm)
     path = tmp_path / "model.onnx"
     with pytest.raises(SegQuantError) as error:
@@ -128,7 +110,7 @@ def test_tensorrt_mode_refuses_per_k_scales_and_dual_scale(algorithm, layer, why
 @pytest.fixture(scope="module")
 def qdq_export(tmp_path_factory):
     """Today's split_k model with DualScale, exported in qdq mode."""
-    model, data = tiny("FluxTransformer2DModel")
+    model, data = tiny("FluxTransformer2DModel", batches=2)
     quantized = quantize(model, data, realisation="split_k")
     return quantized, data, export_onnx(quantized, data[0], tmp_path_factory.mktemp("qdq") / "model.onnx", mode="qdq")
 
