@@ -326,6 +326,21 @@ def quantize_input_segment(x: Tensor, fmt: QuantFormat, dual: bool, per_token: b
     return quantize(x, scale, fmt), scale
 
 
+def fake_quant_input(x: Tensor, fmt: QuantFormat, segments: Sequence[int], dual_segments: Sequence[int],
+                     stats: ActivationStats | None, smooth: Tensor | None = None, folded: bool = False) -> Tensor:
+    """A Linear's input as a SegQuant layer feeds it to its GEMM, in ``x.dtype``: ``x * smooth`` split into
+    ``segments``, each quantized by ``quantize_input_segment`` (static from ``stats``, else per token); the
+    codes times their unit scale, or (``folded``: the unit scales live in the weight) the codes alone. The one
+    implementation behind ModelOpt's fake quantization and the HF-checkpoint runtime."""
+    v = x * smooth if smooth is not None else x
+    dual = set(dual_segments)
+    parts = [quantize_input_segment(part, fmt, i in dual, stats is None, stats, i)
+             for i, part in enumerate(v.split(list(segments), dim=-1))]
+    if folded:
+        return torch.cat([q for q, _ in parts], dim=-1).to(x.dtype)
+    return torch.cat([q * unit for q, unit in parts], dim=-1).to(x.dtype)
+
+
 def smoothquant_factors(weight: Tensor, act_channel_amax: Tensor, alpha: float) -> Tensor:
     """SmoothQuant's per-input-channel factors ``s`` (shape ``(K,)``): the layer computes
     ``(x * s) @ (W / s).T``, moving ``alpha`` of the activation range into the weight.

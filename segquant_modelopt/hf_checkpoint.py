@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from segquant import SegQuantError
-from segquant.numerics import ActivationStats, QuantFormat, get_format, quantize, quantize_input_segment, \
+from segquant.numerics import ActivationStats, QuantFormat, fake_quant_input, get_format, quantize, \
     scale_from_amax
 
 from .quantizer import format_of, is_marked
@@ -240,7 +240,7 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
 def _plain_state(model: nn.Module) -> dict[str, Tensor]:
     """The model's parameters and persistent buffers without ModelOpt's quantizer state."""
     return {k: v.detach() for k, v in model.state_dict().items()
-            if "_quantizer." not in k and "._amax" not in k and not k.endswith("_pre_quant_scale")}
+            if "_quantizer." not in k}
 
 
 def _check_standard_only(layers: dict[str, LayerExport]) -> None:
@@ -336,16 +336,11 @@ class SegQuantCheckpointLinear(nn.Linear):
         layer = self.layer
         if layer.activations == "none" or x.numel() == 0:
             return x
-        v = x * self.smooth if layer.smoothed else x
         stats = None
         if layer.activations == "static":
             stats = ActivationStats(self.input_amax, self.input_pos, self.input_neg)
-        dual = set(layer.dual_scale_segments)
-        parts = [quantize_input_segment(part, self.act_format, i in dual, stats is None, stats, i)
-                 for i, part in enumerate(v.split(layer.in_segments, dim=-1))]
-        if layer.realisation == "folded":
-            return torch.cat([q for q, _ in parts], dim=-1).to(x.dtype)
-        return torch.cat([q * unit for q, unit in parts], dim=-1).to(x.dtype)
+        return fake_quant_input(x, self.act_format, layer.in_segments, layer.dual_scale_segments, stats,
+                                self.smooth if layer.smoothed else None, layer.realisation == "folded")
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.weight, self.bias)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from modelopt.torch.quantization.nn import TensorQuantizer
 
-from segquant.numerics import ActivationStats, QuantFormat, fake_quant, get_format, quantize_input_segment, \
+from segquant.numerics import ActivationStats, QuantFormat, fake_quant, fake_quant_input, get_format, \
     scale_from_amax
 
 
@@ -148,16 +148,11 @@ class SegmentTensorQuantizer(TensorQuantizer):
         fmt = self.segquant_format
         if self._segquant_role == "weight":
             return fake_quant(x, scale_from_amax(self._amax, fmt), fmt)
-        v = x * self._segquant_smooth if "_segquant_smooth" in self._buffers else x
         stats = None
         if self._segquant_role == "input":
             stats = ActivationStats(self._segquant_seg_amax, self._segquant_seg_pos, self._segquant_seg_neg)
-        dual = set(self._segquant_dual_segments)
-        parts = [quantize_input_segment(part, fmt, i in dual, stats is None, stats, i)
-                 for i, part in enumerate(v.split(self._segquant_segments, dim=-1))]
-        if self._segquant_folded:
-            return torch.cat([q for q, _ in parts], dim=-1).to(x.dtype)
-        return torch.cat([q * unit for q, unit in parts], dim=-1).to(x.dtype)
+        return fake_quant_input(x, fmt, self._segquant_segments, self._segquant_dual_segments, stats,
+                                self._buffers.get("_segquant_smooth"), self._segquant_folded)
 
     def forward(self, inputs: Tensor) -> Tensor:
         exporting = torch.onnx.is_in_onnx_export()
