@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .errors import SegQuantError
-from .numerics import ActivationStats, reduce_segments, smoothquant_factors
+from .numerics import ActivationStats, reduce_segments, shifted_ranges, smoothquant_factors
 from .plan import LinearPlan
 
 logger = logging.getLogger(__name__)
@@ -26,10 +26,14 @@ class SegmentAmaxObserver:
     """
 
     def __init__(self, layer: LinearPlan | None = None, *, segments: Sequence[int] | None = None,
-                 name: str = "") -> None:
+                 name: str = "", shift: str | None = None, shift_segments: Sequence[int] = ()) -> None:
         if (layer is None) == (segments is None):
             raise SegQuantError("SegmentAmaxObserver needs exactly one of a LinearPlan or segments")
         self.segments = tuple(layer.in_segments if layer is not None else segments)
+        self.shift = layer.shift if layer is not None else shift
+        self.shift_segments = tuple(layer.shift_segments if layer is not None else shift_segments)
+        if self.shift is not None and not self.shift_segments:
+            self.shift_segments = tuple(range(len(self.segments)))
         self.name = name or (layer.name if layer is not None else "") or "<layer>"
         self.batches = 0
         self.rows = 0
@@ -72,11 +76,20 @@ class SegmentAmaxObserver:
         return self.channels
 
     def stats(self, scale: Tensor | None = None) -> ActivationStats:
-        """Per-segment ranges, of ``x * scale`` when a positive per-channel ``scale`` is given (smoothing)."""
+        """Per-segment ranges, of ``x * scale`` when a positive per-channel ``scale`` is given (smoothing); with
+        a shift, the ranges of ``x * scale - c`` and the centres ``c`` (``segquant.numerics.shifted_ranges``)."""
         ch = self.channel_stats()
         scale = torch.ones_like(ch.amax) if scale is None else scale.to(ch.amax.device).float()
-        per_segment = (reduce_segments(t * scale, self.segments) for t in (ch.amax, ch.pos_amax, ch.neg_amax))
-        return ActivationStats(*per_segment)
+        ch = ActivationStats(ch.amax * scale, ch.pos_amax * scale, ch.neg_amax * scale)
+        if self.shift is not None:
+            ch = shifted_ranges(ch, self.segments, self.shift_segments, self.shift)
+        per_segment = (reduce_segments(t, self.segments) for t in (ch.amax, ch.pos_amax, ch.neg_amax))
+        return ActivationStats(*per_segment, center=ch.center)
+
+
+def layer_alpha(layer: LinearPlan | None, alpha: float | None) -> float | None:
+    """The SmoothQuant alpha of ``layer``: its own (an alpha search's) when the plan sets one, else ``alpha``."""
+    return alpha if layer is None or layer.smoothquant_alpha is None else layer.smoothquant_alpha
 
 
 def static_calibration(observer: SegmentAmaxObserver, weight: Tensor,

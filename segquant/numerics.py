@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .errors import PlanError, SegQuantError
-from .options import ACT_GRANULARITIES, DEFAULT_REALISATION, REALISATIONS, WEIGHT_GRANULARITIES, check_choice
+from .options import ACT_GRANULARITIES, DEFAULT_REALISATION, REALISATIONS, SHIFTS, WEIGHT_GRANULARITIES, check_choice
 
 if TYPE_CHECKING:  # numerics reads a plan entry's fields; the plan module validates against the registry
     from .plan import LinearPlan
@@ -259,11 +259,15 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class ActivationStats:
-    """Calibrated activation ranges of one Linear input, one entry per input segment."""
+    """Calibrated activation ranges of one Linear input, one entry per input segment.
+
+    With an activation shift, ``center`` holds the ``(K,)`` centres ``c`` (zero on unshifted channels) and the
+    ranges are those of ``x - c``: the layer quantizes ``x - c`` and adds ``W c`` to its bias."""
 
     amax: Tensor
     pos_amax: Tensor
     neg_amax: Tensor
+    center: Tensor | None = None
 
     def check(self, layer: LinearPlan) -> None:
         """Raise ``PlanError`` unless there is one finite, non-negative entry per input segment of ``layer``."""
@@ -277,6 +281,13 @@ class ActivationStats:
                                 "segments; calibrate again with this plan")
             if not torch.isfinite(value).all() or (value < 0).any():
                 raise PlanError(f"{name}: calibration {field_name} must be finite and non-negative")
+        if self.center is not None:
+            if not isinstance(self.center, Tensor) or self.center.shape != (layer.in_features,):
+                shape = tuple(self.center.shape) if isinstance(self.center, Tensor) else type(self.center).__name__
+                raise PlanError(f"{name}: calibration center has shape {shape}, expected ({layer.in_features},) "
+                                "(one per input channel)")
+            if not torch.isfinite(self.center).all():
+                raise PlanError(f"{name}: calibration center must be finite")
 
     def scales(self, layer: LinearPlan, fmt: str | QuantFormat) -> tuple[Tensor, Tensor]:
         """Per-segment ``(activation scale, negative-side scale)``: DualScale segments take ``s+`` from
@@ -286,6 +297,30 @@ class ActivationStats:
                              for i in range(len(layer.in_segments))], device=self.amax.device)
         return (scale_from_amax(torch.where(dual, self.pos_amax, self.amax), fmt),
                 scale_from_amax(self.neg_amax, fmt, negative=True))
+
+
+def shifted_ranges(channels: ActivationStats, segments: Sequence[int], shift_segments: Sequence[int],
+                   shift: str) -> ActivationStats:
+    """Per-channel ranges of ``x - c`` and the centres ``c`` (``(K,)``, zero outside ``shift_segments``).
+
+    ``channels`` holds per-channel maxima of ``|x|``, ``x+`` and ``|x-|``; the calibrated range of channel ``k``
+    is ``[-neg_amax[k], pos_amax[k]]`` (it always contains zero, so a constant channel keeps a usable scale).
+    ``c`` is that range's centre per channel (``per_channel``) or the centre of the segment's overall range
+    (``per_tensor``: one ``c`` per segment)."""
+    check_choice(shift, SHIFTS, "shift")
+    segs = _check_segments(segments, channels.amax.shape[-1], "in_segments")
+    hi, lo = channels.pos_amax.float(), -channels.neg_amax.float()
+    centers = []
+    for i, (h, l) in enumerate(zip(hi.split(segs), lo.split(segs))):
+        if i not in set(shift_segments):
+            centers.append(torch.zeros_like(h))
+        elif shift == "per_channel":
+            centers.append(shift_center(l, h))
+        else:
+            centers.append(shift_center(l.min(), h.max()).expand_as(h))
+    c = torch.cat(centers)
+    pos, neg = (hi - c).clamp(min=0), (c - lo).clamp(min=0)
+    return ActivationStats(torch.maximum(pos, neg), pos, neg, c)
 
 
 def reduce_segments(per_channel: Tensor, segments: Sequence[int]) -> Tensor:
@@ -327,18 +362,29 @@ def quantize_input_segment(x: Tensor, fmt: QuantFormat, dual: bool, per_token: b
 
 
 def fake_quant_input(x: Tensor, fmt: QuantFormat, segments: Sequence[int], dual_segments: Sequence[int],
-                     stats: ActivationStats | None, smooth: Tensor | None = None, folded: bool = False) -> Tensor:
-    """A Linear's input as a SegQuant layer feeds it to its GEMM, in ``x.dtype``: ``x * smooth`` split into
-    ``segments``, each quantized by ``quantize_input_segment`` (static from ``stats``, else per token); the
-    codes times their unit scale, or (``folded``: the unit scales live in the weight) the codes alone. The one
+                     stats: ActivationStats | None, smooth: Tensor | None = None, folded: bool = False,
+                     per_token: bool | None = None, add_center: bool = True) -> Tensor:
+    """A Linear's input as a SegQuant layer feeds it to its GEMM, in ``x.dtype``: ``x * smooth`` (minus the
+    shift centres of ``stats``) split into ``segments``, each quantized by ``quantize_input_segment`` (static
+    from ``stats``, per token when ``per_token``, default: when there are no stats); the codes times their unit
+    scale, or (``folded``: the unit scales live in the weight) the codes alone. The centres are added back
+    unless ``add_center`` is False (then the caller adds ``W c`` to the bias, as a deployed layer does). The one
     implementation behind ModelOpt's fake quantization and the HF-checkpoint runtime."""
     v = x * smooth if smooth is not None else x
+    center = None if stats is None else stats.center
+    if center is not None:
+        v = v - center.to(v.device, v.dtype if v.dtype.is_floating_point else torch.float32)
+    per_token = stats is None if per_token is None else per_token
     dual = set(dual_segments)
-    parts = [quantize_input_segment(part, fmt, i in dual, stats is None, stats, i)
+    parts = [quantize_input_segment(part, fmt, i in dual, per_token, stats, i)
              for i, part in enumerate(v.split(list(segments), dim=-1))]
     if folded:
-        return torch.cat([q for q, _ in parts], dim=-1).to(x.dtype)
-    return torch.cat([q * unit for q, unit in parts], dim=-1).to(x.dtype)
+        out = torch.cat([q for q, _ in parts], dim=-1)
+    else:
+        out = torch.cat([q * unit for q, unit in parts], dim=-1)
+    if center is not None and add_center and not folded:
+        out = out + center.to(out.device)
+    return out.to(x.dtype)
 
 
 def smoothquant_factors(weight: Tensor, act_channel_amax: Tensor, alpha: float) -> Tensor:
@@ -393,7 +439,8 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
         x: ``(..., K)`` input.
         weight: ``(N, K)``; bias: ``(N,)`` or None.
         stats: calibrated ``ActivationStats`` (of the smoothed input when ``smooth`` is given); None =
-            dynamic from ``x`` (per tensor or per token).
+            dynamic from ``x`` (per tensor or per token). Its ``center`` (the activation shift) is subtracted
+            before quantization and ``W_hat c`` added to the output, with static or per-token scales.
         smooth: SmoothQuant factors ``(K,)`` (``smoothquant_factors``): the layer computes
             ``(x * smooth) @ (W / smooth).T``; None = no smoothing.
     Returns:
@@ -419,16 +466,24 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
     w, xf = weight.float(), x.float()
     if smooth is not None:
         w, xf = w / smooth.float(), xf * smooth.float()
+    center = None if stats is None else stats.center
+    if center is not None:
+        xf = xf - center.float()
     dual = set(layer.dual_scale_segments) if layer.dual_scale else set()
     parts = xf.split(list(layer.in_segments), dim=-1)
     quantized = [quantize_input_segment(p, act_fmt, i in dual, per_token, stats, i) for i, p in enumerate(parts)]
     if spec.realisation == "folded":
         units = torch.stack([u.reshape(()) for _, u in quantized])
-        w_hat = _quantize_weight(fold_activation_scales(w, units, layer.in_segments)[0], layer, spec)
+        folded_w, divisor = fold_activation_scales(w, units, layer.in_segments)
+        w_hat = _quantize_weight(folded_w, layer, spec)
         y = torch.cat([q for q, _ in quantized], dim=-1) @ w_hat.t()
+        if center is not None:
+            y = y + w_hat @ (center.float() / divisor)
     else:
         w_hat = _quantize_weight(w, layer, spec)
         y = sum((q * u) @ w_s.t() for (q, u), w_s in zip(quantized, w_hat.split(list(layer.in_segments), dim=1)))
+        if center is not None:
+            y = y + w_hat @ center.float()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

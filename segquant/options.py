@@ -11,6 +11,15 @@ from .errors import SegQuantError
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "geglu", "swiglu")
 """Activations whose outputs feed DualScale layers."""
 
+SHIFTS = ("per_tensor", "per_channel")
+"""Activation shift (SPEC section 3): quantize ``x - c`` and fold ``W c`` into the bias, with one centre ``c``
+per input segment (``per_tensor``) or per input channel (``per_channel``)."""
+
+CHOICES = ("fixed", "auto")
+"""How a recipe sets the techniques of activation-fed inputs: ``fixed`` (as the recipe says, every layer) or
+``auto`` (``segquant.choose``: per layer, the best of plain / shift / DualScale / both by measured error and
+GEMM cost)."""
+
 REALISATIONS = ("split_k", "folded")
 """How per-segment input scales are realised: ``split_k`` (exact: one GEMM per input segment, ``a_s``
 applied after) or ``folded`` (``a_s`` folded into the weight columns before weight quantization: one GEMM,

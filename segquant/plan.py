@@ -2,8 +2,8 @@
 
 The plan is plain data keyed by module name (as ``named_modules()`` yields it). Graph analysis writes
 it, ``Recipe.apply`` decides per layer whether it stays in high precision and its precision, and every
-backend quantizes exactly what the applied plan says. It round-trips through JSON (schema version 2; version
-1 files, which predate ``high_precision`` and ``precision``, are read as well).
+backend quantizes exactly what the applied plan says. It round-trips through JSON (schema version 3; versions
+1 and 2, which predate ``high_precision`` / ``precision`` and ``shift`` / ``smoothquant_alpha``, are read as well).
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ from typing import Any, Iterable, Mapping
 
 from .errors import PlanError
 from .files import atomic_write_text
-from .options import ACTIVATIONS
+from .options import ACTIVATIONS, SHIFTS
 from .precision import PRECISIONS
 from .schema import LayerFile, PlanFile, fields_set, parse
 
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 PATTERNS = ("linear->chunk", "linear->split", "linear->unbind", "cat->linear", "stack->linear",
             "reshape->linear", "act->linear", "act->cat->linear", "linear->output", "override")
 """Names of the graph patterns that produce plan entries (see SPEC section 2)."""
 
 OVERRIDABLE = ("in_segments", "out_segments", "dual_scale", "dual_scale_segments", "activation", "high_precision",
-                "precision")
+               "precision", "shift", "shift_segments", "smoothquant_alpha")
 
 
 def _as_ints(value: Iterable[int], what: str, name: str, expected: str) -> tuple[int, ...]:
@@ -65,6 +65,13 @@ class LinearPlan:
         high_precision: the layer is not quantized (a recipe's ``skip``, or the model's output layer).
         precision: the precision the layer is quantized with (a ``segquant.precision`` name), set by
             ``Recipe.apply``; None on an analysed plan (the backend's config decides).
+        shift: activation shift (``SHIFTS``): input segments ``shift_segments`` are quantized as ``x - c`` with
+            ``c`` the centre of their calibrated range, per segment (``per_tensor``) or per channel
+            (``per_channel``), and ``W c`` joins the bias; None = no shift. Combines with DualScale.
+        shift_segments: indices into ``in_segments`` of the shifted segments (all of them when ``shift`` is set
+            without it).
+        smoothquant_alpha: this layer's SmoothQuant alpha (``segquant.choose.search_alpha`` writes it); None =
+            the quantize options' alpha.
     """
 
     in_features: int
@@ -78,6 +85,9 @@ class LinearPlan:
     nodes: tuple[str, ...] = ()
     high_precision: bool = False
     precision: str | None = None
+    shift: str | None = None
+    shift_segments: tuple[int, ...] = ()
+    smoothquant_alpha: float | None = None
     name: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +127,7 @@ class LinearPlan:
         if bad:
             raise PlanError(f"{name}: dual_scale_segments {bad} out of range for "
                             f"{len(self.in_segments)} input segments")
+        self._check_shift_and_alpha(name)
         if self.activation is not None and self.activation not in ACTIVATIONS:
             raise PlanError(f"{name}: unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if self.precision is not None:
@@ -126,6 +137,27 @@ class LinearPlan:
                 raise PlanError(f"{name}: a layer kept in high precision has no precision (got "
                                 f"{self.precision!r}); set precision to null or high_precision to false")
 
+    def _check_shift_and_alpha(self, name: str) -> None:
+        set_ = object.__setattr__
+        shifted = _as_ints(self.shift_segments, "shift_segments", name, "segment indices")
+        set_(self, "shift_segments", tuple(sorted(set(shifted))))
+        if self.shift is not None and self.shift not in SHIFTS:
+            raise PlanError(f"{name}: unknown shift {self.shift!r}; one of {', '.join(SHIFTS)} or null (no shift)")
+        if self.shift is not None and not self.shift_segments:
+            set_(self, "shift_segments", tuple(range(len(self.in_segments))))
+        if self.shift is None and self.shift_segments:
+            raise PlanError(f"{name}: shift_segments {list(self.shift_segments)} given but shift is null; set "
+                            f"shift to one of {', '.join(SHIFTS)} or drop the segments")
+        bad = [i for i in self.shift_segments if not 0 <= i < len(self.in_segments)]
+        if bad:
+            raise PlanError(f"{name}: shift_segments {bad} out of range for {len(self.in_segments)} input segments")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not 0 <= alpha <= 1):
+            raise PlanError(f"{name}: smoothquant_alpha must be a number in [0, 1] or null, got {alpha!r}")
+        if alpha is not None:
+            set_(self, "smoothquant_alpha", float(alpha))
+
     @property
     def seg_linear(self) -> bool:
         """True when the layer has more than one input or output segment."""
@@ -133,8 +165,13 @@ class LinearPlan:
 
     @property
     def is_plain(self) -> bool:
-        """True when SegQuant's techniques change nothing for this layer (no segments, no DualScale)."""
-        return not self.seg_linear and not self.dual_scale
+        """True when SegQuant's techniques change nothing for this layer (no segments, DualScale or shift)."""
+        return not self.seg_linear and not self.dual_scale and self.shift is None
+
+    @property
+    def activation_segments(self) -> tuple[int, ...]:
+        """Input segments fed by an activation (the graph's DualScale candidates), shifted or dual-scaled."""
+        return tuple(sorted(set(self.dual_scale_segments) | set(self.shift_segments)))
 
     @property
     def applied(self) -> bool:
@@ -152,7 +189,8 @@ class LinearPlan:
         if not self.seg_linear:
             return self
         all_dual = self.dual_scale and len(self.dual_scale_segments) == len(self.in_segments)
-        return self.replace(in_segments=(), out_segments=(), dual_scale=all_dual)
+        all_shift = self.shift if len(self.shift_segments) == len(self.in_segments) else None
+        return self.replace(in_segments=(), out_segments=(), dual_scale=all_dual, shift=all_shift)
 
     def check_module(self, module: Any) -> None:
         """Raise ``PlanError`` unless ``module`` is an ``nn.Linear`` of the planned shape."""
@@ -170,6 +208,8 @@ class LinearPlan:
         ``dual_scale`` or ``in_segments`` change without it)."""
         if ("dual_scale" in changes or "in_segments" in changes) and "dual_scale_segments" not in changes:
             changes["dual_scale_segments"] = ()
+        if ("shift" in changes or "in_segments" in changes) and "shift_segments" not in changes:
+            changes["shift_segments"] = ()
         if changes.get("dual_scale") is False:
             changes.setdefault("activation", None)
         return dataclasses.replace(self, **changes)
@@ -187,6 +227,9 @@ class LinearPlan:
             "nodes": list(self.nodes),
             "high_precision": self.high_precision,
             "precision": self.precision,
+            "shift": self.shift,
+            "shift_segments": list(self.shift_segments),
+            "smoothquant_alpha": self.smoothquant_alpha,
         }
 
     @classmethod
@@ -262,6 +305,10 @@ class SegQuantPlan:
         """Quantized layers with DualScale (a layer kept in high precision has none in effect)."""
         return [n for n, p in self.layers.items() if p.dual_scale and p.quantized]
 
+    def shifted(self) -> list[str]:
+        """Quantized layers with an activation shift."""
+        return [n for n, p in self.layers.items() if p.shift is not None and p.quantized]
+
     def quantized_layers(self) -> list[str]:
         return [n for n, p in self.layers.items() if p.quantized]
 
@@ -288,8 +335,9 @@ class SegQuantPlan:
     def summary(self) -> str:
         high = len(self.high_precision_layers())
         kept = f", {high} kept in high precision" if high else ""
+        shifted = f", {len(self.shifted())} shifted" if self.shifted() else ""
         return (f"{len(self.output_segmented())} output-segmented, {len(self.input_segmented())} "
-                f"input-segmented, {len(self.dual_scaled())} DualScale of {len(self.layers)} Linear{kept}")
+                f"input-segmented, {len(self.dual_scaled())} DualScale{shifted} of {len(self.layers)} Linear{kept}")
 
     def __str__(self) -> str:
         return format_table(self)
@@ -353,8 +401,8 @@ class SegQuantPlan:
             plan = plan.override(pattern, **changes)
         return plan
 
-    def ablate(self, seg_linear: bool = True, dual_scale: bool = True) -> "SegQuantPlan":
-        """The plan with SegLinear and/or DualScale switched off everywhere (the paper's ablation).
+    def ablate(self, seg_linear: bool = True, dual_scale: bool = True, shift: bool = True) -> "SegQuantPlan":
+        """The plan with SegLinear, DualScale and/or the shift switched off everywhere (the paper's ablation).
         Idempotent: ablating an ablated plan changes nothing."""
         layers = {}
         for name, p in self.layers.items():
@@ -362,6 +410,24 @@ class SegQuantPlan:
                 p = p.without_segments()
             if not dual_scale and p.dual_scale:
                 p = p.replace(dual_scale=False)
+            if not shift and p.shift is not None:
+                p = p.replace(shift=None)
+            layers[name] = p
+        return dataclasses.replace(self, layers=layers)
+
+    def with_shift(self, shift: str | None, keep_dual_scale: bool = True) -> "SegQuantPlan":
+        """The plan with ``shift`` (``SHIFTS``, None = none) on every activation-fed input segment (the graph's
+        DualScale candidates), keeping DualScale on them or not. Layers without such inputs are unchanged."""
+        if shift is not None and shift not in SHIFTS:
+            raise PlanError(f"unknown shift {shift!r}; one of {', '.join(SHIFTS)} or None")
+        layers = {}
+        for name, p in self.layers.items():
+            segs = p.activation_segments
+            if segs:
+                p = p.replace(shift=shift, shift_segments=segs if shift else (),
+                              dual_scale=keep_dual_scale and bool(p.dual_scale_segments),
+                              dual_scale_segments=p.dual_scale_segments if keep_dual_scale else (),
+                              activation=p.activation)
             layers[name] = p
         return dataclasses.replace(self, layers=layers)
 
@@ -459,16 +525,19 @@ def _fmt_sizes(sizes: tuple[int, ...]) -> str:
 def format_table(plan: SegQuantPlan, only_changed: bool = True) -> str:
     """A readable table of the layers SegQuant changes (all layers with ``only_changed=False``)."""
     rows = [(n, p) for n, p in plan.layers.items() if not (only_changed and p.is_plain and not p.high_precision)]
-    header = ("layer", "K x N", "precision", "in segments", "out segments", "DualScale", "patterns")
+    header = ("layer", "K x N", "precision", "in segments", "out segments", "DualScale", "shift", "patterns")
     body = []
     for name, p in rows:
         dual = "-"
         if p.dual_scale:
             segs = "" if len(p.in_segments) == 1 else " seg " + ",".join(map(str, p.dual_scale_segments))
             dual = f"{p.activation or 'yes'}{segs}"
+        shift = "-"
+        if p.shift is not None:
+            shift = p.shift + ("" if len(p.in_segments) == 1 else " seg " + ",".join(map(str, p.shift_segments)))
         precision = "high" if p.high_precision else (p.precision or "-")
         body.append((name, f"{p.in_features}x{p.out_features}", precision, _fmt_sizes(p.in_segments),
-                     _fmt_sizes(p.out_segments), dual, ",".join(x for x in p.patterns)))
+                     _fmt_sizes(p.out_segments), dual, shift, ",".join(x for x in p.patterns)))
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     recipe = f", recipe {plan.recipe}" if plan.recipe else ""

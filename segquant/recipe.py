@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from .backend import QuantizeOptions
 from .errors import PlanError, SegQuantError
-from .options import DEFAULT_REALISATION, REALISATIONS, check_alpha, check_choice
+from .options import CHOICES, DEFAULT_REALISATION, REALISATIONS, SHIFTS, check_alpha, check_choice
 from .plan import OVERRIDABLE, SegQuantPlan
 from .precision import PRECISIONS as _REGISTRY
 from .schema import CalibrationFile, RecipeFile, fields_set, parse
@@ -55,7 +55,7 @@ class CalibrationSettings:
 
 
 _BOOL_KEYS = ("seg_linear", "dual_scale")
-_STR_KEYS = ("name", "model_class", "config", "precision", "realisation")
+_STR_KEYS = ("name", "model_class", "config", "precision", "realisation", "choose")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,10 @@ class Recipe:
         smoothquant_alpha: SmoothQuant alpha in [0, 1], or None for no smoothing.
         realisation: input segments as ``split_k`` or ``folded``.
         seg_linear, dual_scale: SegQuant's two techniques on or off.
+        shift: activation shift (``per_tensor`` / ``per_channel``) on the activation-fed inputs, or None.
+        choose: ``fixed`` (every activation-fed layer gets what the recipe says) or ``auto`` (``segquant.choose``
+            keeps, per layer, the best of plain / shift / DualScale / both that the recipe enables, from measured
+            output error and GEMM cost; it needs calibration data, so jobs run it before quantizing).
         calibration: ``CalibrationSettings``.
     """
 
@@ -85,6 +89,8 @@ class Recipe:
     realisation: str = DEFAULT_REALISATION
     seg_linear: bool = True
     dual_scale: bool = True
+    shift: str | None = None
+    choose: str = "fixed"
     calibration: CalibrationSettings = CalibrationSettings()
 
     def __post_init__(self) -> None:
@@ -97,6 +103,9 @@ class Recipe:
                 raise SegQuantError(f"{where}: {key} must be true or false, got {getattr(self, key)!r}")
         check_choice(self.precision, PRECISIONS, f"{where}: precision")
         check_choice(self.realisation, REALISATIONS, f"{where}: realisation")
+        check_choice(self.choose, CHOICES, f"{where}: choose")
+        if self.shift is not None:
+            check_choice(self.shift, SHIFTS, f"{where}: shift")
         alpha = check_alpha(self.smoothquant_alpha, f"{where}: smoothquant_alpha")
         object.__setattr__(self, "smoothquant_alpha", alpha)
         if not isinstance(self.skip, (list, tuple)) or not all(isinstance(g, str) for g in self.skip):
@@ -132,7 +141,10 @@ class Recipe:
                             f"{f' (recipe {plan.recipe})' if plan.recipe else ''}; apply recipes to the analysed "
                             "plan (segquant.analyze) only")
         self.validate(plan)
-        applied = plan.with_overrides(self.overrides).ablate(seg_linear=self.seg_linear, dual_scale=self.dual_scale)
+        applied = plan.with_overrides(self.overrides)
+        if self.shift is not None:
+            applied = applied.with_shift(self.shift)
+        applied = applied.ablate(seg_linear=self.seg_linear, dual_scale=self.dual_scale)
         return applied.keep_high_precision(self.skip).with_precision(self.precision, recipe=self.name)
 
     def quantize_options(self, show_progress: bool = True, keep_degenerate: bool = False) -> QuantizeOptions:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Mapping, TypeVar, Union, get_args, g
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import SegQuantError
-from .options import ACTIVATIONS, DEFAULT_REALISATION, REALISATIONS
+from .options import ACTIVATIONS, CHOICES, DEFAULT_REALISATION, REALISATIONS, SHIFTS
 from .precision import PRECISIONS
 
 MAX_CALIBRATION_PROMPTS = 100_000
@@ -57,12 +57,15 @@ class LayerFile(_Schema):
     nodes: Names = []
     high_precision: bool = False
     precision: Literal[tuple(PRECISIONS)] | None = None
+    shift: Literal[SHIFTS] | None = None
+    shift_segments: Indices = []
+    smoothquant_alpha: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
 
 
 class PlanFile(_Schema):
     """A plan file (``SegQuantPlan.to_dict``)."""
 
-    version: Literal[1, 2]
+    version: Literal[1, 2, 3]
     model_class: str = ""
     capture: Literal["export", "eager"] = "export"
     recipe: str = ""
@@ -79,6 +82,9 @@ class OverrideFile(_Schema):
     activation: Literal[ACTIVATIONS] | None = None
     high_precision: bool | None = None
     precision: Literal[tuple(PRECISIONS)] | None = None
+    shift: Literal[SHIFTS] | None = None
+    shift_segments: Indices | None = None
+    smoothquant_alpha: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
 
 
 class CalibrationFile(_Schema):
@@ -104,6 +110,8 @@ class RecipeFile(_Schema):
     realisation: Literal[REALISATIONS] = DEFAULT_REALISATION
     seg_linear: bool = True
     dual_scale: bool = True
+    shift: Literal[SHIFTS] | None = None
+    choose: Literal[CHOICES] = "fixed"
     calibration: CalibrationFile = CalibrationFile()
 
 

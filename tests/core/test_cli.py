@@ -6,6 +6,7 @@ import pytest
 
 from segquant import SegQuantPlan
 from segquant.app.cli import main
+from segquant.plan import PLAN_VERSION
 from full_configs import FLUX_1_DEV
 
 pytest.importorskip("diffusers")
@@ -18,7 +19,7 @@ def test_analyze_default_bundled_model(tmp_path, capsys):
     assert "SegQuant plan for FluxTransformer2DModel (export)" in text
     assert "single_transformer_blocks.1.proj_out" in text and f"wrote {out}" in text
     data = json.loads(out.read_text())
-    assert data["version"] == 2 and data["model_class"] == "FluxTransformer2DModel"
+    assert data["version"] == PLAN_VERSION and data["model_class"] == "FluxTransformer2DModel"
     layer = data["layers"]["single_transformer_blocks.0.proj_out"]
     assert layer["in_segments"] == [32, 128] and layer["dual_scale_segments"] == [1]
     assert SegQuantPlan.load(out).summary() == ("7 output-segmented, 4 input-segmented, 16 DualScale of 50 Linear, "

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from segquant import LinearPlan, PlanError, SegQuantPlan
+from segquant.plan import PLAN_VERSION
 
 
 def _plan() -> SegQuantPlan:
@@ -26,12 +27,13 @@ def test_defaults_fill_unsegmented():
 
 def test_json_schema_is_stable():
     data = json.loads(_plan().to_json())
-    assert data["version"] == 2 and data["model_class"] == "Toy"
+    assert data["version"] == PLAN_VERSION and data["model_class"] == "Toy"
     entry = data["layers"]["a.proj_out"]
     assert entry == {"in_features": 160, "out_features": 32, "in_segments": [32, 128], "out_segments": [32],
                      "dual_scale": True, "dual_scale_segments": [1], "activation": "gelu_tanh",
                      "patterns": ["cat->linear", "act->cat->linear"], "nodes": ["cat_11", "gelu_2"],
-                     "high_precision": False, "precision": None}
+                     "high_precision": False, "precision": None, "shift": None, "shift_segments": [],
+                     "smoothquant_alpha": None}
     assert data["layers"]["a.to_q"]["in_segments"] == [32]
     assert data["layers"]["a.to_q"]["activation"] is None
 
@@ -89,8 +91,8 @@ def test_bad_linear_plan(kwargs, message):
 def test_bad_plan_input():
     with pytest.raises(PlanError, match="not valid JSON"):
         SegQuantPlan.from_json("{oops")
-    with pytest.raises(PlanError, match="version 3 is not supported"):
-        SegQuantPlan.from_json(json.dumps({"version": 3, "layers": {}}))
+    with pytest.raises(PlanError, match="version 4 is not supported"):
+        SegQuantPlan.from_json(json.dumps({"version": 4, "layers": {}}))
     with pytest.raises(PlanError, match="plan version must be an integer: write 1, not '1'"):
         SegQuantPlan.from_json(json.dumps({"version": "1", "layers": {}}))
     with pytest.raises(PlanError, match="plan: x: dual_scale must be true or false \\(not quoted\\), got 'false'"):
@@ -115,7 +117,7 @@ def test_version_1_plans_are_read_and_upgraded():
     for entry in data["layers"].values():
         del entry["high_precision"], entry["precision"]
     plan = SegQuantPlan.from_dict(data)
-    assert plan.version == 2 and plan == _plan() and not plan.high_precision_layers()
+    assert plan.version == PLAN_VERSION and plan == _plan() and not plan.high_precision_layers()
 
 
 def test_applied_plan_says_precision_and_high_precision_per_layer():
