@@ -49,25 +49,33 @@ def save_grid_png(rows: Sequence[Any], path: Path, max_images: int = 16) -> None
     plt.close(fig)
 
 
+TECHNIQUE_MARKS = (("segments", "tab:green", "|"), ("dual_scale", "tab:orange", "^"), ("shift", "tab:purple", "v"))
+"""How ``layers.png`` marks the technique acting on a layer: (technique, colour, marker)."""
+
+
 def save_layers_png(metrics: dict[str, Any], path: Path) -> None:
-    """Per-layer SQNR of the quantized rows (same full-precision inputs); the layers SegQuant changes are
-    marked."""
+    """Per-layer SQNR of the quantized rows (same full-precision inputs); under the curves, one rug per SegQuant
+    row marks which technique acts on each layer (input/output segments, DualScale, shift)."""
     plt = _plt()
     labels = list(metrics["layer_sqnr_db"])
     names = list(metrics["layer_sqnr_db"][labels[-1]])
-    changed = set(metrics["segquant_changed_layers"])
-    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.12), 4.2), dpi=110)
+    techniques = metrics.get("techniques") or {}
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.12), 4.8), dpi=110)
     xs = range(len(names))
-    for label, marker in zip(labels, ("o", "^", "s")):
+    for label, marker in zip(labels, ("o", "^", "s", "D", "P", "X")):
         ys = [min(metrics["layer_sqnr_db"][label].get(n, float("nan")), 80) for n in names]
         ax.plot(xs, ys, marker=marker, markersize=3, linewidth=0.8, label=label)
-    for i, n in enumerate(names):
-        if n in changed:
-            ax.axvspan(i - 0.4, i + 0.4, color="tab:green", alpha=0.15, linewidth=0)
-    ax.set_xlabel("Linear layer (execution order); shaded: layers SegQuant changes (segments / DualScale)")
+    rug = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    for r, (row, per_layer) in enumerate(techniques.items()):
+        for t, (technique, color, marker) in enumerate(TECHNIQUE_MARKS):
+            hits = [i for i, n in enumerate(names) if technique in per_layer.get(n, ())]
+            ax.scatter(hits, [0.03 + 0.035 * (3 * r + t)] * len(hits), transform=rug, color=color, marker=marker,
+                       s=14, label=f"{technique.replace('_', ' ')} ({'row ' + str(r + 1)})" if hits else None)
+    rows = "; ".join(f"row {r + 1} = {row}" for r, row in enumerate(techniques))
+    ax.set_xlabel(f"Linear layer (execution order); marks at the bottom: technique per layer ({rows})", fontsize=7)
     ax.set_ylabel("layer SQNR, dB (capped at 80 = not quantized)")
     ax.set_title(f"{metrics['model_class']}: per-layer SQNR on the same full-precision inputs")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -99,7 +107,7 @@ def markdown(metrics: dict[str, Any]) -> str:
               "(several calibration seeds, paired confidence intervals).", "",
               f"The applied plan ({metrics['recipe']}), which the SegQuant row quantizes exactly: "
               f"{metrics.get('plan', '-')}. SegQuant changes {len(metrics['segquant_changed_layers'])} of the layers it "
-              "quantizes (input/output segments or DualScale); their per-layer SQNR is in `layers.png` and "
+              "quantizes (input/output segments, DualScale or shift); their per-layer SQNR is in `layers.png` and "
               "`metrics.json`.", "",
               *comparison_lines(metrics), "![grid](grid.png)", "", "![layers](layers.png)", ""]
     return "\n".join(lines)
@@ -151,9 +159,15 @@ def attribution_lines(parts: dict[str, Any]) -> list[str]:
         return f"{p['psnr_db_difference']:+.2f} dB [{p['low']:+.2f}, {p['high']:+.2f}]"
 
     total, recipe, method = parts["total"], parts["recipe"], parts["method"]
-    return ["", f"Where the gain over {total['worse']} comes from: of SegQuant's {iv(total)}, the recipe (the same "
-            f"recipe without SegLinear and DualScale against the preset) gives {iv(recipe)} and the method "
-            f"(SegLinear and DualScale on that recipe) {iv(method)} (paired per image, 95% intervals)."]
+    lines = ["", f"Where the gain over {total['worse']} comes from: of SegQuant's {iv(total)}, the recipe (the same "
+             f"recipe without SegQuant's techniques against the preset) gives {iv(recipe)} and the method "
+             f"(SegLinear and DualScale on that recipe) {iv(method)} (paired per image, 95% intervals)."]
+    if "shift" in parts:
+        lines.append(f"With the activation shift in place of DualScale (plain GEMMs, the like-for-like row's cost) "
+                     f"the method gives {iv(parts['shift'])} over the same recipe"
+                     + (f", {iv(parts['shift_vs_segquant'])} against SegQuant with DualScale."
+                        if "shift_vs_segquant" in parts else "."))
+    return lines
 
 
 def write_report(out: Path, metrics: dict[str, Any], rows: Sequence[Any]) -> None:

@@ -4,6 +4,7 @@ all rows from the same noise, and write a report folder (metrics.json, report.md
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import platform
 import sys
@@ -97,22 +98,39 @@ def resolve_recipe(settings: RunSettings, model_name: str, model_class: str) -> 
     return recipe
 
 
-ROW_KINDS = ("baseline", "techniques_off", "segquant")
+ROW_KINDS = ("baseline", "techniques_off", "segquant", "segquant_shift")
 """The quantized rows: the library's preset as shipped; the same applied recipe (precision, activation mode,
-skip list, SmoothQuant) with SegLinear and DualScale switched off, through the same backend (the like-for-like
-row a gain of SegQuant is measured against); SegQuant."""
+skip list, SmoothQuant) with SegLinear, DualScale and the shift switched off, through the same backend (the
+like-for-like row a gain of SegQuant is measured against); SegQuant as the recipe says; SegQuant with the
+activation shift in place of DualScale (a plain GEMM per layer: the same cost as the like-for-like row)."""
+
+SHIFT_ROW = "per_tensor"
+"""The shift of the ``segquant_shift`` row when the recipe sets none."""
 
 
-def _quantize(backend: Backend, kind: str, den, recipe: Recipe, plan: SegQuantPlan, forward_loop,
+def row_plans(recipe: Recipe, analysed: SegQuantPlan) -> dict[str, SegQuantPlan]:
+    """The applied plan of every SegQuant-quantized row kind; ``segquant_shift`` is left out when it equals the
+    recipe's own plan (a recipe that already shifts instead of DualScale)."""
+    plan = recipe.apply(analysed)
+    shifted = dataclasses.replace(recipe, shift=recipe.shift or SHIFT_ROW, dual_scale=False).apply(analysed)
+    plans = {"techniques_off": plan.ablate(seg_linear=False, dual_scale=False, shift=False), "segquant": plan}
+    if shifted != plan:
+        plans["segquant_shift"] = shifted
+    return plans
+
+
+def row_label(kind: str, recipe: Recipe, backend: str) -> str:
+    return {"techniques_off": f"{recipe.name} without SegLinear, DualScale and shift ({backend})",
+            "segquant": f"SegQuant {recipe.name} ({backend})",
+            "segquant_shift": f"SegQuant {recipe.name} with shift instead of DualScale ({backend})"}[kind]
+
+
+def _quantize(backend: Backend, kind: str, den, recipe: Recipe, plans: dict[str, SegQuantPlan], forward_loop,
               settings: RunSettings):
     if kind == "baseline":
         return backend.quantize_baseline(den.model, recipe.precision, forward_loop)
     options = recipe.quantize_options(show_progress=False)  # the forward loop's bar is this step's only one
-    if kind == "techniques_off":
-        off = plan.ablate(seg_linear=False, dual_scale=False)
-        return (backend.quantize(den.model, off, options, forward_loop),
-                f"{recipe.name} without SegLinear and DualScale ({settings.backend})")
-    return backend.quantize(den.model, plan, options, forward_loop), f"SegQuant {recipe.name} ({settings.backend})"
+    return backend.quantize(den.model, plans[kind], options, forward_loop), row_label(kind, recipe, settings.backend)
 
 
 @dataclass
@@ -122,12 +140,17 @@ class _Job:
     settings: RunSettings
     fp: Any
     recipe: Recipe
-    plan: SegQuantPlan
+    plans: dict[str, SegQuantPlan]
     backend: Backend
     steps: int
     labels: torch.Tensor
     calib_labels: torch.Tensor
     example: dict[str, Any]
+
+    @property
+    def plan(self) -> SegQuantPlan:
+        """The recipe's applied plan (the SegQuant row's)."""
+        return self.plans["segquant"]
 
     def forward_loop_for(self, den, kind: str):
         from .embedded import sample
@@ -152,9 +175,10 @@ def _prepare(settings: RunSettings) -> _Job:
     recipe = resolve_recipe(settings, settings.model, model_class)
     backend = get_backend(settings.backend)
     example = fp.example_inputs(2)
-    plan = recipe.apply(analyze(fp.model, **example))  # analysed once; every backend quantizes this plan
-    check_supported(backend, plan)
-    return _Job(settings, fp, recipe, plan, backend, settings.steps or recipe.calibration.steps,
+    plans = row_plans(recipe, analyze(fp.model, **example))  # analysed once; the rows quantize these plans
+    for plan in plans.values():
+        check_supported(backend, plan)
+    return _Job(settings, fp, recipe, plans, backend, settings.steps or recipe.calibration.steps,
                 sample_labels(settings.num_samples),
                 sample_labels(settings.calib_samples or recipe.calibration.num_prompts), example)
 
@@ -166,7 +190,7 @@ def _quantized_row(job: _Job, kind: str, reference_io, failed: dict[str, str]) -
     t = time.time()
     den = copy.deepcopy(job.fp)
     try:
-        den.model, label = _quantize(job.backend, kind, den, job.recipe, job.plan, job.forward_loop_for(den, kind),
+        den.model, label = _quantize(job.backend, kind, den, job.recipe, job.plans, job.forward_loop_for(den, kind),
                                      job.settings)
     except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is reported, not fatal
         if kind != "baseline":
@@ -190,9 +214,12 @@ def _score(job: _Job, rows: list[RowResult], flops: dict[str, int]) -> list[str]
     classifier, mnist = load_classifier(job.settings.device), mnist_test_feature_stats()
     fp_scores = score_images(rows[0].images, rows[0].images, job.labels, classifier)
     changed = [n for n in sorted(job.plan.quantized_layers()) if not job.plan[n].is_plain]
-    if rows[-1].quantized_layers != set(job.plan.quantized_layers()):  # the contract, checked where it is reported
-        diff = sorted(rows[-1].quantized_layers ^ set(job.plan.quantized_layers()))
-        raise SegQuantError(f"backend {job.settings.backend} quantized other layers than the applied plan: {diff[:5]}")
+    for row in rows:  # the contract, checked where it is reported
+        planned = job.plans.get(row.kind)
+        if planned is not None and row.quantized_layers != set(planned.quantized_layers()):
+            diff = sorted(row.quantized_layers ^ set(planned.quantized_layers()))
+            raise SegQuantError(f"backend {job.settings.backend} quantized other layers than the applied plan of "
+                                f"{row.label}: {diff[:5]}")
     for i, row in enumerate(rows):
         scores = fp_scores if i == 0 else score_images(row.images, rows[0].images, job.labels, classifier)
         row.psnr = scores.psnr
@@ -205,13 +232,15 @@ def _score(job: _Job, rows: list[RowResult], flops: dict[str, int]) -> list[str]
 
 
 def compare_rows(rows: list[RowResult], changed: list[str]) -> dict[str, Any]:
-    """SegQuant (the last row) against every other quantized row: the paired per-image PSNR difference with its
-    95% bootstrap interval, and, per layer SegQuant changes, its SQNR against that row's on the same inputs."""
+    """SegQuant (the ``segquant`` row) against every other quantized row: the paired per-image PSNR difference with
+    its 95% bootstrap interval, and, per layer SegQuant changes, its SQNR against that row's on the same inputs."""
     from .metrics import paired_interval
 
-    seg = rows[-1]
+    seg = next((row for row in rows if row.kind == "segquant"), None)
     out: dict[str, Any] = {}
-    for other in rows[1:-1]:
+    for other in rows[1:] if seg is not None else []:
+        if other is seg:
+            continue
         entry: dict[str, Any] = {"against": other.label, "like_for_like": other.kind == "techniques_off"}
         try:
             interval = paired_interval(seg.psnr, other.psnr)
@@ -225,25 +254,46 @@ def compare_rows(rows: list[RowResult], changed: list[str]) -> dict[str, Any]:
     return out
 
 
+ATTRIBUTION = (("total", "segquant", "baseline"), ("recipe", "techniques_off", "baseline"),
+               ("method", "segquant", "techniques_off"), ("shift", "segquant_shift", "techniques_off"),
+               ("shift_vs_segquant", "segquant_shift", "segquant"))
+"""The attribution parts: (key, row kind, row kind it is measured against)."""
+
+
 def attribute_gain(rows: list[RowResult]) -> dict[str, Any]:
     """Split SegQuant's PSNR gain over the backend's preset into the recipe's part (the same recipe without
-    SegLinear and DualScale against the preset) and the method's part (SegQuant against that row), each a paired
-    per-image difference with its 95% bootstrap interval. Empty when a row is missing or has no interval."""
+    SegQuant's techniques against the preset) and the method's part (SegQuant against that row), and the shift
+    row's gain over the same like-for-like row; each a paired per-image difference with its 95% bootstrap
+    interval. A part whose rows are missing (or have no interval) is left out; empty without total, recipe and
+    method."""
     from .metrics import paired_interval
 
     by_kind = {row.kind: row for row in rows if row.kind}
-    if not all(k in by_kind for k in ROW_KINDS):
-        return {}
-    baseline, off, seg = (by_kind[k] for k in ROW_KINDS)
     parts = {}
-    for key, better, worse in (("total", seg, baseline), ("recipe", off, baseline), ("method", seg, off)):
+    for key, better_kind, worse_kind in ATTRIBUTION:
+        if better_kind not in by_kind or worse_kind not in by_kind:
+            continue
+        better, worse = by_kind[better_kind], by_kind[worse_kind]
         try:
             iv = paired_interval(better.psnr, worse.psnr)
         except SegQuantError:
-            return {}
+            continue
         parts[key] = {"psnr_db_difference": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n,
                       "better": better.label, "worse": worse.label}
-    return parts
+    return parts if all(k in parts for k in ("total", "recipe", "method")) else {}
+
+
+def layer_techniques(plan: SegQuantPlan) -> dict[str, list[str]]:
+    """Per quantized layer that SegQuant changes, the techniques acting on it (``segments``, ``dual_scale``,
+    ``shift``): what ``layers.png`` marks."""
+    out = {}
+    for name in plan.quantized_layers():
+        p = plan[name]
+        found = [t for t, on in (("segments", p.seg_linear), ("dual_scale", p.dual_scale),
+                                 ("shift", p.shift is not None)) if on]
+        if found:
+            out[name] = found
+    return out
 
 
 def run(settings: RunSettings) -> dict[str, Any]:
@@ -271,6 +321,8 @@ def run(settings: RunSettings) -> dict[str, Any]:
         "rows": {row.label: row.summary for row in rows}, "failed_rows": failed,
         "layer_sqnr_db": {row.label: row.layer_sqnr for row in rows[1:]},
         "segquant_changed_layers": changed, "comparisons": comparisons, "attribution": attribution,
+        "techniques": {row_label(kind, job.recipe, settings.backend): layer_techniques(plan)
+                       for kind, plan in job.plans.items() if kind != "techniques_off"},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": torch.cuda.get_device_name() if settings.device.startswith("cuda")
                         else platform.processor() or "cpu", "command": " ".join(sys.argv)},

@@ -32,9 +32,12 @@ def test_run_modelopt_end_to_end(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     rows = list(metrics["rows"])
     assert rows == ["full precision", "ModelOpt INT8_SMOOTHQUANT_CFG",
-                    "mnist-flux/int8_w8a8 without SegLinear and DualScale (modelopt)",
-                    "SegQuant mnist-flux/int8_w8a8 (modelopt)"]
-    fp, preset, off, seg = (metrics["rows"][r] for r in rows)
+                    "mnist-flux/int8_w8a8 without SegLinear, DualScale and shift (modelopt)",
+                    "SegQuant mnist-flux/int8_w8a8 (modelopt)",
+                    "SegQuant mnist-flux/int8_w8a8 with shift instead of DualScale (modelopt)"]
+    fp, preset, off, seg, shift = (metrics["rows"][r] for r in rows)
+    assert off["quantized_linear_flop_fraction"] == shift["quantized_linear_flop_fraction"]
+    assert 20 < shift["psnr_db"] < 80 and metrics["comparisons"][rows[4]]["n"] == 4
     # the like-for-like row quantizes exactly the layers SegQuant quantizes; only the techniques differ
     assert off["quantized_linear_flop_fraction"] == seg["quantized_linear_flop_fraction"]
     like = metrics["comparisons"][rows[2]]
@@ -59,7 +62,39 @@ def test_run_modelopt_end_to_end(tmp_path, capsys):
     assert parts["method"]["psnr_db_difference"] == pytest.approx(like["psnr_db_difference"])
     assert parts["recipe"]["better"] == rows[2] and parts["recipe"]["worse"] == rows[1]
     assert "Where the gain over ModelOpt INT8_SMOOTHQUANT_CFG comes from" in (out / "report.md").read_text()
+    assert parts["shift"]["better"] == rows[4] and parts["shift"]["worse"] == rows[2]
+    assert "With the activation shift in place of DualScale" in (out / "report.md").read_text()
+    techniques = metrics["techniques"]
+    assert techniques[rows[3]]["single_transformer_blocks.0.proj_out"] == ["segments", "dual_scale"]
+    assert "shift" in techniques[rows[4]]["single_transformer_blocks.0.proj_out"]
+    assert not any("dual_scale" in t for t in techniques[rows[4]].values())
     assert capsys.readouterr().out == ""  # -q prints nothing
+
+
+def test_row_plans_and_layer_techniques():
+    from segquant import LinearPlan, SegQuantPlan
+    from segquant.app.run_job import layer_techniques, row_plans
+    from segquant.recipe import Recipe
+
+    analysed = SegQuantPlan({
+        "ff.out": LinearPlan(16, 8, dual_scale=True, activation="gelu"),
+        "attn.proj": LinearPlan(24, 8, in_segments=(8, 16), dual_scale=True, dual_scale_segments=(1,),
+                                activation="gelu"),
+        "norm.linear": LinearPlan(8, 24, out_segments=(8, 8, 8)),
+        "plain": LinearPlan(8, 8)}, model_class="M")
+    recipe = Recipe(name="m/int8_w8a8", model_class="M", config="c", precision="int8_w8a8")
+    plans = row_plans(recipe, analysed)
+    assert set(plans) == {"techniques_off", "segquant", "segquant_shift"}
+    assert all(p.is_plain for p in plans["techniques_off"].layers.values())
+    shifted = plans["segquant_shift"]
+    assert shifted["ff.out"].shift == "per_tensor" and not shifted["ff.out"].dual_scale
+    assert shifted["attn.proj"].shift_segments == (1,) and shifted["norm.linear"] == plans["segquant"]["norm.linear"]
+    assert layer_techniques(plans["segquant"]) == {"ff.out": ["dual_scale"], "attn.proj": ["segments", "dual_scale"],
+                                                   "norm.linear": ["segments"]}
+    assert layer_techniques(shifted)["attn.proj"] == ["segments", "shift"]
+    import dataclasses
+    already = dataclasses.replace(recipe, shift="per_channel", dual_scale=False)
+    assert "segquant_shift" not in row_plans(already, analysed)  # the recipe's own plan is the shift row
 
 
 def test_run_torchao_on_the_unet(tmp_path):
