@@ -54,7 +54,7 @@ class CalibrationSettings:
         parse(CalibrationFile, dataclasses.asdict(self), "calibration settings")
 
 
-_BOOL_KEYS = ("seg_linear", "dual_scale")
+_BOOL_KEYS = ("seg_linear", "dual_scale", "alpha_search")
 _STR_KEYS = ("name", "model_class", "config", "precision", "realisation", "choose")
 
 
@@ -76,6 +76,8 @@ class Recipe:
         choose: ``fixed`` (every activation-fed layer gets what the recipe says) or ``auto`` (``segquant.choose``
             keeps, per layer, the best of plain / shift / DualScale / both that the recipe enables, from measured
             output error and GEMM cost; it needs calibration data, so jobs run it before quantizing).
+        alpha_search: per layer, the SmoothQuant alpha of the grid 0..1 step 0.1 with the smallest output error on
+            calibration data (``segquant.choose.search_alpha``), instead of ``smoothquant_alpha`` everywhere.
         calibration: ``CalibrationSettings``.
     """
 
@@ -91,6 +93,7 @@ class Recipe:
     dual_scale: bool = True
     shift: str | None = None
     choose: str = "fixed"
+    alpha_search: bool = False
     calibration: CalibrationSettings = CalibrationSettings()
 
     def __post_init__(self) -> None:

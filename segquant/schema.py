@@ -112,6 +112,7 @@ class RecipeFile(_Schema):
     dual_scale: bool = True
     shift: Literal[SHIFTS] | None = None
     choose: Literal[CHOICES] = "fixed"
+    alpha_search: bool = False
     calibration: CalibrationFile = CalibrationFile()
 
 

@@ -217,6 +217,18 @@ def tensorrt_ready(plan: SegQuantPlan, options: QuantizeOptions) -> tuple[SegQua
             [note] if changes else [])
 
 
+def per_layer_choices(model: nn.Module, plan: SegQuantPlan, recipe: Recipe,
+                      forward_loop: Any) -> tuple[SegQuantPlan, list[str]]:
+    """The recipe's ``alpha_search`` and ``choose: auto`` on its applied plan, from one pass of the calibration loop
+    over the float model (``segquant.choose``); returns the plan and a note per step."""
+    from segquant.choose import apply_choices, capture_from_loop
+
+    logger.info("measuring per-layer choices of %s on the calibration inputs", recipe.name)
+    inputs = capture_from_loop(model, forward_loop, plan.quantized_layers())
+    return apply_choices(model, plan, inputs, recipe.choose, recipe.alpha_search, recipe.smoothquant_alpha,
+                         recipe.realisation)
+
+
 def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, name: str, plan: SegQuantPlan,
                    recipe: Recipe, forward_loop: Any) -> tuple[SegQuantPlan, list[Path], list[str]]:
     """Quantize, save, optionally export and write the manifest last, all inside ``stage``; returns the plan
@@ -227,10 +239,13 @@ def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, n
         # no bar per batch from the backend: the job's bar over the prompts is the one of this step
         options = recipe.quantize_options(False, job.keep_degenerate)
         notes: list[str] = []
+        if recipe.choose == "auto" or recipe.alpha_search:
+            plan, notes = per_layer_choices(denoiser, plan, recipe, forward_loop)
         if job.onnx and job.onnx_mode == "tensorrt":
-            plan, options, notes = tensorrt_ready(plan, options)
-            for note in notes:
-                logger.info(note)
+            plan, options, trt_notes = tensorrt_ready(plan, options)
+            notes += trt_notes
+        for note in notes:
+            logger.info(note)
         quantized, files = backend.quantize_and_save(denoiser, plan, options, forward_loop, stage, name)
     finally:
         handle.remove()

@@ -109,6 +109,7 @@ def markdown(metrics: dict[str, Any]) -> str:
               f"{metrics.get('plan', '-')}. SegQuant changes {len(metrics['segquant_changed_layers'])} of the layers it "
               "quantizes (input/output segments, DualScale or shift); their per-layer SQNR is in `layers.png` and "
               "`metrics.json`.", "",
+              *[f"- {note}" for note in metrics.get("notes", [])], *([""] if metrics.get("notes") else []),
               *comparison_lines(metrics), "![grid](grid.png)", "", "![layers](layers.png)", ""]
     return "\n".join(lines)
 

@@ -146,6 +146,7 @@ class _Job:
     labels: torch.Tensor
     calib_labels: torch.Tensor
     example: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def plan(self) -> SegQuantPlan:
@@ -178,9 +179,26 @@ def _prepare(settings: RunSettings) -> _Job:
     plans = row_plans(recipe, analyze(fp.model, **example))  # analysed once; the rows quantize these plans
     for plan in plans.values():
         check_supported(backend, plan)
-    return _Job(settings, fp, recipe, plans, backend, settings.steps or recipe.calibration.steps,
-                sample_labels(settings.num_samples),
-                sample_labels(settings.calib_samples or recipe.calibration.num_prompts), example)
+    job = _Job(settings, fp, recipe, plans, backend, settings.steps or recipe.calibration.steps,
+               sample_labels(settings.num_samples),
+               sample_labels(settings.calib_samples or recipe.calibration.num_prompts), example)
+    if recipe.choose == "auto" or recipe.alpha_search:
+        job.plans, job.notes = _per_layer_choices(job)
+    return job
+
+
+def _per_layer_choices(job: _Job) -> tuple[dict[str, SegQuantPlan], list[str]]:
+    """The recipe's alpha search and per-layer technique choice on every row's plan, from one calibration pass."""
+    from segquant.choose import apply_choices, capture_from_loop
+
+    names = set().union(*(p.quantized_layers() for p in job.plans.values()))
+    inputs = capture_from_loop(job.fp.model, job.forward_loop_for(job.fp, "per-layer choices"), names)
+    plans, notes = {}, []
+    for kind, plan in job.plans.items():
+        plans[kind], row_notes = apply_choices(job.fp.model, plan, inputs, job.recipe.choose, job.recipe.alpha_search,
+                                               job.recipe.smoothquant_alpha, job.recipe.realisation)
+        notes += [f"{row_label(kind, job.recipe, job.settings.backend)}: {n}" for n in row_notes]
+    return plans, notes
 
 
 def _quantized_row(job: _Job, kind: str, reference_io, failed: dict[str, str]) -> RowResult | None:
@@ -317,7 +335,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     attribution = attribute_gain(rows)
     metrics = {
         "settings": asdict(settings), "recipe": job.recipe.name, "model_class": type(job.fp.model).__name__,
-        "steps": job.steps, "calib_samples": len(job.calib_labels), "plan": job.plan.summary(),
+        "steps": job.steps, "calib_samples": len(job.calib_labels), "plan": job.plan.summary(), "notes": job.notes,
         "rows": {row.label: row.summary for row in rows}, "failed_rows": failed,
         "layer_sqnr_db": {row.label: row.layer_sqnr for row in rows[1:]},
         "segquant_changed_layers": changed, "comparisons": comparisons, "attribution": attribution,
