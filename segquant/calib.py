@@ -122,12 +122,19 @@ def check_calibration(observers: Mapping[str, SegmentAmaxObserver], keep_degener
         keep_degenerate: return the unreached and zero-range layers (to be kept in high precision) instead of
             raising; data without variation is refused either way.
 
+    Inside a ``torch.distributed`` process group (calibration sharded over ranks), the observers are first merged
+    across the ranks (``segquant.distributed.merge_observers``, exact), so every rank checks and quantizes from
+    what one process would have seen over all the shards.
+
     Returns:
         The layers to keep in high precision (empty unless ``keep_degenerate``).
 
     Raises:
         SegQuantError: naming the layers, with what to do.
     """
+    from .distributed import merge_observers  # distributed imports this module
+
+    merge_observers(observers)
     unreached = [name for name, obs in observers.items() if obs.batches == 0]
     zero = {}
     for name, obs in observers.items():
