@@ -8,8 +8,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .distributed import merge_observers
 from .errors import SegQuantError
-from .numerics import ActivationStats, reduce_segments, shifted_ranges, smoothquant_factors
+from .numerics import ActivationStats, reduce_segments, shifted_ranges, smooth_input, smoothing_factors
+from .options import DEFAULT_SCALE_FORM
 from .plan import LinearPlan
 
 logger = logging.getLogger(__name__)
@@ -75,12 +77,17 @@ class SegmentAmaxObserver:
                                 "loop over at least one batch that uses it")
         return self.channels
 
-    def stats(self, scale: Tensor | None = None) -> ActivationStats:
-        """Per-segment ranges, of ``x * scale`` when a positive per-channel ``scale`` is given (smoothing); with
-        a shift, the ranges of ``x * scale - c`` and the centres ``c`` (``segquant.numerics.shifted_ranges``)."""
+    def stats(self, scale: Tensor | None = None, form: str = DEFAULT_SCALE_FORM) -> ActivationStats:
+        """Per-segment ranges, of ``x * scale`` when a positive per-channel ``scale`` is given (smoothing; ``x /
+        scale`` in the ``reciprocal`` form); with a shift, the ranges of the smoothed ``x - c`` and the centres
+        ``c`` (``segquant.numerics.shifted_ranges``)."""
         ch = self.channel_stats()
-        scale = torch.ones_like(ch.amax) if scale is None else scale.to(ch.amax.device).float()
-        ch = ActivationStats(ch.amax * scale, ch.pos_amax * scale, ch.neg_amax * scale)
+        if scale is not None and form != DEFAULT_SCALE_FORM:
+            ch = ActivationStats(*(smooth_input(t, scale.to(t.device), form) for t in (ch.amax, ch.pos_amax,
+                                                                                          ch.neg_amax)))
+        else:
+            scale = torch.ones_like(ch.amax) if scale is None else scale.to(ch.amax.device).float()
+            ch = ActivationStats(ch.amax * scale, ch.pos_amax * scale, ch.neg_amax * scale)
         if self.shift is not None:
             ch = shifted_ranges(ch, self.segments, self.shift_segments, self.shift)
         per_segment = (reduce_segments(t, self.segments) for t in (ch.amax, ch.pos_amax, ch.neg_amax))
@@ -92,8 +99,8 @@ def layer_alpha(layer: LinearPlan | None, alpha: float | None) -> float | None:
     return alpha if layer is None or layer.smoothquant_alpha is None else layer.smoothquant_alpha
 
 
-def static_calibration(observer: SegmentAmaxObserver, weight: Tensor,
-                       alpha: float | None) -> tuple[ActivationStats, Tensor | None]:
+def static_calibration(observer: SegmentAmaxObserver, weight: Tensor, alpha: float | None,
+                       form: str = DEFAULT_SCALE_FORM) -> tuple[ActivationStats, Tensor | None]:
     """What a static layer needs from calibration: per-segment ranges of the (smoothed) input and the
     SmoothQuant factors (``None`` without smoothing). Both backends quantize from exactly this.
 
@@ -101,11 +108,13 @@ def static_calibration(observer: SegmentAmaxObserver, weight: Tensor,
         observer: the layer's observer after the calibration batches.
         weight: ``(N, K)`` float weight of the layer (SmoothQuant balances against it).
         alpha: SmoothQuant alpha, or None.
+        form: ``step`` (factors multiply the input) or ``reciprocal`` (divisors, the reference code's).
+            Per-segment smoothing: ``segquant.segment_smoothing.segment_calibration``.
     """
     if alpha is None:
         return observer.stats(), None
-    smooth = smoothquant_factors(weight, observer.channel_stats().amax, alpha)
-    return observer.stats(smooth), smooth
+    smooth = smoothing_factors(weight, observer.channel_stats().amax, alpha, form)
+    return observer.stats(smooth, form), smooth
 
 
 def check_calibration(observers: Mapping[str, SegmentAmaxObserver], keep_degenerate: bool = False) -> list[str]:
@@ -132,8 +141,6 @@ def check_calibration(observers: Mapping[str, SegmentAmaxObserver], keep_degener
     Raises:
         SegQuantError: naming the layers, with what to do.
     """
-    from .distributed import merge_observers  # distributed imports this module
-
     merge_observers(observers)
     unreached = [name for name, obs in observers.items() if obs.batches == 0]
     zero = {}

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .calib import SegmentAmaxObserver, layer_alpha, static_calibration
 from .cost import CostModel
+from .distributed import gather_rows
 from .errors import SegQuantError
 from .numerics import QuantSpec, reference_linear, sqnr_db
 from .plan import LinearPlan, SegQuantPlan
@@ -205,7 +206,7 @@ def capture_from_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]
                       rows_per_call: int = 256, max_rows: int = 4096) -> dict[str, Tensor]:
     """Inputs of the named Linears while ``forward_loop(model)`` runs (the calibration loop a backend takes):
     at most ``rows_per_call`` evenly spaced rows per call and ``max_rows`` in all, on the CPU (a FLUX-size model
-    over 50 steps would otherwise hold gigabytes)."""
+    over 50 steps would otherwise hold gigabytes). In a process group, every rank's rows, gathered in rank order."""
     def rows(x: Tensor, limit: int) -> Tensor:
         flat = x.detach().reshape(-1, x.shape[-1])
         if flat.shape[0] > limit:
@@ -214,7 +215,8 @@ def capture_from_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]
 
     with record_linears(model, names, transform=lambda x: rows(x, rows_per_call)) as rec, torch.no_grad():
         forward_loop(model)
-    return {n: rows(torch.cat(parts), max_rows) for n, parts in rec.inputs.items() if parts}
+    local = {n: torch.cat(parts) for n, parts in rec.inputs.items() if parts}
+    return {n: rows(x, max_rows) for n, x in gather_rows(local).items()}  # every rank's, under torch.distributed
 
 
 def apply_choices(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Tensor], choose: str = "fixed",

@@ -13,14 +13,16 @@ Example (``torchrun --nproc-per-node 2 calibrate.py``):
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
-from .calib import SegmentAmaxObserver
 from .errors import SegQuantError
 from .numerics import ActivationStats
+
+if TYPE_CHECKING:  # calib calls merge_observers: no import of it at run time
+    from .calib import SegmentAmaxObserver
 
 T = TypeVar("T")
 
@@ -123,3 +125,14 @@ def _check_same(values: Tensor, what: str) -> None:
     if not same:
         raise SegQuantError(f"the ranks disagree on {what}: every rank must quantize the same model with the same "
                             "plan (analyse once, broadcast or load the same plan.json)")
+
+
+def gather_rows(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every rank's ``{layer: (rows, K)}`` CPU tensors concatenated in rank order, on every rank (a collective), so
+    that choices made from them (``segquant.choose``) are the same on every rank; ``inputs`` outside a group."""
+    if not is_distributed():
+        return dict(inputs)
+    parts: list[dict[str, Tensor] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, {n: t.cpu() for n, t in inputs.items()})
+    names = sorted({n for part in parts for n in (part or {})})
+    return {n: torch.cat([part[n] for part in parts if part and n in part]) for n in names}

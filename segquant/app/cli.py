@@ -101,12 +101,30 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parallel(args: argparse.Namespace, command) -> int:
+    """``command(args)`` in this process, or (``--num-gpus N > 1``, not yet launched) relaunched in N processes;
+    inside a launched job, in its process group with this rank's device."""
+    from .parallel import check_num_processes, launched, process_group, relaunch
+
+    check_num_processes(args.num_gpus, args.device)
+    if args.num_gpus > 1 and not launched():
+        return relaunch(args.num_gpus, sys.argv[1:] if args.argv is None else args.argv)
+    with process_group(args.device) as device:
+        args.device = device
+        return command(args)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
+    return _parallel(args, _quantize)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .parallel import is_main
     from .quantize_job import job_from_args, quantize_pipeline
 
     args.no_progress = args.no_progress or args.quiet  # --no-progress: the option before -q, kept
     result = quantize_pipeline(job_from_args(args))
-    if args.quiet:
+    if args.quiet or not is_main():
         return 0
     print(result.plan)  # the applied plan: what the backend quantized
     print(f"quantized {args.model} with {result.recipe.name} ({args.backend}); plan: {result.plan.summary()}")
@@ -119,13 +137,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    return _parallel(args, _run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .parallel import is_main
     from .run_job import RunSettings, run
 
     settings = RunSettings(model=args.model, backend=args.backend, recipe=args.recipe, num_samples=args.num_samples,
                            calib_samples=args.calib_samples, steps=args.steps, out=args.out, device=args.device,
                            seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
     metrics = run(settings)
-    if not args.quiet:
+    if not args.quiet and is_main():
         for label, row in metrics["rows"].items():
             print(f"{label:60s} PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  "
                   f"class accuracy {row['class_accuracy']:.3f}")
@@ -189,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "on a prompt file, quantize the denoiser with the backend and recipe, save a checkpoint "
                        "that segquant.app.load_quantized loads back, optionally export ONNX.")
     add_job_arguments(q)
+    add_num_gpus(q)
     q.set_defaults(func=cmd_quantize)
 
     _add_run(sub.add_parser("run", parents=[verbosity], help="the main job: quantize an embedded MNIST model "
@@ -217,7 +241,14 @@ def _add_run(r: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, default=0, help="noise seed of the evaluated images")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an earlier "
                    "segquant run report")
+    add_num_gpus(r)
     r.set_defaults(func=cmd_run)
+
+
+def add_num_gpus(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-gpus", type=int, default=1, help="run in N processes, one per GPU (gloo processes "
+                        "with --device cpu): calibration and evaluation batches sharded, statistics merged exactly, "
+                        "rank 0 writes (default 1)")
 
 
 def _verbosity_options(subcommand: bool) -> argparse.ArgumentParser:
@@ -247,6 +278,7 @@ def version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     if args.quiet and args.verbose:
         parser.error("-q/--quiet and -v/--verbose: give one of them")
     try:

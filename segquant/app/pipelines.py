@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from segquant.distributed import shard
 from segquant.errors import SegQuantError
 from segquant.model_configs import bundled_configs
 from segquant.recipe import CalibrationSettings, bundled_recipes, load_recipe
@@ -287,13 +288,15 @@ def call_kwargs(pipe: Any, settings: CalibrationSettings) -> dict[str, Any]:
 def calibration_loop(pipe: Any, prompts: list[str], settings: CalibrationSettings, seed: int = 0,
                      show_progress: bool = True) -> Callable[[nn.Module], None]:
     """A ``forward_loop(denoiser)`` that runs the pipeline on every prompt (one fixed seed per prompt),
-    so that every sampling step's denoiser input is a calibration batch. Images are not decoded."""
+    so that every sampling step's denoiser input is a calibration batch. Images are not decoded. In a process
+    group (``--num-gpus``) each rank runs its share of the prompts; the backends merge the statistics."""
     kwargs = call_kwargs(pipe, settings)
     pipe.set_progress_bar_config(disable=True)  # one bar: over the prompts, none inside per sampling step
 
     def forward_loop(denoiser: nn.Module) -> None:
+        mine = shard(list(enumerate(prompts)))  # under --num-gpus: this rank's prompts, each with its own seed
         with torch.no_grad():
-            for i, prompt in enumerate(progress(prompts, "calibration prompts", "prompt", show_progress)):
+            for i, prompt in progress(mine, "calibration prompts", "prompt", show_progress):
                 generator = torch.Generator(pipe.device).manual_seed(seed + i)
                 pipe(prompt, generator=generator, output_type="latent", **kwargs)
 

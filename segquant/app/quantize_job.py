@@ -34,6 +34,7 @@ from segquant.recipe import PRECISIONS, CalibrationSettings, Recipe, load_recipe
 from .console import Progress
 from .extras import require
 from .outputs import check_output_folder, staged_output
+from .parallel import is_main
 from .pipelines import (DTYPES, calibration_loop, check_device, check_model_folder, denoiser_name, family_of,
                         load_component, load_pipeline, read_prompts)
 
@@ -180,8 +181,9 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
     if job.onnx:
         require("onnx", "segquant quantize --onnx")
     backend = _check_backend(job)
+    main = is_main()  # under --num-gpus every rank calibrates its prompts, rank 0 writes
     out = check_output_folder(job.out, [p for p in (job.model, job.prompts, job.recipe) if p], COMMAND,
-                              job.overwrite)
+                              job.overwrite) if main else None
     prompts = read_prompts(job.prompts)
     given = load_recipe(job.recipe) if job.recipe is not None else None  # every input checked before loading
     check_model_folder(job.model)
@@ -198,9 +200,39 @@ def quantize_pipeline(job: QuantizeJob) -> QuantizeResult:
     prompts = prompts[:settings.num_prompts]
     logger.info("calibrating %s (%s) on %d prompts x %d steps", recipe.name, job.backend, len(prompts), settings.steps)
     forward_loop = calibration_loop(pipe, prompts, settings, job.seed, job.show_progress)
+    if not main:
+        plan, notes = _quantize_only(job, backend, pipe, name, plan, recipe, forward_loop)
+        return QuantizeResult(pipe, recipe, settings, plan, [], notes)
     with staged_output(out, COMMAND) as stage:  # the old checkpoint stays until the new one is complete
         plan, files, notes = _quantize_into(stage, job, backend, pipe, name, plan, recipe, forward_loop)
     return QuantizeResult(pipe, recipe, settings, plan, [out / f.relative_to(stage) for f in files], notes)
+
+
+def _prepare_plan(job: QuantizeJob, denoiser: nn.Module, plan: SegQuantPlan, recipe: Recipe,
+                  forward_loop: Any) -> tuple[SegQuantPlan, QuantizeOptions, list[str]]:
+    """The plan and options the backend quantizes with: the recipe's per-layer choices, then (ONNX for TensorRT)
+    ``tensorrt_ready``; and the notes of both."""
+    # no bar per batch from the backend: the job's bar over the prompts is the one of this step
+    options = recipe.quantize_options(False, job.keep_degenerate)
+    notes: list[str] = []
+    if recipe.choose == "auto" or recipe.alpha_search:
+        plan, notes = per_layer_choices(denoiser, plan, recipe, forward_loop)
+    if job.onnx and job.onnx_mode == "tensorrt":
+        plan, options, trt_notes = tensorrt_ready(plan, options)
+        notes += trt_notes
+    for note in notes:
+        logger.info(note)
+    return plan, options, notes
+
+
+def _quantize_only(job: QuantizeJob, backend: Backend, pipe: Any, name: str, plan: SegQuantPlan, recipe: Recipe,
+                   forward_loop: Any) -> tuple[SegQuantPlan, list[str]]:
+    """A rank other than 0 under --num-gpus: the same calibration (its prompts; statistics merged inside the
+    backend) and quantization, nothing written."""
+    denoiser = getattr(pipe, name)
+    plan, options, notes = _prepare_plan(job, denoiser, plan, recipe, forward_loop)
+    setattr(pipe, name, backend.quantize(denoiser, plan, options, forward_loop))
+    return plan, notes
 
 
 def tensorrt_ready(plan: SegQuantPlan, options: QuantizeOptions) -> tuple[SegQuantPlan, QuantizeOptions, list[str]]:
@@ -236,16 +268,7 @@ def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, n
     denoiser = getattr(pipe, name)
     inputs, handle = _call_capture(denoiser)
     try:
-        # no bar per batch from the backend: the job's bar over the prompts is the one of this step
-        options = recipe.quantize_options(False, job.keep_degenerate)
-        notes: list[str] = []
-        if recipe.choose == "auto" or recipe.alpha_search:
-            plan, notes = per_layer_choices(denoiser, plan, recipe, forward_loop)
-        if job.onnx and job.onnx_mode == "tensorrt":
-            plan, options, trt_notes = tensorrt_ready(plan, options)
-            notes += trt_notes
-        for note in notes:
-            logger.info(note)
+        plan, options, notes = _prepare_plan(job, denoiser, plan, recipe, forward_loop)
         quantized, files = backend.quantize_and_save(denoiser, plan, options, forward_loop, stage, name)
     finally:
         handle.remove()

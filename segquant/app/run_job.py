@@ -20,6 +20,7 @@ from segquant.recipe import PRECISIONS, Recipe, load_recipe
 
 from .extras import require
 from .outputs import check_output_folder, staged_output
+from .parallel import is_main
 from .pipelines import check_device
 from .quantize_job import DEFAULT_BACKEND
 
@@ -320,7 +321,8 @@ def run(settings: RunSettings) -> dict[str, Any]:
     from .report import write_report
 
     require("run", "segquant run")
-    out = check_output_folder(settings.out, [settings.model], COMMAND, settings.overwrite)
+    main = is_main()  # under --num-gpus every rank computes, rank 0 writes
+    out = check_output_folder(settings.out, [settings.model], COMMAND, settings.overwrite) if main else None
     start = time.time()
     job = _prepare(settings)
     reference_io = record_linear_io(job.fp.model, lambda: job.fp.model(**job.example))
@@ -346,6 +348,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
                         else platform.processor() or "cpu", "command": " ".join(sys.argv)},
         "seconds": time.time() - start,
     }
-    with staged_output(out, COMMAND) as stage:  # an earlier report stays until the new one is complete
-        write_report(stage, metrics, rows)
+    if main:
+        with staged_output(out, COMMAND) as stage:  # an earlier report stays until the new one is complete
+            write_report(stage, metrics, rows)
     return metrics

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from segquant.distributed import shard
 from segquant.errors import SegQuantError
 
 from ..console import Progress
+from ..parallel import gather_ordered
 from .models import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, Denoiser
 
 
@@ -26,7 +28,9 @@ def sample(denoiser: Denoiser, labels: torch.Tensor, *, seed: int = 0, steps: in
            guidance_scale: float = 1.0, batch_size: int = 64, progress: bool = True,
            desc: str = "sampling") -> torch.Tensor:
     """Images (N, 1, 32, 32) in [-1, 1] for class ``labels`` (N,), integrating dx/dt = v from t=1 (noise of
-    ``seed``) to t=0 in ``steps`` Euler steps. ``guidance_scale`` > 1 adds classifier-free guidance."""
+    ``seed``) to t=0 in ``steps`` Euler steps. ``guidance_scale`` > 1 adds classifier-free guidance. In a
+    process group (``--num-gpus``) each rank samples its share of the batches (the same batches one process would)
+    and every rank returns all images."""
     if labels.ndim != 1 or labels.numel() == 0:
         raise SegQuantError(f"labels must be a non-empty 1-d tensor of class ids, got shape {tuple(labels.shape)}")
     if int(labels.min()) < 0 or int(labels.max()) > NULL_CLASS:
@@ -36,8 +40,8 @@ def sample(denoiser: Denoiser, labels: torch.Tensor, *, seed: int = 0, steps: in
     device = next(denoiser.model.parameters()).device
     noise = fixed_noise(labels.numel(), seed)
     times = torch.linspace(1.0, 0.0, steps + 1)
-    out = []
-    starts = range(0, labels.numel(), batch_size)
+    out = {}
+    starts = shard(range(0, labels.numel(), batch_size))  # under --num-gpus: this rank's batches, as they are
     with Progress(desc, total=len(starts) * steps, unit="step", enabled=progress) as bar:
         for start in starts:
             x = noise[start:start + batch_size].to(device)
@@ -50,5 +54,5 @@ def sample(denoiser: Denoiser, labels: torch.Tensor, *, seed: int = 0, steps: in
                     v = v_null + guidance_scale * (v - v_null)
                 x = x + (t_next - t) * v
                 bar.update(1)
-            out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out)
+            out[start] = x.clamp(-1, 1).cpu()
+    return torch.cat(gather_ordered(out))  # every rank gets every image, in order
