@@ -6,8 +6,12 @@ timeout each and appends one JSON line per variant to DIR/speed.jsonl as soon as
 Variants: bf16; torchao fp8 per-row dynamic; torchao int8 dynamic; SegQuant fp8/int8 static/dynamic (segments +
 DualScale; fused Triton DualScale GEMM, Triton int8 GEMM, cuBLAS fp8), SegQuant fp8 cost-aware (``segquant.cost``
 at ``--threshold``). A SegQuant name takes ``_nodual`` (the plan without DualScale) and/or ``_naive`` (torch's
-GEMMs, DualScale with M doubled), e.g. ``segquant_fp8_static_nodual``. The variants of one run share one plan
-(cached in DIR) and are grouped by run in the report.
+GEMMs, DualScale with M doubled), e.g. ``segquant_fp8_static_nodual``; a static one also ``_shift`` (the activation
+shift instead of DualScale on the same inputs: ``plan.with_shift("per_tensor", keep_dual_scale=False)``; one plain
+GEMM per layer, its twin without the shift is ``_nodual``). ``segquant_{fp8,int8}_static_plain`` (no segments, no
+DualScale: the real kernels of ModelOpt's presets, which deploy through TensorRT) and ``..._plain_asshipped`` (also
+every *proj_out* in bf16, as those presets ship). The variants of one run share one plan (cached in DIR)
+and are grouped by run in the report.
 Layers that run with M = batch (adaLN modulation, time/guidance embedders) stay bf16 in every quantized
 variant (``--quantize-small`` quantizes them too): they are memory-bound and torchao int8 rejects M = 1.
 
@@ -37,10 +41,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BASE_VARIANTS = ("bf16", "torchao_fp8_rowwise", "torchao_int8_dynamic", "segquant_fp8_static", "segquant_fp8_dynamic",
                  "segquant_int8_static", "segquant_int8_dynamic", "segquant_fp8_costaware")
-# SegQuant variants take "_nodual" (plan without DualScale) and/or "_naive" (torch GEMMs, M-doubled DualScale)
+# SegQuant variants take "_nodual" (plan without DualScale) and/or "_naive" (torch GEMMs, M-doubled DualScale);
+# static ones "_shift" (the activation shift instead of DualScale; its no-shift twin is "_nodual")
 VARIANTS = BASE_VARIANTS + tuple(
     f"{base}{suffix}" for base in BASE_VARIANTS if base.startswith("segquant")
-    for suffix in (("_naive",) if base.endswith("costaware") else ("_nodual", "_naive", "_nodual_naive")))
+    for suffix in (("_naive",) if base.endswith("costaware") else ("_nodual", "_naive", "_nodual_naive")
+                   + (("_shift", "_shift_naive") if base.endswith("_static") else ())))
+SHIFT = "per_tensor"  # the "_shift" variants' shift (SPEC section 3: one centre per input segment)
+# "_plain" (static per-tensor activations, no segments, no DualScale): the real kernels of what ModelOpt's INT8/FP8
+# presets compute (they deploy through TensorRT, not timed here); "_plain_asshipped" also keeps every *proj_out*
+# in bf16, as those presets do ("*proj_out.*" disabled). benchmarks/quality_speed.py times the presets as these.
+VARIANTS += tuple(f"segquant_{p}_static_plain{s}" for p in ("fp8", "int8") for s in ("", "_asshipped"))
+AS_SHIPPED_SKIP = ["*proj_out"]
 SMALL_M = ["*norm1.linear", "*norm1_context.linear", "*.norm.linear", "norm_out.linear", "time_text_embed.*"]
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512
 DEVICE = "cuda"  # the CPU smoke test (--cpu-smoke) swaps in "cpu" and a tiny config
@@ -112,14 +124,31 @@ def small_layer(fqn: str) -> bool:
     return any(fnmatch.fnmatchcase(fqn, g) for g in SMALL_M)
 
 
-def parse_variant(variant: str) -> tuple[str, bool, str]:
-    """``segquant_fp8_static_nodual_naive`` -> ``("segquant_fp8_static", False, "naive")``."""
+def parse_variant(variant: str) -> tuple[str, bool, str, bool]:
+    """``segquant_fp8_static_nodual_naive`` -> ``("segquant_fp8_static", False, "naive", False)``;
+    ``segquant_int8_static_shift`` -> ``("segquant_int8_static", False, "fused", True)`` (the shift replaces
+    DualScale)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     kernel = "naive" if variant.endswith("_naive") else "fused"
     base = variant.removesuffix("_naive")
-    dual = not base.endswith("_nodual")
-    return base.removesuffix("_nodual"), dual, kernel
+    if "_plain" in base:  # no segments, no DualScale, no shift
+        return base[:base.index("_plain")], False, kernel, False
+    shift = base.endswith("_shift")
+    base = base.removesuffix("_shift")
+    dual = not base.endswith("_nodual") and not shift
+    return base.removesuffix("_nodual"), dual, kernel, shift
+
+
+def variant_plan(plan, variant: str):
+    """The analysed plan as ``variant`` quantizes it: without DualScale (``_nodual``), or with the activation
+    shift in its place on the same inputs (``_shift``)."""
+    _, dual, _, shift = parse_variant(variant)
+    if "_plain" in variant:
+        return plan.ablate(seg_linear=False, dual_scale=False)
+    if shift:
+        return plan.with_shift(SHIFT, keep_dual_scale=False)
+    return plan if dual else plan.ablate(dual_scale=False)
 
 
 def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
@@ -149,11 +178,13 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
         plan = segquant.analyze(meta, **segquant.example_inputs(meta))
         notes["analyze_s"] = round(time.perf_counter() - start, 1)
         plan.save(cache)
-    base, dual, kernel = parse_variant(variant)
+    base, _, kernel, _ = parse_variant(variant)
     precision = "int8" if "int8" in base else "fp8"
-    if not dual:
-        plan = plan.ablate(dual_scale=False)
+    plan = variant_plan(plan, variant)
     skip = [] if args.quantize_small else [g for g in SMALL_M if plan.matching(g)]
+    if variant.endswith("_asshipped"):
+        skip += [g for g in AS_SHIPPED_SKIP if plan.matching(g)]
+        notes["proj_out_bf16"] = sum(len(plan.matching(g)) for g in AS_SHIPPED_SKIP)
     # static input segments folded into the weight: one GEMM per layer (the exact split_k runs one per segment)
     common = dict(precision=precision, kernel=kernel, skip=skip, realisation="folded")
     if base == "segquant_fp8_costaware":
@@ -168,6 +199,8 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
                                           calibration=calibration_from(model), **common))
     notes["plan"] = plan.summary()
     notes["dual_scale_layers"] = sum(1 for n in plan.dual_scaled() if n not in skip and not small_layer(n))
+    if plan.shifted():
+        notes["shift_layers"] = sum(1 for n in plan.shifted() if n not in skip and not small_layer(n))
     return notes
 
 
@@ -250,7 +283,8 @@ def run_variant(variant: str, args) -> dict:
             record["profile"] = profile_call(fn, inputs)
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     record.update(ms_median=round(statistics.median(times), 2), ms_min=round(min(times), 2),
-                  ms_max=round(max(times), 2), iters=args.iters, peak_gb=round(peak / 2 ** 30, 3))
+                  ms_max=round(max(times), 2), iters=args.iters, ms_all=[round(t, 2) for t in times],
+                  peak_gb=round(peak / 2 ** 30, 3))
     ref_name = f"bf16_out_{args.blocks or 'full'}.pt"
     ref_path = (args.ref_dir or args.out) / ref_name
     if variant == "bf16":
@@ -442,8 +476,9 @@ def report(out_dir: Path, command: str) -> None:
             ms = r["ms_median"]
             x_bf16 = f"{base / ms:.3f}" if base else "-"
             x_ao = f"{ao / ms:.3f}" if ao else "-"
-            notes = "; ".join(f"{k}={r[k]}" for k in ("plan", "dual_scale_layers", "quantize_s", "dynamo_graphs")
-                              if k in r)
+            notes = "; ".join(f"{k}={r[k]}" for k in ("plan", "dual_scale_layers", "shift_layers", "proj_out_bf16",
+                                                      "quantize_s",
+                                                      "dynamo_graphs") if k in r)
             lines.append(f"| {r['variant']} | {ms:.1f} | {r['ms_min']:.1f}-{r['ms_max']:.1f} | {x_bf16} | {x_ao} | "
                          f"{r['weight_gb']} | {r['peak_gb']} | {r['compile_s']} | {r.get('sqnr_vs_bf16_db', '-')} | "
                          f"{notes} |")

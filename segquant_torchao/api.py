@@ -24,10 +24,10 @@ from torchao.quantization import FqnToConfig
 from torchao.utils import TorchAOBaseTensor
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER, register_quantize_module_handler
 
-from segquant import PRECISIONS, PlanError, SegQuantError, SegQuantPlan
-from segquant.calib import check_calibration, static_calibration
+from segquant import PRECISIONS, LinearPlan, PlanError, SegQuantError, SegQuantPlan
+from segquant.calib import check_calibration, layer_alpha, static_calibration
 from segquant.numerics import ActivationStats
-from segquant.options import check_choice
+from segquant.options import SHIFTS, check_choice
 from segquant.transaction import ModelSnapshot, model_transaction
 
 from .diffusers_io import attach_quantization_config, is_diffusers_model
@@ -55,10 +55,17 @@ class SegLinearConfig(AOBaseConfig):
         out_segments: N sizes, each with its own weight scale when ``weight_granularity="per_tensor"``.
         dual_scale_segments: indices of input segments quantized with DualScale.
         options: ``SegQuantOptions`` (precision, activation, realisation, ...).
-        step: static only: ``"prepare"`` inserts observers, ``"convert"`` quantizes. Default convert.
-        amax, pos_amax, neg_amax: calibrated ranges per input segment (of the smoothed input when the options
-            smooth); when given, a static convert needs no observers (e.g. inside ``from_pretrained``).
+        step: ``"prepare"`` inserts observers, ``"convert"`` quantizes (default). Static layers, and dynamic
+            ones with a shift (their centres come from calibration).
+        shift: activation shift ``"per_tensor"`` / ``"per_channel"`` on ``shift_segments`` (input segment
+            indices; empty = all), or None (default): the layer quantizes ``x - c`` and its bias becomes
+            ``b + W_hat c``.
+        smoothquant_alpha: this layer's SmoothQuant alpha (the plan's, from an alpha search); None (default) =
+            the options' alpha.
+        amax, pos_amax, neg_amax: calibrated ranges per input segment (of the smoothed, shifted input); when
+            given, a convert needs no observers (e.g. inside ``from_pretrained``).
         smooth: the SmoothQuant factors per input channel that go with them.
+        center: a shifted layer's centres, one per input channel (of the smoothed input).
     """
 
     name: str = ""
@@ -69,39 +76,61 @@ class SegLinearConfig(AOBaseConfig):
     dual_scale_segments: list = field(default_factory=list)
     options: SegQuantOptions = field(default_factory=SegQuantOptions)
     step: str = "convert"
+    shift: str | None = None
+    shift_segments: list = field(default_factory=list)
+    smoothquant_alpha: float | None = None
     amax: list | None = None
     pos_amax: list | None = None
     neg_amax: list | None = None
     smooth: list | None = None
+    center: list | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, SegQuantOptions):
             raise SegQuantError(f"options must be a SegQuantOptions, got {type(self.options).__name__}")
         check_choice(self.step, STEPS, "step")
-        if self.options.activation == "dynamic" and self.step == "prepare":
-            raise SegQuantError("dynamic activation scales need no prepare step; use step='convert'")
+        name = self.name or "<layer>"
+        if self.shift is not None:
+            check_choice(self.shift, SHIFTS, f"{name}: shift")
+        if self.options.activation == "dynamic" and self.step == "prepare" and self.shift is None:
+            raise SegQuantError("dynamic activation scales need no prepare step (only a shifted layer's centres "
+                                "do); use step='convert'")
+        if self.options.activation == "dynamic" and self.smoothquant_alpha is not None:
+            raise SegQuantError(f"{name}: the plan's smoothquant_alpha {self.smoothquant_alpha} needs calibrated "
+                                "static activations; these are dynamic: use a static precision or drop the "
+                                "layer's smoothquant_alpha")
 
     def spec(self) -> SegLinearSpec:
-        return SegLinearSpec(self.name or "<layer>", self.in_features, self.out_features,
-                         tuple(self.in_segments or [self.in_features]),
-                         tuple(self.out_segments or [self.out_features]), tuple(self.dual_scale_segments),
-                         self.options)
+        """The layer's ``SegLinearSpec``; its options carry this layer's SmoothQuant alpha (``layer_alpha``)."""
+        in_segments = tuple(self.in_segments or [self.in_features])
+        alpha = layer_alpha(LinearPlan(self.in_features, self.out_features, smoothquant_alpha=self.smoothquant_alpha),
+                            self.options.smoothquant_alpha)
+        options = self.options if alpha == self.options.smoothquant_alpha else \
+            self.options.replace(smoothquant_alpha=alpha)
+        shift_segments = tuple(self.shift_segments) or tuple(range(len(in_segments)) if self.shift else ())
+        return SegLinearSpec(self.name or "<layer>", self.in_features, self.out_features, in_segments,
+                             tuple(self.out_segments or [self.out_features]), tuple(self.dual_scale_segments),
+                             options, self.shift, shift_segments)
 
     def calibration(self) -> tuple[ActivationStats, torch.Tensor | None] | None:
-        """Calibrated ranges (and SmoothQuant factors) carried by the config, checked against the layer."""
+        """Calibrated ranges (and SmoothQuant factors, shift centres) carried by the config, checked against
+        the layer."""
         given = [k for k in _CALIBRATION_KEYS if getattr(self, k) is not None]
         if not given:
             return None
         if len(given) != 3:
             raise SegQuantError(f"{self.name}: calibration needs amax, pos_amax and neg_amax, got only {given}")
-        stats = ActivationStats(*(torch.tensor(getattr(self, k), dtype=torch.float32) for k in _CALIBRATION_KEYS))
-        stats.check(self.spec().layer())
+        spec = self.spec()
+        center = None if self.center is None else torch.tensor(self.center, dtype=torch.float32)
+        stats = ActivationStats(*(torch.tensor(getattr(self, k), dtype=torch.float32) for k in _CALIBRATION_KEYS),
+                                center=center)
+        stats.check(spec.layer())
         smooth = None if self.smooth is None else torch.tensor(self.smooth, dtype=torch.float32)
-        if (smooth is None) == (self.options.smoothquant_alpha is not None) or \
-                (smooth is not None and smooth.shape != (self.in_features,)):
+        alpha = spec.options.smoothquant_alpha
+        if (smooth is None) == (alpha is not None) or (smooth is not None and smooth.shape != (self.in_features,)):
             raise SegQuantError(f"{self.name}: the calibration's SmoothQuant factors do not fit the options "
-                                f"(alpha {self.options.smoothquant_alpha}, factors "
-                                f"{None if smooth is None else tuple(smooth.shape)}); calibrate again")
+                                f"(alpha {alpha}, factors {None if smooth is None else tuple(smooth.shape)}); "
+                                "calibrate again")
         return stats, smooth
 
 
@@ -154,19 +183,26 @@ def _transform_linear(module: nn.Module, config: SegLinearConfig, parameter_name
     if parameter_name != "weight":
         raise SegQuantError(f"{config.name}: SegQuant quantizes a Linear's weight, not {parameter_name!r}")
     spec = config.spec()
-    if config.options.activation == "static" and config.step == "prepare":
+    if config.step == "prepare":  # static, or a dynamic layer's shift (SegLinearConfig checks which)
         return prepare_linear(module, spec)
-    if config.options.activation == "dynamic":
+    if config.options.activation == "dynamic" and spec.shift is None:
         return _convert(module, spec, None, None)
     carried = config.calibration()
     if carried is not None:
         return _convert(module, spec, *carried)
     if not observed(module):
-        raise SegQuantError(f"{spec.name}: convert before prepare: run quantize_ with step='prepare', "
-                            "calibrate, then step='convert' (or pass calibrated amax in the config)")
+        raise SegQuantError(f"{spec.name}: convert before prepare{_why_calibrate(spec)}: run quantize_ with "
+                            "step='prepare', calibrate, then step='convert' (or pass calibrated amax in the config)")
     stats, smooth = static_calibration(module.segquant_observer, module.weight.detach().float(),
                                        spec.options.smoothquant_alpha)
     return _convert(module, spec, stats, smooth)
+
+
+def _why_calibrate(spec: SegLinearSpec) -> str:
+    """Why a dynamic layer needs calibration: its shift's centres come from it."""
+    if spec.options.activation == "dynamic":
+        return f" (the layer's activation shift, {spec.shift}, takes its centres from calibration)"
+    return ""
 
 
 def _convert(module: nn.Module, spec: SegLinearSpec, stats: ActivationStats | None,
@@ -199,9 +235,15 @@ def _check_model(model: nn.Module, config: SegQuantModelCheck) -> SegQuantPlan:
     modules = dict(model.named_modules())
     for name in plan.quantized_layers():
         check_linear(modules[name], plan[name])
-    if config.options.activation == "static" and config.step == "convert":
-        _check_calibrated(model, plan.quantized_layers(), set(config.calibrated))
+    if config.step == "convert":
+        _check_calibrated(model, _calibrated_layers(plan, config.options), set(config.calibrated),
+                          config.options.activation)
     return plan
+
+
+def _calibrated_layers(plan: SegQuantPlan, options: SegQuantOptions) -> list[str]:
+    """The layers a convert calibrates: every quantized one (static), the shifted ones (dynamic)."""
+    return plan.quantized_layers() if options.activation == "static" else plan.shifted()
 
 
 @register_quantize_module_handler(SegQuantModelCheck)
@@ -209,7 +251,9 @@ def _check_model_transform(module: nn.Module, config: SegQuantModelCheck, **_: A
     """Check everything first; a diffusers model being converted is marked quantized (``diffusers_io``) so
     that ``save_pretrained`` writes its 8-bit weights."""
     plan = _check_model(module, config)
-    _start_journal(module, len(plan.quantized_layers()))
+    visited = plan.shifted() if config.step == "prepare" and config.options.activation == "dynamic" \
+        else plan.quantized_layers()
+    _start_journal(module, len(visited))
     if config.step == "convert" and is_diffusers_model(module):
         attach_quantization_config(module, SegQuantConfig(plan, options=config.options))
     return module
@@ -285,7 +329,7 @@ def _check_config_args(skip: Any, seg_linear: Any, dual_scale: Any, calibration:
     if calibration is not None and (not isinstance(calibration, dict) or not all(
             isinstance(v, dict) for v in calibration.values())):
         raise SegQuantError("calibration maps layer names to {'amax': [...], 'pos_amax': [...], 'neg_amax': [...]} "
-                            "(calibration_from(model))")
+                            "(and 'smooth', 'center' where they apply; calibration_from(model))")
 
 
 @dataclass(init=False)
@@ -299,16 +343,19 @@ class SegQuantConfig(FqnToConfig):
         >>> quantize_(model, SegQuantConfig(plan, activation="static", step="prepare"), filter_fn=None)
         >>> for batch in calibration: model(**batch)
         >>> quantize_(model, SegQuantConfig(plan, activation="static", step="convert"), filter_fn=None)
+        >>> # a plan with an activation shift (plan.with_shift("per_tensor")) calibrates the same way, also
+        >>> # with dynamic activations (the centres come from calibration; only shifted layers are prepared)
 
     Args:
         plan: a ``SegQuantPlan``, its dict, or a path to a saved plan. Its high-precision layers are left
             alone; an applied plan's precision gives the default options.
         options: ``SegQuantOptions``; or pass its fields as keywords (``precision="int8"``, ...).
-        step: static only: ``"prepare"`` or ``"convert"``.
+        step: ``"prepare"`` or ``"convert"``: static, or dynamic with shifted layers (only those are prepared).
         skip: globs of layer names also kept in high precision (applied to the plan).
         seg_linear, dual_scale: switch SegLinear / DualScale off everywhere (``plan.ablate``).
-        calibration: ``{layer: {"amax": [...], "pos_amax": [...], "neg_amax": [...], "smooth": [...]}}`` from
-            ``calibration_from(model)``; lets a static config convert a float model directly.
+        calibration: ``{layer: {"amax": [...], "pos_amax": [...], "neg_amax": [...], "smooth": [...],
+            "center": [...]}}`` from ``calibration_from(model)``; lets a static config (or a dynamic one with
+            shifted layers) convert a float model directly.
     """
 
     plan: Any = None
@@ -357,22 +404,29 @@ class SegQuantConfig(FqnToConfig):
         unknown = sorted(set(calibration) - set(plan.quantized_layers()))
         if unknown:
             raise PlanError(f"calibration names layers that the plan does not quantize: {unknown[:3]}")
-        SegLinearConfig(options=self.options, step=self.step)  # checks the shared options even if no layer is left
+        # checks the shared options even if no layer is left (a dynamic prepare needs a shifted layer)
+        SegLinearConfig(options=self.options, step=self.step, shift=SHIFTS[0] if plan.shifted() else None)
         layers: OrderedDict[str, AOBaseConfig | None] = OrderedDict()
         layers[""] = SegQuantModelCheck(plan=plan.to_dict(), options=self.options, step=self.step,
                                         calibrated=sorted(calibration))
         for name in plan.quantized_layers():
-            layer, stats = plan[name], calibration.get(name, {})
-            layers[name] = SegLinearConfig(
-                name=name, in_features=layer.in_features, out_features=layer.out_features,
-                in_segments=list(layer.in_segments), out_segments=list(layer.out_segments),
-                dual_scale_segments=list(layer.dual_scale_segments), options=self.options, step=self.step,
-                amax=stats.get("amax"), pos_amax=stats.get("pos_amax"), neg_amax=stats.get("neg_amax"),
-                smooth=stats.get("smooth"))
+            layers[name] = self._layer_config(name, plan[name], calibration.get(name, {}))
         for name in plan.high_precision_layers():
             layers[name] = None
         layers[ANY_MODULE] = UnplannedLinear(model_class=plan.model_class)
         return layers
+
+    def _layer_config(self, name: str, layer: LinearPlan, stats: dict) -> SegLinearConfig | None:
+        """One layer's config; None (left alone) for an unshifted layer in a dynamic prepare."""
+        if self.step == "prepare" and self.options.activation == "dynamic" and layer.shift is None:
+            return None
+        return SegLinearConfig(
+            name=name, in_features=layer.in_features, out_features=layer.out_features,
+            in_segments=list(layer.in_segments), out_segments=list(layer.out_segments),
+            dual_scale_segments=list(layer.dual_scale_segments), options=self.options, step=self.step,
+            shift=layer.shift, shift_segments=list(layer.shift_segments), smoothquant_alpha=layer.smoothquant_alpha,
+            amax=stats.get("amax"), pos_amax=stats.get("pos_amax"), neg_amax=stats.get("neg_amax"),
+            smooth=stats.get("smooth"), center=stats.get("center"))
 
     def layer_configs(self) -> dict[str, SegLinearConfig]:
         """The per-layer configs of the quantized layers (without the root check and the fallbacks)."""
@@ -387,17 +441,19 @@ def check_plan(model: nn.Module, plan: SegQuantPlan | SegQuantConfig) -> None:
     (plan.segquant_plan() if isinstance(plan, SegQuantConfig) else plan).check_model(model)
 
 
-def _check_calibrated(model: nn.Module, names: list[str], calibrated: set[str]) -> None:
-    """A static convert from observers: every layer must be prepared and have seen usable data, before any
-    changes (``segquant.calib.check_calibration``)."""
+def _check_calibrated(model: nn.Module, names: list[str], calibrated: set[str], activation: str = "static") -> None:
+    """A convert from observers (static, or a dynamic layer's shift): every layer in ``names`` must be prepared
+    and have seen usable data, before any changes (``segquant.calib.check_calibration``)."""
     modules = dict(model.named_modules())
     observers = {}
     for name in names:
         if name in calibrated:
             continue
         if not observed(modules[name]):
-            raise SegQuantError(f"{name}: convert before prepare: run quantize with step='prepare', calibrate, "
-                                "then step='convert' (or pass calibration=calibration_from(model))")
+            why = (" (its activation shift takes the centres from calibration, also with dynamic scales)"
+                   if activation == "dynamic" else "")
+            raise SegQuantError(f"{name}: convert before prepare{why}: run quantize with step='prepare', "
+                                "calibrate, then step='convert' (or pass calibration=calibration_from(model))")
         observers[name] = modules[name].segquant_observer
     check_calibration(observers)
 
@@ -424,7 +480,7 @@ def quantize(model: nn.Module, config: SegQuantConfig) -> nn.Module:
 
 
 def calibration_from(model: nn.Module) -> dict[str, dict[str, list[float]]]:
-    """The calibrated ranges (and SmoothQuant factors) of every observed layer, for
+    """The calibrated ranges (and SmoothQuant factors, shift centres) of every observed layer, for
     ``SegQuantConfig(calibration=...)``."""
     check_calibration({name: m.segquant_observer for name, m in model.named_modules() if observed(m)})
     out = {}
@@ -436,6 +492,8 @@ def calibration_from(model: nn.Module) -> dict[str, dict[str, list[float]]]:
                          "neg_amax": stats.neg_amax.tolist()}
             if smooth is not None:
                 out[name]["smooth"] = smooth.tolist()
+            if stats.center is not None:
+                out[name]["center"] = stats.center.tolist()
     if not out:
         raise SegQuantError("no observed layers: run quantize_ with step='prepare' and calibrate first")
     return out

@@ -6,6 +6,10 @@ Realisations (see SPEC sections 2-3):
 - static ``split_k``: one GEMM per input segment, ``y = sum_s a_s (W_s q_s)``.
 - ``dynamic``: per-token scales per segment (split-K), DualScale with per-token ``s+``/``s-``.
 
+Activation shift (any realisation): the weight's ``center`` is subtracted from the input in the elementwise
+step that quantizes it (``torch.compile`` fuses the two) and the layer's bias already holds ``b + W_hat c``
+(set at convert time), so the GEMMs are the plain ones; dynamic scales are those of ``x - c``.
+
 Kernels (``SegQuantOptions.kernel``): ``naive`` runs every GEMM on ``torch._scaled_mm``/``torch._int_mm`` and
 DualScale with M doubled; ``fused`` runs DualScale GEMMs on the fused Triton kernel (one code tensor, the
 sign selects the scale; ``triton_gemm.py``) and int8 GEMMs on the Triton int8 GEMM, fp8 plain GEMMs staying on
@@ -36,7 +40,8 @@ def seg_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     if spec.folded:
         y = _folded(w, x2, bias)  # the SmoothQuant factors are folded into col_scale
     else:
-        y = _split(w, x2 * w.smooth if w.smooth is not None else x2, bias)
+        v = x2 * w.smooth if w.smooth is not None else x2
+        y = _split(w, v - w.center if w.center is not None else v, bias, x.dtype)
     return y[:, :spec.out_features].reshape(*lead, spec.out_features)
 
 
@@ -44,6 +49,8 @@ def _folded(w: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
     spec = w.spec
     m = x.shape[0]
     v = x.float() / w.col_scale
+    if w.center is not None:
+        v = v - w.center  # in code units (linear._gemm_center)
     if spec.dual_segments and spec.options.kernel == "fused" and len(spec.dual_segments) == 1:
         return _folded_fused(w, x, v, bias)
     if spec.dual_segments:
@@ -75,19 +82,21 @@ def _folded_fused(w: Tensor, x: Tensor, v: Tensor, bias: Tensor | None) -> Tenso
     spec = w.spec
     i = spec.dual_segments[0]
     lo, hi = spec.bounds[i]
-    neg = w.dual_mask & (x < 0)
+    neg = w.dual_mask & (v < 0)  # v has x's sign, or that of x - c when shifted
     q = codes(torch.where(neg, v / w.neg_ratio[i], v), 1.0, spec.options.precision)
     ones = w.neg_ratio.new_ones(1)
     return _fused_gemm(q, w.qdata, ones, w.weight_scale, x.dtype, bias, w.neg_ratio[i:i + 1], (lo, hi))
 
 
-def _split(w: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
+def _split(w: Tensor, x: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """Split-K (and dynamic): ``x`` is the smoothed, shifted input (float32 when smoothed or shifted), the
+    output is ``out_dtype`` (the layer input's dtype)."""
     spec = w.spec
     dynamic = spec.options.activation == "dynamic"
     fused = spec.options.kernel == "fused"
-    # one term: write x.dtype straight from the GEMM; several: accumulate in float32
+    # one term: write out_dtype straight from the GEMM; several: accumulate in float32
     single = len(spec.bounds) == 1
-    acc_dtype = x.dtype if single else torch.float32
+    acc_dtype = out_dtype if single else torch.float32
     y = None
     for i, (lo, hi) in enumerate(spec.bounds):
         part = x[:, lo:hi]
@@ -121,9 +130,9 @@ def _split(w: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
                 out = scaled_mm(q, weight, scale, w.weight_scale, acc_dtype,
                                 bias if single else None, spec.options.fast_accum)
         if single:
-            return out.to(x.dtype)
+            return out.to(out_dtype)
         y = out if y is None else y + out
-    return _add_bias(y, bias).to(x.dtype)
+    return _add_bias(y, bias).to(out_dtype)
 
 
 def _dual_codes(x: Tensor, s_pos: Tensor, s_neg: Tensor, precision: str) -> Tensor:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torchao.utils import TorchAOBaseTensor
 
 from segquant import LinearPlan, SegmentAmaxObserver, SegQuantError
-from segquant.numerics import ActivationStats, fold_activation_scales, scale_from_amax, weight_amax
+from segquant.numerics import (ActivationStats, expand_segments, fold_activation_scales, scale_from_amax,
+                               shift_bias, weight_amax)
 
 from .kernels import codes, kernel_multiple, pad_to
 from .tensor import SegLinearSpec, SegQuantTensor
@@ -43,11 +44,13 @@ def _observe(module: nn.Module, args: tuple) -> None:
 
 
 def prepare_linear(module: nn.Linear, spec: SegLinearSpec) -> nn.Linear:
-    """Attach a per-segment observer (a forward pre-hook; the module stays an ``nn.Linear``)."""
-    check_linear(module, spec.layer())
+    """Attach a per-segment observer (a forward pre-hook; the module stays an ``nn.Linear``); it also finds the
+    centres of a shifted layer."""
+    layer = spec.layer()
+    check_linear(module, layer)
     if observed(module):
         raise SegQuantError(f"{spec.name}: already prepared; run calibration, then convert")
-    module.segquant_observer = SegmentAmaxObserver(segments=spec.in_segments, name=spec.name)
+    module.segquant_observer = SegmentAmaxObserver(layer, name=spec.name)
     module.segquant_spec = spec
     module.segquant_observer_hook = module.register_forward_pre_hook(_observe)
     return module
@@ -63,10 +66,12 @@ def unprepare_linear(module: nn.Module) -> None:
 def quantize_weight(weight: Tensor, spec: SegLinearSpec, stats: ActivationStats | None,
                     smooth: Tensor | None = None) -> SegQuantTensor:
     """The ``SegQuantTensor`` of a float ``(N, K)`` weight. ``stats`` (of the smoothed input when ``smooth`` is
-    given) are required for static activation scales; ``smooth`` holds the SmoothQuant factors when the
-    options smooth."""
+    given) are required for static activation scales and for a shift (its centres); ``smooth`` holds the
+    SmoothQuant factors when the options smooth. The caller corrects the bias of a shifted layer
+    (``convert_linear``)."""
     if spec.options.activation == "static" and stats is None:
         raise SegQuantError(f"{spec.name}: static activation scales need calibration data")
+    _check_center(spec, stats)
     if spec.smoothed != (smooth is not None):
         raise SegQuantError(f"{spec.name}: SmoothQuant alpha {spec.options.smoothquant_alpha} needs "
                             f"{'its factors' if spec.smoothed else 'no factors'} from calibration")
@@ -103,7 +108,31 @@ def quantize_weight(weight: Tensor, spec: SegLinearSpec, stats: ActivationStats 
         weight_scale = pad_to(scale.float(), 0, multiple, value=1.0).t().contiguous()  # (1, N_pad)
     column_groups = [q] if spec.folded else [q[:, lo:hi] for lo, hi in spec.bounds]
     qdata = torch.cat([_pad_weight(part.contiguous(), multiple) for part in column_groups], dim=1)
+    if spec.shift is not None:
+        data["center"] = _gemm_center(spec, stats, act if spec.folded else None)
     return SegQuantTensor(qdata.contiguous(), weight_scale, spec, weight.dtype, **data)
+
+
+def _check_center(spec: SegLinearSpec, stats: ActivationStats | None) -> None:
+    """A shifted layer needs calibrated centres (dynamic ones too); an unshifted one must not get any."""
+    has_center = stats is not None and stats.center is not None
+    if spec.shift is not None and not has_center:
+        raise SegQuantError(f"{spec.name}: the plan shifts this layer's input (shift {spec.shift}) and the "
+                            "centre comes from calibration, also with dynamic activation scales: run quantize_ "
+                            "with step='prepare', calibrate, then step='convert' (or pass "
+                            "calibration=calibration_from(model) with its 'center')")
+    if spec.shift is None and has_center:
+        raise SegQuantError(f"{spec.name}: calibration carries shift centres but the plan does not shift this "
+                            "layer; calibrate again with this plan")
+
+
+def _gemm_center(spec: SegLinearSpec, stats: ActivationStats, act: Tensor | None) -> Tensor:
+    """The centres where the forward subtracts them: ``c`` from ``x * smooth``, or (folded, ``act`` the
+    per-segment unit scales) ``c / a`` from ``x / col_scale``, in code units."""
+    center = stats.center.float().to(act.device if act is not None else stats.center.device)
+    if act is None:
+        return center.contiguous()
+    return (center / expand_segments(act.float(), spec.in_segments).reshape(-1)).contiguous()
 
 
 def tensorwise(spec: SegLinearSpec) -> bool:
@@ -117,12 +146,25 @@ def tensorwise(spec: SegLinearSpec) -> bool:
 
 def convert_linear(module: nn.Linear, spec: SegLinearSpec, stats: ActivationStats | None,
                    smooth: Tensor | None = None) -> nn.Linear:
-    """Replace ``module.weight`` by its ``SegQuantTensor`` (and remove the observer)."""
+    """Replace ``module.weight`` by its ``SegQuantTensor`` (and remove the observer). A shifted layer's bias
+    becomes ``b + W_hat c`` (``W_hat`` as the GEMM multiplies it), so that the GEMM stays the plain one."""
     check_linear(module, spec.layer())
     qweight = quantize_weight(module.weight, spec, stats, smooth)
+    bias = None if qweight.center is None else _shifted_bias(module, qweight)
     unprepare_linear(module)
     module.weight = nn.Parameter(qweight, requires_grad=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias, requires_grad=False)
     return module
+
+
+def _shifted_bias(module: nn.Linear, qweight: SegQuantTensor) -> Tensor:
+    """``b + W_hat c`` in the layer's dtype (``segquant.numerics.shift_bias``)."""
+    if module.bias is not None and module.bias.device.type == "meta":
+        raise SegQuantError(f"{qweight.spec.name}: the bias is not loaded yet (meta); a shifted layer folds its "
+                            "centre into the bias: load the float model first, then quantize")
+    corrected = shift_bias(qweight.gemm_weight(), module.bias, qweight.center)
+    return corrected.to(module.weight.dtype).to(module.weight.device)
 
 
 def _pad_weight(q: Tensor, multiple: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""Plain layers on torchao's own configs: a layer the plan neither segments, dual-scales nor smooths, with
+"""Plain layers on torchao's own configs: a layer the plan neither segments, dual-scales, shifts nor smooths, with
 per-channel weights and dynamic per-token activations, is what torchao's dynamic configs do; it gets their tensor
 (``Int8Tensor``, ``Float8Tensor``) and kernels instead of a ``SegQuantTensor``.
 
@@ -27,15 +27,15 @@ def fp8_supported(device: torch.device) -> bool:
 
 def plain_config(spec: SegLinearSpec, device: torch.device) -> AOBaseConfig | None:
     """torchao's config for a plain dynamic layer on ``device``, or None where SegQuant's own tensor runs it
-    (a static, segmented, DualScale, smoothed or per-tensor-weight layer; the fused kernels; fp8 where torchao's
-    float8 tensors need a newer GPU)."""
+    (a static, segmented, DualScale, smoothed, shifted or per-tensor-weight layer; the fused kernels; fp8 where
+    torchao's float8 tensors need a newer GPU)."""
     from torchao.float8.inference import Float8MMConfig
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
                                       Int8DynamicActivationInt8WeightConfig, PerRow)
 
     o = spec.options
     if (o.activation != "dynamic" or o.weight_granularity != "per_channel" or o.kernel != "naive"
-            or len(spec.in_segments) != 1 or spec.dual_segments or spec.smoothed):
+            or len(spec.in_segments) != 1 or spec.dual_segments or spec.smoothed or spec.shift is not None):
         return None
     if o.precision == "int8":  # on CUDA, see the module docstring
         return None if device.type == "cuda" else Int8DynamicActivationInt8WeightConfig()

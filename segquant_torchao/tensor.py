@@ -51,9 +51,11 @@ class SegLinearSpec:
     out_segments: tuple[int, ...]
     dual_segments: tuple[int, ...]
     options: SegQuantOptions = SegQuantOptions()
+    shift: str | None = None
+    shift_segments: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for key in ("in_segments", "out_segments", "dual_segments"):  # JSON gives lists back
+        for key in ("in_segments", "out_segments", "dual_segments", "shift_segments"):  # JSON gives lists back
             object.__setattr__(self, key, _ints(getattr(self, key)))
         if isinstance(self.options, dict):
             object.__setattr__(self, "options", SegQuantOptions(**self.options))
@@ -87,7 +89,8 @@ class SegLinearSpec:
 
     def layer(self) -> LinearPlan:
         return LinearPlan(self.in_features, self.out_features, self.in_segments, self.out_segments,
-                          dual_scale=bool(self.dual_segments), dual_scale_segments=self.dual_segments, name=self.name)
+                          dual_scale=bool(self.dual_segments), dual_scale_segments=self.dual_segments,
+                          shift=self.shift, shift_segments=self.shift_segments, name=self.name)
 
 
 class SegQuantTensor(TorchAOBaseTensor):
@@ -102,6 +105,9 @@ class SegQuantTensor(TorchAOBaseTensor):
         smooth: SmoothQuant factors ``(K,)`` multiplied into the input (split-K and dynamic).
         col_scale: static folded: the ``(K,)`` input divisor (segment scales and SmoothQuant folded in); with
             DualScale also neg_ratio (``s- / s+`` per segment) and dual_mask (the DualScale columns).
+        center: the activation shift ``(K,)``, subtracted where the input is quantized: from ``x * smooth``
+            (split-K, dynamic) or, in code units, from ``x / col_scale`` (folded). The layer's bias holds
+            ``b + gemm_weight() @ center`` (``linear.convert_linear``).
     Only what the realisation reads is stored: each inner tensor is a graph input and a guard under compile.
     Attributes:
         spec: the layer's ``SegLinearSpec``.
@@ -110,11 +116,12 @@ class SegQuantTensor(TorchAOBaseTensor):
 
     tensor_data_names = ["qdata", "weight_scale"]
     tensor_attribute_names = ["spec", "dtype"]
-    optional_tensor_data_names = ["act_scale", "neg_scale", "neg_ratio", "smooth", "col_scale", "dual_mask"]
+    optional_tensor_data_names = ["act_scale", "neg_scale", "neg_ratio", "smooth", "col_scale", "dual_mask", "center"]
 
     def __new__(cls, qdata: Tensor, weight_scale: Tensor, spec: SegLinearSpec, dtype: torch.dtype,
                 act_scale: Tensor | None = None, neg_scale: Tensor | None = None, neg_ratio: Tensor | None = None,
-                smooth: Tensor | None = None, col_scale: Tensor | None = None, dual_mask: Tensor | None = None):
+                smooth: Tensor | None = None, col_scale: Tensor | None = None, dual_mask: Tensor | None = None,
+                center: Tensor | None = None):
         shape = (spec.out_features, spec.in_features)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device,
                                                    requires_grad=False)
@@ -122,18 +129,19 @@ class SegQuantTensor(TorchAOBaseTensor):
     def __init__(self, qdata: Tensor, weight_scale: Tensor, spec: SegLinearSpec, dtype: torch.dtype,
                  act_scale: Tensor | None = None, neg_scale: Tensor | None = None, neg_ratio: Tensor | None = None,
                  smooth: Tensor | None = None, col_scale: Tensor | None = None,
-                 dual_mask: Tensor | None = None) -> None:
+                 dual_mask: Tensor | None = None, center: Tensor | None = None) -> None:
         super().__init__()
         self.qdata, self.weight_scale = qdata, weight_scale
         self.spec = spec if isinstance(spec, SegLinearSpec) else SegLinearSpec(**spec)
         self.act_scale, self.neg_scale, self.neg_ratio = act_scale, neg_scale, neg_ratio
-        self.smooth, self.col_scale, self.dual_mask = smooth, col_scale, dual_mask
+        self.smooth, self.col_scale, self.dual_mask, self.center = smooth, col_scale, dual_mask, center
 
     def __repr__(self) -> str:
         s = self.spec
         return (f"SegQuantTensor({s.options.precision}, activation={s.options.activation}, "
                 f"realisation={s.options.realisation}, in_segments={list(s.in_segments)}, "
-                f"dual={list(s.dual_segments)}, shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})")
+                f"dual={list(s.dual_segments)}, shift={s.shift}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"device={self.device})")
 
     def _stable_hash_for_caching(self) -> str:
         """What AOT autograd's cache keys on: the spec, the logical dtype and the inner tensors' metadata."""
@@ -154,14 +162,20 @@ class SegQuantTensor(TorchAOBaseTensor):
         scales = self.weight_scale.reshape(-1)
         return scales.expand(n) if scales.numel() == 1 else scales[:n]
 
-    def dequantize(self, output_dtype: torch.dtype | None = None) -> Tensor:
-        """The float weight these codes stand for (what the layer multiplies, undoing folding and smoothing)."""
+    def gemm_weight(self) -> Tensor:
+        """The ``(N, K)`` float32 weight the GEMM multiplies the quantized input with: codes times row scales,
+        in the smoothed (split-K) or folded input space. ``W_hat`` of the shift's bias ``b + W_hat c``."""
         s = self.spec
         n = s.out_features
         rows = self.row_scales().reshape(-1, 1)
         parts = [self.segment_codes(i)[:n, :hi - lo].float() for i, (lo, hi) in enumerate(s.bounds)] \
             if not s.folded else [self.qdata[:n, :s.in_features].float()]
-        w = torch.cat(parts, dim=1) * rows
+        return torch.cat(parts, dim=1) * rows.float()
+
+    def dequantize(self, output_dtype: torch.dtype | None = None) -> Tensor:
+        """The float weight these codes stand for (what the layer multiplies, undoing folding and smoothing)."""
+        s = self.spec
+        w = self.gemm_weight()
         if s.folded:
             w = w / self.col_scale.float()
         elif self.smooth is not None:

@@ -24,13 +24,35 @@ def load_script():
     return module
 
 
-def test_variant_names_parse_into_base_dual_and_kernel():
+def test_variant_names_parse_into_base_dual_kernel_and_shift():
     speed = load_script()
-    assert speed.parse_variant("segquant_fp8_static") == ("segquant_fp8_static", True, "fused")
-    assert speed.parse_variant("segquant_fp8_static_nodual") == ("segquant_fp8_static", False, "fused")
-    assert speed.parse_variant("segquant_int8_dynamic_nodual_naive") == ("segquant_int8_dynamic", False, "naive")
-    assert speed.parse_variant("segquant_fp8_costaware_naive") == ("segquant_fp8_costaware", True, "naive")
-    assert speed.parse_variant("bf16") == ("bf16", True, "fused")
+    assert speed.parse_variant("segquant_fp8_static") == ("segquant_fp8_static", True, "fused", False)
+    assert speed.parse_variant("segquant_fp8_static_nodual") == ("segquant_fp8_static", False, "fused", False)
+    assert speed.parse_variant("segquant_int8_dynamic_nodual_naive") == ("segquant_int8_dynamic", False, "naive",
+                                                                          False)
+    assert speed.parse_variant("segquant_fp8_costaware_naive") == ("segquant_fp8_costaware", True, "naive", False)
+    assert speed.parse_variant("bf16") == ("bf16", True, "fused", False)
+    assert speed.parse_variant("segquant_int8_static_shift") == ("segquant_int8_static", False, "fused", True)
+    assert speed.parse_variant("segquant_fp8_static_shift_naive") == ("segquant_fp8_static", False, "naive", True)
+
+
+def test_shift_variants_put_the_shift_where_dual_scale_was():
+    import segquant
+    from _models import build_tiny
+
+    speed = load_script()
+    model = build_tiny("FluxTransformer2DModel")
+    plan = segquant.analyze(model, **segquant.example_inputs(model))
+    shifted = speed.variant_plan(plan, "segquant_int8_static_shift")
+    twin = speed.variant_plan(plan, "segquant_int8_static_nodual")
+    assert shifted.shifted() == plan.dual_scaled() and not shifted.dual_scaled()
+    assert all(shifted[n].shift == "per_tensor" and shifted[n].shift_segments == plan[n].dual_scale_segments
+               for n in shifted.shifted())
+    assert not twin.shifted() and not twin.dual_scaled()
+    # the same segments and no DualScale in both: the twin differs by the shift only
+    assert all((shifted[n].in_segments, shifted[n].out_segments, shifted[n].precision) ==
+               (twin[n].in_segments, twin[n].out_segments, twin[n].precision) for n in plan.layers)
+    assert speed.variant_plan(plan, "segquant_int8_static") == plan
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -48,7 +70,8 @@ def test_kernel_kind(name, kind):
     assert load_script().kernel_kind(name) == kind
 
 
-@pytest.mark.parametrize("name", ["segquant_fp8_costaware_nodual", "torchao_fp8_rowwise_naive", "fp8"])
+@pytest.mark.parametrize("name", ["segquant_fp8_costaware_nodual", "torchao_fp8_rowwise_naive", "fp8",
+                                  "segquant_int8_dynamic_shift", "segquant_int8_static_nodual_shift"])
 def test_unknown_variant_is_refused(name):
     with pytest.raises(ValueError, match="unknown variant"):
         load_script().parse_variant(name)
