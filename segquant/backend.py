@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .errors import SegQuantError
-from .options import ACTIVATION_MODES, DEFAULT_REALISATION, REALISATIONS, check_alpha, check_choice
+from .options import ACTIVATION_MODES, DEFAULT_REALISATION, DEFAULT_SCALE_FORM, DEFAULT_SMOOTHING, REALISATIONS, \
+    SCALE_FORMS, SMOOTHINGS, check_alpha, check_choice
 from .plan import SegQuantPlan
 from .precision import get_precision
 
@@ -47,15 +48,19 @@ class Capabilities:
         activation_modes: ``static`` and/or ``dynamic``.
         onnx_export: ``export_onnx`` writes a Q/DQ ONNX graph.
         save_load: ``quantize_and_save`` writes a checkpoint that ``load`` restores.
+        smoothings: ``QuantizeOptions.smoothing`` values it implements (default ``per_layer`` only).
+        scale_forms: ``QuantizeOptions.scale_form`` values it implements (default ``step`` only).
     """
 
     precisions: tuple[str, ...]
     activation_modes: tuple[str, ...] = ACTIVATION_MODES
     onnx_export: bool = False
     save_load: bool = True
+    smoothings: tuple[str, ...] = (DEFAULT_SMOOTHING,)
+    scale_forms: tuple[str, ...] = (DEFAULT_SCALE_FORM,)
 
     def __post_init__(self) -> None:
-        for key in ("precisions", "activation_modes"):
+        for key in ("precisions", "activation_modes", "smoothings", "scale_forms"):
             if not isinstance(getattr(self, key), tuple):
                 raise SegQuantError(f"Capabilities.{key} must be a tuple of names, got {getattr(self, key)!r}")
         for key in ("onnx_export", "save_load"):
@@ -65,6 +70,10 @@ class Capabilities:
             get_precision(name)
         for mode in self.activation_modes:
             check_choice(mode, ACTIVATION_MODES, "activation mode")
+        for smoothing in self.smoothings:
+            check_choice(smoothing, SMOOTHINGS, "smoothing")
+        for form in self.scale_forms:
+            check_choice(form, SCALE_FORMS, "scale_form")
 
 
 @dataclass(frozen=True)
@@ -77,16 +86,31 @@ class QuantizeOptions:
         show_progress: tqdm over calibration batches.
         keep_degenerate: keep layers that calibration never reached, or whose range is zero on an input
             segment, in high precision (with a warning naming them) instead of refusing to quantize.
+        smoothing: ``per_layer`` (default) or ``per_segment`` SmoothQuant factors (``segquant.options.SMOOTHINGS``;
+            the paper's reference code smooths per segment). Needs ``smoothquant_alpha`` to change anything.
+        scale_form: ``step`` (default) or ``reciprocal`` (``segquant.options.SCALE_FORMS``: how scales and
+            SmoothQuant factors are applied, to the last bit; the reference code's is ``reciprocal``).
+
+    ``segquant.reference_mode.reference_options()`` gives the options that reproduce the reference code.
     """
 
     smoothquant_alpha: float | None = None
     realisation: str = DEFAULT_REALISATION
     show_progress: bool = True
     keep_degenerate: bool = False
+    smoothing: str = DEFAULT_SMOOTHING
+    scale_form: str = DEFAULT_SCALE_FORM
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "smoothquant_alpha", check_alpha(self.smoothquant_alpha))
         check_choice(self.realisation, REALISATIONS, "realisation")
+        check_choice(self.smoothing, SMOOTHINGS, "QuantizeOptions.smoothing")
+        check_choice(self.scale_form, SCALE_FORMS, "QuantizeOptions.scale_form")
+        if self.realisation == "folded" and (self.smoothing, self.scale_form) != (DEFAULT_SMOOTHING,
+                                                                                   DEFAULT_SCALE_FORM):
+            raise SegQuantError(f"realisation 'folded' supports smoothing={DEFAULT_SMOOTHING!r} and scale_form="
+                                f"{DEFAULT_SCALE_FORM!r} only (got {self.smoothing!r}, {self.scale_form!r}); use "
+                                "realisation='split_k'")
         for key in ("show_progress", "keep_degenerate"):
             if not isinstance(getattr(self, key), bool):
                 raise SegQuantError(f"QuantizeOptions.{key} must be True or False, got {getattr(self, key)!r}")
@@ -219,6 +243,14 @@ def check_supported(backend: Backend, plan: SegQuantPlan, options: QuantizeOptio
     mode = get_precision(precision).activation
     if mode not in caps.activation_modes:
         raise SegQuantError(f"backend {backend.name} has no {mode} activations (precision {precision})")
+    if options is not None and options.smoothing not in caps.smoothings:
+        raise SegQuantError(f"backend {backend.name} implements smoothing {', '.join(caps.smoothings)}, not "
+                            f"{options.smoothing!r} (the reference code's per-segment smoothing); use "
+                            f"smoothing='{DEFAULT_SMOOTHING}' or a backend that has it (modelopt)")
+    if options is not None and options.scale_form not in caps.scale_forms:
+        raise SegQuantError(f"backend {backend.name} implements scale_form {', '.join(caps.scale_forms)}, not "
+                            f"{options.scale_form!r}; use scale_form='{DEFAULT_SCALE_FORM}' or a backend that has "
+                            "it (modelopt)")
     if options is not None and options.smoothquant_alpha is not None and mode == "dynamic":
         raise SegQuantError(f"SmoothQuant (alpha {options.smoothquant_alpha}) needs calibrated static activations; "
                             f"precision {precision} quantizes them dynamically: set smoothquant_alpha to None")

@@ -109,12 +109,37 @@ def static_calibration(observer: SegmentAmaxObserver, weight: Tensor, alpha: flo
         weight: ``(N, K)`` float weight of the layer (SmoothQuant balances against it).
         alpha: SmoothQuant alpha, or None.
         form: ``step`` (factors multiply the input) or ``reciprocal`` (divisors, the reference code's).
-            Per-segment smoothing: ``segquant.segment_smoothing.segment_calibration``.
+            Per-segment smoothing: ``segment_calibration``.
     """
     if alpha is None:
         return observer.stats(), None
     smooth = smoothing_factors(weight, observer.channel_stats().amax, alpha, form)
     return observer.stats(smooth, form), smooth
+
+
+def segment_calibration(observer: SegmentAmaxObserver, weight: Tensor, layer: LinearPlan, alpha: float,
+                        form: str = DEFAULT_SCALE_FORM) -> tuple[Tensor, list[ActivationStats]]:
+    """Per-segment SmoothQuant factors ``(len(out_segments), K)`` and, per output segment, the per-input-segment
+    ranges of its smoothed input (what ``per_segment_linear`` takes), from a layer's calibration.
+
+    Each row ``b`` balances the calibrated per-channel input maximum against the maximum of weight rows ``b``
+    (``segquant.numerics.smoothing_factors``); the ranges are the per-channel maxima smoothed the same way (exact:
+    smoothing by a positive factor is monotonic, so the maximum of the smoothed values is the smoothed maximum).
+
+    Raises:
+        SegQuantError: the observer saw no data, or the layer has an activation shift.
+    """
+    if observer.shift is not None:
+        raise SegQuantError(f"{observer.name}: per-segment smoothing has no activation shift; drop the shift from "
+                            "the plan (plan.ablate(shift=False)) or use smoothing='per_layer'")
+    ch = observer.channel_stats()
+    factors, stats = [], []
+    for w_b in weight.detach().float().split(list(layer.out_segments), dim=0):
+        d = smoothing_factors(w_b, ch.amax, alpha, form)
+        factors.append(d)
+        smoothed = [smooth_input(t, d, form) for t in (ch.amax, ch.pos_amax, ch.neg_amax)]
+        stats.append(ActivationStats(*(reduce_segments(t, layer.in_segments) for t in smoothed)))
+    return torch.stack(factors), stats
 
 
 def check_calibration(observers: Mapping[str, SegmentAmaxObserver], keep_degenerate: bool = False) -> list[str]:

@@ -55,6 +55,9 @@ class AnalysisOptions:
             recipes and the paper's deployments keep it: a Linear whose result reaches a graph output through
             layout-only ops (reshape, permute, casts, indexing) is planned with ``high_precision=True`` and
             the pattern ``"linear->output"``. Default True.
+        nested_segments: segments inside a concatenated input (attention heads merged before a ``cat``, a stack)
+            are kept. False: each input of a concatenation is one segment, as the paper's reference code has it
+            (``segquant.reference_mode``). Default True.
     """
 
     capture: str = "auto"
@@ -62,6 +65,7 @@ class AnalysisOptions:
     dual_scale: bool = True
     head_segments: bool = False
     keep_output_layer: bool = True
+    nested_segments: bool = True
 
 
 @dataclass
@@ -298,7 +302,10 @@ def _input_pieces(node: OpNode, options: AnalysisOptions, depth: int = 0) -> lis
         if dim == source.ndim - 1 and isinstance(tensors, list) and len(tensors) > 1:
             pieces = []
             for t in tensors:
-                for p in _input_pieces(t, options, depth + 1):
+                inner = _input_pieces(t, options, depth + 1)
+                if not options.nested_segments and len(inner) > 1:
+                    inner = [_Piece(sum(p.size for p in inner))]
+                for p in inner:
                     if p.activation:
                         p.patterns = ["act->cat->linear"]
                     pieces.append(p)

@@ -4,6 +4,14 @@ Symmetric quantization of ``x`` with scale ``s``: ``q = clamp(round(x / s), qmin
 ``q = fp8(clamp(x / s, -448, 448))`` (FP8 e4m3), ``x_hat = s * q``; ``s = amax / qmax``. Scales can be
 per tensor, per channel, per token or per segment of the last dim. DualScale (SPEC section 3) keeps
 ``s+ = amax(x+) / qmax`` and ``s- = amax(|x-|) / |qmin|`` and one code tensor whose sign picks the scale.
+
+The ``reciprocal`` scale form (``segquant.options.SCALE_FORMS``; the paper's reference code) keeps multipliers
+``r = qmax / amax`` instead: ``q = round(x * r)``, ``x_hat = q / r``. Functions that take a ``form`` return and
+take scales in that form. ``per_segment_linear`` is the oracle of the reference code's per-segment SmoothQuant
+(``QuantizeOptions.smoothing="per_segment"``): an output-segmented Linear is smoothed as one Linear per output
+segment (own factors, weight scale and input scales; its input smoothed and quantized once per segment), an
+input-segmented one gets one weight scale per input segment; in general every (output, input) segment tile of the
+weight has its own scale.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .errors import PlanError, SegQuantError
-from .options import ACT_GRANULARITIES, DEFAULT_REALISATION, REALISATIONS, SHIFTS, WEIGHT_GRANULARITIES, check_choice
+from .options import ACT_GRANULARITIES, DEFAULT_REALISATION, DEFAULT_SCALE_FORM, DEFAULT_SMOOTHING, REALISATIONS, \
+    SCALE_FORMS, SHIFTS, SMOOTHINGS, WEIGHT_GRANULARITIES, check_choice
 
 if TYPE_CHECKING:  # numerics reads a plan entry's fields; the plan module validates against the registry
     from .plan import LinearPlan
@@ -55,15 +64,21 @@ def _check_finite(x: Tensor, what: str) -> None:
         raise SegQuantError(f"{what} contains NaN or Inf; quantization scales would be undefined")
 
 
-def scale_from_amax(amax: Tensor, fmt: str | QuantFormat, negative: bool = False) -> Tensor:
-    """``amax / qmax`` (``amax / |qmin|`` for the negative side of DualScale).
+def scale_from_amax(amax: Tensor, fmt: str | QuantFormat, negative: bool = False, form: str = DEFAULT_SCALE_FORM) \
+        -> Tensor:
+    """``amax / qmax`` (``amax / |qmin|`` for the negative side of DualScale); with ``form="reciprocal"`` the
+    multiplier ``qmax / amax`` (``|qmin| / amax``), a correctly rounded float32 division.
 
     A zero amax gives scale 1; a scale that would underflow float32 is raised to its smallest normal
-    value, so that ``x / scale`` never divides by zero."""
+    value (a multiplier that would overflow is lowered to the largest), so that ``x / scale`` never divides by
+    zero."""
     fmt = get_format(fmt)
     amax = torch.as_tensor(amax, dtype=torch.float32)
     bound = -fmt.qmin if negative else fmt.qmax
-    scale = (amax / bound).clamp(min=torch.finfo(torch.float32).tiny)
+    if check_choice(form, SCALE_FORMS, "scale_form") == "reciprocal":  # not bound / amax: reciprocal() * bound
+        scale = torch.div(torch.full_like(amax, bound), amax).clamp(max=torch.finfo(torch.float32).max)
+    else:
+        scale = (amax / bound).clamp(min=torch.finfo(torch.float32).tiny)
     return torch.where(amax > 0, scale, torch.ones_like(amax))
 
 
@@ -74,15 +89,25 @@ def _round_codes(v: Tensor, fmt: QuantFormat, lo: float, hi: float) -> Tensor:
     return torch.round(v)
 
 
-def quantize(x: Tensor, scale: Tensor, fmt: str | QuantFormat) -> Tensor:
-    """Codes ``q`` (as float32 values on the format's grid); ``scale`` broadcasts against ``x``."""
+def _apply_scale(x: Tensor, scale: Tensor, form: str) -> Tensor:
+    """``x / scale`` (``step``) or ``x * scale`` (``reciprocal``): a value on the code grid."""
+    return x * scale if form == "reciprocal" else x / scale
+
+
+def _unapply_scale(q: Tensor, scale: Tensor, form: str) -> Tensor:
+    """``q * scale`` (``step``) or ``q / scale`` (``reciprocal``): codes back to values."""
+    return q / scale if form == "reciprocal" else q * scale
+
+
+def quantize(x: Tensor, scale: Tensor, fmt: str | QuantFormat, form: str = DEFAULT_SCALE_FORM) -> Tensor:
+    """Codes ``q`` (as float32 values on the format's grid); ``scale`` (of ``form``) broadcasts against ``x``."""
     fmt = get_format(fmt)
-    return _round_codes(x.float() / scale, fmt, fmt.qmin, fmt.qmax)
+    return _round_codes(_apply_scale(x.float(), scale, form), fmt, fmt.qmin, fmt.qmax)
 
 
-def fake_quant(x: Tensor, scale: Tensor, fmt: str | QuantFormat) -> Tensor:
-    """``scale * quantize(x, scale)`` in ``x.dtype``."""
-    return (quantize(x, scale, fmt) * scale).to(x.dtype)
+def fake_quant(x: Tensor, scale: Tensor, fmt: str | QuantFormat, form: str = DEFAULT_SCALE_FORM) -> Tensor:
+    """``scale * quantize(x, scale)`` (``step``; ``quantize(x, r) / r`` for ``reciprocal``) in ``x.dtype``."""
+    return _unapply_scale(quantize(x, scale, fmt, form), scale, form).to(x.dtype)
 
 
 # ---- amax by granularity --------------------------------------------------------------------------
@@ -162,27 +187,28 @@ def dual_scale_amax(x: Tensor, per_token: bool = False) -> tuple[Tensor, Tensor]
 
 
 def dual_scale_quantize(x: Tensor, fmt: str | QuantFormat = "int8", pos_amax: Tensor | None = None,
-                        neg_amax: Tensor | None = None, per_token: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """One code tensor ``q`` (``q >= 0`` scaled by ``s+``, ``q < 0`` by ``s-``) and the two scales.
+                        neg_amax: Tensor | None = None, per_token: bool = False,
+                        form: str = DEFAULT_SCALE_FORM) -> tuple[Tensor, Tensor, Tensor]:
+    """One code tensor ``q`` (``q >= 0`` scaled by ``s+``, ``q < 0`` by ``s-``) and the two scales (of ``form``).
 
     Returns:
-        ``(q, s_pos, s_neg)``; ``dual_scale_dequantize(q, s_pos, s_neg)`` rebuilds ``x_hat``.
+        ``(q, s_pos, s_neg)``; ``dual_scale_dequantize(q, s_pos, s_neg, form)`` rebuilds ``x_hat``.
     """
     fmt = get_format(fmt)
     if pos_amax is None or neg_amax is None:
         p, n = dual_scale_amax(x, per_token)
         pos_amax = p if pos_amax is None else pos_amax
         neg_amax = n if neg_amax is None else neg_amax
-    s_pos = scale_from_amax(pos_amax, fmt)
-    s_neg = scale_from_amax(neg_amax, fmt, negative=True)
+    s_pos = scale_from_amax(pos_amax, fmt, form=form)
+    s_neg = scale_from_amax(neg_amax, fmt, negative=True, form=form)
     xf = x.float()
-    q_pos = _round_codes(xf.clamp(min=0) / s_pos, fmt, 0.0, fmt.qmax)
-    q_neg = _round_codes(xf.clamp(max=0) / s_neg, fmt, fmt.qmin, 0.0)
+    q_pos = _round_codes(_apply_scale(xf.clamp(min=0), s_pos, form), fmt, 0.0, fmt.qmax)
+    q_neg = _round_codes(_apply_scale(xf.clamp(max=0), s_neg, form), fmt, fmt.qmin, 0.0)
     return q_pos + q_neg, s_pos, s_neg
 
 
-def dual_scale_dequantize(q: Tensor, s_pos: Tensor, s_neg: Tensor) -> Tensor:
-    return torch.where(q >= 0, q * s_pos, q * s_neg)
+def dual_scale_dequantize(q: Tensor, s_pos: Tensor, s_neg: Tensor, form: str = DEFAULT_SCALE_FORM) -> Tensor:
+    return torch.where(q >= 0, _unapply_scale(q, s_pos, form), _unapply_scale(q, s_neg, form))
 
 
 def dual_scale_fake_quant(x: Tensor, fmt: str | QuantFormat = "int8", pos_amax: Tensor | None = None,
@@ -241,6 +267,9 @@ class QuantSpec:
             ``per_token`` (dynamic, one scale per token and input segment).
         realisation: input segments as ``split_k`` (exact: one GEMM per segment, ``a_s`` applied after)
             or ``folded`` (``a_s`` folded into the weight columns before weight quantization, one GEMM).
+        scale_form: ``step`` (default) or ``reciprocal`` (``segquant.options.SCALE_FORMS``).
+        smoothing: ``per_layer`` (default) or ``per_segment`` (``segquant.options.SMOOTHINGS``): with
+            ``per_segment``, ``reference_linear`` takes per-output-segment factors and stats (``per_segment_linear``).
     """
 
     weight_format: str = "int8"
@@ -248,6 +277,8 @@ class QuantSpec:
     act_format: str = "int8"
     act_granularity: str = "per_tensor"
     realisation: str = DEFAULT_REALISATION
+    scale_form: str = DEFAULT_SCALE_FORM
+    smoothing: str = DEFAULT_SMOOTHING
 
     def __post_init__(self) -> None:
         get_format(self.weight_format)
@@ -255,6 +286,11 @@ class QuantSpec:
         check_choice(self.weight_granularity, WEIGHT_GRANULARITIES, "weight_granularity")
         check_choice(self.act_granularity, ACT_GRANULARITIES, "act_granularity")
         check_choice(self.realisation, REALISATIONS, "realisation")
+        check_choice(self.scale_form, SCALE_FORMS, "scale_form")
+        check_choice(self.smoothing, SMOOTHINGS, "smoothing")
+        if self.realisation == "folded" and (self.scale_form, self.smoothing) != (DEFAULT_SCALE_FORM,
+                                                                                   DEFAULT_SMOOTHING):
+            raise SegQuantError("the folded realisation supports scale_form='step' and smoothing='per_layer' only")
 
 
 @dataclass(frozen=True)
@@ -361,15 +397,43 @@ def quantize_input_segment(x: Tensor, fmt: QuantFormat, dual: bool, per_token: b
     return quantize(x, scale, fmt), scale
 
 
+def fake_quant_segment(x: Tensor, fmt: QuantFormat, dual: bool, per_token: bool, stats: ActivationStats | None,
+                       i: int, form: str = DEFAULT_SCALE_FORM) -> Tensor:
+    """``x_hat`` of input segment ``i`` as ``quantize_input_segment`` quantizes it, in float32. In the ``step``
+    form it is ``codes * unit`` (bit for bit what the split-K GEMM sees); in the ``reciprocal`` form each side's
+    codes are divided by their own multiplier, as the reference code does."""
+    if form == DEFAULT_SCALE_FORM:
+        q, unit = quantize_input_segment(x, fmt, dual, per_token, stats, i)
+        return q * unit
+    if dual:
+        pos = None if stats is None or per_token else stats.pos_amax[i]
+        neg = None if stats is None or per_token else stats.neg_amax[i]
+        q, r_pos, r_neg = dual_scale_quantize(x, fmt, pos, neg, per_token, form)
+        return dual_scale_dequantize(q, r_pos, r_neg, form)
+    amax = amax_per_token(x) if per_token else (amax_per_tensor(x) if stats is None else stats.amax[i])
+    return fake_quant(x.float(), scale_from_amax(amax, fmt, form=form), fmt, form)
+
+
 def fake_quant_input(x: Tensor, fmt: QuantFormat, segments: Sequence[int], dual_segments: Sequence[int],
                      stats: ActivationStats | None, smooth: Tensor | None = None, folded: bool = False,
-                     per_token: bool | None = None, add_center: bool = True) -> Tensor:
+                     per_token: bool | None = None, add_center: bool = True, form: str = DEFAULT_SCALE_FORM) -> Tensor:
     """A Linear's input as a SegQuant layer feeds it to its GEMM, in ``x.dtype``: ``x * smooth`` (minus the
     shift centres of ``stats``) split into ``segments``, each quantized by ``quantize_input_segment`` (static
     from ``stats``, per token when ``per_token``, default: when there are no stats); the codes times their unit
     scale, or (``folded``: the unit scales live in the weight) the codes alone. The centres are added back
     unless ``add_center`` is False (then the caller adds ``W c`` to the bias, as a deployed layer does). The one
-    implementation behind ModelOpt's fake quantization and the HF-checkpoint runtime."""
+    implementation behind ModelOpt's fake quantization and the HF-checkpoint runtime. With ``form="reciprocal"``
+    the input is divided by ``smooth`` (the reference code's SmoothQuant divisors) and each segment
+    fake-quantized by ``fake_quant_segment`` (no folding, no shift)."""
+    if form != DEFAULT_SCALE_FORM:
+        if folded or (stats is not None and stats.center is not None):
+            raise SegQuantError(f"scale_form {form!r} has no folded realisation and no activation shift")
+        v = (x.float() / smooth.float()) if smooth is not None else x.float()
+        per_token = stats is None if per_token is None else per_token
+        dual = set(dual_segments)
+        parts = [fake_quant_segment(part, fmt, i in dual, per_token, stats, i, form)
+                 for i, part in enumerate(v.split(list(segments), dim=-1))]
+        return torch.cat(parts, dim=-1).to(x.dtype)
     v = x * smooth if smooth is not None else x
     center = None if stats is None else stats.center
     if center is not None:
@@ -406,6 +470,41 @@ def smoothquant_factors(weight: Tensor, act_channel_amax: Tensor, alpha: float) 
     return (w_amax.pow(1 - alpha) / x_amax.pow(alpha)).clamp(1e-4, 1e4)
 
 
+def smoothquant_divisors(weight: Tensor, act_channel_amax: Tensor, alpha: float) -> Tensor:
+    """The reference code's SmoothQuant factors ``d`` (shape ``(K,)``): the layer computes ``(x / d) @ (W * d).T``.
+
+    ``d = max|x[..., k]|^alpha / max|W[:, k]|^(1 - alpha)``; a ``d <= 2^-31`` becomes 1, then ``d`` is clamped to
+    ``[1e-4, 1e4]``. The reciprocal of ``smoothquant_factors`` in exact arithmetic (the ``reciprocal`` scale form
+    applies smoothing as this division, to the last bit as the reference does).
+    """
+    if not 0 <= alpha <= 1:
+        raise SegQuantError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    w_amax = weight.detach().float().abs().amax(0)
+    x_amax = act_channel_amax.float().to(w_amax.device)
+    d = x_amax ** float(alpha) / w_amax ** (1 - float(alpha))
+    d = torch.where(d <= 1.0 / (1 << 31), torch.ones_like(d), d)
+    return d.clamp(1e-4, 1e4)
+
+
+def smoothing_factors(weight: Tensor, act_channel_amax: Tensor, alpha: float, form: str = DEFAULT_SCALE_FORM) \
+        -> Tensor:
+    """SmoothQuant factors in ``form``: ``smoothquant_factors`` (``step``: ``x`` is multiplied) or
+    ``smoothquant_divisors`` (``reciprocal``: ``x`` is divided)."""
+    if check_choice(form, SCALE_FORMS, "scale_form") == "reciprocal":
+        return smoothquant_divisors(weight, act_channel_amax, alpha)
+    return smoothquant_factors(weight, act_channel_amax, alpha)
+
+
+def smooth_input(x: Tensor, factors: Tensor, form: str = DEFAULT_SCALE_FORM) -> Tensor:
+    """``x * factors`` (``step``) or ``x / factors`` (``reciprocal``), float32."""
+    return x.float() / factors.float() if form == "reciprocal" else x.float() * factors.float()
+
+
+def smooth_weight(w: Tensor, factors: Tensor, form: str = DEFAULT_SCALE_FORM) -> Tensor:
+    """``W / factors`` (``step``) or ``W * factors`` (``reciprocal``) over the input columns, float32."""
+    return w.float() * factors.float() if form == "reciprocal" else w.float() / factors.float()
+
+
 def fold_activation_scales(weight: Tensor, unit_scales: Tensor, segments: Sequence[int],
                            smooth: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fold per-segment activation scales (and SmoothQuant factors) into the weight columns.
@@ -424,7 +523,35 @@ def fold_activation_scales(weight: Tensor, unit_scales: Tensor, segments: Sequen
 
 def _quantize_weight(w: Tensor, layer: LinearPlan, spec: QuantSpec) -> Tensor:
     amax = weight_amax(w, layer.out_segments, spec.weight_granularity == "per_channel")
-    return fake_quant(w, scale_from_amax(amax, spec.weight_format), spec.weight_format)
+    return fake_quant(w, scale_from_amax(amax, spec.weight_format, form=spec.scale_form), spec.weight_format,
+                      spec.scale_form)
+
+
+def _check_shapes(x: Tensor, weight: Tensor, layer: LinearPlan) -> str:
+    """The layer's name; ``PlanError`` unless ``x`` and ``weight`` have the plan entry's shape,
+    ``SegQuantError`` if they hold NaN or Inf."""
+    name = layer.name or "<layer>"
+    if weight.shape != (layer.out_features, layer.in_features) or x.shape[-1] != layer.in_features:
+        raise PlanError(f"{name}: plan is {layer.in_features}->{layer.out_features}, got weight "
+                        f"{tuple(weight.shape)} and input last dim {x.shape[-1]}")
+    _check_finite(x, f"{name}: input")
+    _check_finite(weight, f"{name}: weight")
+    return name
+
+
+def _bias(bias: Tensor | None) -> Tensor | float:
+    return 0.0 if bias is None else bias.float()
+
+
+def _split_k(xf: Tensor, w_hat: Tensor, layer: LinearPlan, spec: QuantSpec, stats: ActivationStats | None) -> Tensor:
+    """``sum_s fake_quant_segment(x_s) @ W_hat[:, K_s].T`` (float32, no bias; no activation shift)."""
+    if stats is not None and stats.center is not None:
+        raise SegQuantError(f"{layer.name or '<layer>'}: scale_form {spec.scale_form!r} has no activation shift")
+    fmt, per_token = get_format(spec.act_format), spec.act_granularity == "per_token"
+    dual = set(layer.dual_scale_segments) if layer.dual_scale else set()
+    segs = list(layer.in_segments)
+    return sum(fake_quant_segment(p, fmt, i in dual, per_token, stats, i, spec.scale_form) @ w_s.t()
+               for i, (p, w_s) in enumerate(zip(xf.split(segs, dim=-1), w_hat.split(segs, dim=1))))
 
 
 def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: LinearPlan,
@@ -442,31 +569,31 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
             dynamic from ``x`` (per tensor or per token). Its ``center`` (the activation shift) is subtracted
             before quantization and ``W_hat c`` added to the output, with static or per-token scales.
         smooth: SmoothQuant factors ``(K,)`` (``smoothquant_factors``): the layer computes
-            ``(x * smooth) @ (W / smooth).T``; None = no smoothing.
+            ``(x * smooth) @ (W / smooth).T``; None = no smoothing. ``reciprocal`` scale form: divisors
+            (``smoothquant_divisors``); ``per_segment`` smoothing: see ``per_segment_linear``.
     Returns:
         ``(..., N)`` in ``x.dtype``.
     Raises:
         PlanError: if ``x`` or ``weight`` do not match the plan entry's shape.
     """
-    name = layer.name or "<layer>"
+    name = _check_shapes(x, weight, layer)
     per_token = spec.act_granularity == "per_token"
-    if weight.shape != (layer.out_features, layer.in_features) or x.shape[-1] != layer.in_features:
-        raise PlanError(f"{name}: plan is {layer.in_features}->{layer.out_features}, got weight "
-                        f"{tuple(weight.shape)} and input last dim {x.shape[-1]}")
+    if spec.smoothing == "per_segment" and smooth is not None:
+        return per_segment_linear(x, weight, bias, layer, spec, stats, smooth)
     if stats is not None:
         stats.check(layer)
     if spec.realisation == "folded" and per_token:
         raise SegQuantError(f"{name}: the folded realisation needs static per_tensor activation scales; "
                             "use realisation='split_k' with per_token activations")
-    _check_finite(x, f"{name}: input")
-    _check_finite(weight, f"{name}: weight")
     if x.numel() == 0:
         return x.new_zeros(*x.shape[:-1], layer.out_features)
     act_fmt = get_format(spec.act_format)
     w, xf = weight.float(), x.float()
     if smooth is not None:
-        w, xf = w / smooth.float(), xf * smooth.float()
+        w, xf = smooth_weight(w, smooth, spec.scale_form), smooth_input(xf, smooth, spec.scale_form)
     center = None if stats is None else stats.center
+    if spec.scale_form != DEFAULT_SCALE_FORM:
+        return (_split_k(xf, _quantize_weight(w, layer, spec), layer, spec, stats) + _bias(bias)).to(x.dtype)
     if center is not None:
         xf = xf - center.float()
     dual = set(layer.dual_scale_segments) if layer.dual_scale else set()
@@ -487,6 +614,105 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ---- per-segment SmoothQuant (the reference code's) -----------------------------------------------------------
+
+def tile_weight_amax(w: Tensor, in_segments: Sequence[int], per_channel: bool) -> Tensor:
+    """``(N, K)`` weight amax with one value per input segment of ``w`` (over all its rows, or per row with
+    ``per_channel``), repeated over the segment's columns."""
+    segs = _check_segments(in_segments, w.shape[1], "in_segments")
+    tiles = []
+    for part in w.detach().float().abs().split(segs, dim=1):
+        amax = part.amax(dim=1, keepdim=True) if per_channel else part.amax().reshape(1, 1).expand(part.shape[0], 1)
+        tiles.append(amax.expand(-1, part.shape[1]))
+    return torch.cat(tiles, dim=1)
+
+
+def per_segment_weight(weight: Tensor, layer: LinearPlan, smooth: Tensor, fmt: str | QuantFormat,
+                       per_channel: bool, form: str = DEFAULT_SCALE_FORM) -> list[Tensor]:
+    """The fake-quantized weight of each output segment ``b``: ``Q(W_b`` smoothed by ``smooth[b])``, one scale per
+    input segment (per row and input segment with ``per_channel``). Float32, ``[(N_b, K)]``."""
+    rows = weight.float().split(list(layer.out_segments), dim=0)
+    out = []
+    for w_b, factors in zip(rows, _block_factors(smooth, layer)):
+        w_s = smooth_weight(w_b, factors, form)
+        out.append(fake_quant(w_s, scale_from_amax(tile_weight_amax(w_s, layer.in_segments, per_channel), fmt,
+                                                   form=form), fmt, form))
+    return out
+
+
+def per_segment_inputs(x: Tensor, layer: LinearPlan, stats: Sequence[ActivationStats], smooth: Tensor,
+                       fmt: str | QuantFormat, form: str = DEFAULT_SCALE_FORM) -> list[Tensor]:
+    """The fake-quantized input of each output segment ``b``: ``x`` smoothed by ``smooth[b]``, each input segment
+    quantized with ``stats[b]`` (static, DualScale as planned). Float32, ``[(..., K)]``."""
+    fmt = get_format(fmt)
+    dual = set(layer.dual_scale_segments) if layer.dual_scale else set()
+    out = []
+    for factors, st in zip(_block_factors(smooth, layer), stats):
+        v = smooth_input(x, factors, form)
+        out.append(torch.cat([fake_quant_segment(p, fmt, i in dual, False, st, i, form)
+                              for i, p in enumerate(v.split(list(layer.in_segments), dim=-1))], dim=-1))
+    return out
+
+
+def _block_factors(smooth: Tensor, layer: LinearPlan) -> list[Tensor]:
+    n = len(layer.out_segments)
+    smooth = smooth.float()
+    if smooth.dim() == 1:
+        smooth = smooth.expand(n, -1)
+    if smooth.shape != (n, layer.in_features):
+        raise PlanError(f"{layer.name or '<layer>'}: per-segment smoothing factors have shape {tuple(smooth.shape)}, "
+                        f"expected ({n}, {layer.in_features}) (one row per output segment)")
+    return list(smooth.unbind(0))
+
+
+def per_segment_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: LinearPlan, spec: QuantSpec,
+                       stats: Sequence[ActivationStats] | ActivationStats | None, smooth: Tensor) -> Tensor:
+    """Per-segment SmoothQuant (``QuantSpec.smoothing="per_segment"``, the paper's reference code): output segment
+    ``b`` of ``layer`` is its own smoothed Linear,
+
+        ``y_b = sum_s Q(x_s o d_b; a_bs) @ Q(W_bs o d_b; w_bs).T``
+
+    with ``o`` the smoothing of ``spec.scale_form`` (``x * d``, ``W / d`` for ``step``; ``x / d``, ``W * d`` for
+    ``reciprocal``), ``d_b`` the factors of segment ``b`` (``smoothquant_factors``/``smoothquant_divisors`` of the
+    weight rows of ``b``), ``a_bs`` the activation scale of input segment ``s`` of the smoothed input of ``b`` and
+    ``w_bs`` one weight scale per (output, input) segment tile. An output-segmented layer thus smooths and
+    quantizes its input once per output segment; an input-segmented one gets one weight scale per input segment.
+
+    Args:
+        x: ``(..., K)``; weight ``(N, K)``; bias ``(N,)`` or None.
+        stats: one static ``ActivationStats`` per output segment (of that segment's smoothed input); None =
+            dynamic per-tensor scales from each smoothed input.
+        smooth: ``(len(out_segments), K)`` factors (or ``(K,)``, shared).
+    Returns:
+        ``(..., N)`` in ``x.dtype``.
+    """
+    name = _check_shapes(x, weight, layer)
+    if spec.act_granularity != "per_tensor" or spec.realisation != "split_k":
+        raise SegQuantError(f"{name}: per-segment smoothing needs static per_tensor activations and the split_k "
+                            "realisation")
+    n = len(layer.out_segments)
+    if stats is None:
+        stats = [activation_stats(smooth_input(x, f, spec.scale_form), layer.in_segments)
+                 for f in _block_factors(smooth, layer)]
+    elif isinstance(stats, ActivationStats):
+        stats = [stats] * n
+    if len(stats) != n:
+        raise PlanError(f"{name}: {len(stats)} calibration stats for {n} output segments")
+    for st in stats:
+        st.check(layer)
+        if st.center is not None:
+            raise SegQuantError(f"{name}: per-segment smoothing has no activation shift")
+    fmt = get_format(spec.act_format)
+    inputs = per_segment_inputs(x, layer, stats, smooth, fmt, spec.scale_form)
+    weights = per_segment_weight(weight, layer, smooth, spec.weight_format, spec.weight_granularity == "per_channel",
+                                 spec.scale_form)
+    ys = [sum(p @ w_s.t() for p, w_s in zip(x_b.split(list(layer.in_segments), dim=-1),
+                                           w_b.split(list(layer.in_segments), dim=1)))
+          for x_b, w_b in zip(inputs, weights)]
+    y = torch.cat(ys, dim=-1)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:

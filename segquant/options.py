@@ -26,6 +26,21 @@ applied after) or ``folded`` (``a_s`` folded into the weight columns before weig
 a per-tensor activation Q/DQ after a ``pre_quant_scale`` Mul on export)."""
 DEFAULT_REALISATION = "split_k"
 
+SMOOTHINGS = ("per_layer", "per_segment")
+"""How SmoothQuant factors are computed: ``per_layer`` (one factor per input channel for the whole layer) or
+``per_segment`` (the paper's reference code: each output segment of an output-segmented layer gets its own factors,
+weight scale and input scale, the input being smoothed once per segment; each input segment of an input-segmented
+layer gets its own weight scale)."""
+DEFAULT_SMOOTHING = "per_layer"
+
+SCALE_FORMS = ("step", "reciprocal")
+"""How a scale is applied: ``step`` (``s = amax / qmax``, ``q = round(x / s)``, ``x_hat = q * s``, as ONNX
+QuantizeLinear; SmoothQuant multiplies ``x`` by ``max|W|^(1-alpha) / max|x|^alpha``) or ``reciprocal``
+(``r = qmax / amax``, ``q = round(x * r)``, ``x_hat = q / r``, as the paper's reference code and ModelOpt's own fake
+quant; SmoothQuant divides ``x`` by ``max|x|^alpha / max|W|^(1-alpha)``). Equal in exact arithmetic; they differ in
+the last bit, which can move a value across a rounding boundary."""
+DEFAULT_SCALE_FORM = "step"
+
 ACTIVATION_MODES = ("static", "dynamic")
 """``static``: calibrated per-segment scales; ``dynamic``: per-token scales computed at run time."""
 

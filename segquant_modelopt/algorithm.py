@@ -26,13 +26,15 @@ from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
 
 from segquant import AnalysisOptions, LinearPlan, SegmentAmaxObserver, SegQuantError, SegQuantPlan, analyze, \
     example_inputs, get_precision
-from segquant.calib import check_calibration, static_calibration
+from segquant.calib import check_calibration, layer_alpha, static_calibration
 from segquant.numerics import QuantFormat, expand_segments, fold_activation_scales, get_format, weight_amax
-from segquant.options import DEFAULT_REALISATION, REALISATIONS
+from segquant.options import DEFAULT_REALISATION, DEFAULT_SCALE_FORM, DEFAULT_SMOOTHING, REALISATIONS, SCALE_FORMS, \
+    SMOOTHINGS
 from segquant.recording import record_linears
 from segquant.transaction import ModelSnapshot
 
 from .quantizer import format_of, is_marked, mark
+from .segment_smoothing import apply_reference, is_reference_arithmetic, reference_settings
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,13 @@ class SegQuantCalibConfig(QuantizeAlgorithmConfig):
         default=False, title="Keep degenerate layers in high precision.",
         description="Layers that calibration never reached, or whose range is zero on an input segment, stay in "
                     "high precision (a warning names them) instead of being an error.")
+    smoothing: Literal[SMOOTHINGS] = ModeloptField(
+        default=DEFAULT_SMOOTHING, title="SmoothQuant granularity.",
+        description="per_layer, or per_segment (the paper's reference code: one factor set, weight scale and input "
+                    "scale per output segment; one weight scale per input segment). See segquant.reference_mode.")
+    scale_form: Literal[SCALE_FORMS] = ModeloptField(
+        default=DEFAULT_SCALE_FORM, title="Scale form.",
+        description="step: q = round(x / s); reciprocal: q = round(x * r), x_hat = q / r (the reference code's).")
     show_progress: bool = ModeloptField(default=True, title="Progress bar.",
                                         description="Show a tqdm bar over calibration batches.")
     plan: dict | None = ModeloptField(default=None, title="The applied plan.",
@@ -154,7 +163,7 @@ def _settings(name: str, module: nn.Module, layer: LinearPlan, observer: Segment
     (``segquant.numerics``: per segment, ``s+``/``s-`` on DualScale segments) is set as ``amax = s * qmax``."""
     fmt = _format(module.input_quantizer, name)
     w = module.weight.detach().float()
-    stats, smooth = static_calibration(observer, w, alpha)
+    stats, smooth = static_calibration(observer, w, layer_alpha(layer, alpha))  # stats.center: the shift
     act_scale, neg_scale = stats.scales(layer, fmt)
     segs = layer.in_segments
     dual = layer.dual_scale_segments if layer.dual_scale else ()
@@ -198,6 +207,7 @@ def _apply(module: nn.Module, s: _LayerSettings) -> None:
     quantizer = mark(module.input_quantizer)
     quantizer.set_input_role(list(s.layer.in_segments), list(s.layer.dual_scale_segments) if s.layer.dual_scale else [],
                              s.stats, s.smooth, s.folded)
+    quantizer.set_shift(s.layer.shift, list(s.layer.shift_segments))
     _set_amax(quantizer, s.input_amax.to(module.weight.device), None if s.input_amax.dim() == 0 else -1)
     if s.pre_quant_scale is not None:
         if hasattr(quantizer, "_pre_quant_scale"):
@@ -207,12 +217,24 @@ def _apply(module: nn.Module, s: _LayerSettings) -> None:
         quantizer.set_dual_scale(s.neg_amax.to(module.weight.device), s.dual_mask)
 
 
-def _apply_dynamic(module: nn.Module, layer: LinearPlan) -> None:
+def _apply_dynamic(module: nn.Module, layer: LinearPlan, observer: SegmentAmaxObserver | None) -> None:
+    """Per-token input scales; a shifted layer keeps the calibrated centres of its ``observer``."""
     per_channel = module.weight_quantizer.axis == 0
     _set_amax(module.weight_quantizer, weight_amax(module.weight, layer.out_segments, per_channel), 0)
     mark(module.weight_quantizer).set_weight_role(list(layer.out_segments), per_channel)
-    mark(module.input_quantizer).set_input_role(
-        list(layer.in_segments), list(layer.dual_scale_segments) if layer.dual_scale else [], None, None, False)
+    quantizer = mark(module.input_quantizer)
+    quantizer.set_input_role(list(layer.in_segments), list(layer.dual_scale_segments) if layer.dual_scale else [],
+                             observer.stats() if observer is not None else None, None, False, dynamic=True)
+    quantizer.set_shift(layer.shift, list(layer.shift_segments))
+
+
+def _check_shift_calibration(enabled: dict[str, nn.Module], plan: SegQuantPlan, forward_loop: Callable | None) -> None:
+    """A shifted dynamic layer still takes its centres from calibration data."""
+    shifted = [n for n, m in enabled.items() if m.input_quantizer._dynamic and plan[n].shift is not None]
+    if shifted and forward_loop is None:
+        raise SegQuantError(f"{shifted[0]} ({len(shifted)} layers) has an activation shift, whose centre comes from "
+                            "calibration even with dynamic activation scales: pass a forward_loop to mtq.quantize, "
+                            "or drop the shift from the plan (plan.ablate(shift=False))")
 
 
 def _resolve_plan(model: nn.Module, layers: dict[str, nn.Module], forward_loop: Callable | None,
@@ -290,7 +312,7 @@ def _keep_high_precision(layers: dict[str, nn.Module], plan: SegQuantPlan) -> No
 def _observe(model: nn.Module, forward_loop: Callable | None, observers: dict[str, SegmentAmaxObserver],
              show_progress: bool) -> None:
     """Run the calibration loop (ModelOpt's max calibration of the remaining quantizers included) with
-    every static layer's input going to its observer."""
+    every observed layer's input (static or shifted) going to its observer."""
     progress = _progress(model, show_progress)
     try:
         with record_linears(model, observers, keep=False, on_input=lambda n, x: observers[n].update(x)):
@@ -303,6 +325,7 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
                        dual_scale: bool | None = None, realisation: str = DEFAULT_REALISATION,
                        alpha: float | None = None, overrides: dict | None = None, head_segments: bool = False,
                        show_progress: bool = True, plan: dict | None = None, keep_degenerate: bool = False,
+                       smoothing: str = DEFAULT_SMOOTHING, scale_form: str = DEFAULT_SCALE_FORM,
                        **kwargs: Any) -> None:
     """Calibrate ``model`` (already converted by ``mtq.quantize``'s quantize step) with SegQuant.
 
@@ -321,7 +344,7 @@ def segquant_calibrate(model: nn.Module, forward_loop: Callable | None = None, s
     snapshot = ModelSnapshot(model)
     try:
         _calibrate(model, forward_loop, seg_linear, dual_scale, realisation, alpha, overrides, head_segments,
-                   show_progress, plan, keep_degenerate)
+                   show_progress, plan, keep_degenerate, smoothing=smoothing, scale_form=scale_form)
     except BaseException:
         snapshot.restore()
         if fresh:
@@ -352,7 +375,11 @@ def undo_conversion(model: nn.Module) -> None:
 
 def _calibrate(model: nn.Module, forward_loop: Callable | None, seg_linear: bool | None, dual_scale: bool | None,
                realisation: str, alpha: float | None, overrides: dict | None, head_segments: bool,
-               show_progress: bool, plan: dict | None, keep_degenerate: bool) -> None:
+               show_progress: bool, plan: dict | None, keep_degenerate: bool, *,
+               smoothing: str = DEFAULT_SMOOTHING, scale_form: str = DEFAULT_SCALE_FORM) -> None:
+    reference = is_reference_arithmetic(smoothing, scale_form)
+    if reference and realisation != "split_k":
+        raise SegQuantError(f"smoothing={smoothing!r}, scale_form={scale_form!r} need realisation='split_k'")
     layers = _quantized_linears(model)
     dynamic_only = all(m.input_quantizer._dynamic for m in layers.values() if m.input_quantizer.is_enabled)
     if forward_loop is None and not dynamic_only:
@@ -364,20 +391,32 @@ def _calibrate(model: nn.Module, forward_loop: Callable | None, seg_linear: bool
     enabled = {n: m for n, m in layers.items()
                if n in resolved and resolved[n].quantized and m.input_quantizer.is_enabled}
     _check_layers(enabled, resolved)
+    _check_shift_calibration(enabled, resolved, forward_loop)
     static = {n: m for n, m in enabled.items() if not m.input_quantizer._dynamic}
-    observers = {name: SegmentAmaxObserver(resolved[name]) for name in static}
+    if reference and len(static) < len(enabled):
+        raise SegQuantError(f"smoothing={smoothing!r}, scale_form={scale_form!r} (reference mode) quantize static "
+                            "activations only; use a static precision (int8_w8a8, int8_perchannel, fp8)")
+    observed = [n for n in enabled if n in static or resolved[n].shift is not None]  # shifts: centres
+    observers = {name: SegmentAmaxObserver(resolved[name]) for name in observed}
     _observe(model, forward_loop, observers, show_progress)
     kept = check_calibration(observers, keep_degenerate)
     if kept:
         resolved = resolved.keep_high_precision(kept)
         static = {n: m for n, m in static.items() if n not in kept}
         enabled = {n: m for n, m in enabled.items() if n not in kept}
-    settings = {n: _settings(n, m, resolved[n], observers[n], realisation, alpha) for n, m in static.items()}
-    for name, module in static.items():  # nothing above changed a layer: apply all or nothing
-        _apply(module, settings[name])
+    if reference:  # per-segment smoothing / reciprocal scales: segment_smoothing.py
+        tiles = {n: reference_settings(n, m, resolved[n], observers[n], layer_alpha(resolved[n], alpha), smoothing,
+                                       scale_form) for n, m in static.items()}
+        for name, module in static.items():
+            mark(module.weight_quantizer), mark(module.input_quantizer)
+            apply_reference(module, tiles[name])
+    else:
+        settings = {n: _settings(n, m, resolved[n], observers[n], realisation, alpha) for n, m in static.items()}
+        for name, module in static.items():  # nothing above changed a layer: apply all or nothing
+            _apply(module, settings[name])
     for name, module in enabled.items():
         if module.input_quantizer._dynamic:
-            _apply_dynamic(module, resolved[name])
+            _apply_dynamic(module, resolved[name], observers.get(name))
     _keep_high_precision(layers, resolved)
     model._segquant_plan = resolved
     logger.info("SegQuant calibrated %d layers (%s, realisation=%s, alpha=%s)", len(enabled), resolved.summary(),

@@ -20,10 +20,12 @@ from torch import nn
 
 from segquant import Capabilities, QuantizedLayer, QuantizeOptions, SegQuantError, SegQuantPlan
 from segquant.backend import DEFAULT_ONNX_MODE, ForwardLoop, check_quantize_call
+from segquant.options import SCALE_FORMS, SMOOTHINGS
 
 from .configs import PRECISION_CONFIGS, config_for_plan
 from .export import export_onnx
 from .quantizer import format_of, is_marked
+from .segment_smoothing import check_exportable, is_reference_arithmetic
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ class ModelOptBackend:
 
     name = "modelopt"
     capabilities = Capabilities(precisions=tuple(PRECISION_CONFIGS), activation_modes=("static", "dynamic"),
-                                onnx_export=True, save_load=True)
+                                onnx_export=True, save_load=True, smoothings=SMOOTHINGS, scale_forms=SCALE_FORMS)
 
     def quantize(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                  forward_loop: ForwardLoop | None) -> nn.Module:
@@ -123,6 +125,9 @@ class ModelOptBackend:
 
     def quantize_and_save(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                           forward_loop: ForwardLoop | None, folder: Path, name: str) -> tuple[nn.Module, list[Path]]:
+        if is_reference_arithmetic(options.smoothing, options.scale_form):
+            raise SegQuantError(f"smoothing={options.smoothing!r}, scale_form={options.scale_form!r} (reference mode) "
+                                "is a fake-quantization mode with no checkpoint; quantize with the default options")
         quantized = self.quantize(model, plan, options, forward_loop)
         path = Path(folder) / CHECKPOINT.format(denoiser=name)
         mto.save(quantized, path)
@@ -141,6 +146,7 @@ class ModelOptBackend:
         and DualScale, ``qdq`` mode exports them as per-channel Q/DQ and two Q/DQ branches."""
         if not example_kwargs:
             raise SegQuantError("no denoiser call was recorded during calibration: nothing to export")
+        check_exportable(model)
         return export_onnx(model, dict(example_kwargs), path, mode=mode)
 
     def quantize_baseline(self, model: nn.Module, precision: str, forward_loop: ForwardLoop | None) \

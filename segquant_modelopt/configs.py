@@ -130,5 +130,6 @@ def config_for_plan(plan: SegQuantPlan, options: QuantizeOptions = QuantizeOptio
     cfg = copy.deepcopy(PRECISION_CONFIGS[precision])
     cfg["algorithm"] = {"method": "segquant", "plan": plan.to_dict(), "alpha": options.smoothquant_alpha,
                         "realisation": options.realisation, "show_progress": options.show_progress,
-                        "keep_degenerate": options.keep_degenerate}
+                        "keep_degenerate": options.keep_degenerate, "smoothing": options.smoothing,
+                        "scale_form": options.scale_form}
     return cfg

@@ -11,6 +11,10 @@ Two modes (``segquant.backend.ONNX_MODES``):
   (``split_k``), DualScale as two Q/DQ branches (x+ and x-) added before the MatMul. onnxruntime runs it;
   TensorRT is unlikely to fuse ``Add(DQ, DQ) -> MatMul`` or per-channel activation Q/DQ into an INT8 GEMM.
 
+An activation shift (``LinearPlan.shift``) exports in both modes as a ``Sub`` of its constant (the centres ``c``,
+or ``c / a`` after the folded realisation's ``pre_quant_scale`` Mul) before the input Q/DQ, and the Linear's bias
+as ``b + W_hat c``: the Q/DQ still feeds the MatMul directly (``shift_in_bias``).
+
 Exporter: TorchScript (``dynamo=False``) in both modes. ModelOpt 0.47 emits Q/DQ only through the TorchScript
 ``symbolic`` of its ``FakeTensorQuantFunction``; it has no ``torch.export``/dynamo ONNX path for that fake
 quantization (tried with torch 2.13, onnxscript 0.7.2 on a tiny folded FLUX):
@@ -46,6 +50,8 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 from segquant import SegQuantError
 from segquant.backend import DEFAULT_ONNX_MODE, ONNX_MODES
 from segquant.options import check_choice
+
+from .quantizer import is_marked
 
 OPSET = 17
 SHOWN = 3
@@ -114,6 +120,45 @@ def check_tensorrt(model: nn.Module) -> None:
             "into INT8 GEMMs)")
 
 
+def _shifted_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers whose enabled SegQuant input quantizer shifts its input."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and is_marked(getattr(m, "input_quantizer", None))
+            and m.input_quantizer.is_enabled and m.input_quantizer.shift_offset() is not None}
+
+
+def _shifted_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, b + W_hat o)`` (``segquant.numerics.shift_bias``): ``o`` the shift as the GEMM's input carries it
+    (``SegmentTensorQuantizer.shift_offset``), ``W_hat`` the weight as the fake-quant model's GEMM uses it."""
+    from segquant.numerics import shift_bias
+
+    with torch.no_grad():
+        weight = module.weight_quantizer(module.weight)  # outside the export: the reference fake quantization
+        offset = module.input_quantizer.shift_offset()
+        bias = shift_bias(weight, module.bias, offset).to(module.weight.dtype)
+    return offset.to(module.weight.dtype), bias
+
+
+@contextlib.contextmanager
+def shift_in_bias(model: nn.Module):
+    """While exporting: each shifted layer's bias is ``b + W_hat o`` and its input quantizer subtracts the constant
+    ``o`` before the Q/DQ without adding it back after (an ``Add`` between the DQ and the MatMul would keep
+    TensorRT from fusing them into a quantized GEMM)."""
+    layers = _shifted_linears(model)
+    shifts = {name: _shifted_bias(m) for name, m in layers.items()}
+    saved = {name: m._parameters["bias"] for name, m in layers.items()}
+    try:
+        for name, module in layers.items():
+            offset, bias = shifts[name]
+            module._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
+            module.input_quantizer._segquant_offset_in_bias = offset
+        yield
+    finally:
+        for name, module in layers.items():
+            module._parameters["bias"] = saved[name]
+            module.input_quantizer.__dict__.pop("_segquant_offset_in_bias", None)
+
+
 def _first_line(error: BaseException) -> str:
     return next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
 
@@ -172,8 +217,9 @@ def export_onnx(model: nn.Module, example_kwargs: dict[str, Any], path: str | Pa
         check_tensorrt(model)
     constants = {k: v for k, v in example_kwargs.items() if k not in names}
     path = Path(path)
-    _torchscript_export(_KeywordModule(model, names, constants), tuple(example_kwargs[n] for n in names), path,
-                        opset, names)
+    with shift_in_bias(model):
+        _torchscript_export(_KeywordModule(model, names, constants), tuple(example_kwargs[n] for n in names), path,
+                            opset, names)
     if mode == "tensorrt":
         per_axis = sum(qdq_axes(path)["activation_per_axis"].values())
         if per_axis:

@@ -18,10 +18,13 @@ formats can express in their standard form and says what they cannot:
   activation kind, realisation, smoothing) and lists under ``needs`` what a layer uses beyond its standard form:
   ``input_segments`` (split-K per-segment activation scales), ``dual_scale``, ``output_segments`` and
   ``pre_quant_scale`` (FP8 has one weight scale and no pre-quant scale), ``format`` (formats no ModelOpt
-  ``quant_algo`` names, e.g. INT4 per-channel weights with INT8 per-token activations).
+  ``quant_algo`` names, e.g. INT4 per-channel weights with INT8 per-token activations) and ``shift`` (an
+  activation shift: the input is quantized as ``x - c``).
 - ``segquant.safetensors``: the calibrated ranges the SegQuant runtime quantizes with (per input segment: amax,
-  positive and negative amax) and the SmoothQuant factors, so that ``load_hf_checkpoint`` rebuilds a model whose
-  outputs equal the fake-quant model's bit for bit.
+  positive and negative amax), the SmoothQuant factors and a shifted layer's ``(K,)`` centres ``input_center``
+  (of the smoothed input), so that ``load_hf_checkpoint`` rebuilds a model whose outputs equal the fake-quant
+  model's bit for bit. A shifted layer's ``bias`` is its own ``b``: the runtime feeds ``Q(x - c) + c`` to the GEMM
+  (a deployment folds ``W_hat c`` into the bias, as ``segquant_modelopt.export`` does in ONNX).
 
 ``strict=True`` refuses a model with any layer that needs SegQuant, naming the layers, before writing anything.
 """
@@ -40,12 +43,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from segquant import SegQuantError
-from segquant.numerics import ActivationStats, QuantFormat, fake_quant_input, get_format, quantize, \
-    scale_from_amax
+from segquant.numerics import ActivationStats, QuantFormat, get_format, quantize, scale_from_amax
 
-from .quantizer import format_of, is_marked
+from .quantizer import format_of, is_marked, quantize_layer_input
 
-SECTION_VERSION = 1
+SECTION_VERSION = 2
+READABLE_SECTION_VERSIONS = (1, 2)
+"""Version 2 adds the activation shift (``shift``, ``shift_segments``, ``<layer>.input_center``); version 1
+sections, which have none, are read as well. A loader of version 1 refuses a version 2 checkpoint by its version."""
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 SEGQUANT_FILE = "segquant.safetensors"
 SEGQUANT_ALGO = "SEGQUANT"
@@ -57,6 +62,7 @@ NEEDS = {
     "output_segments": "one weight scale per output segment where the format has one per tensor (FP8)",
     "pre_quant_scale": "SmoothQuant factors or folded input segments, which the FP8 format has no place for",
     "format": "weight/activation formats no ModelOpt quant_algo names",
+    "shift": "an activation shift: the input is quantized as x - c (input_center) and W c joins the bias",
 }
 """What each ``needs`` entry of the ``segquant`` section means."""
 
@@ -72,6 +78,8 @@ class LayerExport:
         in_segments / out_segments / dual_scale_segments: as in the plan.
         realisation: ``split_k`` or ``folded`` (static activations only).
         smoothed: whether the layer has SmoothQuant factors.
+        shift / shift_segments: the activation shift (``per_tensor``/``per_channel``) and its input segments; None
+            and empty without one.
         standard: the ModelOpt ``quant_algo`` of the layer, None when it needs SegQuant.
         needs: keys of ``NEEDS`` that the layer uses beyond ``standard`` form.
     """
@@ -85,6 +93,8 @@ class LayerExport:
     dual_scale_segments: list[int]
     realisation: str
     smoothed: bool
+    shift: str | None = None
+    shift_segments: list[int] = field(default_factory=list)
     standard: str | None = None
     needs: list[str] = field(default_factory=list)
 
@@ -122,6 +132,8 @@ def _standard_algo(layer: LayerExport, weight_one_scale: bool, has_pre_quant_sca
         needs.append("dual_scale")
     if len(layer.in_segments) > 1 and layer.realisation != "folded":
         needs.append("input_segments")
+    if layer.shift is not None:
+        needs.append("shift")
     w, a, kind = layer.weight_format, layer.act_format, layer.activations
     if (w, a, kind) == ("int8", "int8", "static"):
         algo = "W8A8_SQ_PER_CHANNEL"
@@ -159,6 +171,9 @@ def describe(model: nn.Module) -> dict[str, LayerExport]:
                             list(getattr(iq, "_segquant_dual_segments", [])) if role else [],
                             "folded" if getattr(iq, "_segquant_folded", False) else "split_k",
                             role is not None and "_segquant_smooth" in iq._buffers)
+        if role is not None and iq.shift_center is not None:
+            layer.shift = getattr(iq, "_segquant_shift", None) or "per_channel"  # a centre per channel, at least
+            layer.shift_segments = list(getattr(iq, "_segquant_shift_segments", None) or range(len(segments)))
         scale = _weight_scale(module)
         layer.standard, layer.needs = _standard_algo(layer, bool((scale == scale.flatten()[0]).all()),
                                                      _pre_quant_scale(module) is not None)
@@ -192,14 +207,16 @@ def _layer_tensors(name: str, module: nn.Module, layer: LayerExport) -> tuple[di
     if module.bias is not None:
         standard[f"{name}.bias"] = module.bias.detach().clone()
     iq, extra = module.input_quantizer, {}
-    if layer.activations == "static":
-        if layer.standard is not None:
-            standard[f"{name}.input_scale"] = scale_from_amax(iq._amax.detach().reshape(()), layer.act_format)
-            pqs = _pre_quant_scale(module)
-            if pqs is not None:
-                standard[f"{name}.pre_quant_scale"] = pqs.detach().clone()
+    if layer.activations == "static" and layer.standard is not None:
+        standard[f"{name}.input_scale"] = scale_from_amax(iq._amax.detach().reshape(()), layer.act_format)
+        pqs = _pre_quant_scale(module)
+        if pqs is not None:
+            standard[f"{name}.pre_quant_scale"] = pqs.detach().clone()
+    if layer.activations != "none" and iq.segquant_stats() is not None:  # static ranges; a dynamic shift's too
         for key in ("amax", "pos", "neg"):
             extra[f"{name}.input_{key}"] = iq._buffers[f"_segquant_seg_{key}"].detach().float().clone()
+    if layer.shift is not None:
+        extra[f"{name}.input_center"] = iq.shift_center.detach().float().clone()
     if layer.smoothed:
         extra[f"{name}.smooth"] = iq._segquant_smooth.detach().clone()
     return standard, extra
@@ -328,7 +345,7 @@ class SegQuantCheckpointLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.layer = layer
         self.act_format = get_format(layer.act_format) if layer.act_format else None
-        for key in ("input_amax", "input_pos", "input_neg", "smooth"):
+        for key in ("input_amax", "input_pos", "input_neg", "input_center", "smooth"):
             if key in tensors:
                 self.register_buffer(key, tensors[key], persistent=False)
 
@@ -337,18 +354,21 @@ class SegQuantCheckpointLinear(nn.Linear):
         if layer.activations == "none" or x.numel() == 0:
             return x
         stats = None
-        if layer.activations == "static":
-            stats = ActivationStats(self.input_amax, self.input_pos, self.input_neg)
-        return fake_quant_input(x, self.act_format, layer.in_segments, layer.dual_scale_segments, stats,
-                                self.smooth if layer.smoothed else None, layer.realisation == "folded")
+        if layer.activations == "static" or layer.shift is not None:
+            stats = ActivationStats(self.input_amax, self.input_pos, self.input_neg,
+                                    self.input_center if layer.shift is not None else None)
+        return quantize_layer_input(x, self.act_format, layer.in_segments, layer.dual_scale_segments, stats,
+                                    self.smooth if layer.smoothed else None, layer.realisation == "folded",
+                                    per_token=layer.activations == "dynamic_per_token")
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         layer = self.layer
+        shift = f", shift={layer.shift} {layer.shift_segments}" if layer.shift is not None else ""
         return (f"{super().extra_repr()}, {layer.weight_format}/{layer.act_format or '-'} {layer.activations}, "
-                f"in_segments={layer.in_segments}, dual_scale={layer.dual_scale_segments}")
+                f"in_segments={layer.in_segments}, dual_scale={layer.dual_scale_segments}{shift}")
 
 
 def read_quantization_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -369,15 +389,34 @@ def read_quantization_config(folder: str | Path) -> tuple[dict[str, Any], dict[s
     if not isinstance(section, dict):
         raise SegQuantError(f"{path}: no quantization_config with a segquant section; not written by "
                             "segquant_modelopt.export_hf_checkpoint")
-    if section.get("version") != SECTION_VERSION:
+    if section.get("version") not in READABLE_SECTION_VERSIONS:
         raise SegQuantError(f"{path}: segquant section version {section.get('version')!r}; this segquant reads "
-                            f"version {SECTION_VERSION}")
+                            f"versions {', '.join(map(str, READABLE_SECTION_VERSIONS))}")
     return config, quant
 
 
 def _dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     scale = scale.float()
     return (codes.float() * (scale[:, None] if scale.dim() == 1 else scale)).to(dtype)
+
+
+def _check_layer_tensors(folder: Path, layer: LayerExport, tensors: dict[str, Tensor], in_features: int) -> None:
+    """The ``segquant.safetensors`` tensors that a layer's section entry says it quantizes with are there, shaped for
+    it: per-segment ranges (static), centres (shift), SmoothQuant factors (smoothed)."""
+    wanted = {}
+    if layer.activations == "static" or layer.shift is not None:
+        wanted.update({f"input_{key}": (len(layer.in_segments),) for key in ("amax", "pos", "neg")})
+    if layer.shift is not None:
+        wanted["input_center"] = (in_features,)
+    if layer.smoothed:
+        wanted["smooth"] = (in_features,)
+    for key, shape in wanted.items():
+        if key not in tensors:
+            raise SegQuantError(f"{folder}: layer {layer.name} needs {SEGQUANT_FILE} tensor {layer.name}.{key}, "
+                                "which is missing; the checkpoint is incomplete or was edited, export it again")
+        if tuple(tensors[key].shape) != shape:
+            raise SegQuantError(f"{folder}: {SEGQUANT_FILE} tensor {layer.name}.{key} has shape "
+                                f"{tuple(tensors[key].shape)}, layer {layer.name} needs {shape}; export it again")
 
 
 def load_hf_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -422,6 +461,7 @@ def load_hf_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -
         for key in ("input_scale", "pre_quant_scale"):
             state.pop(f"{name}.{key}", None)
         tensors = {k.rsplit(".", 1)[1]: v for k, v in extra.items() if k.rsplit(".", 1)[0] == name}
+        _check_layer_tensors(folder, layer, tensors, old.in_features)
         new = SegQuantCheckpointLinear(old.in_features, old.out_features, old.bias is not None, layer, tensors,
                                        device="meta", dtype=dtype)
         model.set_submodule(name, new)

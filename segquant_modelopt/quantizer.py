@@ -6,6 +6,11 @@ form). DualScale adds a negative-side amax: the quantizer splits its input into 
 the DualScale columns and fake-quantizes each with its own amax, which exports to ONNX as two
 QuantizeLinear/DequantizeLinear branches feeding the same (weight-quantized) MatMul.
 
+An activation shift (``LinearPlan.shift``) is a buffer ``_segquant_center`` (the calibrated centres ``c`` of the
+smoothed input): the PyTorch fake quantization feeds ``Q(x - c) + c`` to the GEMM (the oracle's ``W_hat Q(x - c)
++ W_hat c``), the ONNX export a ``Sub`` of ``c`` before the input Q/DQ with ``W_hat c`` in the Linear's bias
+(``segquant_modelopt.export``).
+
 The negative amax and the column mask are buffers of the quantizer and a ``SegQuantFlag`` is one of
 its properties, so ``mto.save``/``mto.restore`` carry them. Restore re-creates a plain
 ``TensorQuantizer`` and sets its properties; setting the flag turns it back into this class (as
@@ -22,8 +27,10 @@ import torch
 from torch import Tensor, nn
 from modelopt.torch.quantization.nn import TensorQuantizer
 
-from segquant.numerics import ActivationStats, QuantFormat, fake_quant, fake_quant_input, get_format, \
-    scale_from_amax
+from segquant.numerics import ActivationStats, QuantFormat, expand_segments, fake_quant, fake_quant_input, \
+    get_format, scale_from_amax
+
+from .segment_smoothing import tiles_forward
 
 
 class SegQuantFlag:
@@ -101,17 +108,46 @@ class SegmentTensorQuantizer(TensorQuantizer):
         self._segquant_weight_granularity = "per_channel" if per_channel else "per_tensor"
 
     def set_input_role(self, segments: list[int], dual_segments: list[int], stats: ActivationStats | None,
-                       smooth: Tensor | None, folded: bool) -> None:
-        """Static (``stats`` per segment, of the smoothed input) or dynamic (``stats`` None) input scales."""
-        self._segquant_role = "dynamic" if stats is None else "input"
+                       smooth: Tensor | None, folded: bool, dynamic: bool | None = None) -> None:
+        """Static (``stats`` per segment, of the smoothed input) or dynamic (``stats`` None, or ``dynamic``: per-token
+        scales; the stats then only carry the calibrated shift centres) input scales. ``stats.center`` (the
+        activation shift) is kept as the buffer ``_segquant_center``."""
+        self._segquant_role = "dynamic" if (stats is None if dynamic is None else dynamic) else "input"
         self._segquant_segments = [int(x) for x in segments]
         self._segquant_dual_segments = [int(i) for i in dual_segments]
         self._segquant_folded = bool(folded)
         for name, value in (("_segquant_seg_amax", None if stats is None else stats.amax),
                             ("_segquant_seg_pos", None if stats is None else stats.pos_amax),
                             ("_segquant_seg_neg", None if stats is None else stats.neg_amax),
-                            ("_segquant_smooth", smooth)):
+                            ("_segquant_smooth", smooth),
+                            ("_segquant_center", None if stats is None else stats.center)):
             self._set_buffer(name, value)
+
+    def set_shift(self, shift: str | None, shift_segments: list[int]) -> None:
+        """The plan's activation shift (``per_tensor``/``per_channel`` and its input segments), kept as properties
+        so that checkpoints describe it; the centres themselves come with the stats (``set_input_role``)."""
+        self._segquant_shift = shift
+        self._segquant_shift_segments = [int(i) for i in shift_segments] if shift is not None else []
+
+    @property
+    def shift_center(self) -> Tensor | None:
+        """The ``(K,)`` activation-shift centres ``c`` (of the smoothed input; zero on unshifted channels), or None."""
+        return self._buffers.get("_segquant_center")
+
+    def segquant_stats(self) -> ActivationStats | None:
+        """The calibrated ranges and shift centres this quantizer quantizes with (None: dynamic, unshifted)."""
+        if "_segquant_seg_amax" not in self._buffers:
+            return None
+        return ActivationStats(self._segquant_seg_amax, self._segquant_seg_pos, self._segquant_seg_neg,
+                               self.shift_center)
+
+    def shift_offset(self) -> Tensor | None:
+        """What the quantizer subtracts after its ``pre_quant_scale`` (``shift_offset``); None without a shift."""
+        stats = self.segquant_stats()
+        if stats is None or stats.center is None:
+            return None
+        return shift_offset(stats, self._segquant_segments, self._segquant_dual_segments, self.segquant_format,
+                            self._segquant_folded)
 
     def set_dual_scale(self, neg_amax: Tensor, dual_mask: Tensor) -> None:
         """ModelOpt-side DualScale state, used by the ONNX export (two Q/DQ branches)."""
@@ -142,40 +178,80 @@ class SegmentTensorQuantizer(TensorQuantizer):
             text += f" dual_scale={','.join(map(str, self._segquant_dual_segments))}"
         if "_segquant_smooth" in self._buffers:
             text += " smoothed"
+        if self.shift_center is not None:
+            text += " shifted"
         return text + (" folded" if self._segquant_folded else "")
 
     def _reference_forward(self, x: Tensor) -> Tensor:
         fmt = self.segquant_format
+        if self._segquant_role in ("input_tiles", "weight_tiles"):  # reference mode (segment_smoothing.py)
+            return tiles_forward(self, fmt, x)
         if self._segquant_role == "weight":
             return fake_quant(x, scale_from_amax(self._amax, fmt), fmt)
-        stats = None
-        if self._segquant_role == "input":
-            stats = ActivationStats(self._segquant_seg_amax, self._segquant_seg_pos, self._segquant_seg_neg)
-        return fake_quant_input(x, fmt, self._segquant_segments, self._segquant_dual_segments, stats,
-                                self._buffers.get("_segquant_smooth"), self._segquant_folded)
+        return quantize_layer_input(x, fmt, self._segquant_segments, self._segquant_dual_segments,
+                                    self.segquant_stats(), self._buffers.get("_segquant_smooth"),
+                                    self._segquant_folded, per_token=self._segquant_role == "dynamic")
 
     def forward(self, inputs: Tensor) -> Tensor:
         exporting = torch.onnx.is_in_onnx_export()
         if (getattr(self, "_segquant_role", None) and not exporting and not self._disabled and self._if_quant
                 and not self._if_calib and inputs.numel()):
             return self._reference_forward(inputs)
-        if not self.dual_scale or self._disabled or not self._if_quant or inputs.numel() == 0:
+        in_bias = self.__dict__.get("_segquant_offset_in_bias")  # set by segquant_modelopt.export.shift_in_bias
+        offset = in_bias if in_bias is not None else self.shift_offset() if is_marked(self) else None
+        if (not self.dual_scale and offset is None) or self._disabled or not self._if_quant or inputs.numel() == 0:
             return super().forward(inputs)
         x = inputs
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale  # positive per-channel scales commute with the sign split
+        if offset is not None:  # exported as a Sub of a constant before the Q/DQ (no Cast when the dtypes agree)
+            offset = offset if offset.dtype == x.dtype else offset.to(x.dtype)
+            x = x - offset
+        with self.disable_pre_quant_scale():
+            out = self._sign_split_forward(x) if self.dual_scale else super().forward(x)
+        if offset is not None and in_bias is None:
+            out = out + offset  # correct without segquant's exporter, which moves it to the bias
+        return out
+
+    def _sign_split_forward(self, x: Tensor) -> Tensor:
+        """DualScale through ModelOpt's fake quantization (ONNX: two Q/DQ branches added before the MatMul)."""
         mask = self._segquant_dual_mask
         positive = torch.where(mask, x.clamp(min=0), x)
         negative = torch.where(mask, x.clamp(max=0), torch.zeros_like(x))
-        with self.disable_pre_quant_scale():
-            out = super().forward(positive)
-            amax = self._buffers["_amax"]
-            self._buffers["_amax"] = self._segquant_neg_amax
-            try:
-                out = out + super().forward(negative)
-            finally:
-                self._buffers["_amax"] = amax
+        out = super().forward(positive)
+        amax = self._buffers["_amax"]
+        self._buffers["_amax"] = self._segquant_neg_amax
+        try:
+            out = out + super().forward(negative)
+        finally:
+            self._buffers["_amax"] = amax
         return out
+
+
+def shift_offset(stats: ActivationStats, segments: list[int], dual_segments: list[int], fmt: QuantFormat,
+                 folded: bool) -> Tensor:
+    """The shift as the GEMM's input carries it, ``(K,)`` float32: the centres ``c`` (``split_k``), or ``c / a``
+    in the folded realisation, whose input is the codes (``a``: each segment's unit scale, ``s+`` on DualScale
+    segments, as ``segquant.numerics.reference_linear`` folds them)."""
+    center = stats.center.float()
+    if not folded:
+        return center
+    dual = torch.tensor([i in set(dual_segments) for i in range(len(segments))], device=stats.amax.device)
+    units = scale_from_amax(torch.where(dual, stats.pos_amax, stats.amax), fmt)
+    return center / expand_segments(units, segments).reshape(-1).to(center.device)
+
+
+def quantize_layer_input(x: Tensor, fmt: QuantFormat, segments: list[int], dual_segments: list[int],
+                         stats: ActivationStats | None, smooth: Tensor | None, folded: bool,
+                         per_token: bool = False) -> Tensor:
+    """A SegQuant layer's input as its GEMM takes it (``segquant.numerics.fake_quant_input``), shifts included:
+    ``Q(x s - c) + c``, or with ``folded`` the codes plus ``c / a`` (``shift_offset``), so that the layer's output
+    is the oracle's ``W_hat Q(x s - c) + W_hat c``. Shared by the fake-quant model and the HF-checkpoint runtime,
+    which must give the same bits."""
+    out = fake_quant_input(x, fmt, segments, dual_segments, stats, smooth, folded, per_token)
+    if folded and stats is not None and stats.center is not None:
+        out = (out.float() + shift_offset(stats, segments, dual_segments, fmt, True).to(out.device)).to(x.dtype)
+    return out
 
 
 def _sizes(sizes: list[int]) -> str:
