@@ -3,16 +3,26 @@ and the SegQuant ablation, all sampled from the same noise and calibrated on the
 
     python benchmarks/quality.py --device cuda --out benchmarks/results          # what produced the results
     python benchmarks/quality.py --models mnist-unet --num-samples 8 --seeds 2 --steps 2   # a quick CPU check
+    python benchmarks/quality.py --models mnist-flux --device cuda --num-samples 128 --no-budget \
+        --precisions int8_w8a8 fp8 int8_dynamic fp8_dynamic          # the rows benchmarks/quality_speed.py joins
+
+SegQuant rows per precision are ``VARIANTS`` (recipe changes: the ablation, the activation shift per tensor / per
+channel in place of or beside DualScale, per-layer alpha search and ``choose: auto`` on the int8 precisions, and
+the core's per-segment SmoothQuant when it has it), plus SegQuant with per-token dynamic activations on torchao
+(``DYNAMIC_VARIANTS``, built as benchmarks/speed.py builds its ``segquant_<fmt>_dynamic*`` variants).
 
 For every calibration seed, every row is calibrated on the SAME calibration set (labels and noise of that
 seed) and evaluated on the SAME evaluation noise. Per-image PSNR/SSIM pairs (image, seed) give paired
-differences against each row's baseline with 95% bootstrap intervals. ModelOpt's CUDA extensions are not
-built here: ModelOpt's own PyTorch fallback fake quant runs (as on CPU). Results: quality.{json,md,png}.
+differences against each row's baseline (and shift vs DualScale vs both) with 95% bootstrap intervals; every
+int8/fp8 SegQuant row is also paired with every peer preset of its format (``peer_paired``, read by
+benchmarks/quality_speed.py). ModelOpt's CUDA extensions are not built here: ModelOpt's own PyTorch fallback fake
+quant runs (as on CPU). Results: quality.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -20,7 +30,7 @@ from pathlib import Path
 
 import torch
 from _common import (disable_quantizers, enabled_quantizers, environment, every_linear, figure, model_recipe,
-                     modelopt_without_jit, parser, quantize_segquant, write_results)
+                     modelopt_without_jit, parser, write_results)
 
 from segquant import SegQuantPlan, analyze, get_backend
 from segquant.app.embedded import (load_classifier, load_denoiser, mnist_test_feature_stats, sample,
@@ -30,8 +40,57 @@ from segquant.app.evaluation import (layer_sqnr, linear_flops, mean_sqnr, quanti
 from segquant.app.metrics import paired_interval
 
 PRECISIONS = ("int8_w8a8", "int8_perchannel", "fp8", "w8a6", "w4a8")
-VARIANTS = {"baseline": (False, False), "+SegLinear": (True, False), "+DualScale": (False, True),
-            "SegQuant": (True, True)}
+VARIANTS: dict[str, dict] = {  # variant -> its changes to the model's bundled recipe (segquant.recipe.Recipe fields)
+    "baseline": {"seg_linear": False, "dual_scale": False},
+    "+SegLinear": {"seg_linear": True, "dual_scale": False},
+    "+DualScale": {"seg_linear": False, "dual_scale": True},
+    "SegQuant": {"seg_linear": True, "dual_scale": True},
+    "shift": {"seg_linear": True, "dual_scale": False, "shift": "per_tensor"},
+    "shift per-channel": {"seg_linear": True, "dual_scale": False, "shift": "per_channel"},
+    "DualScale+shift": {"seg_linear": True, "dual_scale": True, "shift": "per_tensor"},
+    "alpha search": {"seg_linear": True, "dual_scale": True, "alpha_search": True},
+    "auto": {"seg_linear": True, "dual_scale": True, "shift": "per_tensor", "choose": "auto"},
+}
+INT8_ONLY = ("alpha search", "auto", "per-segment smoothing")
+"""Variants run on the int8 precisions only (SmoothQuant variants: the fp8 recipes do not smooth)."""
+INT8_PRECISIONS = ("int8_w8a8", "int8_perchannel")
+PER_SEGMENT_SMOOTHING = {"smoothing": "per_segment"}
+"""The ``QuantizeOptions`` change of the core's per-segment SmoothQuant (the reference code's); the "per-segment
+smoothing" variant exists only when the core has that option."""
+DYNAMIC_FORMATS = ("int8", "fp8")
+DYNAMIC_VARIANTS: dict[str, dict] = {  # SegQuant with per-token activations on torchao (speed.py's *_dynamic*)
+    "SegQuant": {"seg_linear": True, "dual_scale": True},
+    "+SegLinear": {"seg_linear": True, "dual_scale": False},
+    "shift": {"seg_linear": True, "dual_scale": False, "shift": "per_tensor"},
+    "DualScale+shift": {"seg_linear": True, "dual_scale": True, "shift": "per_tensor"},
+}
+COMPARISONS = (("shift", "+DualScale"), ("shift", "SegQuant"), ("shift per-channel", "SegQuant"),
+               ("DualScale+shift", "SegQuant"), ("alpha search", "SegQuant"), ("auto", "SegQuant"),
+               ("per-segment smoothing", "SegQuant"))
+"""Paired comparisons beside each variant vs its precision's baseline: DualScale vs shift vs both."""
+DYNAMIC_COMPARISONS = (("SegQuant", "+SegLinear"), ("shift", "+SegLinear"), ("shift", "SegQuant"),
+                       ("DualScale+shift", "SegQuant"))
+PEERS: dict[str, tuple[str, ...]] = {  # the library presets each format's SegQuant rows are compared with
+    "int8": ("torchao int8 dynamic", "ModelOpt INT8_SMOOTHQUANT_CFG (as shipped)",
+             "ModelOpt INT8_SMOOTHQUANT_CFG (every Linear)", "ModelOpt INT8_DEFAULT_CFG (as shipped)",
+             "ModelOpt INT8_DEFAULT_CFG (every Linear)"),
+    "fp8": ("torchao fp8 dynamic per-row", "ModelOpt FP8_DEFAULT_CFG (as shipped)",
+            "ModelOpt FP8_DEFAULT_CFG (every Linear)"),
+}
+FORMAT_OF = {"int8_w8a8": "int8", "int8_perchannel": "int8", "fp8": "fp8", "int8_dynamic": "int8",
+             "fp8_dynamic": "fp8"}
+"""The GEMM format of a SegQuant row's precision (w8a6 and w4a8 have no peer preset)."""
+
+
+def variants() -> dict[str, dict]:
+    """``VARIANTS``, plus "per-segment smoothing" (SegQuant with the core's per-segment SmoothQuant reference
+    mode) when ``QuantizeOptions`` has that option."""
+    from segquant.backend import QuantizeOptions
+
+    out = dict(VARIANTS)
+    if set(PER_SEGMENT_SMOOTHING) <= {f.name for f in dataclasses.fields(QuantizeOptions)}:
+        out["per-segment smoothing"] = {"seg_linear": True, "dual_scale": True, **PER_SEGMENT_SMOOTHING}
+    return out
 GROUPS_FLUX = {
     "embedders": ("x_embedder", "context_embedder", "time_text_embed"),
     "adaLN": ("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear"),
@@ -88,16 +147,56 @@ def w8a6_config(applied: SegQuantPlan, options) -> dict:
     return cfg
 
 
-def quantize_variant(model, plan: SegQuantPlan, model_name: str, precision: str, seg: bool, dual: bool,
-                     forward_loop):
-    """SegQuant (or one ablation of it) of a precision through the ModelOpt backend, every Linear quantized: the
-    model's bundled recipe (its SmoothQuant alpha and realisation) without its skipped layers."""
-    recipe = model_recipe(model_name, "int8_w8a8" if precision == "w8a6" else precision, skip=(), seg_linear=seg,
-                          dual_scale=dual)
+def split_changes(changes: dict) -> tuple[dict, dict]:
+    """A variant's changes as (``Recipe`` fields, ``QuantizeOptions`` fields)."""
+    from segquant.backend import QuantizeOptions
+
+    option_fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
+    return ({k: v for k, v in changes.items() if k not in option_fields},
+            {k: v for k, v in changes.items() if k in option_fields})
+
+
+def quantize_variant(model, plan: SegQuantPlan, model_name: str, precision: str, changes: dict, forward_loop,
+                     notes: list[str] | None = None):
+    """SegQuant (or one variant of it) of a precision through the ModelOpt backend, every Linear quantized: the
+    model's bundled recipe (its SmoothQuant alpha and realisation) with the variant's ``changes`` and without its
+    skipped layers. A recipe with ``alpha_search`` or ``choose: auto`` first makes its per-layer choices on the
+    float model's inputs over the calibration loop, as ``segquant run`` does (their summary goes to ``notes``)."""
+    recipe_changes, option_changes = split_changes(changes)
+    recipe = model_recipe(model_name, "int8_w8a8" if precision == "w8a6" else precision, skip=(), **recipe_changes)
+    applied = recipe.apply(plan)
+    options = dataclasses.replace(recipe.quantize_options(show_progress=False), **option_changes)
+    if recipe.choose == "auto" or recipe.alpha_search:
+        from segquant.choose import apply_choices, capture_from_loop
+
+        device = next(model.parameters()).device  # captured on the CPU; the layers' weights may be on the GPU
+        captured = capture_from_loop(model, forward_loop, applied.quantized_layers())
+        inputs = {n: x.to(device) for n, x in captured.items()}
+        applied, lines = apply_choices(model, applied, inputs, recipe.choose, recipe.alpha_search,
+                                       recipe.smoothquant_alpha, recipe.realisation)
+        if notes is not None:
+            notes += lines
     if precision != "w8a6":
-        return quantize_segquant(model, plan, recipe, forward_loop)
-    cfg = w8a6_config(recipe.apply(plan), recipe.quantize_options(show_progress=False))
-    return modelopt_without_jit().quantize(model, cfg, forward_loop)
+        return get_backend("modelopt").quantize(model, applied, options, forward_loop)
+    return modelopt_without_jit().quantize(model, w8a6_config(applied, options), forward_loop)
+
+
+def quantize_dynamic(model, plan: SegQuantPlan, fmt: str, changes: dict, forward_loop):
+    """SegQuant with per-token dynamic activations on torchao, built as ``benchmarks/speed.py`` builds its
+    ``segquant_<fmt>_dynamic*`` variants: ``segquant_torchao.SegQuantConfig`` on the analysed plan (every Linear
+    here), static input segments folded into the weight, the fused kernels (torch's off CUDA). A plan with a shift
+    is prepared and calibrated first (only the shifted layers: their centres)."""
+    from segquant_torchao import SegQuantConfig, calibration_from, quantize
+
+    dyn = plan.with_shift(changes["shift"]) if changes.get("shift") else plan
+    dyn = dyn.ablate(seg_linear=changes.get("seg_linear", True), dual_scale=changes.get("dual_scale", True))
+    common = dict(precision=fmt, realisation="folded", kernel="fused")
+    if not dyn.shifted():
+        return quantize(model, SegQuantConfig(dyn, **common))
+    quantize(model, SegQuantConfig(dyn, step="prepare", **common))
+    with torch.no_grad():
+        forward_loop(model)
+    return quantize(model, SegQuantConfig(dyn, step="convert", calibration=calibration_from(model), **common))
 
 
 def quantized_other_layers(model: torch.nn.Module) -> int:
@@ -105,7 +204,10 @@ def quantized_other_layers(model: torch.nn.Module) -> int:
     return sum(1 for _, m in model.named_modules() if not isinstance(m, torch.nn.Linear) and enabled_quantizers(m))
 
 
-def build_rows(family: str) -> list[dict]:
+def build_rows(family: str, precisions: tuple[str, ...] = PRECISIONS + ("int8_dynamic", "fp8_dynamic"),
+               ) -> list[dict]:
+    """Every row of a model: the library presets, then the SegQuant variants of ``precisions`` (static
+    ``PRECISIONS`` through ModelOpt; ``<fmt>_dynamic`` through torchao)."""
     rows = []
     for preset in ("INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "FP8_DEFAULT_CFG"):
         for every in (False, True):
@@ -114,13 +216,23 @@ def build_rows(family: str) -> list[dict]:
     rows.append({"name": "torchao int8 dynamic", "kind": "torchao", "precision": "int8", "calibrated": False})
     rows.append({"name": "torchao fp8 dynamic per-row", "kind": "torchao", "precision": "fp8", "calibrated": False})
     for precision in PRECISIONS:
-        for variant, (seg, dual) in VARIANTS.items():
+        if precision not in precisions:
+            continue
+        for variant, changes in variants().items():
+            if variant in INT8_ONLY and precision not in INT8_PRECISIONS:
+                continue
             rows.append({"name": f"{precision} {variant}", "kind": "segquant", "precision": precision,
-                         "variant": variant, "seg_linear": seg, "dual_scale": dual, "calibrated": True})
+                         "variant": variant, "changes": changes, "calibrated": True})
+    for fmt in DYNAMIC_FORMATS:
+        if f"{fmt}_dynamic" not in precisions:
+            continue
+        for variant, changes in DYNAMIC_VARIANTS.items():  # calibrated only for a shift's centres
+            rows.append({"name": f"{fmt} dynamic {variant}", "kind": "segquant_dynamic", "precision": f"{fmt}_dynamic",
+                         "variant": variant, "changes": changes, "calibrated": bool(changes.get("shift"))})
     return rows
 
 
-def quantize_row(row: dict, den, forward_loop, plan: SegQuantPlan, model_name: str):
+def quantize_row(row: dict, den, forward_loop, plan: SegQuantPlan, model_name: str, notes: list[str]):
     model = den.model
     if row["kind"] == "modelopt":
         cfg = preset_config(row["preset"])
@@ -131,8 +243,10 @@ def quantize_row(row: dict, den, forward_loop, plan: SegQuantPlan, model_name: s
             disable_quantizers(model, lambda _, m: isinstance(m, torch.nn.Linear))
         return model
     if row["kind"] == "segquant":
-        return quantize_variant(model, plan, model_name, row["precision"], row["seg_linear"], row["dual_scale"],
-                                forward_loop)
+        return quantize_variant(model, plan, model_name, row["precision"], row["changes"], forward_loop, notes)
+    if row["kind"] == "segquant_dynamic":
+        fmt = row["precision"].removesuffix("_dynamic")
+        return quantize_dynamic(model, plan, fmt, row["changes"], forward_loop)
     torchao = get_backend("torchao")
     if row["precision"] == "fp8":  # torchao's per-row fp8 takes bf16 weights only
         return torchao.quantize_baseline(model.to(torch.bfloat16), "fp8", forward_loop)[0]
@@ -140,7 +254,8 @@ def quantize_row(row: dict, den, forward_loop, plan: SegQuantPlan, model_name: s
 
 
 def quantized_names(row: dict, model) -> set[str]:
-    return set(get_backend("torchao" if row["kind"] == "torchao" else "modelopt").quantized_linears(model))
+    backend = "torchao" if row["kind"] in ("torchao", "segquant_dynamic") else "modelopt"
+    return set(get_backend(backend).quantized_linears(model))
 
 
 def main(argv=None) -> None:
@@ -152,6 +267,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", nargs="*", help="only rows whose name contains one of these strings")
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS) + [f"{f}_dynamic" for f in DYNAMIC_FORMATS],
+                   choices=list(PRECISIONS) + [f"{f}_dynamic" for f in DYNAMIC_FORMATS],
+                   help="SegQuant rows of these precisions only (the library presets always run; default: all)")
     p.add_argument("--no-budget", action="store_true", help="skip the per-group error budget")
     p.add_argument("--merge", nargs="+", type=Path, help="combine the models of these quality.json files (e.g. "
                    "runs on different devices) into --out, each model keeping its own command and device")
@@ -184,7 +302,7 @@ def main(argv=None) -> None:
         fp_scores = score_images(fp_images, fp_images, labels, classifier)
         model_result = {"fp": fp_scores.summary(None, mnist), "plan": plan.summary(), "changed_layers": changed,
                         "rows": {}, "environment": result["environment"], "settings": settings}
-        rows = build_rows(family)
+        rows = build_rows(family, tuple(args.precisions))
         if args.rows:
             rows = [r for r in rows if any(s in r["name"] for s in args.rows)]
         per_image: dict[str, dict[str, list]] = {}
@@ -198,8 +316,9 @@ def main(argv=None) -> None:
                 def forward_loop(_model, den=den, seed=seed):
                     sample(den, calib_labels, seed=1000 + (seed or 0), steps=args.steps, progress=False)
 
+                notes: list[str] = []
                 try:
-                    den.model = quantize_row(row, den, forward_loop, plan, model_name)
+                    den.model = quantize_row(row, den, forward_loop, plan, model_name, notes)
                     images = sample(den, labels, seed=0, steps=args.steps, progress=False)
                 except Exception as e:  # noqa: BLE001 - a failing row is a result, recorded as such
                     runs.append({"seed": seed, "error": f"{type(e).__name__}: {e}"[:400]})
@@ -212,7 +331,7 @@ def main(argv=None) -> None:
                        "quantized_linear_flop_fraction": quantized_flop_fraction(flops, qnames),
                        "quantized_other_layers": quantized_other_layers(den.model),
                        "mean_sqnr_db_changed_layers": mean_sqnr(sq, changed, qnames),
-                       "layer_sqnr_db": sq, "seconds": time.time() - t}
+                       "layer_sqnr_db": sq, "seconds": time.time() - t, **({"notes": notes} if notes else {})}
                 runs.append(run)
                 rec = per_image.setdefault(row["name"], {"psnr": [], "ssim": [], "correct": []})
                 rec["psnr"].append(scores.psnr)
@@ -225,7 +344,8 @@ def main(argv=None) -> None:
                       f"acc {run['class_accuracy']:.3f} ({run['seconds']:.1f}s, total {time.time() - started:.0f}s)",
                       flush=True)
             model_result["rows"][row["name"]] = {"spec": row, "runs": runs}
-        model_result["paired"] = paired_comparisons(rows, per_image, args.seeds)
+        model_result["paired"] = paired_comparisons(comparison_pairs(rows), per_image)
+        model_result["peer_paired"] = paired_comparisons(peer_pairs(rows), per_image, metrics=("psnr",))
         if not args.no_budget:
             model_result["error_budget"] = error_budget(fp, model_name, plan, labels, calib_labels, fp_images,
                                                         ref_io, flops, classifier, args)
@@ -258,29 +378,65 @@ def _stack(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(values).flatten()
 
 
-def paired_comparisons(rows: list[dict], per_image: dict, seeds: int) -> list[dict]:
-    """Paired differences (row - its baseline) over (image, seed) pairs, 95% bootstrap intervals."""
+def comparison_pairs(rows: list[dict]) -> list[tuple[str, str]]:
+    """(row, compared with) for quality.md: each SegQuant variant against its precision's baseline and the
+    ``COMPARISONS`` (shift vs DualScale vs both), the dynamic rows' ``DYNAMIC_COMPARISONS``, and SegQuant against
+    the ModelOpt preset of its precision."""
     pairs = []
     for row in rows:
-        if row["kind"] == "segquant" and row["variant"] != "baseline":
-            pairs.append((row["name"], f"{row['precision']} baseline"))
+        if row["kind"] == "segquant":
+            p, v = row["precision"], row["variant"]
+            if v != "baseline":
+                pairs.append((row["name"], f"{p} baseline"))
+            pairs += [(row["name"], f"{p} {b}") for a, b in COMPARISONS if a == v]
+        elif row["kind"] == "segquant_dynamic":
+            fmt = row["precision"].removesuffix("_dynamic")
+            pairs += [(row["name"], f"{fmt} dynamic {b}") for a, b in DYNAMIC_COMPARISONS if a == row["variant"]]
     for precision, preset in (("int8_w8a8", "INT8_SMOOTHQUANT_CFG"), ("int8_perchannel", "INT8_DEFAULT_CFG"),
                               ("fp8", "FP8_DEFAULT_CFG")):
         for shipped in ("as shipped", "every Linear"):
             pairs.append((f"{precision} SegQuant", f"ModelOpt {preset} ({shipped})"))
+    return pairs
+
+
+def peer_pairs(rows: list[dict]) -> list[tuple[str, str]]:
+    """(SegQuant row, peer preset) for every SegQuant row of an int8 or fp8 precision and every ``PEERS`` preset
+    of that format (what benchmarks/quality_speed.py reads)."""
+    return [(row["name"], peer) for row in rows if row["kind"] in ("segquant", "segquant_dynamic")
+            and row["precision"] in FORMAT_OF for peer in PEERS[FORMAT_OF[row["precision"]]]]
+
+
+def _aligned(a: list, b: list) -> tuple[list, list] | None:
+    """Per-seed series of two rows paired run by run; an uncalibrated row's single run pairs with every seed of
+    a calibrated one (same evaluation noise). None when they cannot be paired."""
+    if len(a) == len(b):
+        return a, b
+    if len(a) == 1:
+        return a * len(b), b
+    if len(b) == 1:
+        return a, b * len(a)
+    return None
+
+
+def paired_comparisons(pairs: list[tuple[str, str]], per_image: dict,
+                       metrics: tuple[str, ...] = ("psnr", "ssim", "correct")) -> list[dict]:
+    """Paired differences (row - the row it is compared with) over (image, seed) pairs, 95% bootstrap intervals;
+    pairs with a row that did not run are left out."""
     out = []
     for a, b in pairs:
         if a not in per_image or b not in per_image:
             continue
-        if len(per_image[a]["psnr"]) != len(per_image[b]["psnr"]):
-            continue
         entry = {"row": a, "baseline": b}
-        for metric in ("psnr", "ssim", "correct"):
-            x, y = _stack(per_image[a][metric]), _stack(per_image[b][metric])
+        for metric in metrics:
+            series = _aligned(per_image[a][metric], per_image[b][metric])
+            if series is None:
+                break
+            x, y = _stack(series[0]), _stack(series[1])
             finite = torch.isfinite(x) & torch.isfinite(y)
             iv = paired_interval(x[finite], y[finite])
             entry[metric] = {"mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n, "significant": iv.significant}
-        out.append(entry)
+        else:
+            out.append(entry)
     return out
 
 
@@ -293,13 +449,12 @@ def error_budget(fp, model_name, plan, labels, calib_labels, fp_images, ref_io, 
         groups.setdefault(group_of(name, fp.family), set()).add(name)
     out = {}
     for variant in ("baseline", "SegQuant"):
-        seg, dual = VARIANTS[variant]
         base = copy.deepcopy(fp)
 
         def forward_loop(_model, den=base):
             sample(den, calib_labels, seed=1000, steps=args.steps, progress=False)
 
-        base.model = quantize_variant(base.model, plan, model_name, "int8_w8a8", seg, dual, forward_loop)
+        base.model = quantize_variant(base.model, plan, model_name, "int8_w8a8", VARIANTS[variant], forward_loop)
         entries = {}
         for group, names in [("all", set(ref_io))] + sorted(groups.items()):
             den = copy.deepcopy(base)
