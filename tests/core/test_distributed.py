@@ -58,6 +58,7 @@ def _worker(rank, world, init_file, queue):
             queue.put((rank, "no error", None))
         except SegQuantError as e:
             queue.put((rank, str(e), None))
+        dist.barrier()  # neither rank tears the group down while the other still talks
     finally:
         dist.destroy_process_group()
 

@@ -83,11 +83,12 @@ def test_run_default_output(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert_clean(out + err)
     assert "Inserted" not in out and "Smoothed" not in out  # ModelOpt's prints
-    assert len(out.splitlines()) == 5 and out.splitlines()[-1].startswith("report: ")
+    assert len(out.splitlines()) == 6 and out.splitlines()[-1].startswith("report: ")  # 5 rows and the folder
     assert_progress_lines_only(err)
     assert [line.split(":")[0] for line in err.splitlines()] == [
         "sampling full precision", "calibrating baseline", "sampling baseline", "calibrating techniques_off",
-        "sampling techniques_off", "calibrating segquant", "sampling segquant"]  # one per step, none nested
+        "sampling techniques_off", "calibrating segquant", "sampling segquant", "calibrating segquant_shift",
+        "sampling segquant_shift"]  # one per step, none nested
 
 
 @pytest.mark.parametrize("command", [["analyze"], ["quantize", "--model", "m", "--out", "o"], ["run"], ["recipes"]])
