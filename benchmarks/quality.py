@@ -271,6 +271,8 @@ def main(argv=None) -> None:
                    choices=list(PRECISIONS) + [f"{f}_dynamic" for f in DYNAMIC_FORMATS],
                    help="SegQuant rows of these precisions only (the library presets always run; default: all)")
     p.add_argument("--no-budget", action="store_true", help="skip the per-group error budget")
+    p.add_argument("--save-every-row", action="store_true", help="rewrite quality.json/.md after every row (a run "
+                   "stopped by a time limit keeps its finished rows)")
     p.add_argument("--merge", nargs="+", type=Path, help="combine the models of these quality.json files (e.g. "
                    "runs on different devices) into --out, each model keeping its own command and device")
     args = p.parse_args(argv)
@@ -344,6 +346,12 @@ def main(argv=None) -> None:
                       f"acc {run['class_accuracy']:.3f} ({run['seconds']:.1f}s, total {time.time() - started:.0f}s)",
                       flush=True)
             model_result["rows"][row["name"]] = {"spec": row, "runs": runs}
+            if args.save_every_row:  # a run cut short by a time limit keeps every finished row
+                model_result["paired"] = paired_comparisons(comparison_pairs(rows), per_image)
+                model_result["peer_paired"] = paired_comparisons(peer_pairs(rows), per_image, metrics=("psnr",))
+                result["models"][model_name] = model_result
+                result["seconds"] = time.time() - started
+                write_results(out, "quality", result, markdown(result))
         model_result["paired"] = paired_comparisons(comparison_pairs(rows), per_image)
         model_result["peer_paired"] = paired_comparisons(peer_pairs(rows), per_image, metrics=("psnr",))
         if not args.no_budget:
