@@ -109,7 +109,7 @@ def quantize_weight(weight: Tensor, spec: SegLinearSpec, stats: ActivationStats 
     column_groups = [q] if spec.folded else [q[:, lo:hi] for lo, hi in spec.bounds]
     qdata = torch.cat([_pad_weight(part.contiguous(), multiple) for part in column_groups], dim=1)
     if spec.shift is not None:
-        data["center"] = _gemm_center(spec, stats, act if spec.folded else None)
+        data["center"] = _gemm_center(spec, stats, act if spec.folded else None, device)
     return SegQuantTensor(qdata.contiguous(), weight_scale, spec, weight.dtype, **data)
 
 
@@ -126,10 +126,10 @@ def _check_center(spec: SegLinearSpec, stats: ActivationStats | None) -> None:
                             "layer; calibrate again with this plan")
 
 
-def _gemm_center(spec: SegLinearSpec, stats: ActivationStats, act: Tensor | None) -> Tensor:
+def _gemm_center(spec: SegLinearSpec, stats: ActivationStats, act: Tensor | None, device: torch.device) -> Tensor:
     """The centres where the forward subtracts them: ``c`` from ``x * smooth``, or (folded, ``act`` the
     per-segment unit scales) ``c / a`` from ``x / col_scale``, in code units."""
-    center = stats.center.float().to(act.device if act is not None else stats.center.device)
+    center = stats.center.float().to(device)  # calibration carried in a config lives on the CPU
     if act is None:
         return center.contiguous()
     return (center / expand_segments(act.float(), spec.in_segments).reshape(-1)).contiguous()
