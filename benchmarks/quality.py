@@ -40,6 +40,8 @@ from segquant.app.evaluation import (layer_sqnr, linear_flops, mean_sqnr, quanti
 from segquant.app.metrics import paired_interval
 
 PRECISIONS = ("int8_w8a8", "int8_perchannel", "fp8", "w8a6", "w4a8")
+RECIPE_SKIP = "recipe_skip"
+"""A variant key (not a recipe field): keep the bundled recipe's skip list."""
 VARIANTS: dict[str, dict] = {  # variant -> its changes to the model's bundled recipe (segquant.recipe.Recipe fields)
     "baseline": {"seg_linear": False, "dual_scale": False},
     "+SegLinear": {"seg_linear": True, "dual_scale": False},
@@ -50,8 +52,13 @@ VARIANTS: dict[str, dict] = {  # variant -> its changes to the model's bundled r
     "DualScale+shift": {"seg_linear": True, "dual_scale": True, "shift": "per_tensor"},
     "alpha search": {"seg_linear": True, "dual_scale": True, "alpha_search": True},
     "auto": {"seg_linear": True, "dual_scale": True, "shift": "per_tensor", "choose": "auto"},
+    "recipe": {RECIPE_SKIP: True},
+    "recipe shift": {RECIPE_SKIP: True, "dual_scale": False, "shift": "per_tensor"},
 }
-INT8_ONLY = ("alpha search", "auto", "per-segment smoothing")
+"""Every variant but the ``recipe`` ones quantizes every Linear; ``recipe`` is the model's bundled recipe as shipped
+(its skip list keeps the embedders and the final ``proj_out`` in high precision, 0.0% of the Linear FLOPs; its
+techniques), ``recipe shift`` the same with the shift in place of DualScale."""
+INT8_ONLY = ("alpha search", "auto", "per-segment smoothing", "recipe shift")
 """Variants run on the int8 precisions only (SmoothQuant variants: the fp8 recipes do not smooth)."""
 INT8_PRECISIONS = ("int8_w8a8", "int8_perchannel")
 PER_SEGMENT_SMOOTHING = {"smoothing": "per_segment"}
@@ -66,7 +73,7 @@ DYNAMIC_VARIANTS: dict[str, dict] = {  # SegQuant with per-token activations on 
 }
 COMPARISONS = (("shift", "+DualScale"), ("shift", "SegQuant"), ("shift per-channel", "SegQuant"),
                ("DualScale+shift", "SegQuant"), ("alpha search", "SegQuant"), ("auto", "SegQuant"),
-               ("per-segment smoothing", "SegQuant"))
+               ("per-segment smoothing", "SegQuant"), ("recipe shift", "recipe"))
 """Paired comparisons beside each variant vs its precision's baseline: DualScale vs shift vs both."""
 DYNAMIC_COMPARISONS = (("SegQuant", "+SegLinear"), ("shift", "+SegLinear"), ("shift", "SegQuant"),
                        ("DualScale+shift", "SegQuant"))
@@ -152,6 +159,7 @@ def split_changes(changes: dict) -> tuple[dict, dict]:
     from segquant.backend import QuantizeOptions
 
     option_fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
+    changes = {k: v for k, v in changes.items() if k != RECIPE_SKIP}
     return ({k: v for k, v in changes.items() if k not in option_fields},
             {k: v for k, v in changes.items() if k in option_fields})
 
@@ -162,8 +170,10 @@ def quantize_variant(model, plan: SegQuantPlan, model_name: str, precision: str,
     model's bundled recipe (its SmoothQuant alpha and realisation) with the variant's ``changes`` and without its
     skipped layers. A recipe with ``alpha_search`` or ``choose: auto`` first makes its per-layer choices on the
     float model's inputs over the calibration loop, as ``segquant run`` does (their summary goes to ``notes``)."""
+    changes = dict(changes)
+    skip = {} if changes.pop(RECIPE_SKIP, False) else {"skip": ()}
     recipe_changes, option_changes = split_changes(changes)
-    recipe = model_recipe(model_name, "int8_w8a8" if precision == "w8a6" else precision, skip=(), **recipe_changes)
+    recipe = model_recipe(model_name, "int8_w8a8" if precision == "w8a6" else precision, **skip, **recipe_changes)
     applied = recipe.apply(plan)
     options = dataclasses.replace(recipe.quantize_options(show_progress=False), **option_changes)
     if recipe.choose == "auto" or recipe.alpha_search:
@@ -363,18 +373,39 @@ def main(argv=None) -> None:
     print(f"{len(args.models)} models in {result['seconds']:.0f}s")
 
 
+SAME_SETTINGS = ("num_samples", "calib_samples", "steps", "seeds")
+"""Runs whose rows of one model may be merged: the same evaluation images, calibration sets and seeds (rows are
+deterministic functions of these, so a row of a later run pairs with the earlier run's rows image by image)."""
+
+
 def merge(paths: list[Path], out: Path) -> None:
+    """Combine quality.json files: models side by side; a model in several files gets the rows (and the paired
+    comparisons) of every file, later files adding rows, when their settings agree (``SAME_SETTINGS``)."""
     result = {"settings": None, "models": {}, "environment": None, "seconds": 0.0, "merged_from": []}
     for path in paths:
         part = json.loads(path.read_text())
         for name, model in part["models"].items():
             model.setdefault("environment", part["environment"])
             model.setdefault("settings", part["settings"])
-            result["models"][name] = model
+            if name in result["models"]:
+                _merge_rows(result["models"][name], model, path)
+            else:
+                result["models"][name] = model
         result["seconds"] += part["seconds"]
         result["merged_from"].append(part["environment"]["command"])
     save(result, out)
     print(f"merged {len(paths)} files")
+
+
+def _merge_rows(into: dict, more: dict, path: Path) -> None:
+    differ = [k for k in SAME_SETTINGS if into["settings"].get(k) != more["settings"].get(k)]
+    if differ:
+        raise SystemExit(f"{path}: its {', '.join(differ)} differ from the earlier file's: its rows do not pair")
+    into["rows"].update(more["rows"])
+    into.setdefault("added_by", []).append(more["environment"]["command"])
+    for key in ("paired", "peer_paired"):
+        seen = {(e["row"], e["baseline"]) for e in more.get(key, [])}
+        into[key] = [e for e in into.get(key, []) if (e["row"], e["baseline"]) not in seen] + more.get(key, [])
 
 
 def save(result: dict, out: Path) -> None:
@@ -509,7 +540,9 @@ def markdown(result: dict) -> str:
         s, env = mr["settings"], mr["environment"]
         lines += [f"## {model}", "", f"Command: `{env['command']}`. Device: {env['device']}, torch {env['torch']}. "
                   f"{s['num_samples']} images per run, {s['steps']} Euler steps, {s['calib_samples']} calibration "
-                  f"images, {s['seeds']} calibration seeds.", "", f"Plan: {mr['plan']}. Full precision: class accuracy "
+                  f"images, {s['seeds']} calibration seeds."
+                  + "".join(f" Rows added (same images and seeds, same device kind) by `{c}`." for c in mr.get("added_by", []))
+                  + "", "", f"Plan: {mr['plan']}. Full precision: class accuracy "
                   f"{mr['fp']['class_accuracy']:.3f}, FID vs MNIST {_f(mr['fp'].get('fid_vs_mnist'))}.", "",
                   "| row | PSNR dB | SSIM | class acc | FID vs FP | FID vs MNIST | Linear FLOPs quantized | "
                   "other layers quantized | SQNR of SegQuant's layers dB |", "|---|---|---|---|---|---|---|---|---|"]

@@ -57,7 +57,11 @@ STATIC_TIMING: dict[str, tuple[str, str]] = {  # variant -> (suffix of segquant_
     "alpha search": ("", "per-layer SmoothQuant factors folded: the same kernels"),
     "auto": ("", "upper bound: DualScale on every candidate layer (auto keeps it on some)"),
     "per-segment smoothing": ("", "SmoothQuant factors folded: the same kernels"),
+    "recipe": ("", "the recipe's high-precision layers (embedders, final proj_out: 0.0% of the FLOPs) timed quantized"),
+    "recipe shift": ("_shift", "the recipe's high-precision layers (0.0% of the FLOPs) timed quantized"),
 }
+RECIPE_TIMING = {"fp8": "_nodual"}
+"""The bundled fp8 recipes turn DualScale off: their ``recipe`` row is timed without it."""
 DYNAMIC_TIMING: dict[str, tuple[str, str]] = {  # "<fmt> dynamic <variant>" -> (suffix of segquant_<fmt>_dynamic, how)
     "SegQuant": ("", ""),
     "+SegLinear": ("_nodual", ""),
@@ -75,6 +79,7 @@ def timing_map() -> dict[str, dict]:
             out[peer] = {"format": fmt, "kind": "peer", "variant": variant, "note": note}
         for precision in STATIC_PRECISIONS[fmt]:
             for name, (suffix, note) in STATIC_TIMING.items():
+                suffix = RECIPE_TIMING.get(fmt, suffix) if name == "recipe" else suffix
                 out[f"{precision} {name}"] = {"format": fmt, "kind": "segquant", "variant":
                                               f"segquant_{fmt}_static{suffix}", "note": note}
         for name, (suffix, note) in DYNAMIC_TIMING.items():
