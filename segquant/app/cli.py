@@ -101,13 +101,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parallel(args: argparse.Namespace, command) -> int:
-    """``command(args)`` in this process, or (``--num-gpus N > 1``, not yet launched) relaunched in N processes;
-    inside a launched job, in its process group with this rank's device."""
+def _parallel(args: argparse.Namespace, command, check) -> int:
+    """``command(args)`` in this process, or (``--num-gpus N > 1``, not yet launched) relaunched in N processes,
+    after ``check(args)`` has refused bad input here, with one line, before any process starts; inside a launched
+    job, in its process group with this rank's device."""
     from .parallel import check_num_processes, launched, process_group, relaunch
 
     check_num_processes(args.num_gpus, args.device)
     if args.num_gpus > 1 and not launched():
+        check(args)
         return relaunch(args.num_gpus, sys.argv[1:] if args.argv is None else args.argv)
     with process_group(args.device) as device:
         args.device = device
@@ -115,7 +117,15 @@ def _parallel(args: argparse.Namespace, command) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    return _parallel(args, _quantize)
+    return _parallel(args, _quantize, _check_quantize)
+
+
+def _check_quantize(args: argparse.Namespace) -> None:
+    from .outputs import check_output_folder
+    from .quantize_job import COMMAND, job_from_args
+
+    job = job_from_args(args)
+    check_output_folder(job.out, [p for p in (job.model, job.prompts, job.recipe) if p], COMMAND, job.overwrite)
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -137,17 +147,30 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _parallel(args, _run)
+    return _parallel(args, _run, _check_run)
+
+
+def _run_settings(args: argparse.Namespace):
+    from .run_job import RunSettings
+
+    return RunSettings(model=args.model, backend=args.backend, recipe=args.recipe, num_samples=args.num_samples,
+                       calib_samples=args.calib_samples, steps=args.steps, out=args.out, device=args.device,
+                       seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    from .outputs import check_output_folder
+    from .run_job import COMMAND
+
+    settings = _run_settings(args)
+    check_output_folder(settings.out, [settings.model], COMMAND, settings.overwrite)
 
 
 def _run(args: argparse.Namespace) -> int:
     from .parallel import is_main
-    from .run_job import RunSettings, run
+    from .run_job import run
 
-    settings = RunSettings(model=args.model, backend=args.backend, recipe=args.recipe, num_samples=args.num_samples,
-                           calib_samples=args.calib_samples, steps=args.steps, out=args.out, device=args.device,
-                           seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
-    metrics = run(settings)
+    metrics = run(_run_settings(args))
     if not args.quiet and is_main():
         for label, row in metrics["rows"].items():
             print(f"{label:60s} PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  "

@@ -21,7 +21,7 @@ def _worker(rank, world, init_file, queue):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        queue.put((rank, _sample(torch.arange(5)), parallel.is_main()))
+        queue.put((rank, _sample(torch.arange(6)), parallel.is_main()))
         dist.barrier()  # neither rank tears the group down while the other still talks
     finally:
         dist.destroy_process_group()
@@ -29,7 +29,7 @@ def _worker(rank, world, init_file, queue):
 
 def test_sampling_sharded_over_two_ranks_equals_one_process(tmp_path):
     torch.set_num_threads(1)
-    single = _sample(torch.arange(5))  # 3 batches of 2, 2, 1: rank 0 samples two, rank 1 one
+    single = _sample(torch.arange(6))  # 3 batches of 2: rank 0 samples two, rank 1 one
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]

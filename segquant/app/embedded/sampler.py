@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from segquant.distributed import shard
+from segquant.distributed import is_distributed, shard
 from segquant.errors import SegQuantError
 
 from ..console import Progress
@@ -29,8 +29,9 @@ def sample(denoiser: Denoiser, labels: torch.Tensor, *, seed: int = 0, steps: in
            desc: str = "sampling") -> torch.Tensor:
     """Images (N, 1, 32, 32) in [-1, 1] for class ``labels`` (N,), integrating dx/dt = v from t=1 (noise of
     ``seed``) to t=0 in ``steps`` Euler steps. ``guidance_scale`` > 1 adds classifier-free guidance. In a
-    process group (``--num-gpus``) each rank samples its share of the batches (the same batches one process would)
-    and every rank returns all images."""
+    process group (``--num-gpus``) each rank samples its share of the batches (smaller batches when there are too
+    few for every rank: the images can then differ from one process's in the last bits) and every rank returns
+    all images."""
     if labels.ndim != 1 or labels.numel() == 0:
         raise SegQuantError(f"labels must be a non-empty 1-d tensor of class ids, got shape {tuple(labels.shape)}")
     if int(labels.min()) < 0 or int(labels.max()) > NULL_CLASS:
@@ -41,7 +42,9 @@ def sample(denoiser: Denoiser, labels: torch.Tensor, *, seed: int = 0, steps: in
     noise = fixed_noise(labels.numel(), seed)
     times = torch.linspace(1.0, 0.0, steps + 1)
     out = {}
-    starts = shard(range(0, labels.numel(), batch_size))  # under --num-gpus: this rank's batches, as they are
+    if is_distributed():  # every rank gets a batch (calibration statistics need data on each rank to merge)
+        batch_size = max(1, min(batch_size, -(-labels.numel() // torch.distributed.get_world_size())))
+    starts = shard(range(0, labels.numel(), batch_size))  # under --num-gpus: this rank's batches
     with Progress(desc, total=len(starts) * steps, unit="step", enabled=progress) as bar:
         for start in starts:
             x = noise[start:start + batch_size].to(device)
