@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,10 +73,11 @@ def save_layers_png(metrics: dict[str, Any], path: Path) -> None:
             ax.scatter(hits, [0.03 + 0.035 * (3 * r + t)] * len(hits), transform=rug, color=color, marker=marker,
                        s=14, label=f"{technique.replace('_', ' ')} ({'row ' + str(r + 1)})" if hits else None)
     rows = "; ".join(f"row {r + 1} = {row}" for r, row in enumerate(techniques))
-    ax.set_xlabel(f"Linear layer (execution order); marks at the bottom: technique per layer ({rows})", fontsize=7)
+    ax.set_xlabel("\n".join(textwrap.wrap(f"Linear layer (execution order); marks at the bottom: the technique acting "
+                                           f"on each layer ({rows})", 150)), fontsize=7)
     ax.set_ylabel("layer SQNR, dB (capped at 80 = not quantized)")
     ax.set_title(f"{metrics['model_class']}: per-layer SQNR on the same full-precision inputs")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="upper left", framealpha=0.9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
