@@ -180,10 +180,11 @@ def quantize_variant(model, plan: SegQuantPlan, model_name: str, precision: str,
         from segquant.choose import apply_choices, capture_from_loop
 
         device = next(model.parameters()).device  # captured on the CPU; the layers' weights may be on the GPU
-        captured = capture_from_loop(model, forward_loop, applied.quantized_layers())
+        ranges: dict = {}
+        captured = capture_from_loop(model, forward_loop, applied.quantized_layers(), ranges=ranges)
         inputs = {n: x.to(device) for n, x in captured.items()}
         applied, lines = apply_choices(model, applied, inputs, recipe.choose, recipe.alpha_search,
-                                       recipe.smoothquant_alpha, recipe.realisation)
+                                       recipe.smoothquant_alpha, recipe.realisation, ranges=ranges)
         if notes is not None:
             notes += lines
     if precision != "w8a6":

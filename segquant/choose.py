@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from .calib import SegmentAmaxObserver, layer_alpha, static_calibration
 from .cost import CostModel
-from .distributed import gather_rows
+from .distributed import gather_rows, merge_observers
 from .errors import SegQuantError
-from .numerics import QuantSpec, reference_linear, sqnr_db
+from .numerics import ActivationStats, QuantSpec, reference_linear, sqnr_db
 from .plan import LinearPlan, SegQuantPlan
 from .precision import get_precision
 from .recording import record_linears
@@ -65,14 +65,18 @@ class LayerChoice:
 
 
 def layer_error(linear: nn.Linear, layer: LinearPlan, x: Tensor, spec: QuantSpec = QuantSpec(),
-                alpha: float | None = None) -> float:
-    """SQNR (dB) of ``layer`` quantized as the backends do (static scales calibrated on ``x``, SmoothQuant
-    ``alpha``: the layer's own when the plan sets one) against the float ``linear`` on ``x`` ``(rows, K)``."""
+                alpha: float | None = None, ranges: ActivationStats | None = None) -> float:
+    """SQNR (dB) of ``layer`` quantized as the backends do (static scales calibrated on ``x``, or on ``ranges``,
+    the per-channel ranges of every calibration row when ``x`` is a subsample of them; SmoothQuant ``alpha``: the
+    layer's own when the plan sets one) against the float ``linear`` on ``x`` ``(rows, K)``."""
     w = linear.weight.detach().float()
     b = None if linear.bias is None else linear.bias.detach().float()
     x = x.detach().float().reshape(-1, layer.in_features)
     observer = SegmentAmaxObserver(layer)
     observer.update(x)
+    if ranges is not None:  # the scales the backend will compute: from all rows, not from the subsample
+        observer.channels = ActivationStats(*(t.to(w.device) for t in (ranges.amax, ranges.pos_amax,
+                                                                     ranges.neg_amax)))
     stats, smooth = static_calibration(observer, w, layer_alpha(layer, alpha))
     y = reference_linear(x, w, b, layer, spec, stats, smooth)
     return sqnr_db(torch.nn.functional.linear(x, w, b), y)
@@ -113,7 +117,8 @@ def _pick(sqnr: Mapping[str, float], cost_pct: Mapping[str, float], threshold: f
 
 def choose_techniques(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Tensor],
                       spec: QuantSpec = QuantSpec(), cost: CostModel = CostModel(), threshold: float = 0.5,
-                      alpha: float | None = None) -> tuple[SegQuantPlan, list[LayerChoice]]:
+                      alpha: float | None = None, ranges: Mapping[str, ActivationStats] | None = None,
+                      ) -> tuple[SegQuantPlan, list[LayerChoice]]:
     """The plan with, per quantized layer with activation-fed inputs, the candidate kept by measured SQNR and cost.
 
     Args:
@@ -124,6 +129,8 @@ def choose_techniques(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str,
         threshold: dB of SQNR per percent of the model's GEMM time a costly candidate must buy; 0 keeps the
             best-scoring candidate whatever it costs.
         alpha: the quantize options' SmoothQuant alpha (a layer's own alpha wins).
+        ranges: layer name -> per-channel ranges of all calibration rows (``capture_from_loop(ranges=...)``),
+            when ``inputs`` are a subsample: scales as the backend will compute them.
     Returns:
         ``(plan, choices)``.
     Raises:
@@ -142,7 +149,8 @@ def choose_techniques(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str,
                 continue
             linear = _linear(modules, name, model)
             entries = candidate_entries(layer)
-            sqnr = {c: _finite(layer_error(linear, e, inputs[name], spec, alpha)) for c, e in entries.items()}
+            full = None if ranges is None else ranges.get(name)
+            sqnr = {c: _finite(layer_error(linear, e, inputs[name], spec, alpha, full)) for c, e in entries.items()}
             frac = cost.base(layer, tokens[name]) / total
             cost_pct = {c: 100.0 * cost.extra(e)[0] * frac for c, e in entries.items()}
             chosen = _pick(sqnr, cost_pct, threshold)
@@ -154,9 +162,10 @@ def choose_techniques(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str,
 
 
 def search_alpha(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Tensor], spec: QuantSpec = QuantSpec(),
-                 grid: Sequence[float] = ALPHA_GRID) -> tuple[SegQuantPlan, dict[str, dict[float, float]]]:
+                 grid: Sequence[float] = ALPHA_GRID, ranges: Mapping[str, ActivationStats] | None = None,
+                 ) -> tuple[SegQuantPlan, dict[str, dict[float, float]]]:
     """The plan with each quantized layer's ``smoothquant_alpha`` set to the grid value with the best output SQNR
-    on its calibration inputs (layers without inputs keep theirs).
+    on its calibration inputs (layers without inputs keep theirs; ``ranges`` as in ``choose_techniques``).
 
     Returns:
         ``(plan, {layer: {alpha: SQNR dB}})``.
@@ -174,8 +183,9 @@ def search_alpha(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Tens
                 continue
             linear = _linear(modules, name, model)
             layer = plan[name]
+            full = None if ranges is None else ranges.get(name)
             scores[name] = {float(a): _finite(layer_error(linear, layer.replace(smoothquant_alpha=float(a)),
-                                                          inputs[name], spec)) for a in grid}
+                                                          inputs[name], spec, None, full)) for a in grid}
             best = max(scores[name], key=scores[name].get)
             layers[name] = layer.replace(smoothquant_alpha=best)
     logger.info("alpha search on %d layers: %s", len(scores),
@@ -203,25 +213,42 @@ def _count(choices: Sequence[LayerChoice]) -> str:
 
 
 def capture_from_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any], names: Iterable[str],
-                      rows_per_call: int = 256, max_rows: int = 4096) -> dict[str, Tensor]:
+                      rows_per_call: int = 256, max_rows: int = 4096,
+                      ranges: dict[str, ActivationStats] | None = None) -> dict[str, Tensor]:
     """Inputs of the named Linears while ``forward_loop(model)`` runs (the calibration loop a backend takes):
     at most ``rows_per_call`` evenly spaced rows per call and ``max_rows`` in all, on the CPU (a FLUX-size model
-    over 50 steps would otherwise hold gigabytes). In a process group, every rank's rows, gathered in rank order."""
+    over 50 steps would otherwise hold gigabytes). In a process group, every rank's rows, gathered in rank order.
+    ``ranges``, when given, receives each layer's per-channel ranges over EVERY row (merged across ranks): the
+    static scales the backend will compute, which a subsample's own ranges underestimate."""
+    names = list(names)
+    observers = {n: None for n in names}
+
+    def observe(name: str, x: Tensor) -> None:
+        if observers[name] is None:
+            observers[name] = SegmentAmaxObserver(segments=(x.shape[-1],), name=name)
+        observers[name].update(x.detach())
+
     def rows(x: Tensor, limit: int) -> Tensor:
         flat = x.detach().reshape(-1, x.shape[-1])
         if flat.shape[0] > limit:
             flat = flat[torch.linspace(0, flat.shape[0] - 1, limit, device=flat.device).long()]
         return flat.float().cpu()
 
-    with record_linears(model, names, transform=lambda x: rows(x, rows_per_call)) as rec, torch.no_grad():
+    with record_linears(model, names, transform=lambda x: rows(x, rows_per_call),
+                        on_input=None if ranges is None else observe) as rec, torch.no_grad():
         forward_loop(model)
+    if ranges is not None:
+        reached = {n: o for n, o in observers.items() if o is not None}
+        merge_observers(reached)  # a collective under torch.distributed (every rank reached the same layers)
+        ranges.update({n: o.channel_stats() for n, o in reached.items()})
     local = {n: torch.cat(parts) for n, parts in rec.inputs.items() if parts}
     return {n: rows(x, max_rows) for n, x in gather_rows(local).items()}  # every rank's, under torch.distributed
 
 
 def apply_choices(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Tensor], choose: str = "fixed",
                   alpha_search: bool = False, alpha: float | None = None, realisation: str = "split_k",
-                  cost: CostModel = CostModel(), threshold: float = 0.5) -> tuple[SegQuantPlan, list[str]]:
+                  cost: CostModel = CostModel(), threshold: float = 0.5,
+                  ranges: Mapping[str, ActivationStats] | None = None) -> tuple[SegQuantPlan, list[str]]:
     """What a recipe's ``alpha_search: true`` and ``choose: auto`` do to its applied plan, in that order, on
     calibration inputs (``capture_from_loop`` over the float model). Returns the plan and one line per step for
     the job's notes; the plan unchanged when neither is asked for.
@@ -239,10 +266,10 @@ def apply_choices(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Ten
     spec = get_precision(precision).quant_spec(realisation)
     notes = []
     if alpha_search:
-        plan, scores = search_alpha(model, plan, inputs, spec)
+        plan, scores = search_alpha(model, plan, inputs, spec, ranges=ranges)
         alphas = [LayerChoice(n, {}, {}, f"alpha {plan[n].smoothquant_alpha:g}") for n in scores]
         notes.append(f"alpha search on {len(scores)} layers: {_count(alphas)}")
     if choose == "auto":
-        plan, choices = choose_techniques(model, plan, inputs, spec, cost, threshold, alpha)
+        plan, choices = choose_techniques(model, plan, inputs, spec, cost, threshold, alpha, ranges)
         notes.append(f"per-layer technique choice on {len(choices)} layers: {_count(choices)}")
     return plan, notes

@@ -256,9 +256,10 @@ def per_layer_choices(model: nn.Module, plan: SegQuantPlan, recipe: Recipe,
     from segquant.choose import apply_choices, capture_from_loop
 
     logger.info("measuring per-layer choices of %s on the calibration inputs", recipe.name)
-    inputs = capture_from_loop(model, forward_loop, plan.quantized_layers())
+    ranges: dict = {}
+    inputs = capture_from_loop(model, forward_loop, plan.quantized_layers(), ranges=ranges)
     return apply_choices(model, plan, inputs, recipe.choose, recipe.alpha_search, recipe.smoothquant_alpha,
-                         recipe.realisation)
+                         recipe.realisation, ranges=ranges)
 
 
 def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, name: str, plan: SegQuantPlan,

@@ -193,11 +193,13 @@ def _per_layer_choices(job: _Job) -> tuple[dict[str, SegQuantPlan], list[str]]:
     from segquant.choose import apply_choices, capture_from_loop
 
     names = set().union(*(p.quantized_layers() for p in job.plans.values()))
-    inputs = capture_from_loop(job.fp.model, job.forward_loop_for(job.fp, "per-layer choices"), names)
+    ranges: dict = {}
+    inputs = capture_from_loop(job.fp.model, job.forward_loop_for(job.fp, "per-layer choices"), names, ranges=ranges)
     plans, notes = {}, []
     for kind, plan in job.plans.items():
         plans[kind], row_notes = apply_choices(job.fp.model, plan, inputs, job.recipe.choose, job.recipe.alpha_search,
-                                               job.recipe.smoothquant_alpha, job.recipe.realisation)
+                                               job.recipe.smoothquant_alpha, job.recipe.realisation,
+                                               ranges=ranges)
         notes += [f"{row_label(kind, job.recipe, job.settings.backend)}: {n}" for n in row_notes]
     return plans, notes
 

@@ -116,3 +116,19 @@ def test_apply_choices_runs_alpha_search_then_the_technique_choice():
     analysed = SegQuantPlan({n: p.replace(precision=None) for n, p in plan.layers.items()})
     with pytest.raises(SegQuantError, match="need an applied plan"):
         apply_choices(model, analysed, inputs, "auto")
+
+
+def test_ranges_of_every_row_give_the_backends_scales_to_a_subsample():
+    from segquant.choose import capture_from_loop
+
+    model, plan, _ = _setup()
+    batches = [torch.randn(64, 16, generator=torch.Generator().manual_seed(s)) * 2 for s in range(3)]
+    ranges = {}
+    inputs = capture_from_loop(model, lambda m: [m(x) for x in batches], ["down"], rows_per_call=4, ranges=ranges)
+    with torch.no_grad():
+        every_row = torch.cat([torch.nn.functional.gelu(model.up(x)) for x in batches])
+    assert inputs["down"].shape == (12, 64)  # a subsample ...
+    assert torch.equal(ranges["down"].amax, every_row.abs().amax(0))  # ... and the ranges of all 192 rows
+    assert (ranges["down"].amax >= inputs["down"].abs().amax(0)).all()
+    own, full = (layer_error(model.down, plan["down"], inputs["down"], ranges=r) for r in (None, ranges["down"]))
+    assert own != full  # the subsample's own scales are not the ones the backend computes
