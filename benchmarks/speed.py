@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import gc
 import json
 import os
 import shlex
@@ -273,12 +274,27 @@ def run_variant(variant: str, args) -> dict:
         _sync()
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, gpu_times = [], []
+        collections = sum(g["collections"] for g in gc.get_stats())
         for _ in range(args.iters):
+            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if DEVICE == "cuda" else (None, None)
             start = time.perf_counter()
+            if begin is not None:
+                begin.record()
             fn(**inputs)
+            if end is not None:
+                end.record()
             _sync()  # one call is ~100 ms: host timing around a synchronised call is exact enough
             times.append((time.perf_counter() - start) * 1e3)
+            if begin is not None:
+                gpu_times.append(begin.elapsed_time(end))
+        # what a slow call is made of: the GPU's own span per call (events), Python garbage collections and
+        # recompiles during the timed calls (a bimodal ms_all with a steady gpu_ms_all is host-side)
+        record["gc_collections_timed"] = sum(g["collections"] for g in gc.get_stats()) - collections
+        record["dynamo_graphs_after_timing"] = int(counters["stats"]["unique_graphs"])
+        if gpu_times:
+            record.update(gpu_ms_median=round(statistics.median(gpu_times), 2),
+                          gpu_ms_all=[round(t, 2) for t in gpu_times])
         if args.profile:
             record["profile"] = profile_call(fn, inputs)
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
