@@ -121,8 +121,8 @@ class QuantizedLayer:
     """What a backend did to one Linear, read back from the quantized model (for checks and reports).
 
     Args:
-        in_segments, out_segments, dual_scale_segments: as in ``LinearPlan`` (empty for a layer a library's
-            own preset quantized).
+        in_segments, out_segments, dual_scale_segments, shift_segments: as in ``LinearPlan`` (empty for a layer
+            a library's own preset quantized; ``shift_segments`` empty without a shift).
         weight_format, act_format: ``segquant.numerics`` format names (``int8``, ``fp8_e4m3`` ...).
         weight_granularity: ``per_tensor`` or ``per_channel``; activation: ``static`` or ``dynamic``.
     """
@@ -134,6 +134,7 @@ class QuantizedLayer:
     weight_granularity: str = ""
     act_format: str = ""
     activation: str = ""
+    shift_segments: tuple[int, ...] = ()
 
     @property
     def dual_scale(self) -> bool:

@@ -107,7 +107,8 @@ def _layer_state(module: nn.Module) -> QuantizedLayer:
     if not is_marked(inputs):
         return QuantizedLayer(**formats)
     return QuantizedLayer(tuple(inputs._segquant_segments), tuple(getattr(weights, "_segquant_out_segments", ())),
-                          tuple(inputs._segquant_dual_segments), **formats)
+                          tuple(inputs._segquant_dual_segments), **formats,
+                          shift_segments=tuple(getattr(inputs, "_segquant_shift_segments", None) or ()))
 
 
 class ModelOptBackend:

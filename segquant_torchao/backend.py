@@ -148,7 +148,8 @@ class TorchAOBackend:
                 spec, opts = m.weight.spec, m.weight.spec.options
                 fmt = get_format(opts.precision).name
                 out[name] = QuantizedLayer(spec.in_segments, spec.out_segments, spec.dual_segments, fmt,
-                                           opts.weight_granularity, fmt, opts.activation)
+                                           opts.weight_granularity, fmt, opts.activation,
+                                           spec.shift_segments if spec.shift is not None else ())
             elif isinstance(m.weight, TorchAOBaseTensor):
                 out[name] = QuantizedLayer()
         return out

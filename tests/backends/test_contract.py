@@ -92,7 +92,8 @@ def expected_layers(plan):
             spec = segquant.get_precision(p.precision)
             out[n] = QuantizedLayer(p.in_segments, p.out_segments, p.dual_scale_segments if p.dual_scale else (),
                                     get_format(spec.weight_format).name, spec.weight_granularity,
-                                    get_format(spec.act_format).name, spec.activation)
+                                    get_format(spec.act_format).name, spec.activation,
+                                    p.shift_segments if p.shift is not None else ())
     return out
 
 
@@ -222,3 +223,17 @@ def test_smoothquant_with_dynamic_activations_is_refused_for_every_backend():
         if "w4a8" in backend.capabilities.precisions:
             with pytest.raises(SegQuantError, match="SmoothQuant .* needs calibrated static activations"):
                 segquant.backend.check_supported(backend, plan, QuantizeOptions(smoothquant_alpha=0.5))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_a_shifted_plan_is_realised_with_its_shift(backend_name):
+    backend = backend_or_skip(backend_name)
+    recipe = load_recipe("flux.1-dev/int8_w8a8")
+    plan = recipe.apply(analysed_tiny_plan(recipe.model_class)).with_shift("per_tensor", keep_dual_scale=False)
+    assert plan.shifted() and not plan.dual_scaled()
+    model, batches = tiny_inputs(recipe.model_class)
+    quantized = backend.quantize(copy.deepcopy(model), plan, recipe.quantize_options(show_progress=False),
+                                 loop_over(batches))
+    assert_realises(backend, quantized, plan)
+    got = backend.quantized_linears(quantized)
+    assert {n for n, q in got.items() if q.shift_segments} == set(plan.shifted())
