@@ -54,6 +54,7 @@ SHIFT = "per_tensor"  # the "_shift" variants' shift (SPEC section 3: one centre
 # in bf16, as those presets do ("*proj_out.*" disabled). benchmarks/quality_speed.py times the presets as these.
 VARIANTS += tuple(f"segquant_{p}_static_plain{s}" for p in ("fp8", "int8") for s in ("", "_asshipped"))
 AS_SHIPPED_SKIP = ["*proj_out"]
+UNFUSED_QKV = ["*attn.to_q", "*attn.to_k", "*attn.to_v", "*attn.add_q_proj", "*attn.add_k_proj", "*attn.add_v_proj"]
 SMALL_M = ["*norm1.linear", "*norm1_context.linear", "*.norm.linear", "norm_out.linear", "time_text_embed.*"]
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512
 DEVICE = "cuda"  # the CPU smoke test (--cpu-smoke) swaps in "cpu" and a tiny config
@@ -171,7 +172,8 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     from segquant_torchao import quantize as sq_quantize
 
     config = args.config.stem if args.config else "flux.1-dev"
-    cache = args.out / f"plan_{config}_{args.blocks or 'full'}.json"  # the variants of one run share one analysis
+    fused = "_fusedqkv" if args.fuse_qkv else ""
+    cache = args.out / f"plan_{config}_{args.blocks or 'full'}{fused}.json"  # the variants of one run share it
     if cache.exists():
         plan = segquant.SegQuantPlan.load(cache)
     else:
@@ -183,6 +185,8 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     precision = "int8" if "int8" in base else "fp8"
     plan = variant_plan(plan, variant)
     skip = [] if args.quantize_small else [g for g in SMALL_M if plan.matching(g)]
+    if args.fuse_qkv:  # the unfused projections diffusers keeps never run: nothing to calibrate, kept as they are
+        skip += [g for g in UNFUSED_QKV if plan.matching(g)]
     if variant.endswith("_asshipped"):
         skip += [g for g in AS_SHIPPED_SKIP if plan.matching(g)]
         notes["proj_out_bf16"] = sum(len(plan.matching(g)) for g in AS_SHIPPED_SKIP)
@@ -241,6 +245,10 @@ def run_variant(variant: str, args) -> dict:
                         quantize_small=args.quantize_small, command=os.environ.get("SPEED_COMMAND", ""))
     start = time.perf_counter()
     model, meta = build_model(args.blocks, *([args.config] if args.config else []))
+    if args.fuse_qkv:  # diffusers' fused projections: to_qkv / to_added_qkv, output-segmented in the plan
+        model.fuse_qkv_projections()
+        meta.fuse_qkv_projections()
+    record["fused_qkv"] = args.fuse_qkv
     inputs = make_inputs(model)
     record["build_s"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
@@ -393,6 +401,7 @@ def driver(args) -> None:
     passthrough += ["--config", str(args.config)] if args.config else []
     passthrough += ["--ref-dir", str(args.ref_dir)] if args.ref_dir else []
     passthrough += ["--quantize-small"] if args.quantize_small else []
+    passthrough += ["--fuse-qkv"] if args.fuse_qkv else []
     passthrough += ["--profile"] if args.profile else []
     passthrough += ["--cpu-smoke"] if args.cpu_smoke else []
     begin = time.perf_counter()
@@ -588,6 +597,8 @@ def main() -> None:
                              "with --compile regional each block then compiles anew: on the H200 no variant finished "
                              "its first call within 75 s)")
     parser.add_argument("--quantize-small", action="store_true", help="quantize the M = batch layers too")
+    parser.add_argument("--fuse-qkv", action="store_true", help="diffusers' fuse_qkv_projections first (every "
+                        "variant): one to_qkv GEMM per attention, output-segmented (q, k, v scales) in SegQuant")
     parser.add_argument("--threshold", type=float, default=0.1, help="cost-aware: dB per %% of GEMM time")
     parser.add_argument("--fused-factor", type=float, default=1.0,
                         help="cost-aware: extra time of the fused DualScale share (kernel_bench: fused/plain - 1 "

@@ -106,3 +106,16 @@ def test_driver_runs_each_variant_and_reports(tmp_path):
     assert rows[0]["profile"]["wall_ms"] > 0 and rows[0]["profile"]["kernel_ms"] == 0  # no GPU kernels on the CPU
     report = (tmp_path / "speed.md").read_text()
     assert "run smoke" in report and "| segquant_int8_static_naive |" in report
+
+
+def test_fused_qkv_runs_with_the_unfused_projections_kept(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--cpu-smoke", "--blocks", "1", "--compile", "none",
+           "--config", str(ROOT / "segquant/configs/mnist-flux.json"), "--quick", "--run-id", "fused", "--fuse-qkv",
+           "--variants", "bf16,segquant_int8_static_naive"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    assert [r.get("error") for r in rows] == [None, None] and all(r["fused_qkv"] for r in rows)
+    plan = json.loads(next(tmp_path.glob("plan_*_fusedqkv.json")).read_text())
+    fused = [n for n in plan["layers"] if n.endswith(("to_qkv", "to_added_qkv"))]
+    assert fused and all(len(plan["layers"][n]["out_segments"]) == 3 for n in fused)
+    assert 15 < rows[1]["sqnr_vs_bf16_db"] < 80
