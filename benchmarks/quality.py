@@ -393,7 +393,7 @@ def merge(paths: list[Path], out: Path) -> None:
             else:
                 result["models"][name] = model
         result["seconds"] += part["seconds"]
-        result["merged_from"].append(part["environment"]["command"])
+        result["merged_from"] += part.get("merged_from") or [part["environment"]["command"]]  # a merged file too
     save(result, out)
     print(f"merged {len(paths)} files")
 
