@@ -177,16 +177,12 @@ def quantize_variant(model, plan: SegQuantPlan, model_name: str, precision: str,
     applied = recipe.apply(plan)
     options = dataclasses.replace(recipe.quantize_options(show_progress=False), **option_changes)
     if recipe.choose == "auto" or recipe.alpha_search:
-        from segquant.choose import apply_choices, capture_from_loop
+        from segquant.choose import recipe_choices
 
-        device = next(model.parameters()).device  # captured on the CPU; the layers' weights may be on the GPU
-        ranges: dict = {}
-        captured = capture_from_loop(model, forward_loop, applied.quantized_layers(), ranges=ranges)
-        inputs = {n: x.to(device) for n, x in captured.items()}
-        applied, lines = apply_choices(model, applied, inputs, recipe.choose, recipe.alpha_search,
-                                       recipe.smoothquant_alpha, recipe.realisation, ranges=ranges)
+        plans, lines = recipe_choices(model, {"plan": applied}, recipe, forward_loop)
+        applied = plans["plan"]
         if notes is not None:
-            notes += lines
+            notes += lines["plan"]
     if precision != "w8a6":
         return get_backend("modelopt").quantize(model, applied, options, forward_loop)
     return modelopt_without_jit().quantize(model, w8a6_config(applied, options), forward_loop)
@@ -542,8 +538,8 @@ def markdown(result: dict) -> str:
         lines += [f"## {model}", "", f"Command: `{env['command']}`. Device: {env['device']}, torch {env['torch']}. "
                   f"{s['num_samples']} images per run, {s['steps']} Euler steps, {s['calib_samples']} calibration "
                   f"images, {s['seeds']} calibration seeds."
-                  + "".join(f" Rows added (same images and seeds, same device kind) by `{c}`." for c in mr.get("added_by", []))
-                  + "", "", f"Plan: {mr['plan']}. Full precision: class accuracy "
+                  + "".join(f" Rows added (same images and seeds, same device kind) by `{c}`."
+                            for c in mr.get("added_by", [])), "", f"Plan: {mr['plan']}. Full precision: class accuracy "
                   f"{mr['fp']['class_accuracy']:.3f}, FID vs MNIST {_f(mr['fp'].get('fid_vs_mnist'))}.", "",
                   "| row | PSNR dB | SSIM | class acc | FID vs FP | FID vs MNIST | Linear FLOPs quantized | "
                   "other layers quantized | SQNR of SegQuant's layers dB |", "|---|---|---|---|---|---|---|---|---|"]

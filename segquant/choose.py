@@ -24,19 +24,24 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from .calib import SegmentAmaxObserver, layer_alpha, static_calibration
-from .cost import CostModel
+from .cost import CostModel, subsample_rows
 from .distributed import gather_rows, merge_observers
 from .errors import SegQuantError
 from .numerics import ActivationStats, QuantSpec, reference_linear, sqnr_db
 from .plan import LinearPlan, SegQuantPlan
 from .precision import get_precision
 from .recording import record_linears
+
+if TYPE_CHECKING:  # choose only reads a recipe's fields
+    from .recipe import Recipe
+
+K = TypeVar("K", bound=Hashable)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ def layer_error(linear: nn.Linear, layer: LinearPlan, x: Tensor, spec: QuantSpec
     layer's own when the plan sets one) against the float ``linear`` on ``x`` ``(rows, K)``."""
     w = linear.weight.detach().float()
     b = None if linear.bias is None else linear.bias.detach().float()
-    x = x.detach().float().reshape(-1, layer.in_features)
+    x = x.detach().float().to(w.device).reshape(-1, layer.in_features)  # captured on the CPU; weights may be on a GPU
     observer = SegmentAmaxObserver(layer)
     observer.update(x)
     if ranges is not None:  # the scales the backend will compute: from all rows, not from the subsample
@@ -228,13 +233,7 @@ def capture_from_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]
             observers[name] = SegmentAmaxObserver(segments=(x.shape[-1],), name=name)
         observers[name].update(x.detach())
 
-    def rows(x: Tensor, limit: int) -> Tensor:
-        flat = x.detach().reshape(-1, x.shape[-1])
-        if flat.shape[0] > limit:
-            flat = flat[torch.linspace(0, flat.shape[0] - 1, limit, device=flat.device).long()]
-        return flat.float().cpu()
-
-    with record_linears(model, names, transform=lambda x: rows(x, rows_per_call),
+    with record_linears(model, names, transform=lambda x: subsample_rows(x, rows_per_call).float(),
                         on_input=None if ranges is None else observe) as rec, torch.no_grad():
         forward_loop(model)
     if ranges is not None:
@@ -242,7 +241,7 @@ def capture_from_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]
         merge_observers(reached)  # a collective under torch.distributed (every rank reached the same layers)
         ranges.update({n: o.channel_stats() for n, o in reached.items()})
     local = {n: torch.cat(parts) for n, parts in rec.inputs.items() if parts}
-    return {n: rows(x, max_rows) for n, x in gather_rows(local).items()}  # every rank's, under torch.distributed
+    return {n: subsample_rows(x, max_rows) for n, x in gather_rows(local).items()}  # every rank's, when distributed
 
 
 def apply_choices(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Tensor], choose: str = "fixed",
@@ -273,3 +272,20 @@ def apply_choices(model: nn.Module, plan: SegQuantPlan, inputs: Mapping[str, Ten
         plan, choices = choose_techniques(model, plan, inputs, spec, cost, threshold, alpha, ranges)
         notes.append(f"per-layer technique choice on {len(choices)} layers: {_count(choices)}")
     return plan, notes
+
+
+def recipe_choices(model: nn.Module, plans: Mapping[K, SegQuantPlan], recipe: Recipe,
+                   forward_loop: Callable[[nn.Module], Any]) -> tuple[dict[K, SegQuantPlan], dict[K, list[str]]]:
+    """A recipe's ``alpha_search`` and ``choose: auto`` on each of ``plans`` (its applied plan, or ablations of it),
+    from ONE pass of the calibration loop over the float ``model``; the plans as they are when the recipe asks for
+    neither. Returns the plans and each one's notes."""
+    if recipe.choose == "fixed" and not recipe.alpha_search:
+        return dict(plans), {key: [] for key in plans}
+    ranges: dict[str, ActivationStats] = {}
+    names = set().union(*(p.quantized_layers() for p in plans.values()))
+    inputs = capture_from_loop(model, forward_loop, names, ranges=ranges)
+    out, notes = {}, {}
+    for key, plan in plans.items():
+        out[key], notes[key] = apply_choices(model, plan, inputs, recipe.choose, recipe.alpha_search,
+                                             recipe.smoothquant_alpha, recipe.realisation, ranges=ranges)
+    return out, notes

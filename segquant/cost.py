@@ -239,7 +239,7 @@ def sweep(plan: SegQuantPlan, gains: Mapping[str, LayerGain], cost: CostModel,
     return points
 
 
-def _rows(x: Tensor, max_rows: int) -> Tensor:
+def subsample_rows(x: Tensor, max_rows: int) -> Tensor:
     """At most ``max_rows`` evenly spaced rows of ``x`` flattened to ``(rows, K)``, chosen on its device."""
     flat = x.detach().reshape(-1, x.shape[-1])
     if flat.shape[0] > max_rows:
@@ -257,7 +257,7 @@ def capture_linear_inputs(model: nn.Module, batches: Sequence[Mapping[str, Any]]
         rows[name] = max(rows.get(name, 0), x.numel() // x.shape[-1])
 
     with record_linears(model, names, on_input=None if rows is None else count_rows,
-                        transform=lambda x: _rows(x, max_rows)) as recording, torch.no_grad():
+                        transform=lambda x: subsample_rows(x, max_rows)) as recording, torch.no_grad():
         for batch in batches:
             model(**batch)
-    return {name: _rows(torch.cat(parts).float(), max_rows) for name, parts in recording.inputs.items()}
+    return {name: subsample_rows(torch.cat(parts).float(), max_rows) for name, parts in recording.inputs.items()}

@@ -253,13 +253,11 @@ def per_layer_choices(model: nn.Module, plan: SegQuantPlan, recipe: Recipe,
                       forward_loop: Any) -> tuple[SegQuantPlan, list[str]]:
     """The recipe's ``alpha_search`` and ``choose: auto`` on its applied plan, from one pass of the calibration loop
     over the float model (``segquant.choose``); returns the plan and a note per step."""
-    from segquant.choose import apply_choices, capture_from_loop
+    from segquant.choose import recipe_choices
 
     logger.info("measuring per-layer choices of %s on the calibration inputs", recipe.name)
-    ranges: dict = {}
-    inputs = capture_from_loop(model, forward_loop, plan.quantized_layers(), ranges=ranges)
-    return apply_choices(model, plan, inputs, recipe.choose, recipe.alpha_search, recipe.smoothquant_alpha,
-                         recipe.realisation, ranges=ranges)
+    plans, notes = recipe_choices(model, {"plan": plan}, recipe, forward_loop)
+    return plans["plan"], notes["plan"]
 
 
 def _quantize_into(stage: Path, job: QuantizeJob, backend: Backend, pipe: Any, name: str, plan: SegQuantPlan,

@@ -190,18 +190,11 @@ def _prepare(settings: RunSettings) -> _Job:
 
 def _per_layer_choices(job: _Job) -> tuple[dict[str, SegQuantPlan], list[str]]:
     """The recipe's alpha search and per-layer technique choice on every row's plan, from one calibration pass."""
-    from segquant.choose import apply_choices, capture_from_loop
+    from segquant.choose import recipe_choices
 
-    names = set().union(*(p.quantized_layers() for p in job.plans.values()))
-    ranges: dict = {}
-    inputs = capture_from_loop(job.fp.model, job.forward_loop_for(job.fp, "per-layer choices"), names, ranges=ranges)
-    plans, notes = {}, []
-    for kind, plan in job.plans.items():
-        plans[kind], row_notes = apply_choices(job.fp.model, plan, inputs, job.recipe.choose, job.recipe.alpha_search,
-                                               job.recipe.smoothquant_alpha, job.recipe.realisation,
-                                               ranges=ranges)
-        notes += [f"{row_label(kind, job.recipe, job.settings.backend)}: {n}" for n in row_notes]
-    return plans, notes
+    loop = job.forward_loop_for(job.fp, "per-layer choices")
+    plans, notes = recipe_choices(job.fp.model, job.plans, job.recipe, loop)
+    return plans, [f"{row_label(kind, job.recipe, job.settings.backend)}: {n}" for kind in plans for n in notes[kind]]
 
 
 def _quantized_row(job: _Job, kind: str, reference_io, failed: dict[str, str]) -> RowResult | None:

@@ -132,3 +132,29 @@ def test_ranges_of_every_row_give_the_backends_scales_to_a_subsample():
     assert (ranges["down"].amax >= inputs["down"].abs().amax(0)).all()
     own, full = (layer_error(model.down, plan["down"], inputs["down"], ranges=r) for r in (None, ranges["down"]))
     assert own != full  # the subsample's own scales are not the ones the backend computes
+
+
+def test_recipe_choices_make_one_pass_for_every_plan():
+    from segquant.choose import recipe_choices
+    from segquant.recipe import Recipe
+
+    model, plan, _ = _setup(shift="per_tensor")
+    calls = []
+    batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(s)) * 2 for s in range(3)]
+
+    def loop(m):
+        calls.append(1)
+        for x in batches:
+            m(x)
+
+    base = Recipe(name="m/int8_w8a8", model_class="GeluMlp", config="c", precision="int8_w8a8")
+    plans = {"a": plan, "b": plan.ablate(dual_scale=False, shift=False)}
+    same, notes = recipe_choices(model, plans, base, loop)
+    assert same == plans and notes == {"a": [], "b": []} and calls == []  # nothing asked: no pass
+    auto = Recipe(name="m/int8_w8a8", model_class="GeluMlp", config="c", precision="int8_w8a8", choose="auto",
+                  alpha_search=True)
+    chosen, notes = recipe_choices(model, plans, auto, loop)
+    assert calls == [1] and set(chosen) == {"a", "b"}
+    assert all(p["up"].smoothquant_alpha is not None for p in chosen.values())
+    assert notes["a"][1].startswith("per-layer technique choice on 1 layers")
+    assert notes["b"][1].startswith("per-layer technique choice on 0 layers")  # nothing left to choose
