@@ -239,10 +239,10 @@ def fake_quant_input(x: Tensor, fmt: QuantFormat, segments: Sequence[int], dual_
     """A Linear's input as a SegQuant layer feeds it to its GEMM, in ``x.dtype``: ``x * smooth`` (minus the
     shift centres of ``stats``) split into ``segments``, each quantized by ``quantize_input_segment`` (static
     from ``stats``, per token when ``per_token``, default: when there are no stats); the codes times their unit
-    scale, or (``folded``: the unit scales live in the weight) the codes alone. The centres are added back
-    unless ``add_center`` is False (then the caller adds ``W c`` to the bias, as a deployed layer does). The one
-    implementation behind ModelOpt's fake quantization and the HF-checkpoint runtime. With ``form="reciprocal"``
-    the input is divided by ``smooth`` (the reference code's SmoothQuant divisors) and each segment
+    scale, or (``folded``: the unit scales live in the weight) the codes alone. The centres are added back (to
+    folded codes as ``folded_center``, in their units) unless ``add_center`` is False (then the caller adds
+    ``W c`` to the bias, as a deployed layer does). The one implementation behind ModelOpt's fake quantization
+    and the HF-checkpoint runtime. With ``form="reciprocal"`` the input is divided by ``smooth`` (the reference code's SmoothQuant divisors) and each segment
     fake-quantized by ``fake_quant_segment`` (no folding, no shift)."""
     if form != DEFAULT_SCALE_FORM:
         if folded or (stats is not None and stats.center is not None):
@@ -263,11 +263,20 @@ def fake_quant_input(x: Tensor, fmt: QuantFormat, segments: Sequence[int], dual_
              for i, part in enumerate(v.split(list(segments), dim=-1))]
     if folded:
         out = torch.cat([q for q, _ in parts], dim=-1)
+        if center is not None and add_center:  # the codes are in units of a: the shift too
+            out = out + folded_center(center.to(out.device), torch.stack([u.reshape(()) for _, u in parts]), segments)
     else:
         out = torch.cat([q * unit for q, unit in parts], dim=-1)
-    if center is not None and add_center and not folded:
-        out = out + center.to(out.device)
+        if center is not None and add_center:
+            out = out + center.to(out.device)
     return out.to(x.dtype)
+
+
+def folded_center(center: Tensor, unit_scales: Tensor, segments: Sequence[int]) -> Tensor:
+    """``c / a``, ``(K,)`` float32: the shift in the folded realisation's code units, ``a`` being each input
+    segment's unit scale (``s+`` on DualScale segments) repeated over its channels. The folded GEMM's input is
+    ``codes + c / a`` and its bias correction ``W' (c / a) = W_hat c``."""
+    return center.float() / expand_segments(unit_scales.float().to(center.device), segments).reshape(-1)
 
 
 def smoothquant_factors(weight: Tensor, act_channel_amax: Tensor, alpha: float) -> Tensor:
@@ -420,11 +429,10 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, layer: Line
     quantized = [quantize_input_segment(p, act_fmt, i in dual, per_token, stats, i) for i, p in enumerate(parts)]
     if spec.realisation == "folded":
         units = torch.stack([u.reshape(()) for _, u in quantized])
-        folded_w, divisor = fold_activation_scales(w, units, layer.in_segments)
-        w_hat = _quantize_weight(folded_w, layer, spec)
+        w_hat = _quantize_weight(fold_activation_scales(w, units, layer.in_segments)[0], layer, spec)
         y = torch.cat([q for q, _ in quantized], dim=-1) @ w_hat.t()
         if center is not None:
-            y = y + w_hat @ (center.float() / divisor)
+            y = y + w_hat @ folded_center(center, units, layer.in_segments)
     else:
         w_hat = _quantize_weight(w, layer, spec)
         y = sum((q * u) @ w_s.t() for (q, u), w_s in zip(quantized, w_hat.split(list(layer.in_segments), dim=1)))

@@ -43,9 +43,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from segquant import SegQuantError
-from segquant.numerics import ActivationStats, QuantFormat, get_format, quantize, scale_from_amax
+from segquant.numerics import ActivationStats, QuantFormat, fake_quant_input, get_format, quantize, scale_from_amax
 
-from .quantizer import format_of, is_marked, quantize_layer_input
+from .quantizer import format_of, is_marked
 
 SECTION_VERSION = 2
 READABLE_SECTION_VERSIONS = (1, 2)
@@ -357,9 +357,9 @@ class SegQuantCheckpointLinear(nn.Linear):
         if layer.activations == "static" or layer.shift is not None:
             stats = ActivationStats(self.input_amax, self.input_pos, self.input_neg,
                                     self.input_center if layer.shift is not None else None)
-        return quantize_layer_input(x, self.act_format, layer.in_segments, layer.dual_scale_segments, stats,
-                                    self.smooth if layer.smoothed else None, layer.realisation == "folded",
-                                    per_token=layer.activations == "dynamic_per_token")
+        return fake_quant_input(x, self.act_format, layer.in_segments, layer.dual_scale_segments, stats,
+                                self.smooth if layer.smoothed else None, layer.realisation == "folded",
+                                per_token=layer.activations == "dynamic_per_token")
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.weight, self.bias)

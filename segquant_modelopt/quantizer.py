@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 from modelopt.torch.quantization.nn import TensorQuantizer
 
-from segquant.numerics import ActivationStats, QuantFormat, expand_segments, fake_quant, fake_quant_input, \
-    get_format, scale_from_amax
+from segquant.numerics import ActivationStats, QuantFormat, fake_quant, fake_quant_input, \
+    folded_center, get_format, scale_from_amax
 
 from .segment_smoothing import tiles_forward
 
@@ -188,9 +188,9 @@ class SegmentTensorQuantizer(TensorQuantizer):
             return tiles_forward(self, fmt, x)
         if self._segquant_role == "weight":
             return fake_quant(x, scale_from_amax(self._amax, fmt), fmt)
-        return quantize_layer_input(x, fmt, self._segquant_segments, self._segquant_dual_segments,
-                                    self.segquant_stats(), self._buffers.get("_segquant_smooth"),
-                                    self._segquant_folded, per_token=self._segquant_role == "dynamic")
+        return fake_quant_input(x, fmt, self._segquant_segments, self._segquant_dual_segments, self.segquant_stats(),
+                                self._buffers.get("_segquant_smooth"), self._segquant_folded,
+                                per_token=self._segquant_role == "dynamic")
 
     def forward(self, inputs: Tensor) -> Tensor:
         exporting = torch.onnx.is_in_onnx_export()
@@ -233,25 +233,10 @@ def shift_offset(stats: ActivationStats, segments: list[int], dual_segments: lis
     """The shift as the GEMM's input carries it, ``(K,)`` float32: the centres ``c`` (``split_k``), or ``c / a``
     in the folded realisation, whose input is the codes (``a``: each segment's unit scale, ``s+`` on DualScale
     segments, as ``segquant.numerics.reference_linear`` folds them)."""
-    center = stats.center.float()
     if not folded:
-        return center
+        return stats.center.float()
     dual = torch.tensor([i in set(dual_segments) for i in range(len(segments))], device=stats.amax.device)
-    units = scale_from_amax(torch.where(dual, stats.pos_amax, stats.amax), fmt)
-    return center / expand_segments(units, segments).reshape(-1).to(center.device)
-
-
-def quantize_layer_input(x: Tensor, fmt: QuantFormat, segments: list[int], dual_segments: list[int],
-                         stats: ActivationStats | None, smooth: Tensor | None, folded: bool,
-                         per_token: bool = False) -> Tensor:
-    """A SegQuant layer's input as its GEMM takes it (``segquant.numerics.fake_quant_input``), shifts included:
-    ``Q(x s - c) + c``, or with ``folded`` the codes plus ``c / a`` (``shift_offset``), so that the layer's output
-    is the oracle's ``W_hat Q(x s - c) + W_hat c``. Shared by the fake-quant model and the HF-checkpoint runtime,
-    which must give the same bits."""
-    out = fake_quant_input(x, fmt, segments, dual_segments, stats, smooth, folded, per_token)
-    if folded and stats is not None and stats.center is not None:
-        out = (out.float() + shift_offset(stats, segments, dual_segments, fmt, True).to(out.device)).to(x.dtype)
-    return out
+    return folded_center(stats.center, scale_from_amax(torch.where(dual, stats.pos_amax, stats.amax), fmt), segments)
 
 
 def _sizes(sizes: list[int]) -> str:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchao.utils import TorchAOBaseTensor
 
 from segquant import LinearPlan, SegmentAmaxObserver, SegQuantError
-from segquant.numerics import (ActivationStats, expand_segments, fold_activation_scales, scale_from_amax,
+from segquant.numerics import (ActivationStats, fold_activation_scales, folded_center, scale_from_amax,
                                shift_bias, weight_amax)
 
 from .kernels import codes, kernel_multiple, pad_to
@@ -130,9 +130,7 @@ def _gemm_center(spec: SegLinearSpec, stats: ActivationStats, act: Tensor | None
     """The centres where the forward subtracts them: ``c`` from ``x * smooth``, or (folded, ``act`` the
     per-segment unit scales) ``c / a`` from ``x / col_scale``, in code units."""
     center = stats.center.float().to(device)  # calibration carried in a config lives on the CPU
-    if act is None:
-        return center.contiguous()
-    return (center / expand_segments(act.float(), spec.in_segments).reshape(-1)).contiguous()
+    return (center if act is None else folded_center(center, act, spec.in_segments)).contiguous()
 
 
 def tensorwise(spec: SegLinearSpec) -> bool:
