@@ -242,8 +242,9 @@ def fake_quant_input(x: Tensor, fmt: QuantFormat, segments: Sequence[int], dual_
     scale, or (``folded``: the unit scales live in the weight) the codes alone. The centres are added back (to
     folded codes as ``folded_center``, in their units) unless ``add_center`` is False (then the caller adds
     ``W c`` to the bias, as a deployed layer does). The one implementation behind ModelOpt's fake quantization
-    and the HF-checkpoint runtime. With ``form="reciprocal"`` the input is divided by ``smooth`` (the reference code's SmoothQuant divisors) and each segment
-    fake-quantized by ``fake_quant_segment`` (no folding, no shift)."""
+    and the HF-checkpoint runtime. With ``form="reciprocal"`` the input is divided by ``smooth`` (the reference
+    code's SmoothQuant divisors) and each segment fake-quantized by ``fake_quant_segment`` (no folding, no
+    shift)."""
     if form != DEFAULT_SCALE_FORM:
         if folded or (stats is not None and stats.center is not None):
             raise SegQuantError(f"scale_form {form!r} has no folded realisation and no activation shift")
