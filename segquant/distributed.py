@@ -132,7 +132,16 @@ def gather_rows(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     that choices made from them (``segquant.choose``) are the same on every rank; ``inputs`` outside a group."""
     if not is_distributed():
         return dict(inputs)
-    parts: list[dict[str, Tensor] | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, {n: t.cpu() for n, t in inputs.items()})
-    names = sorted({n for part in parts for n in (part or {})})
-    return {n: torch.cat([part[n] for part in parts if part and n in part]) for n in names}
+    parts = gather_objects({n: t.cpu() for n, t in inputs.items()})
+    names = sorted({n for part in parts for n in part})
+    return {n: torch.cat([part[n] for part in parts if n in part]) for n in names}
+
+
+def gather_objects(local: T) -> list[T]:
+    """Every rank's picklable ``local`` (CPU tensors inside), in rank order, on every rank (a collective);
+    ``[local]`` outside a process group."""
+    if not is_distributed():
+        return [local]
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, local)
+    return parts

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from segquant.distributed import is_distributed
+from segquant.distributed import gather_objects, is_distributed
 from segquant.errors import SegQuantError
 
 FLAG = "--num-gpus"
@@ -79,9 +79,5 @@ def is_main() -> bool:
 def gather_ordered(local: dict[int, torch.Tensor]) -> list[torch.Tensor]:
     """Every rank's ``{index: tensor}`` (CPU tensors) merged and sorted by index, on every rank; the local values
     outside a process group."""
-    if not is_distributed():
-        return [local[i] for i in sorted(local)]
-    parts: list[dict[int, torch.Tensor] | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, {i: t.cpu() for i, t in local.items()})
-    merged = {i: t for part in parts for i, t in (part or {}).items()}
+    merged = {i: t for part in gather_objects({i: t.cpu() for i, t in local.items()}) for i, t in part.items()}
     return [merged[i] for i in sorted(merged)]
