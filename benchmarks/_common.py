@@ -194,3 +194,23 @@ def disable_quantizers(model: nn.Module, keep: Callable[[str, nn.Module], bool])
         if not keep(name, module):
             for quantizer in enabled_quantizers(module):
                 quantizer.disable()
+
+
+def flux_call_inputs(model: nn.Module, gen: torch.Generator, dtype: torch.dtype, image_tokens: int, text_tokens: int,
+                     timestep: float | None = None) -> dict[str, Any]:
+    """Keyword inputs of one FluxTransformer2DModel call, batch 1, on ``gen``'s device: random latents, text
+    embeddings and pooled projections from ``gen`` (in that order), a square grid of image ids, the timestep
+    ``timestep`` (None: drawn from ``gen`` after the rest), guidance 3.5 when the model takes it."""
+    device = gen.device
+    randn = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dtype)  # noqa: E731
+    side = int(image_tokens ** 0.5)
+    ids = torch.zeros(side, side, 3, device=device)
+    ids[..., 1] = torch.arange(side, device=device)[:, None]
+    ids[..., 2] = torch.arange(side, device=device)[None, :]
+    guidance = dict(guidance=torch.tensor([3.5], device=device, dtype=dtype)) if model.config.guidance_embeds else {}
+    inputs = dict(hidden_states=randn(1, image_tokens, model.config.in_channels),
+                  encoder_hidden_states=randn(1, text_tokens, model.config.joint_attention_dim),
+                  pooled_projections=randn(1, model.config.pooled_projection_dim))
+    t = torch.rand(1, generator=gen, device=device) if timestep is None else torch.tensor([timestep], device=device)
+    return dict(inputs, timestep=t.to(dtype), img_ids=ids.reshape(-1, 3),
+                txt_ids=torch.zeros(text_tokens, 3, device=device), **guidance, return_dict=False)

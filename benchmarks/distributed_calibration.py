@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from _common import environment, environment_line, parser, write_results
+from _common import environment, environment_line, flux_call_inputs, parser, write_results
 
 import segquant
 from segquant.calib import SegmentAmaxObserver, check_calibration
-from segquant.distributed import is_distributed, shard
+from segquant.distributed import shard
 from segquant.recording import record_linears
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,19 +54,7 @@ def build(device: str, blocks: int | None, tiny: bool):
 
 def call_inputs(model, index: int, device: str, dtype, tokens: tuple[int, int]) -> dict:
     """The denoiser call ``index`` (its own seed: the same on every rank and in every world size)."""
-    gen = torch.Generator(device=device).manual_seed(1000 + index)
-    image, text = tokens
-    randn = lambda *s: torch.randn(*s, generator=gen, device=device).to(dtype)  # noqa: E731
-    side = int(image ** 0.5)
-    ids = torch.zeros(side, side, 3, device=device)
-    ids[..., 1] = torch.arange(side, device=device)[:, None]
-    ids[..., 2] = torch.arange(side, device=device)[None, :]
-    guidance = dict(guidance=torch.tensor([3.5], device=device, dtype=dtype)) if model.config.guidance_embeds else {}
-    return dict(hidden_states=randn(1, image, model.config.in_channels),
-                encoder_hidden_states=randn(1, text, model.config.joint_attention_dim),
-                pooled_projections=randn(1, model.config.pooled_projection_dim),
-                timestep=torch.rand(1, generator=gen, device=device).to(dtype), img_ids=ids.reshape(-1, 3),
-                txt_ids=torch.zeros(text, 3, device=device), return_dict=False, **guidance)
+    return flux_call_inputs(model, torch.Generator(device=device).manual_seed(1000 + index), dtype, *tokens)
 
 
 def worker(args) -> None:

@@ -37,6 +37,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from _common import flux_call_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,23 +92,8 @@ def build_model(blocks: int | None, config: Path = ROOT / "segquant/configs/flux
 
 
 def make_inputs(model) -> dict:
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    bf16 = torch.bfloat16
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=DEVICE).to(bf16)
-
-    side = int(IMAGE_TOKENS ** 0.5)
-    ids = torch.zeros(side, side, 3, device=DEVICE)
-    ids[..., 1] = torch.arange(side, device=DEVICE)[:, None]
-    ids[..., 2] = torch.arange(side, device=DEVICE)[None, :]
-    guidance = dict(guidance=torch.tensor([3.5], device=DEVICE, dtype=bf16)) if model.config.guidance_embeds else {}
-    return dict(hidden_states=randn(1, IMAGE_TOKENS, model.config.in_channels),
-                encoder_hidden_states=randn(1, TEXT_TOKENS, model.config.joint_attention_dim),
-                pooled_projections=randn(1, model.config.pooled_projection_dim),
-                timestep=torch.tensor([0.5], device=DEVICE, dtype=bf16), img_ids=ids.reshape(-1, 3),
-                txt_ids=torch.zeros(TEXT_TOKENS, 3, device=DEVICE),
-                **guidance, return_dict=False)
+    return flux_call_inputs(model, torch.Generator(device=DEVICE).manual_seed(1), torch.bfloat16, IMAGE_TOKENS,
+                            TEXT_TOKENS, timestep=0.5)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

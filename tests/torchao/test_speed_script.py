@@ -18,6 +18,8 @@ SCRIPT = ROOT / "benchmarks" / "speed.py"
 
 
 def load_script():
+    if str(SCRIPT.parent) not in sys.path:  # the script imports _common, beside it
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("speed_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -84,12 +86,17 @@ def test_driver_rejects_unknown_variants(tmp_path):
     assert "unknown variants ['segquant_fp9']" in proc.stderr
 
 
-def test_driver_runs_each_variant_and_reports(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--cpu-smoke", "--blocks", "1", "--compile", "none",
-           "--config", str(ROOT / "segquant/configs/mnist-flux.json"), "--quick", "--run-id", "smoke", "--profile",
-           "--variants", "bf16,segquant_int8_static_naive,segquant_fp8_costaware_naive"]
+def run_driver(out, *args):
+    """The driver on the CPU (one block of mnist-flux, no compile, 3 calls) with ``args``; its speed.jsonl rows."""
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--cpu-smoke", "--blocks", "1", "--compile", "none",
+           "--config", str(ROOT / "segquant/configs/mnist-flux.json"), "--quick", *args]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "speed.jsonl").read_text().splitlines()]
+
+
+def test_driver_runs_each_variant_and_reports(tmp_path):
+    rows = run_driver(tmp_path, "--run-id", "smoke", "--profile",
+                      "--variants", "bf16,segquant_int8_static_naive,segquant_fp8_costaware_naive")
     assert [r["variant"] for r in rows] == ["bf16", "segquant_int8_static_naive", "segquant_fp8_costaware_naive"]
     for r in rows:
         assert "error" not in r, r
@@ -109,11 +116,7 @@ def test_driver_runs_each_variant_and_reports(tmp_path):
 
 
 def test_fused_qkv_runs_with_the_unfused_projections_kept(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--cpu-smoke", "--blocks", "1", "--compile", "none",
-           "--config", str(ROOT / "segquant/configs/mnist-flux.json"), "--quick", "--run-id", "fused", "--fuse-qkv",
-           "--variants", "bf16,segquant_int8_static_naive"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    rows = run_driver(tmp_path, "--run-id", "fused", "--fuse-qkv", "--variants", "bf16,segquant_int8_static_naive")
     assert [r.get("error") for r in rows] == [None, None] and all(r["fused_qkv"] for r in rows)
     plan = json.loads(next(tmp_path.glob("plan_*_fusedqkv.json")).read_text())
     fused = [n for n in plan["layers"] if n.endswith(("to_qkv", "to_added_qkv"))]
