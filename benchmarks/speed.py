@@ -219,7 +219,18 @@ def cost_aware(model, plan, inputs, args, kernel: str):
                          dual_layers=p.dual_layers, segmented_layers=p.segmented_layers) for p in points]
 
 
-def run_variant(variant: str, args) -> dict:
+class Prepared:
+    """One variant ready to time: its record so far, the callable a timed call runs and the call's inputs."""
+
+    def __init__(self, record: dict, fn, inputs: dict, out: torch.Tensor, model):
+        self.record, self.fn, self.inputs, self.out, self.model = record, fn, inputs, out, model
+        self.times: list[float] = []
+        self.gpu_times: list[float] = []
+
+
+def prepare_variant(variant: str, args) -> Prepared:
+    """Build, quantize and compile ``variant``; its first call (compile, autotuning), two warm-up calls and, with
+    ``--cuda-graph``, the recording of one call into a CUDA graph whose replays are then what gets timed."""
     torch._inductor.config.freezing = args.freezing
     torch._dynamo.config.cache_size_limit = 1024
     torch._dynamo.config.accumulated_cache_size_limit = 4096
@@ -227,7 +238,7 @@ def run_variant(variant: str, args) -> dict:
                         tokens=IMAGE_TOKENS + TEXT_TOKENS,
                         device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch=torch.__version__,
                         git=args.git, run=args.run_id, compile=args.compile, compile_mode=args.compile_mode,
-                        freezing=args.freezing,
+                        freezing=args.freezing, cuda_graph=args.cuda_graph,
                         quantize_small=args.quantize_small, command=os.environ.get("SPEED_COMMAND", ""))
     start = time.perf_counter()
     model, meta = build_model(args.blocks, *([args.config] if args.config else []))
@@ -252,13 +263,13 @@ def run_variant(variant: str, args) -> dict:
         fn = model
     if "reduce-overhead" in args.compile_mode:
         fn = _cudagraph_steps(fn)
+    from torch._dynamo.utils import counters
+
     with torch.inference_mode():
         start = time.perf_counter()
         out = fn(**inputs)[0].clone()  # CUDA-graph replays reuse their output memory
         _sync()
         record["compile_s"] = round(time.perf_counter() - start, 1)  # first call: compile + autotune + run
-        from torch._dynamo.utils import counters
-
         record["dynamo_graphs"] = int(counters["stats"]["unique_graphs"])  # recompiles show here
         if "reduce-overhead" in args.compile_mode:
             record["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
@@ -266,38 +277,99 @@ def run_variant(variant: str, args) -> dict:
         for _ in range(2):
             fn(**inputs)
         _sync()
-        if DEVICE == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, gpu_times = [], []
-        collections = sum(g["collections"] for g in gc.get_stats())
-        for _ in range(args.iters):
-            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if DEVICE == "cuda" else (None, None)
+        if args.cuda_graph:
             start = time.perf_counter()
-            if begin is not None:
-                begin.record()
-            fn(**inputs)
-            if end is not None:
-                end.record()
-            _sync()  # one call is ~100 ms: host timing around a synchronised call is exact enough
-            times.append((time.perf_counter() - start) * 1e3)
-            if begin is not None:
-                gpu_times.append(begin.elapsed_time(end))
-        # what a slow call is made of: the GPU's own span per call (events), Python garbage collections and
-        # recompiles during the timed calls (a bimodal ms_all with a steady gpu_ms_all is host-side)
-        record["gc_collections_timed"] = sum(g["collections"] for g in gc.get_stats()) - collections
-        record["dynamo_graphs_after_timing"] = int(counters["stats"]["unique_graphs"])
-        if gpu_times:
-            record.update(gpu_ms_median=round(statistics.median(gpu_times), 2),
-                          gpu_ms_all=[round(t, 2) for t in gpu_times])
+            fn, record["cuda_graph_proof"] = record_cuda_graph(fn, inputs, out)
+            record["graph_capture_s"] = round(time.perf_counter() - start, 1)
+    return Prepared(record, fn, inputs, out, model)
+
+
+def record_cuda_graph(fn, inputs: dict, reference: torch.Tensor):
+    """Record one call of ``fn`` into a ``torch.cuda.CUDAGraph``; returns a callable that replays it and the proof
+    that it was recorded: one replay profiled (graph launches, kernel launches from the host, kernels run on the
+    GPU) and the replay's output against ``reference``, the output of an ordinary call."""
+    if DEVICE != "cuda":
+        raise RuntimeError("--cuda-graph needs a CUDA device")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs asks before a capture
+        fn(**inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(**inputs)[0]
+
+    def replay(**_):
+        graph.replay()
+        return (static_out,)
+
+    replay(**inputs)
+    _sync()
+    proof = launch_counts(replay, inputs)
+    proof["max_abs_diff_vs_call"] = float((static_out.float() - reference.float()).abs().max())
+    return replay, proof
+
+
+def launch_counts(fn, inputs: dict) -> dict:
+    """What the host launched in one call of ``fn`` (torch.profiler): CUDA-graph launches, single-kernel launches
+    (runtime and driver API: inductor, Triton, cuBLAS) and the number of kernels the GPU ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    _sync()
+    with profile(activities=activities) as prof:
+        fn(**inputs)
+        _sync()
+    counts = dict(graph_launches=0, kernel_launches=0, gpu_kernels=0)
+    for event in prof.key_averages():
+        name = event.key
+        if str(getattr(event, "device_type", "")).endswith("CUDA"):
+            counts["gpu_kernels"] += event.count
+        elif name in ("cudaGraphLaunch", "cuGraphLaunch"):
+            counts["graph_launches"] += event.count
+        elif name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"):
+            counts["kernel_launches"] += event.count
+    return counts
+
+
+def time_rounds(prepared: list[Prepared], iters: int) -> None:
+    """``iters`` rounds; each round calls every prepared variant once, in order (one variant: plain repeats).
+    Interleaving puts every variant under the same machine state (clocks, other tenants) round by round."""
+    with torch.inference_mode():
+        for _ in range(iters):
+            for p in prepared:
+                begin, end = ((torch.cuda.Event(enable_timing=True) for _ in range(2)) if DEVICE == "cuda"
+                              else (None, None))
+                start = time.perf_counter()
+                if begin is not None:
+                    begin.record()
+                p.fn(**p.inputs)
+                if end is not None:
+                    end.record()
+                _sync()  # one call is ~100 ms: host timing around a synchronised call is exact enough
+                p.times.append((time.perf_counter() - start) * 1e3)
+                if begin is not None:
+                    p.gpu_times.append(begin.elapsed_time(end))
+
+
+def finish_record(p: Prepared, args, peak_gb: float | None) -> dict:
+    record, times, gpu_times = p.record, p.times, p.gpu_times
+    from torch._dynamo.utils import counters
+
+    record["dynamo_graphs_after_timing"] = int(counters["stats"]["unique_graphs"])
+    if gpu_times:
+        record.update(gpu_ms_median=round(statistics.median(gpu_times), 2),
+                      gpu_ms_all=[round(t, 2) for t in gpu_times])
+    with torch.inference_mode():
+        out = p.fn(**p.inputs)[0].clone()  # the output of a timed call (a replay under --cuda-graph)
         if args.profile:
-            record["profile"] = profile_call(fn, inputs)
-    peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+            record["profile"] = profile_call(p.fn, p.inputs)
     record.update(ms_median=round(statistics.median(times), 2), ms_min=round(min(times), 2),
-                  ms_max=round(max(times), 2), iters=args.iters, ms_all=[round(t, 2) for t in times],
-                  peak_gb=round(peak / 2 ** 30, 3))
+                  ms_max=round(max(times), 2), iters=len(times), ms_all=[round(t, 2) for t in times],
+                  peak_gb=peak_gb)
     ref_name = f"bf16_out_{args.blocks or 'full'}.pt"
     ref_path = (args.ref_dir or args.out) / ref_name
-    if variant == "bf16":
+    if record["variant"] == "bf16":
         torch.save(out.float().cpu(), args.out / ref_name)
     elif ref_path.exists():
         from segquant.numerics import sqnr_db
@@ -305,6 +377,68 @@ def run_variant(variant: str, args) -> dict:
         record["sqnr_vs_bf16_db"] = round(sqnr_db(torch.load(ref_path), out.float().cpu()), 2)
     record["finite"] = bool(torch.isfinite(out).all())
     return record
+
+
+def paired_ratio(times: list[float], base: list[float], seed: int = 0) -> dict:
+    """Median of the per-round ratio ``times / base`` (rounds of one interleaved run) with a 95% bootstrap
+    interval over rounds."""
+    ratios = torch.tensor(times, dtype=torch.float64) / torch.tensor(base, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(ratios), (2000, len(ratios)), generator=gen)
+    boot = ratios[idx].median(dim=1).values
+    return dict(median=round(float(ratios.median()), 4), lo=round(float(boot.quantile(0.025)), 4),
+                hi=round(float(boot.quantile(0.975)), 4), rounds=len(ratios))
+
+
+def run_variants(variants: list[str], args) -> list[dict]:
+    """Prepare each variant in this process, time them in interleaved rounds and return their records; a variant
+    after the first carries ``paired_vs_first`` (per-round time ratio to the first variant)."""
+    prepared, failed = [], {}
+    for v in variants:
+        try:
+            prepared.append(prepare_variant(v, args))
+        except Exception as e:  # noqa: BLE001 - one variant's failure is its record; the others still run
+            if len(variants) == 1:
+                raise
+            traceback.print_exc()
+            failed[v] = error_record(v, args, e)
+            gc.collect()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    if not prepared:
+        return list(failed.values())
+    variants = [p.record["variant"] for p in prepared]
+    gc.collect()
+    collections = sum(g["collections"] for g in gc.get_stats())
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    time_rounds(prepared, args.iters)
+    collected = sum(g["collections"] for g in gc.get_stats()) - collections
+    peak = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3) if DEVICE == "cuda" else 0.0
+    records = []
+    for p in prepared:
+        # gc runs during the timed calls; a bimodal ms_all with a steady gpu_ms_all is host-side
+        p.record["gc_collections_timed"] = collected
+        record = finish_record(p, args, peak if len(prepared) == 1 else None)
+        if len(prepared) > 1:
+            record["interleaved_with"] = [v for v in variants if v != record["variant"]]
+            record["peak_gb_all_variants"] = peak
+            if p is not prepared[0]:
+                record["paired_vs_first"] = dict(vs=variants[0], ms=paired_ratio(p.times, prepared[0].times),
+                                                 **({"gpu_ms": paired_ratio(p.gpu_times, prepared[0].gpu_times)}
+                                                    if p.gpu_times else {}))
+        records.append(record)
+    return records + list(failed.values())
+
+
+def error_record(variant: str, args, error: Exception) -> dict:
+    return dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
+                error=f"{type(error).__name__}: {str(error)[:400]}", run=args.run_id, compile=args.compile,
+                compile_mode=args.compile_mode, cuda_graph=args.cuda_graph)
+
+
+def run_variant(variant: str, args) -> dict:
+    return run_variants([variant], args)[0]
 
 
 def _cudagraph_steps(fn):
@@ -357,18 +491,21 @@ def profile_call(fn, inputs: dict, top: int = 8) -> dict:
 
 
 def child(args) -> int:
+    """Run ``--variant`` (one variant, or several comma-separated ones timed in interleaved rounds) in this
+    process; append their records to speed.jsonl."""
     path = args.out / "speed.jsonl"
+    variants = args.variant.split(",")
     try:
-        record = run_variant(args.variant, args)
-    except Exception as e:  # noqa: BLE001 - the error is the result of this variant
+        records = run_variants(variants, args)
+    except Exception as e:  # noqa: BLE001 - the error is the result of these variants
         traceback.print_exc()
-        record = dict(bench="flux_e2e", variant=args.variant, blocks=args.blocks or "full (19+38)",
-                      error=f"{type(e).__name__}: {str(e)[:400]}", run=args.run_id, compile=args.compile,
-                      compile_mode=args.compile_mode)
+        records = [error_record(v, args, e) for v in variants]
     with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    print(json.dumps(record), flush=True)
-    return 0 if "error" not in record else 1
+        for record in records:
+            fh.write(json.dumps(record) + "\n")
+    for record in records:
+        print(json.dumps(record), flush=True)
+    return 0 if all("error" not in r for r in records) else 1
 
 
 def driver(args) -> None:
@@ -390,14 +527,16 @@ def driver(args) -> None:
     passthrough += ["--fuse-qkv"] if args.fuse_qkv else []
     passthrough += ["--profile"] if args.profile else []
     passthrough += ["--cpu-smoke"] if args.cpu_smoke else []
+    passthrough += ["--cuda-graph"] if args.cuda_graph else []
     begin = time.perf_counter()
-    for variant in variants:
+    # --interleave: one process holds every variant and times them round by round
+    for variant in ([",".join(variants)] if args.interleave else variants):
         left = args.budget - (time.perf_counter() - begin)
         if left < 60:
             print(f"budget spent: {variant} and later variants not run", flush=True)
             break
         timeout = min(args.timeout, left - 10)
-        log = args.out / f"speed_{variant}.log"
+        log = args.out / f"speed_{variant.replace(',', '+')}.log"
         print(f"== {variant} (timeout {timeout:.0f} s, log {log.name})", flush=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", SPEED_COMMAND=shlex.join(["python", *sys.argv]))
         jsonl = args.out / "speed.jsonl"
@@ -416,9 +555,10 @@ def driver(args) -> None:
                 if wrote:
                     continue
                 with jsonl.open("a") as out:
-                    out.write(json.dumps(dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
-                                              error=f"timeout after {timeout:.0f} s", run=args.run_id,
-                                              compile=args.compile, compile_mode=args.compile_mode)) + "\n")
+                    for name in variant.split(","):
+                        out.write(json.dumps(dict(bench="flux_e2e", variant=name, blocks=args.blocks or "full (19+38)",
+                                                  error=f"timeout after {timeout:.0f} s", run=args.run_id,
+                                                  compile=args.compile, compile_mode=args.compile_mode)) + "\n")
         print(log.read_text()[-1500:], flush=True)
 
 
@@ -457,12 +597,15 @@ def report(out_dir: Path, command: str) -> None:
     for r in rows:
         mode = r.get("compile_mode", "default")
         key = (f"{r.get('blocks')}, compile {r.get('compile', '?')}" + (f" mode {mode}" if mode != "default" else "")
-               + f", run {run_label(r)}")
+               + (", CUDA graph replays" if r.get("cuda_graph") else "")
+               + (", interleaved" if r.get("interleaved_with") else "") + f", run {run_label(r)}")
         groups.setdefault(key, []).append(r)
     lines = ["# FLUX.1-dev-size denoiser, one call at 1024x1024 (4608 tokens), batch 1", "",
              "Random bf16 weights, full FLUX.1-dev config unless `blocks` says otherwise; torch.compile + "
              "inference_mode; one variant per process; median of the timed calls (host clock around each "
-             "synchronised call; 10 unless `--quick`: 3) after 3 warm-up calls. `compile s` = first call (compile, "
+             "synchronised call; 10 unless `--quick`: 3) after 3 warm-up calls; `interleaved` runs hold all their "
+             "variants in one process and call each once per round, `CUDA graph replays` time the replay of one "
+             "call recorded into a CUDA graph. `compile s` = first call (compile, "
              "autotuning, run). Layers with M = batch (adaLN, embedders) stay bf16 in every quantized variant "
              "unless `quantize_small`. SQNR is of the output "
              "against the bf16 output of the same weights and inputs.", f"Report: `{command}`", ""]
@@ -490,9 +633,25 @@ def report(out_dir: Path, command: str) -> None:
             notes = "; ".join(f"{k}={r[k]}" for k in ("plan", "dual_scale_layers", "shift_layers", "proj_out_bf16",
                                                       "quantize_s",
                                                       "dynamo_graphs") if k in r)
+            if r.get("cuda_graph_proof"):
+                proof = r["cuda_graph_proof"]
+                notes += (f"; graph replay: {proof['graph_launches']} graph launch, {proof['kernel_launches']} "
+                          f"kernel launches, {proof['gpu_kernels']} GPU kernels, max diff vs a call "
+                          f"{proof['max_abs_diff_vs_call']:.2g}")
+            peak = r.get("peak_gb") if r.get("peak_gb") is not None else f"{r.get('peak_gb_all_variants', '-')} (all)"
             lines.append(f"| {r['variant']} | {ms:.1f} | {r['ms_min']:.1f}-{r['ms_max']:.1f} | {x_bf16} | {x_ao} | "
-                         f"{r['weight_gb']} | {r['peak_gb']} | {r['compile_s']} | {r.get('sqnr_vs_bf16_db', '-')} | "
+                         f"{r['weight_gb']} | {peak} | {r['compile_s']} | {r.get('sqnr_vs_bf16_db', '-')} | "
                          f"{notes} |")
+        paired = [r for r in sub if "paired_vs_first" in r]
+        if paired:
+            lines += ["", f"Paired per round (interleaved): time ratio to `{paired[0]['paired_vs_first']['vs']}` of "
+                      "the same round, median and 95% bootstrap interval over rounds (host clock; GPU events):", "",
+                      "| variant | ratio (host) | ratio (GPU events) | rounds |", "|---|---|---|---|"]
+            for r in paired:
+                host, gpu = r["paired_vs_first"]["ms"], r["paired_vs_first"].get("gpu_ms")
+                gpu_txt = f"{gpu['median']:.4f} [{gpu['lo']:.4f}, {gpu['hi']:.4f}]" if gpu else "-"
+                lines.append(f"| {r['variant']} | {host['median']:.4f} [{host['lo']:.4f}, {host['hi']:.4f}] | "
+                             f"{gpu_txt} | {host['rounds']} |")
         for r in sub:
             if "sweep" in r:
                 lines += ["", f"Cost-aware sweep ({r['variant']}; est. extra GEMM time as a fraction of the plain "
@@ -565,14 +724,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="output folder (speed.jsonl, logs)")
     parser.add_argument("--report", type=Path, help="DIR/speed.jsonl -> speed.md + speed.png")
-    parser.add_argument("--variant", choices=VARIANTS, help="run this one variant in this process")
+    parser.add_argument("--variant", help="run this variant (or these comma-separated ones, interleaved) in this "
+                        "process")
     parser.add_argument("--variants", default="", help="driver: comma-separated variants (default all)")
     parser.add_argument("--blocks", type=int, default=None, help="N double + 2N single blocks (default: full)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 timed calls")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile one call: GPU time by kernel kind (gemm, attention, ...)")
-    parser.add_argument("--timeout", type=float, default=420, help="driver: seconds per variant")
+    parser.add_argument("--timeout", type=float, default=420,
+                        help="driver: seconds per variant (per run of all variants with --interleave)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="one process holds every variant; each timed round calls each variant once, so that "
+                             "all see the same machine state; records get per-round ratios to the first variant")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="record one call into a CUDA graph after warm-up and time its replays (no host "
+                             "launches: the GPU's own time); records the proof (launch counts of a replay)")
     parser.add_argument("--budget", type=float, default=570, help="driver: seconds for all variants")
     parser.add_argument("--compile", choices=("full", "regional", "none"), default="full",
                         help="torch.compile the whole model, or each repeated block (diffusers' "
@@ -611,6 +778,9 @@ def main() -> None:
     elif not torch.cuda.is_available():
         sys.exit("speed.py needs a CUDA device")
     if args.variant:
+        bad = [v for v in args.variant.split(",") if v not in VARIANTS]
+        if bad:
+            sys.exit(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
         args.out.mkdir(parents=True, exist_ok=True)
         code = child(args)
         sys.stdout.flush()

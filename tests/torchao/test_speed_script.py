@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("torchao")
 pytest.importorskip("diffusers")
@@ -122,3 +123,65 @@ def test_fused_qkv_runs_with_the_unfused_projections_kept(tmp_path):
     fused = [n for n in plan["layers"] if n.endswith(("to_qkv", "to_added_qkv"))]
     assert fused and all(len(plan["layers"][n]["out_segments"]) == 3 for n in fused)
     assert 15 < rows[1]["sqnr_vs_bf16_db"] < 80
+
+
+def test_interleaved_variants_share_rounds_and_get_paired_ratios(tmp_path):
+    rows = run_driver(tmp_path, "--run-id", "ab", "--interleave",
+                      "--variants", "bf16,segquant_int8_static_nodual_naive,segquant_int8_static_shift_naive")
+    assert [r["variant"] for r in rows] == ["bf16", "segquant_int8_static_nodual_naive",
+                                            "segquant_int8_static_shift_naive"]
+    assert all("error" not in r and r["iters"] == 3 and len(r["ms_all"]) == 3 for r in rows), rows
+    assert "paired_vs_first" not in rows[0]
+    for r in rows[1:]:
+        paired = r["paired_vs_first"]
+        assert paired["vs"] == "bf16" and paired["ms"]["rounds"] == 3
+        assert paired["ms"]["lo"] <= paired["ms"]["median"] <= paired["ms"]["hi"]
+        assert r["interleaved_with"] and r["peak_gb"] is None and 15 < r["sqnr_vs_bf16_db"] < 80
+    assert rows[2]["shift_layers"] > 0
+    report = (tmp_path / "speed.md").read_text()
+    assert "interleaved, run ab" in report and "| segquant_int8_static_shift_naive | " in report
+    assert "Paired per round" in report
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    speed = load_script()
+    paired = speed.paired_ratio([2.0, 4.0, 6.0, 100.0], [1.0, 2.0, 3.0, 10.0])
+    assert paired["median"] == 2.0 and paired["rounds"] == 4
+    assert paired["lo"] == 2.0 and paired["hi"] <= 10.0
+
+
+def test_cuda_graph_on_the_cpu_is_an_error_record(tmp_path):
+    out = tmp_path / "g"
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--cpu-smoke", "--blocks", "1", "--compile", "none",
+           "--config", str(ROOT / "segquant/configs/mnist-flux.json"), "--quick", "--cuda-graph", "--variants", "bf16"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in (out / "speed.jsonl").read_text().splitlines()]
+    assert rows[0]["error"] == "RuntimeError: --cuda-graph needs a CUDA device"
+
+
+def test_child_rejects_unknown_variants_in_a_group(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--cpu-smoke", "--variant",
+                           "bf16,segquant_fp9"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "unknown variants ['segquant_fp9']" in proc.stderr
+
+
+def test_a_variant_that_fails_to_prepare_leaves_the_others_timed(tmp_path, monkeypatch):
+    import argparse
+
+    speed = load_script()
+    monkeypatch.setattr(speed, "DEVICE", "cpu")
+
+    def prepare(variant, args):
+        if variant == "torchao_int8_dynamic":
+            raise RuntimeError("no kernel")
+        out = torch.ones(4)
+        return speed.Prepared(dict(variant=variant), lambda **_: (out,), {}, out, None)
+
+    monkeypatch.setattr(speed, "prepare_variant", prepare)
+    args = argparse.Namespace(iters=2, out=tmp_path, blocks=1, ref_dir=None, profile=False, run_id="r",
+                              compile="none", compile_mode="default", cuda_graph=False)
+    records = speed.run_variants(["bf16", "torchao_int8_dynamic", "segquant_fp8_static"], args)
+    assert [r["variant"] for r in records] == ["bf16", "segquant_fp8_static", "torchao_int8_dynamic"]
+    assert records[2]["error"] == "RuntimeError: no kernel"
+    assert records[1]["paired_vs_first"]["vs"] == "bf16" and records[1]["iters"] == 2
+    assert records[1]["interleaved_with"] == ["bf16"]
