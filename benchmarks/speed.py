@@ -27,6 +27,7 @@ import fnmatch
 import gc
 import json
 import os
+import random
 import shlex
 import signal
 import statistics
@@ -277,9 +278,20 @@ def prepare_variant(variant: str, args) -> Prepared:
         for _ in range(2):
             fn(**inputs)
         _sync()
-        if args.cuda_graph:
+        if args.cuda_graph and variant in args.cuda_graph_skip.split(","):
+            record["timed_as"] = "calls (--cuda-graph-skip)"
+        elif args.cuda_graph:
             start = time.perf_counter()
-            fn, record["cuda_graph_proof"] = record_cuda_graph(fn, inputs, out)
+            try:
+                fn, record["cuda_graph_proof"] = record_cuda_graph(fn, inputs, out)
+                record["timed_as"] = "graph replays"
+            except Exception as e:  # noqa: BLE001 - e.g. a host sync in the call: timed as ordinary calls instead
+                if DEVICE != "cuda":
+                    raise
+                torch.cuda.synchronize()
+                record.update(timed_as="calls (capture failed)", cuda_graph_error=f"{type(e).__name__}: {str(e)[:200]}")
+                fn(**inputs)
+                _sync()
             record["graph_capture_s"] = round(time.perf_counter() - start, 1)
     return Prepared(record, fn, inputs, out, model)
 
@@ -332,12 +344,15 @@ def launch_counts(fn, inputs: dict) -> dict:
     return counts
 
 
-def time_rounds(prepared: list[Prepared], iters: int) -> None:
-    """``iters`` rounds; each round calls every prepared variant once, in order (one variant: plain repeats).
-    Interleaving puts every variant under the same machine state (clocks, other tenants) round by round."""
+def time_rounds(prepared: list[Prepared], iters: int, seed: int = 0) -> None:
+    """``iters`` rounds; each round calls every prepared variant once (one variant: plain repeats), in an order
+    shuffled per round. Interleaving puts every variant under the same machine state (clocks, other tenants) round
+    by round; the shuffle keeps one variant from always following the same one (a GPU that has just run bf16's
+    GEMMs draws more power and may clock the next call lower)."""
+    order = random.Random(seed)
     with torch.inference_mode():
         for _ in range(iters):
-            for p in prepared:
+            for p in order.sample(prepared, len(prepared)):
                 begin, end = ((torch.cuda.Event(enable_timing=True) for _ in range(2)) if DEVICE == "cuda"
                               else (None, None))
                 start = time.perf_counter()
@@ -527,7 +542,7 @@ def driver(args) -> None:
     passthrough += ["--fuse-qkv"] if args.fuse_qkv else []
     passthrough += ["--profile"] if args.profile else []
     passthrough += ["--cpu-smoke"] if args.cpu_smoke else []
-    passthrough += ["--cuda-graph"] if args.cuda_graph else []
+    passthrough += ["--cuda-graph", "--cuda-graph-skip", args.cuda_graph_skip] if args.cuda_graph else []
     begin = time.perf_counter()
     # --interleave: one process holds every variant and times them round by round
     for variant in ([",".join(variants)] if args.interleave else variants):
@@ -633,6 +648,9 @@ def report(out_dir: Path, command: str) -> None:
             notes = "; ".join(f"{k}={r[k]}" for k in ("plan", "dual_scale_layers", "shift_layers", "proj_out_bf16",
                                                       "quantize_s",
                                                       "dynamo_graphs") if k in r)
+            if r.get("cuda_graph") and r.get("timed_as", "").startswith("calls"):
+                notes += f"; timed as {r['timed_as']}, NOT graph replays"
+                notes += f": {r['cuda_graph_error'][:120]}" if r.get("cuda_graph_error") else ""
             if r.get("cuda_graph_proof"):
                 proof = r["cuda_graph_proof"]
                 notes += (f"; graph replay: {proof['graph_launches']} graph launch, {proof['kernel_launches']} "
@@ -740,6 +758,9 @@ def main() -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="record one call into a CUDA graph after warm-up and time its replays (no host "
                              "launches: the GPU's own time); records the proof (launch counts of a replay)")
+    parser.add_argument("--cuda-graph-skip", default="",
+                        help="with --cuda-graph: comma-separated variants timed as ordinary calls (their record "
+                             "says cuda_graph false); a variant whose capture fails is timed so too, with the error")
     parser.add_argument("--budget", type=float, default=570, help="driver: seconds for all variants")
     parser.add_argument("--compile", choices=("full", "regional", "none"), default="full",
                         help="torch.compile the whole model, or each repeated block (diffusers' "

@@ -185,3 +185,22 @@ def test_a_variant_that_fails_to_prepare_leaves_the_others_timed(tmp_path, monke
     assert records[2]["error"] == "RuntimeError: no kernel"
     assert records[1]["paired_vs_first"]["vs"] == "bf16" and records[1]["iters"] == 2
     assert records[1]["interleaved_with"] == ["bf16"]
+
+
+def test_rounds_call_each_variant_once_in_shuffled_orders(monkeypatch):
+    speed = load_script()
+    monkeypatch.setattr(speed, "DEVICE", "cpu")
+    calls = []
+    prepared = [speed.Prepared(dict(variant=v), (lambda v: lambda **_: calls.append(v))(v), {}, None, None)
+                for v in "abcd"]
+    speed.time_rounds(prepared, iters=6)
+    rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds) and len(rounds) == 6
+    assert len({tuple(r) for r in rounds}) > 1  # not one fixed order
+    assert all(len(p.times) == 6 for p in prepared)
+
+
+def test_cuda_graph_skip_times_ordinary_calls(tmp_path):
+    rows = run_driver(tmp_path, "--cuda-graph", "--cuda-graph-skip", "bf16", "--variants", "bf16")
+    assert "error" not in rows[0] and rows[0]["timed_as"] == "calls (--cuda-graph-skip)"
+    assert "NOT graph replays" in (tmp_path / "speed.md").read_text()
