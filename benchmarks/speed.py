@@ -437,6 +437,7 @@ def run_variants(variants: list[str], args) -> list[dict]:
         record = finish_record(p, args, peak if len(prepared) == 1 else None)
         if len(prepared) > 1:
             record["interleaved_with"] = [v for v in variants if v != record["variant"]]
+            record["round_order"] = "shuffled per round"
             record["peak_gb_all_variants"] = peak
             if p is not prepared[0]:
                 record["paired_vs_first"] = dict(vs=variants[0], ms=paired_ratio(p.times, prepared[0].times),
@@ -661,6 +662,9 @@ def report(out_dir: Path, command: str) -> None:
                          f"{r['weight_gb']} | {peak} | {r['compile_s']} | {r.get('sqnr_vs_bf16_db', '-')} | "
                          f"{notes} |")
         paired = [r for r in sub if "paired_vs_first" in r]
+        if paired and not any("round_order" in r for r in paired):
+            lines += ["", "This run called its variants in one fixed order each round (before the shuffle): the "
+                      "variant right after bf16 ran slower every round, a position effect, not its kernels."]
         if paired:
             lines += ["", f"Paired per round (interleaved): time ratio to `{paired[0]['paired_vs_first']['vs']}` of "
                       "the same round, median and 95% bootstrap interval over rounds (host clock; GPU events):", "",
@@ -670,6 +674,13 @@ def report(out_dir: Path, command: str) -> None:
                 gpu_txt = f"{gpu['median']:.4f} [{gpu['lo']:.4f}, {gpu['hi']:.4f}]" if gpu else "-"
                 lines.append(f"| {r['variant']} | {host['median']:.4f} [{host['lo']:.4f}, {host['hi']:.4f}] | "
                              f"{gpu_txt} | {host['rounds']} |")
+            twins = [(r, ok[r["variant"].replace("_shift", "_nodual")]) for r in sub
+                     if "_shift" in r["variant"] and r["variant"].replace("_shift", "_nodual") in ok
+                     and "ms_all" in r and r.get("interleaved_with")]
+            for r, twin in twins:  # the shift's cost: its per-round ratio to the same plan without it
+                ratio = paired_ratio(r["ms_all"], twin["ms_all"])
+                lines.append(f"| {r['variant']} / {twin['variant']} | {ratio['median']:.4f} [{ratio['lo']:.4f}, "
+                             f"{ratio['hi']:.4f}] | - | {ratio['rounds']} |")
         for r in sub:
             if "sweep" in r:
                 lines += ["", f"Cost-aware sweep ({r['variant']}; est. extra GEMM time as a fraction of the plain "

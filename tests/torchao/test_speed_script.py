@@ -140,7 +140,9 @@ def test_interleaved_variants_share_rounds_and_get_paired_ratios(tmp_path):
     assert rows[2]["shift_layers"] > 0
     report = (tmp_path / "speed.md").read_text()
     assert "interleaved, run ab" in report and "| segquant_int8_static_shift_naive | " in report
-    assert "Paired per round" in report
+    assert "Paired per round" in report and "fixed order" not in report
+    assert "| segquant_int8_static_shift_naive / segquant_int8_static_nodual_naive | " in report
+    assert all(r["round_order"] == "shuffled per round" for r in rows)
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
