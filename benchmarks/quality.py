@@ -53,12 +53,13 @@ VARIANTS: dict[str, dict] = {  # variant -> its changes to the model's bundled r
     "alpha search": {"seg_linear": True, "dual_scale": True, "alpha_search": True},
     "auto": {"seg_linear": True, "dual_scale": True, "shift": "per_tensor", "choose": "auto"},
     "recipe": {RECIPE_SKIP: True},
-    "recipe shift": {RECIPE_SKIP: True, "dual_scale": False, "shift": "per_tensor"},
+    "recipe DualScale": {RECIPE_SKIP: True, "dual_scale": True, "shift": None},
 }
 """Every variant but the ``recipe`` ones quantizes every Linear; ``recipe`` is the model's bundled recipe as shipped
 (its skip list keeps the embedders and the final ``proj_out`` in high precision, 0.0% of the Linear FLOPs; its
-techniques), ``recipe shift`` the same with the shift in place of DualScale."""
-INT8_ONLY = ("alpha search", "auto", "per-segment smoothing", "recipe shift")
+techniques: on INT8 the shift), ``recipe DualScale`` the same with DualScale in place of the shift (the INT8
+recipes' techniques until 2026-12-01)."""
+INT8_ONLY = ("alpha search", "auto", "per-segment smoothing", "recipe DualScale")
 """Variants run on the int8 precisions only (SmoothQuant variants: the fp8 recipes do not smooth)."""
 INT8_PRECISIONS = ("int8_w8a8", "int8_perchannel")
 PER_SEGMENT_SMOOTHING = {"smoothing": "per_segment"}
@@ -73,7 +74,7 @@ DYNAMIC_VARIANTS: dict[str, dict] = {  # SegQuant with per-token activations on 
 }
 COMPARISONS = (("shift", "+DualScale"), ("shift", "SegQuant"), ("shift per-channel", "SegQuant"),
                ("DualScale+shift", "SegQuant"), ("alpha search", "SegQuant"), ("auto", "SegQuant"),
-               ("per-segment smoothing", "SegQuant"), ("recipe shift", "recipe"))
+               ("per-segment smoothing", "SegQuant"), ("recipe", "recipe DualScale"))
 """Paired comparisons beside each variant vs its precision's baseline: DualScale vs shift vs both."""
 DYNAMIC_COMPARISONS = (("SegQuant", "+SegLinear"), ("shift", "+SegLinear"), ("shift", "SegQuant"),
                        ("DualScale+shift", "SegQuant"))
@@ -532,7 +533,7 @@ def markdown(result: dict) -> str:
              "PSNR/SSIM against the full-precision samples; FID on the embedded classifier's 128-d features (vs FP "
              "samples and vs the MNIST test set); mean +- std over calibration seeds. 'other layers quantized' counts "
              "non-Linear modules with an enabled quantizer (ModelOpt presets also quantize LayerNorm and conv inputs).",
-             ""]
+             *([f"Row names: {result['relabelled']}"] if result.get("relabelled") else []), ""]
     for model, mr in result["models"].items():
         s, env = mr["settings"], mr["environment"]
         lines += [f"## {model}", "", f"Command: `{env['command']}`. Device: {env['device']}, torch {env['torch']}. "

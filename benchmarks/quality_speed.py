@@ -8,8 +8,9 @@ Per GEMM format (int8, fp8): each quality row is timed as the speed.py variant `
 below). ModelOpt's presets deploy through TensorRT, which is not available here: they are timed as the equivalent
 real-kernel configuration of speed.py (same formats, static per-tensor activations, no segments or DualScale;
 "as shipped" with every *proj_out* in bf16, as the presets keep it) and labelled "timed as equivalent kernels".
-Times come from ONE speed.py run (``--speed-run``; default the run that measured most of the mapped variants),
-speed-ups against that run's bf16.
+Times come from one speed.py run (``--speed-run``; default the run that measured most of the mapped variants),
+speed-ups against that run's bf16; or from several runs, each with its own bf16 (``--speed-run a,b``: a variant
+from the first run that timed it, scaled by the first run's bf16 over its own).
 
 The front: for every peer preset, is there a SegQuant configuration of its format that is at least as fast
 (its median within the run's noise of the peer's: ``tolerance_ms``) and whose PSNR is not significantly lower
@@ -58,10 +59,10 @@ STATIC_TIMING: dict[str, tuple[str, str]] = {  # variant -> (suffix of segquant_
     "auto": ("", "upper bound: DualScale on every candidate layer (auto keeps it on some)"),
     "per-segment smoothing": ("", "SmoothQuant factors folded: the same kernels"),
     "recipe": ("", "the recipe's high-precision layers (embedders, final proj_out: 0.0% of the FLOPs) timed quantized"),
-    "recipe shift": ("_shift", "the recipe's high-precision layers (0.0% of the FLOPs) timed quantized"),
+    "recipe DualScale": ("", "the recipe's high-precision layers (0.0% of the FLOPs) timed quantized"),
 }
-RECIPE_TIMING = {"fp8": "_nodual"}
-"""The bundled fp8 recipes turn DualScale off: their ``recipe`` row is timed without it."""
+RECIPE_TIMING = {"fp8": "_nodual", "int8": "_shift"}
+"""How each format's bundled recipe (``recipe`` row) runs: fp8 without DualScale, int8 with the shift in its place."""
 DYNAMIC_TIMING: dict[str, tuple[str, str]] = {  # "<fmt> dynamic <variant>" -> (suffix of segquant_<fmt>_dynamic, how)
     "SegQuant": ("", ""),
     "+SegLinear": ("_nodual", ""),
@@ -96,21 +97,48 @@ def run_label(record: dict) -> str:
 
 def pick_run(records: list[dict], wanted: set[str], run: str | None = None) -> tuple[str | None, dict[str, dict]]:
     """The records of one speed.py run by variant (a later record of a variant replaces an earlier one): ``run``,
-    else the run with bf16 that measured most of ``wanted`` (the later run on a tie). ``(None, {})`` if none."""
+    else the run with bf16 that measured most of ``wanted`` (the later run on a tie). ``(None, {})`` if none.
+
+    ``run`` may name several runs, comma-separated: a variant's record comes from the first of them that timed it,
+    its times scaled by the ratio of the first run's bf16 median to its own run's (each run carries its own bf16),
+    so that variants of different runs compare through their speed-up over bf16."""
     runs: dict[str, dict[str, dict]] = {}
     for r in records:
         if r.get("bench", "flux_e2e") == "flux_e2e" and "variant" in r:
             runs.setdefault(run_label(r), {})[r["variant"]] = r
     if run is not None:
-        if run not in runs:
-            raise SystemExit(f"speed run {run!r} not found; runs: {', '.join(runs)}")
-        return run, runs[run]
+        names = run.split(",")
+        missing = [n for n in names if n not in runs]
+        if missing:
+            raise SystemExit(f"speed run(s) {missing} not found; runs: {', '.join(runs)}")
+        if len(names) == 1:
+            return run, runs[run]
+        return run, merge_runs([runs[n] for n in names], names)
     usable = [(sum(1 for v in wanted if "ms_median" in recs.get(v, {})), i, label)
               for i, (label, recs) in enumerate(runs.items()) if "ms_median" in recs.get("bf16", {})]
     if not usable:
         return None, {}
     label = max(usable)[2]
     return label, runs[label]
+
+
+def merge_runs(runs: list[dict[str, dict]], names: list[str]) -> dict[str, dict]:
+    """Variant -> record from the first run that timed it, scaled to the first run's bf16 (see ``pick_run``)."""
+    bf16 = [recs.get("bf16", {}).get("ms_median") for recs in runs]
+    if any(b is None for b in bf16):
+        lacking = [n for n, b in zip(names, bf16) if not b]
+        raise SystemExit(f"every merged speed run needs its own bf16 record: {lacking}")
+    out: dict[str, dict] = {}
+    for recs, name, base in zip(runs, names, bf16):
+        factor = bf16[0] / base
+        for variant, rec in recs.items():
+            if "ms_median" in out.get(variant, {}) or (variant in out and "ms_median" not in rec):
+                continue
+            if "ms_median" in rec and name != names[0]:
+                rec = dict(rec, ms_median=rec["ms_median"] * factor, ms_all=[t * factor for t in rec.get("ms_all", [])],
+                           scaled_from={"run": name, "ms_median": rec["ms_median"], "factor": round(factor, 4)})
+            out[variant] = rec
+    return out
 
 
 def noise_ms(record: dict) -> float | None:
@@ -170,12 +198,42 @@ def join(model: dict, speed: dict[str, dict], mapping: dict[str, dict] | None = 
         rec = speed.get(m["variant"], {})
         ms = rec.get("ms_median")
         rows.append({"name": name, **m, **q,
-                     "ms": ms, "ms_noise": noise_ms(rec) if ms else None,
+                     "ms": ms, "ms_noise": noise_ms(rec) if ms else None, "timing": timing_note(rec),
                      "speed_error": None if ms else rec.get("error", "not in this speed run"),
                      "speedup": bf16 / ms if ms and bf16 else None,
                      "vs_peer": {peer: pairs.get((name, peer)) for peer in PEERS[m["format"]]}
                      if m["kind"] == "segquant" else {}})
     return rows
+
+
+def timing_note(rec: dict) -> str:
+    """How a record was timed, where it differs from the run's other records: from another run (scaled), or as
+    ordinary calls in a run of CUDA-graph replays."""
+    notes = []
+    if rec.get("cuda_graph") and str(rec.get("timed_as", "")).startswith("calls"):
+        notes.append("ordinary calls, not CUDA-graph replays" + (": its capture fails" if "capture" in
+                                                                 rec.get("cuda_graph_error", "") or "skip" in
+                                                                 rec["timed_as"] else ""))
+    if "scaled_from" in rec:
+        src = rec["scaled_from"]
+        notes.append(f"run {src['run']}: {src['ms_median']:.1f} ms x {src['factor']} (bf16 ratio)")
+    return "; ".join(notes)
+
+
+def defaults_on_front(rows: list[dict], front: list[str], fmt: str) -> list[dict]:
+    """Each bundled recipe row of ``fmt`` (``<precision> recipe``) with data: on the SegQuant front or not, and the
+    rows that beat it on both speed-up and mean PSNR."""
+    out = []
+    seg = [r for r in rows if r["kind"] == "segquant" and r["speedup"] and r["psnr_mean"] is not None]
+    for precision in STATIC_PRECISIONS[fmt]:
+        d = next((r for r in seg if r["name"] == f"{precision} recipe"), None)
+        if d is None:
+            continue
+        beaten_by = [r["name"] for r in seg if r is not d and r["speedup"] >= d["speedup"]
+                     and r["psnr_mean"] >= d["psnr_mean"] and (r["speedup"] > d["speedup"]
+                                                                 or r["psnr_mean"] > d["psnr_mean"])]
+        out.append({"row": d["name"], "on_front": d["name"] in front, "beaten_by": beaten_by})
+    return out
 
 
 def verdicts(rows: list[dict], speed: dict[str, dict], tolerance: float = TOLERANCE) -> list[dict]:
@@ -240,7 +298,7 @@ def build(quality: dict, records: list[dict], model: str = QUALITY_MODEL, run: s
         sub = [r for r in rows if r["format"] == fmt]
         seg = [r for r in sub if r["kind"] == "segquant" and r["speedup"] and r["psnr_mean"] is not None]
         front = [seg[i]["name"] for i in pareto([(r["speedup"], r["psnr_mean"]) for r in seg])]
-        formats[fmt] = {"rows": sub, "segquant_front": front,
+        formats[fmt] = {"rows": sub, "segquant_front": front, "defaults": defaults_on_front(sub, front, fmt),
                         "verdicts": verdicts(sub, speed, tolerance)}
     first = next(iter(speed.values()), {})
     env = mq.get("environment") or quality.get("environment") or {}
@@ -288,12 +346,17 @@ def markdown(result: dict, env: dict) -> str:
             else:
                 psnr = (f"{_f(r['psnr_mean'])}{'' if r['psnr_std'] is None else ' +- ' + _f(r['psnr_std'])}"
                         f" ({r['runs']})")
-            timed = f"`{r['variant']}`" + (f" ({r['note']})" if r["note"] else "")
+            timed = f"`{r['variant']}`" + (f" ({r['note']})" if r["note"] else "") + (
+                f" [{r['timing']}]" if r.get("timing") else "")
             ms = _f(r["ms"], 1) if r["ms"] is not None else f"missing ({(r['speed_error'] or '')[:60]})"
             name = f"**{r['name']}**" if r["kind"] == "peer" else r["name"]
             cells = [_interval(r["vs_peer"].get(p)) if r["kind"] == "segquant" else "" for p in peers]
             lines.append(f"| {name} | {psnr} | {timed} | {ms} | {_f(r['speedup'], 3)} | " + " | ".join(cells) + " |")
-        lines += ["", f"SegQuant's quality-speed front ({fmt}): " + (", ".join(fr["segquant_front"]) or "missing"), "",
+        lines += ["", f"SegQuant's quality-speed front ({fmt}): " + (", ".join(fr["segquant_front"]) or "missing"), ""]
+        for d in fr.get("defaults", []):
+            lines.append(f"Bundled recipe {d['row']}: " + ("**on the front**" if d["on_front"] else
+                         "not on the front, beaten on speed and PSNR by " + ", ".join(d["beaten_by"])) + ".")
+        lines += ["",
                   "Is there a SegQuant configuration at least as fast as the peer (median within the larger of "
                   f"{100 * result['tolerance']:.0f}% and the runs' combined per-call spread) whose PSNR is not "
                   "significantly lower (paired interval upper bound >= 0)?", ""]
@@ -357,7 +420,8 @@ def main(argv=None) -> None:
     p.add_argument("--quality", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--speed", type=Path, default=RESULTS / "speed.jsonl")
     p.add_argument("--speed-run", help="the speed.py run (--run-id) to take times from (default: the run with "
-                   "bf16 that measured most of the mapped variants)")
+                   "bf16 that measured most of the mapped variants); several, comma-separated: each variant from the "
+                   "first that timed it, scaled by the bf16 ratio")
     p.add_argument("--model", default=QUALITY_MODEL)
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help="relative speed tolerance (floor of the noise allowance; default %(default)s)")

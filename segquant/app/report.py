@@ -164,12 +164,17 @@ def attribution_lines(parts: dict[str, Any]) -> list[str]:
     total, recipe, method = parts["total"], parts["recipe"], parts["method"]
     lines = ["", f"Where the gain over {total['worse']} comes from: of SegQuant's {iv(total)}, the recipe (the same "
              f"recipe without SegQuant's techniques against the preset) gives {iv(recipe)} and the method "
-             f"(SegLinear and DualScale on that recipe) {iv(method)} (paired per image, 95% intervals)."]
+             f"(SegQuant's techniques on that recipe) {iv(method)} (paired per image, 95% intervals)."]
     if "shift" in parts:
         lines.append(f"With the activation shift in place of DualScale (plain GEMMs, the like-for-like row's cost) "
                      f"the method gives {iv(parts['shift'])} over the same recipe"
                      + (f", {iv(parts['shift_vs_segquant'])} against SegQuant with DualScale."
                         if "shift_vs_segquant" in parts else "."))
+    if "dual_scale" in parts:
+        lines.append(f"With DualScale in place of the recipe's shift (two GEMMs on the layers it acts on) the method "
+                     f"gives {iv(parts['dual_scale'])} over the same recipe"
+                     + (f", {iv(parts['dual_scale_vs_segquant'])} against SegQuant with the shift."
+                        if "dual_scale_vs_segquant" in parts else "."))
     return lines
 
 

@@ -99,31 +99,41 @@ def resolve_recipe(settings: RunSettings, model_name: str, model_class: str) -> 
     return recipe
 
 
-ROW_KINDS = ("baseline", "techniques_off", "segquant", "segquant_shift")
+ROW_KINDS = ("baseline", "techniques_off", "segquant", "segquant_shift", "segquant_dual_scale")
 """The quantized rows: the library's preset as shipped; the same applied recipe (precision, activation mode,
 skip list, SmoothQuant) with SegLinear, DualScale and the shift switched off, through the same backend (the
-like-for-like row a gain of SegQuant is measured against); SegQuant as the recipe says; SegQuant with the
-activation shift in place of DualScale (a plain GEMM per layer: the same cost as the like-for-like row)."""
+like-for-like row a gain of SegQuant is measured against); SegQuant as the recipe says; and the recipe's other
+choice for the post-GELU/SiLU inputs: the activation shift in place of DualScale (a plain GEMM per layer: the
+like-for-like row's cost) for a recipe without a shift, DualScale in place of the shift for a recipe with one
+(the bundled INT8 recipes)."""
 
 SHIFT_ROW = "per_tensor"
 """The shift of the ``segquant_shift`` row when the recipe sets none."""
 
 
 def row_plans(recipe: Recipe, analysed: SegQuantPlan) -> dict[str, SegQuantPlan]:
-    """The applied plan of every SegQuant-quantized row kind; ``segquant_shift`` is left out when it equals the
-    recipe's own plan (a recipe that already shifts instead of DualScale)."""
+    """The applied plan of every SegQuant-quantized row kind: ``segquant_shift`` for a recipe without a shift,
+    ``segquant_dual_scale`` for a recipe that shifts without DualScale; either is left out when it equals the
+    recipe's own plan."""
     plan = recipe.apply(analysed)
-    shifted = dataclasses.replace(recipe, shift=recipe.shift or SHIFT_ROW, dual_scale=False).apply(analysed)
     plans = {"techniques_off": plan.ablate(seg_linear=False, dual_scale=False, shift=False), "segquant": plan}
-    if shifted != plan:
-        plans["segquant_shift"] = shifted
+    if recipe.shift is None:
+        other = ("segquant_shift", dataclasses.replace(recipe, shift=SHIFT_ROW, dual_scale=False))
+    elif not recipe.dual_scale:
+        other = ("segquant_dual_scale", dataclasses.replace(recipe, shift=None, dual_scale=True))
+    else:
+        return plans
+    other_plan = other[1].apply(analysed)
+    if other_plan != plan:
+        plans[other[0]] = other_plan
     return plans
 
 
 def row_label(kind: str, recipe: Recipe, backend: str) -> str:
     return {"techniques_off": f"{recipe.name} without SegLinear, DualScale and shift ({backend})",
             "segquant": f"SegQuant {recipe.name} ({backend})",
-            "segquant_shift": f"SegQuant {recipe.name} with shift instead of DualScale ({backend})"}[kind]
+            "segquant_shift": f"SegQuant {recipe.name} with shift instead of DualScale ({backend})",
+            "segquant_dual_scale": f"SegQuant {recipe.name} with DualScale instead of the shift ({backend})"}[kind]
 
 
 def _quantize(backend: Backend, kind: str, den, recipe: Recipe, plans: dict[str, SegQuantPlan], forward_loop,
@@ -270,7 +280,9 @@ def compare_rows(rows: list[RowResult], changed: list[str]) -> dict[str, Any]:
 
 ATTRIBUTION = (("total", "segquant", "baseline"), ("recipe", "techniques_off", "baseline"),
                ("method", "segquant", "techniques_off"), ("shift", "segquant_shift", "techniques_off"),
-               ("shift_vs_segquant", "segquant_shift", "segquant"))
+               ("shift_vs_segquant", "segquant_shift", "segquant"),
+               ("dual_scale", "segquant_dual_scale", "techniques_off"),
+               ("dual_scale_vs_segquant", "segquant_dual_scale", "segquant"))
 """The attribution parts: (key, row kind, row kind it is measured against)."""
 
 
@@ -326,7 +338,8 @@ def run(settings: RunSettings) -> dict[str, Any]:
     rows = [RowResult("full precision", job.sample(job.fp, "sampling full precision"))]
     rows[0].seconds = time.time() - t
     failed: dict[str, str] = {}
-    rows += [row for kind in ROW_KINDS if (row := _quantized_row(job, kind, reference_io, failed))]
+    kinds = [kind for kind in ROW_KINDS if kind == "baseline" or kind in job.plans]  # the recipe's rows only
+    rows += [row for kind in kinds if (row := _quantized_row(job, kind, reference_io, failed))]
     changed = _score(job, rows, flops)
     comparisons = compare_rows(rows, changed)
     attribution = attribute_gain(rows)

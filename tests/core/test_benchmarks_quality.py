@@ -161,6 +161,40 @@ def test_pick_run_prefers_the_run_measuring_most(qs):
     assert qs.pick_run(records, {"a"}, run="old")[0] == "old"
 
 
+def test_several_runs_merge_through_their_own_bf16(qs):
+    records = (_speed({"bf16": 100.0, "a": 80.0}, run="r1", spread=1.0)
+               + _speed({"bf16": 110.0, "a": 1.0, "b": 66.0}, run="r2", spread=1.0)
+               + [{"bench": "flux_e2e", "variant": "c", "run": "r2", "error": "boom"}])
+    label, speed = qs.pick_run(records, {"a", "b"}, run="r1,r2")
+    assert label == "r1,r2" and speed["a"]["ms_median"] == 80.0 and "scaled_from" not in speed["a"]
+    assert speed["b"]["ms_median"] == pytest.approx(60.0)  # 66 ms at bf16 110 -> 60 ms at the first run's bf16 100
+    assert speed["b"]["scaled_from"] == {"run": "r2", "ms_median": 66.0, "factor": pytest.approx(0.9091, abs=1e-4)}
+    assert speed["b"]["ms_all"][1] == pytest.approx(60.0) and speed["c"]["error"] == "boom"
+    assert "run r2: 66.0 ms x 0.9091" in qs.timing_note(speed["b"])
+    with pytest.raises(SystemExit, match="not found"):
+        qs.pick_run(records, {"a"}, run="r1,r9")
+    with pytest.raises(SystemExit, match="own bf16"):
+        qs.pick_run(records + _speed({"a": 1.0}, run="r3"), {"a"}, run="r1,r3")
+
+
+def test_ordinary_calls_in_a_graph_run_are_labelled(qs):
+    rec = {"cuda_graph": True, "timed_as": "calls (--cuda-graph-skip)"}
+    assert qs.timing_note(rec).startswith("ordinary calls, not CUDA-graph replays")
+    assert qs.timing_note({"cuda_graph": True, "timed_as": "graph replays"}) == ""
+
+
+def test_defaults_on_the_front(qs):
+    rows = [{"name": "fp8 recipe", "kind": "segquant", "speedup": 1.3, "psnr_mean": 45.0},
+            {"name": "fp8 baseline", "kind": "segquant", "speedup": 1.3, "psnr_mean": 38.0},
+            {"name": "fp8 SegQuant", "kind": "segquant", "speedup": 1.0, "psnr_mean": 39.0}]
+    front = [rows[i]["name"] for i in qs.pareto([(r["speedup"], r["psnr_mean"]) for r in rows])]
+    assert qs.defaults_on_front(rows, front, "fp8") == [{"row": "fp8 recipe", "on_front": True, "beaten_by": []}]
+    rows[1]["psnr_mean"] = 46.0
+    front = [rows[i]["name"] for i in qs.pareto([(r["speedup"], r["psnr_mean"]) for r in rows])]
+    assert qs.defaults_on_front(rows, front, "fp8") == [{"row": "fp8 recipe", "on_front": False,
+                                                        "beaten_by": ["fp8 baseline"]}]
+
+
 def test_pareto(qs):
     pts = [(1.0, 40.0), (1.3, 39.0), (1.2, 38.0), (0.9, 41.0), (1.3, 38.5)]
     assert qs.pareto(pts) == [3, 0, 1]

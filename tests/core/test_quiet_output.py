@@ -87,8 +87,8 @@ def test_run_default_output(tmp_path, capfd):
     assert_progress_lines_only(err)
     assert [line.split(":")[0] for line in err.splitlines()] == [
         "sampling full precision", "calibrating baseline", "sampling baseline", "calibrating techniques_off",
-        "sampling techniques_off", "calibrating segquant", "sampling segquant", "calibrating segquant_shift",
-        "sampling segquant_shift"]  # one per step, none nested
+        "sampling techniques_off", "calibrating segquant", "sampling segquant", "calibrating segquant_dual_scale",
+        "sampling segquant_dual_scale"]  # one per step, none nested
 
 
 @pytest.mark.parametrize("command", [["analyze"], ["quantize", "--model", "m", "--out", "o"], ["run"], ["recipes"]])

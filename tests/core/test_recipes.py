@@ -27,8 +27,13 @@ def test_one_recipe_per_model_and_precision():
               "mnist-flux", "mnist-unet"}
     assert set(bundled_recipes()) == {f"{m}/{p}" for m in models for p in PRECISIONS}
     for name in bundled_recipes():
-        # FP8 keeps segments but not DualScale (relative precision: only subnormals change, at 2x GEMM cost)
-        assert load_recipe(name).dual_scale == (not name.endswith("/fp8")), name
+        recipe = load_recipe(name)
+        # FP8 keeps segments but not DualScale (relative precision: only subnormals change, at 2x GEMM cost);
+        # INT8 puts the per-tensor shift where DualScale was (the same quality at a plain GEMM's cost); W4A8 keeps
+        # DualScale
+        int8 = name.endswith(("/int8_w8a8", "/int8_perchannel"))
+        assert recipe.dual_scale == name.endswith("/w4a8"), name
+        assert recipe.shift == ("per_tensor" if int8 else None), name
 
 
 @pytest.mark.slow
@@ -84,7 +89,7 @@ def test_recipes_compose_from_a_model_base_and_precision_deltas(tmp_path):
     fp8, int8 = load_recipe("flux.1-dev/fp8"), load_recipe("flux.1-dev/int8_w8a8")
     assert fp8.skip == int8.skip and fp8.calibration == int8.calibration  # the model's base
     assert (fp8.smoothquant_alpha, fp8.dual_scale) == (None, False)  # the precision's deltas
-    assert (int8.smoothquant_alpha, int8.dual_scale) == (0.5, True)
+    assert (int8.smoothquant_alpha, int8.dual_scale, int8.shift) == (0.5, False, "per_tensor")
     derived = tmp_path / "mine.yaml"
     derived.write_text("# schema: segquant.recipe.Recipe\nbase: flux.1-schnell/fp8\nskip: [proj_out]\n"
                        "calibration: {num_prompts: 4}\n")

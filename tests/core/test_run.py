@@ -34,10 +34,10 @@ def test_run_modelopt_end_to_end(tmp_path, capsys):
     assert rows == ["full precision", "ModelOpt INT8_SMOOTHQUANT_CFG",
                     "mnist-flux/int8_w8a8 without SegLinear, DualScale and shift (modelopt)",
                     "SegQuant mnist-flux/int8_w8a8 (modelopt)",
-                    "SegQuant mnist-flux/int8_w8a8 with shift instead of DualScale (modelopt)"]
-    fp, preset, off, seg, shift = (metrics["rows"][r] for r in rows)
-    assert off["quantized_linear_flop_fraction"] == shift["quantized_linear_flop_fraction"]
-    assert 20 < shift["psnr_db"] < 80 and metrics["comparisons"][rows[4]]["n"] == 4
+                    "SegQuant mnist-flux/int8_w8a8 with DualScale instead of the shift (modelopt)"]
+    fp, preset, off, seg, dual = (metrics["rows"][r] for r in rows)
+    assert off["quantized_linear_flop_fraction"] == dual["quantized_linear_flop_fraction"]
+    assert 20 < dual["psnr_db"] < 80 and metrics["comparisons"][rows[4]]["n"] == 4
     # the like-for-like row quantizes exactly the layers SegQuant quantizes; only the techniques differ
     assert off["quantized_linear_flop_fraction"] == seg["quantized_linear_flop_fraction"]
     like = metrics["comparisons"][rows[2]]
@@ -62,12 +62,14 @@ def test_run_modelopt_end_to_end(tmp_path, capsys):
     assert parts["method"]["psnr_db_difference"] == pytest.approx(like["psnr_db_difference"])
     assert parts["recipe"]["better"] == rows[2] and parts["recipe"]["worse"] == rows[1]
     assert "Where the gain over ModelOpt INT8_SMOOTHQUANT_CFG comes from" in (out / "report.md").read_text()
-    assert parts["shift"]["better"] == rows[4] and parts["shift"]["worse"] == rows[2]
-    assert "With the activation shift in place of DualScale" in (out / "report.md").read_text()
-    techniques = metrics["techniques"]
-    assert techniques[rows[3]]["single_transformer_blocks.0.proj_out"] == ["segments", "dual_scale"]
-    assert "shift" in techniques[rows[4]]["single_transformer_blocks.0.proj_out"]
-    assert not any("dual_scale" in t for t in techniques[rows[4]].values())
+    assert parts["dual_scale"]["better"] == rows[4] and parts["dual_scale"]["worse"] == rows[2]
+    assert parts["dual_scale_vs_segquant"]["worse"] == rows[3] and "shift" not in parts
+    assert "With DualScale in place of the recipe's shift" in (out / "report.md").read_text()
+    techniques = metrics["techniques"]  # the bundled INT8 recipe shifts; the fourth row swaps in DualScale
+    assert techniques[rows[3]]["single_transformer_blocks.0.proj_out"] == ["segments", "shift"]
+    assert not any("dual_scale" in t for t in techniques[rows[3]].values())
+    assert techniques[rows[4]]["single_transformer_blocks.0.proj_out"] == ["segments", "dual_scale"]
+    assert not any("shift" in t for t in techniques[rows[4]].values())
     assert capsys.readouterr().out == ""  # -q prints nothing
 
 
@@ -82,7 +84,7 @@ def test_row_plans_and_layer_techniques():
                                 activation="gelu"),
         "norm.linear": LinearPlan(8, 24, out_segments=(8, 8, 8)),
         "plain": LinearPlan(8, 8)}, model_class="M")
-    recipe = Recipe(name="m/int8_w8a8", model_class="M", config="c", precision="int8_w8a8")
+    recipe = Recipe(name="m/int8_w8a8", model_class="M", config="c", precision="int8_w8a8", dual_scale=True)
     plans = row_plans(recipe, analysed)
     assert set(plans) == {"techniques_off", "segquant", "segquant_shift"}
     assert all(p.is_plain for p in plans["techniques_off"].layers.values())
@@ -93,8 +95,15 @@ def test_row_plans_and_layer_techniques():
                                                    "norm.linear": ["segments"]}
     assert layer_techniques(shifted)["attn.proj"] == ["segments", "shift"]
     import dataclasses
-    already = dataclasses.replace(recipe, shift="per_channel", dual_scale=False)
-    assert "segquant_shift" not in row_plans(already, analysed)  # the recipe's own plan is the shift row
+    shifting = dataclasses.replace(recipe, shift="per_channel", dual_scale=False)
+    plans = row_plans(shifting, analysed)  # a recipe that shifts: its other row puts DualScale back
+    assert set(plans) == {"techniques_off", "segquant", "segquant_dual_scale"}
+    assert plans["segquant"]["ff.out"].shift == "per_channel" and not plans["segquant"]["ff.out"].dual_scale
+    assert plans["segquant_dual_scale"]["ff.out"].dual_scale and plans["segquant_dual_scale"]["ff.out"].shift is None
+    both = dataclasses.replace(recipe, shift="per_tensor", dual_scale=True)
+    assert set(row_plans(both, analysed)) == {"techniques_off", "segquant"}
+    plain = SegQuantPlan({"plain": LinearPlan(8, 8)}, model_class="M")
+    assert set(row_plans(recipe, plain)) == {"techniques_off", "segquant"}  # the shift row would equal SegQuant
 
 
 def test_run_torchao_on_the_unet(tmp_path):

@@ -166,9 +166,11 @@ def test_quantize_job_qdq_mode_keeps_the_recipe(tmp_path):
 
     folder = tmp_path / "flux"
     build_tiny_flux_pipeline(folder)
+    recipe = tmp_path / "dual.yaml"  # the bundled INT8 recipes shift instead: this one keeps DualScale
+    recipe.write_text("# schema: segquant.recipe.Recipe\nbase: flux.1-dev/int8_w8a8\ndual_scale: true\nshift: null\n")
     result = quantize_pipeline(QuantizeJob(model=str(folder), out=tmp_path / "out", onnx=True, onnx_mode="qdq",
-                                           dtype="float32", num_prompts=1, steps=1, height=32, width=32,
-                                           show_progress=False))
+                                           recipe=recipe, dtype="float32", num_prompts=1, steps=1, height=32,
+                                           width=32, show_progress=False))
     assert result.plan.dual_scaled() and not result.notes
     manifest = json.loads((tmp_path / "out" / "segquant.json").read_text())
     assert manifest["onnx_mode"] == "qdq" and manifest["notes"] == []
