@@ -78,6 +78,40 @@ def test_gemm_kernel_matches_reference(precision, dual_range, per_token):
         assert not torch.allclose(wrong, expected, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_tma_loads_match_the_reference(precision, per_token, monkeypatch):
+    """The plain GEMM through TMA descriptors (Hopper's path): odd M and N, K not a multiple of the tile, a weight
+    padded past K (never loaded), bias in the epilogue."""
+    monkeypatch.setenv("SEGQUANT_TRITON_LOADS", "tma")
+    gen = torch.Generator().manual_seed(1)
+    m, k, n = 37, 80, 50
+    x = gelu_input(m, k, gen)
+    wq, ws, w_hat = quantized_weight(n, k, precision, gen, pad_k=96)
+    bias = torch.randn(n, generator=gen)
+    s = nx.scale_from_amax(x.abs().amax(-1, keepdim=True) if per_token else x.abs().amax(), precision)
+    q = nx.quantize(x, s, precision).to(wq.dtype)
+    assert tg.loads_for(q, wq, dual=False) == "tma"
+    y = tg.scaled_gemm(q, wq, s, ws, torch.float32, bias=bias, config=SMALL)
+    torch.testing.assert_close(y, nx.quantize(x, s, precision) * s @ w_hat.t() + bias, rtol=1e-4, atol=1e-4)
+    wrong = tg.scaled_gemm(q, wq, s * 1.01, ws, torch.float32, bias=bias, config=SMALL)  # a 1% wrong scale fails
+    assert not torch.allclose(wrong, y, rtol=1e-3, atol=1e-3)
+
+
+def test_loads_choice(monkeypatch):
+    q = torch.zeros(8, 32, dtype=torch.int8)
+    w = torch.zeros(16, 32, dtype=torch.int8)
+    assert tg.loads_for(q, w, dual=False) == "pointer"  # auto: a CPU tensor
+    monkeypatch.setenv("SEGQUANT_TRITON_LOADS", "tma")
+    assert tg.loads_for(q, w, dual=False) == "tma"
+    assert tg.loads_for(q, w, dual=True) == "pointer"  # DualScale keeps pointer loads
+    assert tg.loads_for(torch.zeros(8, 24, dtype=torch.int8), torch.zeros(16, 24, dtype=torch.int8),
+                        dual=False) == "pointer"  # 24-byte rows: TMA needs 16-byte aligned strides
+    monkeypatch.setenv("SEGQUANT_TRITON_LOADS", "fast")
+    with pytest.raises(ValueError, match="SEGQUANT_TRITON_LOADS must be auto, pointer or tma, got 'fast'"):
+        tg.loads_for(q, w, dual=False)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_gemm_writes_out_dtype_and_autoselects_config(out_dtype):
     gen = torch.Generator().manual_seed(1)
