@@ -33,6 +33,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -240,6 +241,7 @@ def prepare_variant(variant: str, args) -> Prepared:
                         device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch=torch.__version__,
                         git=args.git, run=args.run_id, compile=args.compile, compile_mode=args.compile_mode,
                         freezing=args.freezing, cuda_graph=args.cuda_graph,
+                        cold_compile=os.environ.get("SPEED_COLD_COMPILE") == "1",
                         quantize_small=args.quantize_small, command=os.environ.get("SPEED_COMMAND", ""))
     start = time.perf_counter()
     model, meta = build_model(args.blocks, *([args.config] if args.config else []))
@@ -555,6 +557,10 @@ def driver(args) -> None:
         log = args.out / f"speed_{variant.replace(',', '+')}.log"
         print(f"== {variant} (timeout {timeout:.0f} s, log {log.name})", flush=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", SPEED_COMMAND=shlex.join(["python", *sys.argv]))
+        if args.cold_compile:  # empty inductor and Triton caches: the first call compiles and autotunes everything
+            cache = Path(tempfile.mkdtemp(prefix=f"speed_cold_{variant[:40].replace(',', '+')}_"))
+            env.update(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"),
+                       SPEED_COLD_COMPILE="1")
         jsonl = args.out / "speed.jsonl"
         before = jsonl.read_text().count("\n") if jsonl.exists() else 0
         with log.open("w") as fh:
@@ -614,7 +620,8 @@ def report(out_dir: Path, command: str) -> None:
         mode = r.get("compile_mode", "default")
         key = (f"{r.get('blocks')}, compile {r.get('compile', '?')}" + (f" mode {mode}" if mode != "default" else "")
                + (", CUDA graph replays" if r.get("cuda_graph") else "")
-               + (", interleaved" if r.get("interleaved_with") else "") + f", run {run_label(r)}")
+               + (", interleaved" if r.get("interleaved_with") else "")
+               + (", cold compile" if r.get("cold_compile") else "") + f", run {run_label(r)}")
         groups.setdefault(key, []).append(r)
     lines = ["# FLUX.1-dev-size denoiser, one call at 1024x1024 (4608 tokens), batch 1", "",
              "Random bf16 weights, full FLUX.1-dev config unless `blocks` says otherwise; torch.compile + "
@@ -622,7 +629,8 @@ def report(out_dir: Path, command: str) -> None:
              "synchronised call; 10 unless `--quick`: 3) after 3 warm-up calls; `interleaved` runs hold all their "
              "variants in one process and call each once per round, `CUDA graph replays` time the replay of one "
              "call recorded into a CUDA graph. `compile s` = first call (compile, "
-             "autotuning, run). Layers with M = batch (adaLN, embedders) stay bf16 in every quantized variant "
+             "autotuning, run; from the machine's inductor and Triton caches unless the run is `cold compile`, and in "
+             "an interleaved run only the first variant of a kind compiles from scratch). Layers with M = batch (adaLN, embedders) stay bf16 in every quantized variant "
              "unless `quantize_small`. SQNR is of the output "
              "against the bf16 output of the same weights and inputs.", f"Report: `{command}`", ""]
     lines += across_runs(groups)
@@ -769,6 +777,9 @@ def main() -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="record one call into a CUDA graph after warm-up and time its replays (no host "
                              "launches: the GPU's own time); records the proof (launch counts of a replay)")
+    parser.add_argument("--cold-compile", action="store_true",
+                        help="driver: each variant's process starts with empty inductor and Triton caches, so that "
+                             "`compile s` is a cold compile (otherwise a later variant reuses earlier kernels)")
     parser.add_argument("--cuda-graph-skip", default="",
                         help="with --cuda-graph: comma-separated variants timed as ordinary calls (their record "
                              "says cuda_graph false); a variant whose capture fails is timed so too, with the error")

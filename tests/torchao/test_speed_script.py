@@ -206,3 +206,9 @@ def test_cuda_graph_skip_times_ordinary_calls(tmp_path):
     rows = run_driver(tmp_path, "--cuda-graph", "--cuda-graph-skip", "bf16", "--variants", "bf16")
     assert "error" not in rows[0] and rows[0]["timed_as"] == "calls (--cuda-graph-skip)"
     assert "NOT graph replays" in (tmp_path / "speed.md").read_text()
+
+
+def test_cold_compile_gives_each_variant_empty_caches(tmp_path):
+    rows = run_driver(tmp_path, "--cold-compile", "--run-id", "cold", "--variants", "bf16")
+    assert rows[0]["cold_compile"] is True and "error" not in rows[0]
+    assert "cold compile, run cold" in (tmp_path / "speed.md").read_text()
