@@ -224,7 +224,7 @@ def get_backend(name: str) -> Backend:
 
 def check_supported(backend: Backend, plan: SegQuantPlan, options: QuantizeOptions | None = None) -> str:
     """The plan's precision, after checking that ``backend`` supports it and its activation mode, and that
-    ``options`` fit it (SmoothQuant needs calibrated, static activations).
+    ``options`` fit it (SmoothQuant and per-segment smoothing need calibrated, static activations).
 
     Raises:
         SegQuantError: the plan has no precision (apply a recipe first), the backend cannot run it, or the
@@ -252,6 +252,9 @@ def check_supported(backend: Backend, plan: SegQuantPlan, options: QuantizeOptio
         raise SegQuantError(f"backend {backend.name} implements scale_form {', '.join(caps.scale_forms)}, not "
                             f"{options.scale_form!r}; use scale_form='{DEFAULT_SCALE_FORM}' or a backend that has "
                             "it (modelopt)")
+    if options is not None and options.smoothing == "per_segment" and mode == "dynamic":
+        raise SegQuantError(f"smoothing='per_segment' needs calibrated static activations; precision {precision} "
+                            f"quantizes them dynamically: use smoothing='{DEFAULT_SMOOTHING}' or a static precision")
     if options is not None and options.smoothquant_alpha is not None and mode == "dynamic":
         raise SegQuantError(f"SmoothQuant (alpha {options.smoothquant_alpha}) needs calibrated static activations; "
                             f"precision {precision} quantizes them dynamically: set smoothquant_alpha to None")

@@ -457,17 +457,25 @@ def tile_weight_amax(w: Tensor, in_segments: Sequence[int], per_channel: bool) -
     return torch.cat(tiles, dim=1)
 
 
-def per_segment_weight(weight: Tensor, layer: LinearPlan, smooth: Tensor, fmt: str | QuantFormat,
-                       per_channel: bool, form: str = DEFAULT_SCALE_FORM) -> list[Tensor]:
-    """The fake-quantized weight of each output segment ``b``: ``Q(W_b`` smoothed by ``smooth[b])``, one scale per
-    input segment (per row and input segment with ``per_channel``). Float32, ``[(N_b, K)]``."""
+def per_segment_weight_scales(weight: Tensor, layer: LinearPlan, smooth: Tensor, fmt: str | QuantFormat,
+                              per_channel: bool, form: str = DEFAULT_SCALE_FORM) -> list[tuple[Tensor, Tensor]]:
+    """Per output segment ``b``: its weight rows smoothed by ``smooth[b]`` and their scales in ``form``, one per
+    input segment (per row and input segment with ``per_channel``) repeated over the segment's columns. Float32,
+    ``[((N_b, K), (N_b, K))]``: what a backend quantizes ``W_b`` with, to codes or fake-quantized."""
     rows = weight.float().split(list(layer.out_segments), dim=0)
     out = []
     for w_b, factors in zip(rows, _block_factors(smooth, layer)):
         w_s = smooth_weight(w_b, factors, form)
-        out.append(fake_quant(w_s, scale_from_amax(tile_weight_amax(w_s, layer.in_segments, per_channel), fmt,
-                                                   form=form), fmt, form))
+        out.append((w_s, scale_from_amax(tile_weight_amax(w_s, layer.in_segments, per_channel), fmt, form=form)))
     return out
+
+
+def per_segment_weight(weight: Tensor, layer: LinearPlan, smooth: Tensor, fmt: str | QuantFormat,
+                       per_channel: bool, form: str = DEFAULT_SCALE_FORM) -> list[Tensor]:
+    """The fake-quantized weight of each output segment ``b``: ``Q(W_b`` smoothed by ``smooth[b])``, one scale per
+    input segment (per row and input segment with ``per_channel``). Float32, ``[(N_b, K)]``."""
+    return [fake_quant(w_s, scale, fmt, form)
+            for w_s, scale in per_segment_weight_scales(weight, layer, smooth, fmt, per_channel, form)]
 
 
 def per_segment_inputs(x: Tensor, layer: LinearPlan, stats: Sequence[ActivationStats], smooth: Tensor,

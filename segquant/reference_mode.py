@@ -11,8 +11,10 @@ conventions. Reference mode is SegQuant's own code with the reference's conventi
   (``scale_form="reciprocal"``: ``q = round(x * 127 / amax)``, ``x_hat = q / (127 / amax)``), split-K input
   segments, static max calibration of the float model.
 
-The ModelOpt backend implements it (fake quantization); torchao refuses it. ``benchmarks/reference_parity.py``
-checks it against the reference's own outputs (``benchmarks/results/reference_parity.md``).
+The ModelOpt backend implements it (fake quantization); torchao implements per-segment SmoothQuant in the
+``step`` scale form only, so it refuses ``reference_options`` (its ``scale_form="reciprocal"``).
+``benchmarks/reference_parity.py`` checks it against the reference's own outputs
+(``benchmarks/results/reference_parity.md``).
 
 Example:
     >>> import segquant

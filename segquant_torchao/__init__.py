@@ -3,9 +3,9 @@
 Quantized weights are torchao tensor subclasses (``SegQuantTensor``; plain dynamic layers get torchao's own
 ``Int8Tensor``/``Float8Tensor``), so diffusers ``save_pretrained``/``from_pretrained``, ``state_dict`` and
 ``torch.compile`` work as with torchao's configs. Real fp8 (``torch._scaled_mm``) and int8 (``torch._int_mm``)
-GEMMs; static (prepare -> calibrate -> convert, optionally with SmoothQuant) or dynamic (per-token) activation
-scales; DualScale as one GEMM with M doubled; the activation shift as ``x - c`` quantized and ``W_hat c`` folded into
-the bias (one plain GEMM). ``TorchAOBackend`` is the ``segquant.backend.Backend`` the ``segquant`` application uses.
+GEMMs; static (prepare -> calibrate -> convert, optionally with SmoothQuant, per layer or per output segment) or
+dynamic (per-token) activation scales; DualScale as one GEMM with M doubled; the activation shift as ``x - c``
+quantized and ``W_hat c`` folded into the bias (one plain GEMM). ``TorchAOBackend`` is the ``segquant.backend.Backend`` the ``segquant`` application uses.
 """
 
 try:

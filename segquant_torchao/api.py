@@ -25,14 +25,15 @@ from torchao.utils import TorchAOBaseTensor
 from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER, register_quantize_module_handler
 
 from segquant import PRECISIONS, LinearPlan, PlanError, SegQuantError, SegQuantPlan
-from segquant.calib import check_calibration, layer_alpha, static_calibration
+from segquant.calib import check_calibration, layer_alpha
 from segquant.numerics import ActivationStats
 from segquant.options import SHIFTS, check_choice
 from segquant.transaction import ModelSnapshot, model_transaction
 
 from .diffusers_io import attach_quantization_config, is_diffusers_model
 from .kernels import PRECISIONS as KERNEL_PRECISIONS
-from .linear import check_linear, convert_linear, observed, prepare_linear, unprepare_linear
+from .linear import Calibration, check_linear, convert_linear, observed, observed_calibration, prepare_linear, \
+    unprepare_linear
 from .options import SegQuantOptions
 from .plain import plain_config
 from .tensor import SegLinearSpec, SegQuantTensor
@@ -63,8 +64,10 @@ class SegLinearConfig(AOBaseConfig):
         smoothquant_alpha: this layer's SmoothQuant alpha (the plan's, from an alpha search); None (default) =
             the options' alpha.
         amax, pos_amax, neg_amax: calibrated ranges per input segment (of the smoothed, shifted input); when
-            given, a convert needs no observers (e.g. inside ``from_pretrained``).
-        smooth: the SmoothQuant factors per input channel that go with them.
+            given, a convert needs no observers (e.g. inside ``from_pretrained``). Per-segment SmoothQuant: one
+            row per output segment (of that segment's smoothed input).
+        smooth: the SmoothQuant factors per input channel that go with them (per-segment: one row per output
+            segment).
         center: a shifted layer's centres, one per input channel (of the smoothed input).
     """
 
@@ -95,6 +98,10 @@ class SegLinearConfig(AOBaseConfig):
         if self.options.activation == "dynamic" and self.step == "prepare" and self.shift is None:
             raise SegQuantError("dynamic activation scales need no prepare step (only a shifted layer's centres "
                                 "do); use step='convert'")
+        if self.options.smoothing == "per_segment" and self.shift is not None:
+            raise SegQuantError(f"{name}: per-segment SmoothQuant (smoothing='per_segment') has no activation shift; "
+                                "drop the shift from the plan (plan.ablate(shift=False)) or use "
+                                "smoothing='per_layer'")
         if self.options.activation == "dynamic" and self.smoothquant_alpha is not None:
             raise SegQuantError(f"{name}: the plan's smoothquant_alpha {self.smoothquant_alpha} needs calibrated "
                                 "static activations; these are dynamic: use a static precision or drop the "
@@ -112,26 +119,43 @@ class SegLinearConfig(AOBaseConfig):
                              tuple(self.out_segments or [self.out_features]), tuple(self.dual_scale_segments),
                              options, self.shift, shift_segments)
 
-    def calibration(self) -> tuple[ActivationStats, torch.Tensor | None] | None:
+    def calibration(self) -> tuple[Calibration, torch.Tensor | None] | None:
         """Calibrated ranges (and SmoothQuant factors, shift centres) carried by the config, checked against
-        the layer."""
+        the layer; with per-segment SmoothQuant one ``ActivationStats`` per output segment."""
         given = [k for k in _CALIBRATION_KEYS if getattr(self, k) is not None]
         if not given:
             return None
         if len(given) != 3:
             raise SegQuantError(f"{self.name}: calibration needs amax, pos_amax and neg_amax, got only {given}")
         spec = self.spec()
-        center = None if self.center is None else torch.tensor(self.center, dtype=torch.float32)
-        stats = ActivationStats(*(torch.tensor(getattr(self, k), dtype=torch.float32) for k in _CALIBRATION_KEYS),
-                                center=center)
-        stats.check(spec.layer())
         smooth = None if self.smooth is None else torch.tensor(self.smooth, dtype=torch.float32)
         alpha = spec.options.smoothquant_alpha
-        if (smooth is None) == (alpha is not None) or (smooth is not None and smooth.shape != (self.in_features,)):
+        factors = (len(spec.blocks), self.in_features) if spec.tiled else (self.in_features,)
+        if (smooth is None) == (alpha is not None) or (smooth is not None and smooth.shape != factors):
+            want = factors if alpha is not None else None
             raise SegQuantError(f"{self.name}: the calibration's SmoothQuant factors do not fit the options "
-                                f"(alpha {alpha}, factors {None if smooth is None else tuple(smooth.shape)}); "
-                                "calibrate again")
+                                f"(alpha {alpha}, smoothing {spec.options.smoothing}: factors {want}, got "
+                                f"{None if smooth is None else tuple(smooth.shape)}); calibrate again")
+        ranges = [torch.tensor(getattr(self, k), dtype=torch.float32) for k in _CALIBRATION_KEYS]
+        if spec.tiled:
+            return self._block_calibration(spec, ranges), smooth
+        center = None if self.center is None else torch.tensor(self.center, dtype=torch.float32)
+        stats = ActivationStats(*ranges, center=center)
+        stats.check(spec.layer())
         return stats, smooth
+
+    def _block_calibration(self, spec: SegLinearSpec, ranges: list[torch.Tensor]) -> list[ActivationStats]:
+        """Per-segment SmoothQuant's ranges: ``(B, S)`` each, one row per output segment; no shift centres."""
+        shape = (len(spec.blocks), len(spec.in_segments))
+        if self.center is not None or any(r.shape != shape for r in ranges):
+            got = ", ".join(f"{k} {tuple(r.shape)}" for k, r in zip(_CALIBRATION_KEYS, ranges))
+            raise SegQuantError(f"{self.name}: per-segment SmoothQuant calibration holds {shape[0]} x {shape[1]} "
+                                f"ranges (output x input segments) and no centre; got {got}"
+                                f"{', a centre' if self.center is not None else ''}; calibrate again")
+        stats = [ActivationStats(*(r[b] for r in ranges)) for b in range(shape[0])]
+        for st in stats:
+            st.check(spec.layer())
+        return stats
 
 
 @dataclass
@@ -193,9 +217,7 @@ def _transform_linear(module: nn.Module, config: SegLinearConfig, parameter_name
     if not observed(module):
         raise SegQuantError(f"{spec.name}: convert before prepare{_why_calibrate(spec)}: run quantize_ with "
                             "step='prepare', calibrate, then step='convert' (or pass calibrated amax in the config)")
-    stats, smooth = static_calibration(module.segquant_observer, module.weight.detach().float(),
-                                       spec.options.smoothquant_alpha)
-    return _convert(module, spec, stats, smooth)
+    return _convert(module, spec, *observed_calibration(module.segquant_observer, module.weight, spec))
 
 
 def _why_calibrate(spec: SegLinearSpec) -> str:
@@ -205,7 +227,7 @@ def _why_calibrate(spec: SegLinearSpec) -> str:
     return ""
 
 
-def _convert(module: nn.Module, spec: SegLinearSpec, stats: ActivationStats | None,
+def _convert(module: nn.Module, spec: SegLinearSpec, stats: Calibration | None,
              smooth: torch.Tensor | None) -> nn.Module:
     """A plain layer that torchao's own configs express gets their tensor and kernel; the rest a SegQuantTensor."""
     torchao_config = plain_config(spec, module.weight.device)
@@ -304,9 +326,11 @@ def _options_for(plan: SegQuantPlan, options: SegQuantOptions | None, changes: d
         changes = {k: v for k, v in changes.items() if k != "precision"}
     fixed = ("precision", "activation", "weight_granularity")  # what a registry precision decides
     try:
-        if options is None:
+        if options is None and precision is None:  # all at once: static-only options need activation='static'
+            options = SegQuantOptions(**changes)
+        elif options is None:
             rest = {k: v for k, v in changes.items() if k not in fixed}
-            options = SegQuantOptions.for_precision(precision, **rest) if precision else SegQuantOptions(**rest)
+            options = SegQuantOptions.for_precision(precision, **rest)
             options = options.replace(**{k: v for k, v in changes.items() if k in fixed})
     except TypeError as e:
         raise SegQuantError(f"SegQuantConfig: {e}; options are the fields of SegQuantOptions") from None
@@ -405,7 +429,9 @@ class SegQuantConfig(FqnToConfig):
         if unknown:
             raise PlanError(f"calibration names layers that the plan does not quantize: {unknown[:3]}")
         # checks the shared options even if no layer is left (a dynamic prepare needs a shifted layer)
-        SegLinearConfig(options=self.options, step=self.step, shift=SHIFTS[0] if plan.shifted() else None)
+        shifted = plan.shifted()
+        SegLinearConfig(name=shifted[0] if shifted else "", options=self.options, step=self.step,
+                        shift=SHIFTS[0] if shifted else None)
         layers: OrderedDict[str, AOBaseConfig | None] = OrderedDict()
         layers[""] = SegQuantModelCheck(plan=plan.to_dict(), options=self.options, step=self.step,
                                         calibrated=sorted(calibration))
@@ -483,20 +509,24 @@ def calibration_from(model: nn.Module) -> dict[str, dict[str, list[float]]]:
     """The calibrated ranges (and SmoothQuant factors, shift centres) of every observed layer, for
     ``SegQuantConfig(calibration=...)``."""
     check_calibration({name: m.segquant_observer for name, m in model.named_modules() if observed(m)})
-    out = {}
-    for name, module in model.named_modules():
-        if observed(module):
-            alpha = module.segquant_spec.options.smoothquant_alpha
-            stats, smooth = static_calibration(module.segquant_observer, module.weight.detach().float(), alpha)
-            out[name] = {"amax": stats.amax.tolist(), "pos_amax": stats.pos_amax.tolist(),
-                         "neg_amax": stats.neg_amax.tolist()}
-            if smooth is not None:
-                out[name]["smooth"] = smooth.tolist()
-            if stats.center is not None:
-                out[name]["center"] = stats.center.tolist()
+    out = {name: _calibration_entry(*observed_calibration(m.segquant_observer, m.weight, m.segquant_spec))
+           for name, m in model.named_modules() if observed(m)}
     if not out:
         raise SegQuantError("no observed layers: run quantize_ with step='prepare' and calibrate first")
     return out
+
+
+def _calibration_entry(stats: Calibration, smooth: torch.Tensor | None) -> dict[str, list]:
+    """One layer's calibration as plain lists (per-segment SmoothQuant: one row per output segment)."""
+    if isinstance(stats, ActivationStats):
+        entry = {k: getattr(stats, k).tolist() for k in _CALIBRATION_KEYS}
+        if stats.center is not None:
+            entry["center"] = stats.center.tolist()
+    else:
+        entry = {k: torch.stack([getattr(st, k) for st in stats]).tolist() for k in _CALIBRATION_KEYS}
+    if smooth is not None:
+        entry["smooth"] = smooth.tolist()
+    return entry
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Linear]:

@@ -21,6 +21,7 @@ from segquant import Capabilities, QuantizedLayer, QuantizeOptions, SegQuantErro
 from segquant.backend import DEFAULT_ONNX_MODE, ForwardLoop, check_quantize_call
 from segquant.calib import check_calibration
 from segquant.numerics import get_format
+from segquant.options import SMOOTHINGS
 from segquant.transaction import model_transaction
 
 from .api import SegQuantConfig, calibration_from, quantize, quantized_layers
@@ -46,15 +47,16 @@ PRECISIONS = tuple(p for p in SEGQUANT_PRECISIONS if _runs(p))
 def options_for(plan: SegQuantPlan, options: QuantizeOptions) -> SegQuantOptions:
     """The torchao options that realise the applied plan's precision with the run's numeric options."""
     return SegQuantOptions.for_precision(plan.precision(), realisation=options.realisation,
-                                         smoothquant_alpha=options.smoothquant_alpha)
+                                         smoothquant_alpha=options.smoothquant_alpha, smoothing=options.smoothing)
 
 
 class TorchAOBackend:
-    """SegQuant through torchao (static activations; ``torch._scaled_mm`` / ``torch._int_mm``)."""
+    """SegQuant through torchao (static activations; ``torch._scaled_mm`` / ``torch._int_mm``). Per-layer and
+    per-segment SmoothQuant (``QuantizeOptions.smoothing``), in the ``step`` scale form only."""
 
     name = "torchao"
     capabilities = Capabilities(precisions=PRECISIONS, activation_modes=("static", "dynamic"), onnx_export=False,
-                                save_load=True)
+                                save_load=True, smoothings=SMOOTHINGS)
 
     def _calibrated(self, model: nn.Module, plan: SegQuantPlan, options: QuantizeOptions,
                     forward_loop: ForwardLoop | None, finish: Callable[[SegQuantConfig], Any]) -> Any:

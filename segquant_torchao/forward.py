@@ -5,6 +5,8 @@ Realisations (see SPEC sections 2-3):
   doubled (rows ``[q+ ; q-]``) when some input segment is DualScale.
 - static ``split_k``: one GEMM per input segment, ``y = sum_s a_s (W_s q_s)``.
 - ``dynamic``: per-token scales per segment (split-K), DualScale with per-token ``s+``/``s-``.
+- per-segment SmoothQuant (static split-K, ``SegLinearSpec.tiled``): one split-K GEMM per output segment, each on
+  the input smoothed by that segment's factors, with its own activation and weight scales; outputs concatenated.
 
 Activation shift (any realisation): the weight's ``center`` is subtracted from the input in the elementwise
 step that quantizes it (``torch.compile`` fuses the two) and the layer's bias already holds ``b + W_hat c``
@@ -39,6 +41,8 @@ def seg_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     x2 = x.reshape(-1, spec.in_features)
     if spec.folded:
         y = _folded(w, x2, bias)  # the SmoothQuant factors are folded into col_scale
+    elif spec.tiled:
+        y = _tiled(w, x2, bias, x.dtype)
     else:
         v = x2 * w.smooth if w.smooth is not None else x2
         y = _split(w, v - w.center if w.center is not None else v, bias, x.dtype)
@@ -88,19 +92,28 @@ def _folded_fused(w: Tensor, x: Tensor, v: Tensor, bias: Tensor | None) -> Tenso
     return _fused_gemm(q, w.qdata, ones, w.weight_scale, x.dtype, bias, w.neg_ratio[i:i + 1], (lo, hi))
 
 
-def _split(w: Tensor, x: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+def _tiled(w: Tensor, x: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """Per-segment SmoothQuant: block ``b`` (output segment) is the split-K GEMM of ``x * smooth[b]`` with its own
+    activation and weight scales; the blocks' outputs side by side, then the bias."""
+    ys = [_split(w, x * w.smooth[b], None, torch.float32, b)[:, :rows] for b, rows in enumerate(w.spec.blocks)]
+    return _add_bias(torch.cat(ys, dim=-1), bias).to(out_dtype)
+
+
+def _split(w: Tensor, x: Tensor, bias: Tensor | None, out_dtype: torch.dtype, block: int = 0) -> Tensor:
     """Split-K (and dynamic): ``x`` is the smoothed, shifted input (float32 when smoothed or shifted), the
-    output is ``out_dtype`` (the layer input's dtype)."""
+    output is ``out_dtype`` (the layer input's dtype). ``block``: the rows of a tiled weight to multiply."""
     spec = w.spec
     dynamic = spec.options.activation == "dynamic"
     fused = spec.options.kernel == "fused"
     # one term: write out_dtype straight from the GEMM; several: accumulate in float32
     single = len(spec.bounds) == 1
     acc_dtype = out_dtype if single else torch.float32
+    act_scale, neg_scale = w.block_scales(block)
     y = None
     for i, (lo, hi) in enumerate(spec.bounds):
         part = x[:, lo:hi]
-        weight = w.segment_codes(i)
+        weight = w.segment_codes(i, block)
+        w_scale = w.segment_weight_scale(i, block)
         if i in spec.dual_segments:
             xf = part.float()
             if dynamic:
@@ -108,27 +121,26 @@ def _split(w: Tensor, x: Tensor, bias: Tensor | None, out_dtype: torch.dtype) ->
                 s_neg = scale_from_amax((-xf).clamp(min=0).amax(-1, keepdim=True), spec.options.precision,
                                         negative=True)
             else:
-                s_pos, s_neg = w.act_scale[i].reshape(1, 1), w.neg_scale[i].reshape(1, 1)
+                s_pos, s_neg = act_scale[i].reshape(1, 1), neg_scale[i].reshape(1, 1)
             if fused:
                 q = _dual_codes(xf, s_pos, s_neg, spec.options.precision)
-                out = _fused_gemm(q, weight, s_pos, w.weight_scale, acc_dtype, bias if single else None, s_neg)
+                out = _fused_gemm(q, weight, s_pos, w_scale, acc_dtype, bias if single else None, s_neg)
             else:
                 q_pos = positive_codes(xf, s_pos, spec.options.precision)
                 q_neg = negative_codes(xf, s_neg, spec.options.precision)
-                out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, w.weight_scale, acc_dtype,
-                                    spec.options.fast_accum)
+                out = dual_scale_mm(q_pos, q_neg, weight, s_pos, s_neg, w_scale, acc_dtype, spec.options.fast_accum)
                 out = _add_bias(out, bias) if single else out
         else:
             if dynamic:
                 scale = scale_from_amax(part.float().abs().amax(-1, keepdim=True), spec.options.precision)
             else:
-                scale = w.act_scale[i].reshape(1, 1)
+                scale = act_scale[i].reshape(1, 1)
             q = codes(part, scale, spec.options.precision)
             if fused and spec.options.precision == "int8":
-                out = _fused_gemm(q, weight, scale, w.weight_scale, acc_dtype, bias if single else None)
+                out = _fused_gemm(q, weight, scale, w_scale, acc_dtype, bias if single else None)
             else:
-                out = scaled_mm(q, weight, scale, w.weight_scale, acc_dtype,
-                                bias if single else None, spec.options.fast_accum)
+                out = scaled_mm(q, weight, scale, w_scale, acc_dtype, bias if single else None,
+                                spec.options.fast_accum)
         if single:
             return out.to(out_dtype)
         y = out if y is None else y + out

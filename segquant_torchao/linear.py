@@ -5,14 +5,16 @@ holds the calibration observer (a forward pre-hook, ``prepare_linear``)."""
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torchao.utils import TorchAOBaseTensor
 
 from segquant import LinearPlan, SegmentAmaxObserver, SegQuantError
-from segquant.numerics import (ActivationStats, fold_activation_scales, folded_center, scale_from_amax,
-                               shift_bias, weight_amax)
+from segquant.calib import segment_calibration, static_calibration
+from segquant.numerics import (ActivationStats, fold_activation_scales, folded_center, per_segment_weight_scales,
+                               scale_from_amax, shift_bias, weight_amax)
 
 from .kernels import codes, kernel_multiple, pad_to
 from .tensor import SegLinearSpec, SegQuantTensor
@@ -63,18 +65,39 @@ def unprepare_linear(module: nn.Module) -> None:
         del module.segquant_observer, module.segquant_observer_hook, module.segquant_spec
 
 
-def quantize_weight(weight: Tensor, spec: SegLinearSpec, stats: ActivationStats | None,
+Calibration = ActivationStats | Sequence[ActivationStats]
+"""A layer's calibrated ranges: one ``ActivationStats``, or one per output segment (per-segment SmoothQuant)."""
+
+
+def observed_calibration(observer: SegmentAmaxObserver, weight: Tensor,
+                         spec: SegLinearSpec) -> tuple[Calibration, Tensor | None]:
+    """What ``quantize_weight`` takes from a layer's observer: the ranges and SmoothQuant factors of
+    ``segquant.calib.static_calibration``, or with per-segment SmoothQuant (``spec.tiled``) one range set per
+    output segment and the ``(B, K)`` factors of ``segquant.calib.segment_calibration``."""
+    alpha = spec.options.smoothquant_alpha
+    if spec.tiled:
+        smooth, stats = segment_calibration(observer, weight.detach().float(), spec.layer(), alpha)
+        return stats, smooth
+    return static_calibration(observer, weight.detach().float(), alpha)
+
+
+def quantize_weight(weight: Tensor, spec: SegLinearSpec, stats: Calibration | None,
                     smooth: Tensor | None = None) -> SegQuantTensor:
     """The ``SegQuantTensor`` of a float ``(N, K)`` weight. ``stats`` (of the smoothed input when ``smooth`` is
     given) are required for static activation scales and for a shift (its centres); ``smooth`` holds the
-    SmoothQuant factors when the options smooth. The caller corrects the bias of a shifted layer
-    (``convert_linear``)."""
+    SmoothQuant factors when the options smooth (per-segment SmoothQuant: ``observed_calibration``). The caller
+    corrects the bias of a shifted layer (``convert_linear``)."""
     if spec.options.activation == "static" and stats is None:
         raise SegQuantError(f"{spec.name}: static activation scales need calibration data")
-    _check_center(spec, stats)
     if spec.smoothed != (smooth is not None):
         raise SegQuantError(f"{spec.name}: SmoothQuant alpha {spec.options.smoothquant_alpha} needs "
                             f"{'its factors' if spec.smoothed else 'no factors'} from calibration")
+    if spec.tiled:
+        return _quantize_tiled(weight, spec, _block_stats(spec, stats, smooth), smooth)
+    if not isinstance(stats, (ActivationStats, type(None))):
+        raise SegQuantError(f"{spec.name}: per-output-segment calibration for a layer without per-segment "
+                            "SmoothQuant; calibrate again with these options")
+    _check_center(spec, stats)
     multiple = kernel_multiple(spec.options.precision)
     unaligned = [s for s in (spec.out_features, *spec.in_segments) if s % multiple]
     if unaligned:
@@ -113,6 +136,49 @@ def quantize_weight(weight: Tensor, spec: SegLinearSpec, stats: ActivationStats 
     return SegQuantTensor(qdata.contiguous(), weight_scale, spec, weight.dtype, **data)
 
 
+def _block_stats(spec: SegLinearSpec, stats: Calibration, smooth: Tensor) -> list[ActivationStats]:
+    """Per-segment SmoothQuant's calibration, checked: one unshifted ``ActivationStats`` per output segment and
+    ``(B, K)`` factors."""
+    blocks, layer = len(spec.blocks), spec.layer()
+    if spec.shift is not None:
+        raise SegQuantError(f"{spec.name}: per-segment SmoothQuant has no activation shift; drop the shift from the "
+                            "plan (plan.ablate(shift=False)) or use smoothing='per_layer'")
+    if isinstance(stats, ActivationStats) or len(stats) != blocks or tuple(smooth.shape) != (blocks, spec.in_features):
+        got = 1 if isinstance(stats, ActivationStats) else len(stats)
+        raise SegQuantError(f"{spec.name}: per-segment SmoothQuant needs ranges and factors per output segment "
+                            f"({blocks} x {spec.in_features} factors), got {got} range set(s) and factors "
+                            f"{tuple(smooth.shape)}; calibrate again with smoothing='per_segment'")
+    for st in stats:
+        st.check(layer)
+        if st.center is not None:
+            raise SegQuantError(f"{spec.name}: per-segment SmoothQuant has no activation shift; calibrate again")
+    return list(stats)
+
+
+def _quantize_tiled(weight: Tensor, spec: SegLinearSpec, stats: list[ActivationStats],
+                    smooth: Tensor) -> SegQuantTensor:
+    """Per-segment SmoothQuant: block ``b``'s rows smoothed by ``smooth[b]`` and quantized with one scale per input
+    segment (per row and input segment; ``segquant.numerics.per_segment_weight_scales``), each block's rows and
+    each segment's columns padded on their own; block ``b``'s activation scales from ``stats[b]``."""
+    precision, layer = spec.options.precision, spec.layer()
+    multiple = kernel_multiple(precision)
+    device = weight.device
+    smooth = smooth.float().to(device)
+    per_channel = spec.options.weight_granularity == "per_channel"
+    rows, scales = [], []
+    for w_s, scale in per_segment_weight_scales(weight.detach(), layer, smooth, precision, per_channel):
+        q = codes(w_s, scale, precision)
+        rows.append(torch.cat([_pad_weight(q[:, lo:hi].contiguous(), multiple) for lo, hi in spec.bounds], dim=1))
+        per_segment = torch.stack([scale[:, lo] for lo, _ in spec.bounds])  # (S, N_b)
+        scales.append(pad_to(per_segment, 1, multiple, value=1.0))
+    act, neg = zip(*(st.scales(layer, precision) for st in stats))
+    data = {"act_scale": torch.stack(act).to(device), "smooth": smooth}
+    if spec.dual_segments:
+        data["neg_scale"] = torch.stack(neg).to(device)
+    return SegQuantTensor(torch.cat(rows, dim=0).contiguous(), torch.cat(scales, dim=1).contiguous(), spec,
+                          weight.dtype, **data)
+
+
 def _check_center(spec: SegLinearSpec, stats: ActivationStats | None) -> None:
     """A shifted layer needs calibrated centres (dynamic ones too); an unshifted one must not get any."""
     has_center = stats is not None and stats.center is not None
@@ -138,11 +204,11 @@ def tensorwise(spec: SegLinearSpec) -> bool:
     it runs can take it as a scalar: cuBLASLt's tensorwise fp8 GEMM (or ``_int_mm`` and a scalar product) with
     a scalar activation scale, where the row-wise form would build an ``(M, 1)`` scale tensor on every call.
     DualScale (M doubled with two row scales) and the Triton int8 GEMM (per-column scales) keep the vector."""
-    return (spec.options.weight_granularity == "per_tensor" and len(spec.out_segments) == 1
+    return (spec.options.weight_granularity == "per_tensor" and len(spec.out_segments) == 1 and not spec.tiled
             and not spec.dual_segments and not (spec.options.kernel == "fused" and spec.options.precision == "int8"))
 
 
-def convert_linear(module: nn.Linear, spec: SegLinearSpec, stats: ActivationStats | None,
+def convert_linear(module: nn.Linear, spec: SegLinearSpec, stats: Calibration | None,
                    smooth: Tensor | None = None) -> nn.Linear:
     """Replace ``module.weight`` by its ``SegQuantTensor`` (and remove the observer). A shifted layer's bias
     becomes ``b + W_hat c`` (``W_hat`` as the GEMM multiplies it), so that the GEMM stays the plain one."""

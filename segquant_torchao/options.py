@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from segquant import SegQuantError, get_precision
-from segquant.options import (ACTIVATION_MODES, DEFAULT_KERNEL, DEFAULT_REALISATION, KERNELS, REALISATIONS,
-                              WEIGHT_GRANULARITIES, check_alpha, check_choice)
+from segquant.options import (ACTIVATION_MODES, DEFAULT_KERNEL, DEFAULT_REALISATION, DEFAULT_SMOOTHING, KERNELS,
+                              REALISATIONS, SMOOTHINGS, WEIGHT_GRANULARITIES, check_alpha, check_choice)
 
 from .kernels import PRECISIONS as KERNEL_PRECISIONS
 
@@ -33,6 +33,10 @@ class SegQuantOptions:
         kernel: ``"naive"`` (torch's GEMMs, DualScale with M doubled; default) or ``"fused"`` (the Triton
             DualScale and int8 GEMMs of ``triton_gemm.py``; a torch fallback off CUDA).
         smoothquant_alpha: SmoothQuant alpha in [0, 1] (static activations only), or None (default).
+        smoothing: ``"per_layer"`` (default) or ``"per_segment"`` SmoothQuant factors (``segquant.options.SMOOTHINGS``:
+            the paper's reference code; static split-K activations, no activation shift): each output segment of a
+            smoothed layer is its own sub-GEMM with its own factors, activation scales and one weight scale per
+            input segment (``segquant.numerics.per_segment_linear``).
     """
 
     precision: str = "fp8"
@@ -42,6 +46,7 @@ class SegQuantOptions:
     fast_accum: bool = True
     kernel: str = DEFAULT_KERNEL
     smoothquant_alpha: float | None = None
+    smoothing: str = DEFAULT_SMOOTHING
 
     def __post_init__(self) -> None:
         check_choice(self.precision, KERNEL_PRECISIONS, "precision")
@@ -55,6 +60,11 @@ class SegQuantOptions:
         if self.smoothquant_alpha is not None and self.activation == "dynamic":
             raise SegQuantError("SmoothQuant needs calibrated activation ranges: use activation='static' with "
                                 "smoothquant_alpha, or drop smoothquant_alpha")
+        check_choice(self.smoothing, SMOOTHINGS, "smoothing")
+        if self.smoothing == "per_segment" and (self.activation, self.realisation) != ("static", "split_k"):
+            raise SegQuantError(f"smoothing='per_segment' needs static activations and realisation='split_k' (got "
+                                f"activation={self.activation!r}, realisation={self.realisation!r}); use "
+                                f"smoothing={DEFAULT_SMOOTHING!r} or a static precision with split_k")
 
     def replace(self, **changes: Any) -> "SegQuantOptions":
         return dataclasses.replace(self, **changes)

@@ -11,7 +11,9 @@ safetensors support, where the class is registered) and ``from_pretrained`` of t
 its output, changes) and ``torch.compile(fullgraph=True)``.
 
 Codes are stored ``(N, K)`` row-major, zero-padded for the kernels; split-K layers keep their input
-segments side by side along K, each padded on its own (``SegLinearSpec.code_bounds``).
+segments side by side along K, each padded on its own (``SegLinearSpec.code_bounds``). With per-segment
+SmoothQuant (``SegLinearSpec.tiled``) the output segments are blocks of rows, each padded on its own
+(``SegLinearSpec.row_bounds``): block ``b`` is its own smoothed split-K sub-GEMM, the blocks' outputs concatenated.
 """
 
 from __future__ import annotations
@@ -87,6 +89,26 @@ class SegLinearSpec:
     def smoothed(self) -> bool:
         return self.options.smoothquant_alpha is not None
 
+    @property
+    def tiled(self) -> bool:
+        """Per-segment SmoothQuant (``SegQuantOptions.smoothing``): each output segment is a block with its own
+        factors, activation scales and one weight scale per input segment (per row and input segment)."""
+        return self.smoothed and self.options.smoothing == "per_segment"
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The row count of each block: the output segments when ``tiled``, else the whole layer."""
+        return self.out_segments if self.tiled else (self.out_features,)
+
+    @property
+    def row_bounds(self) -> tuple[tuple[int, int], ...]:
+        """``(lo, hi)`` of each block's rows in ``qdata`` (each block padded on its own for the kernel)."""
+        multiple = kernel_multiple(self.options.precision)
+        edges = [0]
+        for size in self.blocks:
+            edges.append(edges[-1] + -(-size // multiple) * multiple)
+        return tuple(zip(edges, edges[1:]))
+
     def layer(self) -> LinearPlan:
         return LinearPlan(self.in_features, self.out_features, self.in_segments, self.out_segments,
                           dual_scale=bool(self.dual_segments), dual_scale_segments=self.dual_segments,
@@ -99,10 +121,11 @@ class SegQuantTensor(TorchAOBaseTensor):
     Tensor data:
         qdata: ``(N_pad, K_pad)`` fp8 e4m3 or int8 weight codes.
         weight_scale: ``(1, N_pad)`` float32 per-row weight scales, or ``(1, 1)`` for a weight with one scale
-            (``linear.tensorwise``).
+            (``linear.tensorwise``); per-segment SmoothQuant (``spec.tiled``): ``(S, N_pad)``, row ``i`` the
+            scales of input segment ``i``.
         act_scale, neg_scale: static split-K: per input segment, the activation scale (``s+`` on DualScale
-            segments) and, with DualScale, the negative-side scale ``s-``.
-        smooth: SmoothQuant factors ``(K,)`` multiplied into the input (split-K and dynamic).
+            segments) and, with DualScale, the negative-side scale ``s-``; ``(B, S)`` when tiled (one row per block).
+        smooth: SmoothQuant factors ``(K,)`` multiplied into the input (split-K and dynamic); ``(B, K)`` when tiled.
         col_scale: static folded: the ``(K,)`` input divisor (segment scales and SmoothQuant folded in); with
             DualScale also neg_ratio (``s- / s+`` per segment) and dual_mask (the DualScale columns).
         center: the activation shift ``(K,)``, subtracted where the input is quantized: from ``x * smooth``
@@ -139,7 +162,8 @@ class SegQuantTensor(TorchAOBaseTensor):
     def __repr__(self) -> str:
         s = self.spec
         return (f"SegQuantTensor({s.options.precision}, activation={s.options.activation}, "
-                f"realisation={s.options.realisation}, in_segments={list(s.in_segments)}, "
+                f"realisation={s.options.realisation}, smoothing={s.options.smoothing}, "
+                f"in_segments={list(s.in_segments)}, out_segments={list(s.out_segments)}, "
                 f"dual={list(s.dual_segments)}, shift={s.shift}, shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"device={self.device})")
 
@@ -151,26 +175,61 @@ class SegQuantTensor(TorchAOBaseTensor):
         text = "|".join([repr(self.spec), str(self.dtype), str(self.device.type), *inner])
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
-    def segment_codes(self, i: int) -> Tensor:
-        """The ``(N_pad, K_i_pad)`` codes of input segment ``i`` (a view)."""
+    def segment_codes(self, i: int, block: int = 0) -> Tensor:
+        """The ``(N_pad, K_i_pad)`` codes of input segment ``i`` (a view); when tiled, those of ``block``'s rows."""
         lo, hi = self.spec.code_bounds[i]
-        return self.qdata[:, lo:hi]
+        if not self.spec.tiled:
+            return self.qdata[:, lo:hi]
+        top, bottom = self.spec.row_bounds[block]
+        return self.qdata[top:bottom, lo:hi]
+
+    def segment_weight_scale(self, i: int, block: int = 0) -> Tensor:
+        """The weight scales the GEMM of input segment ``i`` (of ``block``, when tiled) takes: ``(1, rows)``, or
+        ``(1, 1)`` for a one-scale weight or a per-tensor tile whose GEMM takes a scalar (``linear.tensorwise``'s
+        rule: not DualScale, not the Triton kernels)."""
+        s = self.spec
+        if not s.tiled:
+            return self.weight_scale
+        top, bottom = s.row_bounds[block]
+        if s.options.weight_granularity == "per_tensor" and i not in s.dual_segments and s.options.kernel == "naive":
+            bottom = top + 1  # the tile's rows share one scale
+        return self.weight_scale[i:i + 1, top:bottom]
+
+    def block_scales(self, block: int = 0) -> tuple[Tensor | None, Tensor | None]:
+        """``(act_scale, neg_scale)`` per input segment of ``block`` (static split-K; None where not stored)."""
+        if not self.spec.tiled:
+            return self.act_scale, self.neg_scale
+        return self.act_scale[block], None if self.neg_scale is None else self.neg_scale[block]
 
     def row_scales(self) -> Tensor:
-        """The ``(N,)`` weight scale of every output row (a one-scale weight's scale repeated)."""
+        """The ``(N,)`` weight scale of every output row (a one-scale weight's scale repeated).
+
+        Raises:
+            SegQuantError: the weight is tiled (a scale per row and input segment: ``segment_weight_scale``).
+        """
         n = self.spec.out_features
+        if self.spec.tiled:
+            raise SegQuantError(f"{self.spec.name}: per-segment SmoothQuant has one weight scale per row and input "
+                                "segment; read them with segment_weight_scale")
         scales = self.weight_scale.reshape(-1)
         return scales.expand(n) if scales.numel() == 1 else scales[:n]
 
     def gemm_weight(self) -> Tensor:
-        """The ``(N, K)`` float32 weight the GEMM multiplies the quantized input with: codes times row scales,
-        in the smoothed (split-K) or folded input space. ``W_hat`` of the shift's bias ``b + W_hat c``."""
+        """The ``(N, K)`` float32 weight the GEMM multiplies the quantized input with: codes times weight scales,
+        in the smoothed (split-K; when tiled, each block's rows in its own) or folded input space. ``W_hat`` of the
+        shift's bias ``b + W_hat c``."""
         s = self.spec
-        n = s.out_features
-        rows = self.row_scales().reshape(-1, 1)
-        parts = [self.segment_codes(i)[:n, :hi - lo].float() for i, (lo, hi) in enumerate(s.bounds)] \
-            if not s.folded else [self.qdata[:n, :s.in_features].float()]
-        return torch.cat(parts, dim=1) * rows.float()
+        if s.folded:
+            return self.qdata[:s.out_features, :s.in_features].float() * self.row_scales().reshape(-1, 1).float()
+        blocks = []
+        for b, rows in enumerate(s.blocks):
+            parts = []
+            for i, (lo, hi) in enumerate(s.bounds):
+                scale = self.segment_weight_scale(i, b).reshape(-1).float()
+                scale = scale.expand(rows) if scale.numel() == 1 else scale[:rows]
+                parts.append(self.segment_codes(i, b)[:rows, :hi - lo].float() * scale[:, None])
+            blocks.append(torch.cat(parts, dim=1))
+        return torch.cat(blocks, dim=0)
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> Tensor:
         """The float weight these codes stand for (what the layer multiplies, undoing folding and smoothing)."""
@@ -178,6 +237,8 @@ class SegQuantTensor(TorchAOBaseTensor):
         w = self.gemm_weight()
         if s.folded:
             w = w / self.col_scale.float()
+        elif s.tiled:
+            w = w * torch.repeat_interleave(self.smooth.float(), torch.tensor(s.blocks, device=w.device), dim=0)
         elif self.smooth is not None:
             w = w * self.smooth.float()
         return w.to(output_dtype or self.dtype)
