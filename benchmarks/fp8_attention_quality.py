@@ -1,0 +1,111 @@
+"""What FP8 attention costs in image fidelity, before any FP8 attention kernel runs: the embedded mnist-flux model
+with its attention through ``segquant.attention.fp8_attention`` (Q, K, V and P in e4m3, dynamic per-head scales,
+K centred over the keys; float32 math with FP8 rounding), alone and on top of SegQuant's FP8 recipe.
+
+Rows: full precision with FP8 attention; the FP8 recipe (ModelOpt fake quant, 5 calibration seeds); the same
+quantized models with FP8 attention (as above; K not centred; P left in float; one scale per tensor). PSNR against the full-precision samples of the
+same noise; paired 95% bootstrap intervals over (image, seed) pairs. Results: fp8_attention_quality.{json,md}.
+
+    python benchmarks/fp8_attention_quality.py --num-samples 64 --seeds 5
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from _common import environment, environment_line, every_linear, parser, write_results
+from quality import RECIPE_SKIP, quantize_variant
+
+from segquant import analyze
+from segquant.app.embedded import load_classifier, load_denoiser, sample, sample_labels
+from segquant.app.evaluation import score_images
+from segquant.app.metrics import paired_interval
+from segquant.attention import FP8AttentionSpec, fp8_attention_scope
+
+MODEL = "mnist-flux"
+ATTENTION = {"fp8 attention": FP8AttentionSpec(),
+             "fp8 attention, K not centred": FP8AttentionSpec(center_k=False),
+             "fp8 attention, P in float": FP8AttentionSpec(quantize_p=False),
+             "fp8 attention, per-tensor scales": FP8AttentionSpec(granularity="per_tensor")}
+COMPARISONS = (("fp8 recipe + fp8 attention", "fp8 recipe"),
+               ("fp8 recipe + fp8 attention", "fp8 recipe + fp8 attention, K not centred"),
+               ("fp8 recipe + fp8 attention, P in float", "fp8 recipe + fp8 attention"),
+               ("fp8 recipe + fp8 attention", "fp8 recipe + fp8 attention, per-tensor scales"),
+               ("fp8 recipe + fp8 attention", "full precision + fp8 attention"))
+"""(row, compared with), each a paired PSNR interval."""
+
+
+def run(num_samples: int, calib_samples: int, seeds: int, steps: int, device: str) -> dict:
+    fp = load_denoiser(MODEL, device)
+    classifier = load_classifier(device)
+    labels, calib_labels = sample_labels(num_samples), sample_labels(calib_samples)
+    plan = every_linear(analyze(fp.model, **fp.example_inputs(2)))
+    fp_images = sample(fp, labels, seed=0, steps=steps, progress=False)
+    psnr: dict[str, list[torch.Tensor]] = {}
+
+    def score(name: str, images: torch.Tensor) -> None:
+        psnr.setdefault(name, []).append(score_images(images, fp_images, labels, classifier).psnr)
+
+    with fp8_attention_scope(fp.model, ATTENTION["fp8 attention"]):
+        score("full precision + fp8 attention", sample(fp, labels, seed=0, steps=steps, progress=False))
+    for seed in range(seeds):
+        start = time.time()
+        den = copy.deepcopy(fp)
+
+        def forward_loop(_model, den=den, seed=seed):
+            sample(den, calib_labels, seed=1000 + seed, steps=steps, progress=False)
+
+        den.model = quantize_variant(den.model, plan, MODEL, "fp8", {RECIPE_SKIP: True}, forward_loop)
+        score("fp8 recipe", sample(den, labels, seed=0, steps=steps, progress=False))
+        for name, spec in ATTENTION.items():
+            with fp8_attention_scope(den.model, spec):
+                score(f"fp8 recipe + {name}", sample(den, labels, seed=0, steps=steps, progress=False))
+        print(f"seed {seed}: {time.time() - start:.0f} s", flush=True)
+    rows = {name: {"psnr_db_mean": float(torch.cat(v).mean()), "runs": len(v)} for name, v in psnr.items()}
+    pairs = []
+    for name, other in COMPARISONS:
+        iv = paired_interval(torch.cat(psnr[name]), torch.cat(psnr[other]))
+        pairs.append({"row": name, "baseline": other, "mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n})
+    return {"model": MODEL, "settings": dict(num_samples=num_samples, calib_samples=calib_samples, seeds=seeds,
+                                             steps=steps, device=device),
+            "spec": {name: vars(spec) for name, spec in ATTENTION.items()}, "rows": rows, "paired": pairs}
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = ["# FP8 attention on mnist-flux (reference numerics)", "",
+             f"{s['num_samples']} images, {s['steps']} Euler steps, {s['seeds']} calibration seeds of "
+             f"{s['calib_samples']} images for the FP8 recipe (ModelOpt fake quant). FP8 attention: Q, K, V and the "
+             "softmax probabilities in e4m3, dynamic per-head scales (`segquant.attention`; float32 math with FP8 "
+             "rounding, not a kernel). PSNR against the full-precision samples of the same noise.",
+             environment_line(result["environment"]), "",
+             "| row | PSNR dB (mean over images and seeds) | runs |", "|---|---|---|"]
+    lines += [f"| {name} | {r['psnr_db_mean']:.2f} | {r['runs']} |" for name, r in result["rows"].items()]
+    lines += ["", "Paired differences (row - compared with), 95% bootstrap interval over (image, seed) pairs:", "",
+              "| row | compared with | dPSNR dB | n |", "|---|---|---|---|"]
+    for p in result["paired"]:
+        sig = p["low"] > 0 or p["high"] < 0
+        text = f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}]"
+        lines.append(f"| {p['row']} | {p['baseline']} | {'**' + text + '**' if sig else text} | {p['n']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.num_samples < 2 or args.seeds < 1:
+        p.error("--num-samples must be >= 2 and --seeds >= 1")
+    result = run(args.num_samples, args.calib_samples, args.seeds, args.steps, args.device)
+    result["environment"] = environment(args.device)
+    write_results(args.out, "fp8_attention_quality", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""FP8 attention, the reference numerics: what an FP8 attention kernel (cuDNN's FP8 SDPA, an FP8 flash-attention
+kernel) computes, in float32, so that its quality can be measured on any device before a kernel runs.
+
+``Q``, ``K`` and ``V`` are quantized to FP8 e4m3 with dynamic scales (one per head, or one per tensor); ``K`` is
+first centred over the keys (softmax is invariant to a per-query shift of the logits, and
+``q . (k - m) = q . k - q . m`` shifts every logit of a query by the same amount, so centring changes nothing but
+the range that FP8 must cover); the softmax probabilities ``P`` are quantized to e4m3 before ``P V`` (in [0, 1],
+one scale of 1/448), as FP8 kernels feed the second GEMM.
+
+``fp8_attention_scope(model)`` makes a diffusers model's attention use these numerics during its forward passes
+(the attention processors' ``dispatch_attention_fn``, and ``F.scaled_dot_product_attention``), for evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import SegQuantError
+from .formats import fake_quant, scale_from_amax
+
+GRANULARITIES = ("per_head", "per_tensor")
+
+
+@dataclass(frozen=True)
+class FP8AttentionSpec:
+    """How the FP8 attention quantizes.
+
+    Attributes:
+        granularity: ``per_head`` (one dynamic scale per batch item and head for each of Q, K, V) or
+            ``per_tensor``.
+        center_k: subtract each head's mean key (over the keys) before quantizing K.
+        quantize_p: quantize the softmax probabilities to e4m3 before ``P V``.
+    """
+
+    granularity: str = "per_head"
+    center_k: bool = True
+    quantize_p: bool = True
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise SegQuantError(f"FP8 attention granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+
+def _fake_fp8(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
+    """``x`` through e4m3 with a dynamic scale: the amax over ``dims`` (all dims when None)."""
+    amax = x.abs().amax() if dims is None else x.abs().amax(dim=dims, keepdim=True)
+    return fake_quant(x, scale_from_amax(amax, "fp8"), "fp8")
+
+
+def fp8_attention(query: Tensor, key: Tensor, value: Tensor, spec: FP8AttentionSpec = FP8AttentionSpec(),
+                  scale: float | None = None, layout: str = "bshd") -> Tensor:
+    """Attention with FP8 Q, K, V (and P), no mask, no dropout.
+
+    Args:
+        query, key, value: ``(B, S, H, D)`` (``layout="bshd"``, diffusers' ``dispatch_attention_fn``) or
+            ``(B, H, S, D)`` (``"bhsd"``, ``F.scaled_dot_product_attention``); keys and values may have their own
+            sequence length.
+        scale: the logits' scale; default ``1 / sqrt(D)``.
+    Returns:
+        The output in ``query``'s layout and dtype.
+    Raises:
+        SegQuantError: on another layout, or tensors that are not 4-D with matching batch, heads and head dim.
+    """
+    if layout not in ("bshd", "bhsd"):
+        raise SegQuantError(f"FP8 attention layout must be 'bshd' or 'bhsd', got {layout!r}")
+    if any(t.dim() != 4 for t in (query, key, value)):
+        raise SegQuantError(f"FP8 attention takes 4-D query, key and value, got {tuple(query.shape)}, "
+                            f"{tuple(key.shape)}, {tuple(value.shape)}")
+    q, k, v = (t.float() if layout == "bhsd" else t.float().transpose(1, 2) for t in (query, key, value))
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise SegQuantError(f"FP8 attention: query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+                            f"{tuple(value.shape)} do not fit ({layout})")
+    if spec.center_k:
+        k = k - k.mean(dim=2, keepdim=True)
+    dims = (2, 3) if spec.granularity == "per_head" else None
+    q, k, v = (_fake_fp8(t, dims) for t in (q, k, v))
+    logits = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    p = torch.softmax(logits, dim=-1)
+    if spec.quantize_p:
+        p = fake_quant(p, torch.tensor(1.0 / 448.0), "fp8")
+    out = p @ v
+    return (out if layout == "bhsd" else out.transpose(1, 2)).to(query.dtype)
+
+
+def _plain(attn_mask, dropout_p: float = 0.0, is_causal: bool = False) -> bool:
+    return attn_mask is None and not dropout_p and not is_causal
+
+
+@contextlib.contextmanager
+def _patched(model: torch.nn.Module, spec: FP8AttentionSpec) -> Iterator[None]:
+    """During the block: ``F.scaled_dot_product_attention`` and the ``dispatch_attention_fn`` of every module
+    that defines one of the model's attention processors run ``fp8_attention`` (calls with a mask, dropout or a
+    causal mask keep the original)."""
+    sdpa = F.scaled_dot_product_attention
+
+    def fp8_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if not _plain(attn_mask, dropout_p, is_causal) or kwargs.get("enable_gqa"):
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, **kwargs)
+        return fp8_attention(query, key, value, spec, scale, layout="bhsd")
+
+    patches = [(F, "scaled_dot_product_attention", fp8_sdpa)]
+    modules = {type(m.processor).__module__ for m in model.modules() if hasattr(m, "processor")}
+    for name in sorted(modules):
+        module = sys.modules.get(name)
+        dispatch = getattr(module, "dispatch_attention_fn", None)
+        if dispatch is None:
+            continue
+
+        def fp8_dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         _original=dispatch, **kwargs):
+            if not _plain(attn_mask, dropout_p, is_causal) or kwargs.get("enable_gqa"):
+                return _original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                 scale=scale, **kwargs)
+            return fp8_attention(query, key, value, spec, scale, layout="bshd")
+
+        patches.append((module, "dispatch_attention_fn", fp8_dispatch))
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    try:
+        for owner, attr, fn in patches:
+            setattr(owner, attr, fn)
+        yield
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+
+
+class fp8_attention_scope:  # noqa: N801 - used like a function: ``with fp8_attention_scope(model): ...``
+    """Run ``model``'s attention with FP8 numerics (``fp8_attention``) inside a ``with`` block, or, after
+    ``enable()``, in every forward pass until ``disable()`` (forward pre/post hooks). Evaluation only: the
+    attention stays float32 math with FP8 rounding, not an FP8 kernel."""
+
+    def __init__(self, model: torch.nn.Module, spec: FP8AttentionSpec = FP8AttentionSpec()):
+        if not any(hasattr(m, "processor") for m in model.modules()):
+            raise SegQuantError(f"{type(model).__name__} has no attention processors (a diffusers model has them)")
+        self.model, self.spec = model, spec
+        self._stack: contextlib.ExitStack | None = None
+        self._hooks: list = []
+
+    def __enter__(self) -> fp8_attention_scope:
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(_patched(self.model, self.spec))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._stack = None
+
+    def enable(self) -> fp8_attention_scope:
+        """Patch around every forward pass of the model (pre-hook enters, post-hook leaves)."""
+        if self._hooks:
+            return self
+        self._hooks = [self.model.register_forward_pre_hook(self._before),
+                       self.model.register_forward_hook(self._after, always_call=True)]
+        return self
+
+    def _before(self, *_) -> None:  # a pre-hook that returns something replaces the forward's arguments
+        self.__enter__()
+
+    def _after(self, *_) -> None:
+        if self._stack is not None:
+            self.__exit__()
+
+    def disable(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []

@@ -1,0 +1,124 @@
+"""segquant.attention: the FP8 attention reference numerics and the scope that puts them into a diffusers model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segquant
+from segquant.attention import FP8AttentionSpec, fp8_attention, fp8_attention_scope
+from segquant.errors import SegQuantError
+from _models import build_tiny
+
+
+def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return 10 * math.log10(ref.pow(2).mean().item() / (got - ref).pow(2).mean().item())
+
+
+def _qkv(offset: float = 0.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 40, 3, 16, generator=g)
+    k = torch.randn(2, 48, 3, 16, generator=g) + offset
+    v = torch.randn(2, 48, 3, 16, generator=g)
+    return q, k, v
+
+
+def _exact(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def test_fp8_attention_is_close_to_attention_but_quantized():
+    q, k, v = _qkv()
+    sqnr = _sqnr(_exact(q, k, v), fp8_attention(q, k, v))
+    assert 20 < sqnr < 40  # e4m3 has 3 mantissa bits: close, not exact
+
+
+def test_centring_k_makes_the_output_blind_to_a_key_offset():
+    q, k, v = _qkv()
+    offset = torch.randn(1, 1, 3, 16, generator=torch.Generator().manual_seed(5)) * 4
+    centred = FP8AttentionSpec(center_k=True)
+    torch.testing.assert_close(fp8_attention(q, k + offset, v, centred), fp8_attention(q, k, v, centred),
+                               rtol=1e-5, atol=1e-5)
+    raw = FP8AttentionSpec(center_k=False)
+    exact = _exact(q, k + offset, v)  # exact attention is blind to the offset; uncentred FP8 pays for the range
+    assert _sqnr(exact, fp8_attention(q, k + offset, v, centred)) > _sqnr(exact, fp8_attention(q, k + offset, v, raw)) + 3
+
+
+def test_per_head_scales_protect_a_small_head_from_a_large_one():
+    q, k, v = _qkv()
+    v = v.clone()
+    v[:, :, 0] *= 1e5  # head 0's values dwarf the others' beyond e4m3's 2^15 dynamic range
+    exact = _exact(q, k, v)[:, :, 1:]
+    per_head = fp8_attention(q, k, v, FP8AttentionSpec(granularity="per_head"))[:, :, 1:]
+    per_tensor = fp8_attention(q, k, v, FP8AttentionSpec(granularity="per_tensor"))[:, :, 1:]
+    assert _sqnr(exact, per_head) > _sqnr(exact, per_tensor) + 10
+
+
+def test_quantizing_p_costs_little_and_changes_the_output():
+    q, k, v = _qkv()
+    with_p, without_p = fp8_attention(q, k, v), fp8_attention(q, k, v, FP8AttentionSpec(quantize_p=False))
+    assert not torch.equal(with_p, without_p) and _sqnr(without_p, with_p) > 20
+
+
+def test_layouts_agree_and_dtype_is_kept():
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv())
+    bshd = fp8_attention(q, k, v)
+    bhsd = fp8_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="bhsd")
+    assert bshd.dtype == torch.bfloat16 and bshd.shape == q.shape
+    torch.testing.assert_close(bshd, bhsd.transpose(1, 2))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q, k, v: fp8_attention(q, k, v, layout="sbhd"), "layout must be 'bshd' or 'bhsd'"),
+    (lambda q, k, v: fp8_attention(q[0], k, v), "takes 4-D query, key and value"),
+    (lambda q, k, v: fp8_attention(q, k[:, :, :2], v), "do not fit"),
+    (lambda q, k, v: fp8_attention(q, k, v[:, :10]), "do not fit"),
+    (lambda q, k, v: FP8AttentionSpec(granularity="per_token"), "granularity must be one of"),
+])
+def test_bad_input(call, message):
+    with pytest.raises(SegQuantError, match=message):
+        call(*_qkv())
+
+
+@pytest.mark.parametrize("name", ["FluxTransformer2DModel", "UNet2DConditionModel"])
+def test_scope_puts_fp8_attention_into_a_diffusers_model_and_takes_it_out(name):
+    model = build_tiny(name)
+    inputs = segquant.example_inputs(model)
+    original = F.scaled_dot_product_attention
+    with torch.no_grad():
+        before = model(**inputs)[0]
+        with fp8_attention_scope(model):
+            inside = model(**inputs)[0]
+        after = model(**inputs)[0]
+    assert torch.equal(before, after) and F.scaled_dot_product_attention is original
+    assert not torch.equal(before, inside) and 15 < _sqnr(before, inside) < 80
+
+
+def test_enable_runs_every_forward_with_fp8_attention_until_disable():
+    model = build_tiny("FluxTransformer2DModel")
+    inputs = segquant.example_inputs(model)
+    original = F.scaled_dot_product_attention
+    with torch.no_grad():
+        before = model(**inputs)[0]
+        scope = fp8_attention_scope(model).enable()
+        first, second = model(**inputs)[0], model(**inputs)[0]
+        assert F.scaled_dot_product_attention is original  # patched only while a forward runs
+        scope.disable()
+        after = model(**inputs)[0]
+    assert torch.equal(first, second) and not torch.equal(first, before) and torch.equal(before, after)
+
+
+def test_a_failing_forward_leaves_attention_unpatched():
+    model = build_tiny("FluxTransformer2DModel")
+    original = F.scaled_dot_product_attention
+    scope = fp8_attention_scope(model).enable()
+    with pytest.raises(Exception):
+        model(hidden_states=torch.zeros(1))  # wrong inputs: the forward raises after the pre-hook patched
+    assert F.scaled_dot_product_attention is original
+    scope.disable()
+
+
+def test_a_model_without_attention_is_refused():
+    with pytest.raises(SegQuantError, match="Linear has no attention processors"):
+        fp8_attention_scope(torch.nn.Linear(2, 2))
