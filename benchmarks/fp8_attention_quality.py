@@ -66,7 +66,10 @@ def run(num_samples: int, calib_samples: int, seeds: int, steps: int, device: st
     rows = {name: {"psnr_db_mean": float(torch.cat(v).mean()), "runs": len(v)} for name, v in psnr.items()}
     pairs = []
     for name, other in COMPARISONS:
-        iv = paired_interval(torch.cat(psnr[name]), torch.cat(psnr[other]))
+        runs = len(psnr[name])
+        # a row without calibration (full precision) ran once: its images pair with every seed's
+        base = psnr[other] * runs if len(psnr[other]) == 1 else psnr[other]
+        iv = paired_interval(torch.cat(psnr[name]), torch.cat(base))
         pairs.append({"row": name, "baseline": other, "mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n})
     return {"model": MODEL, "settings": dict(num_samples=num_samples, calib_samples=calib_samples, seeds=seeds,
                                              steps=steps, device=device),
