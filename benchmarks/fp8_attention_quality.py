@@ -1,10 +1,13 @@
-"""What FP8 attention costs in image fidelity, before any FP8 attention kernel runs: the embedded mnist-flux model
-with its attention through ``segquant.attention.fp8_attention`` (Q, K, V and P in e4m3, dynamic per-head scales,
-K centred over the keys; float32 math with FP8 rounding), alone and on top of SegQuant's FP8 recipe.
+"""What FP8 (and INT8 Q K^T) attention costs in image fidelity, before any such kernel runs: the embedded
+mnist-flux model with its attention through ``segquant.attention.fp8_attention`` (Q, K, V and P in e4m3, dynamic
+per-head scales, K centred over the keys; float32 math with FP8 rounding), alone and on top of SegQuant's FP8
+recipe.
 
 Rows: full precision with FP8 attention; the FP8 recipe (ModelOpt fake quant, 5 calibration seeds); the same
-quantized models with FP8 attention (as above; K not centred; P left in float; one scale per tensor). PSNR against the full-precision samples of the
-same noise; paired 95% bootstrap intervals over (image, seed) pairs. Results: fp8_attention_quality.{json,md}.
+quantized models with FP8 attention (as above; K not centred; P left in float; one scale per tensor) and with
+SageAttention's numerics (INT8 Q and K with one scale per 64-token block, P V in FP8 or in float). PSNR against
+the full-precision samples of the same noise; paired 95% bootstrap intervals over (image, seed) pairs. Results:
+fp8_attention_quality.{json,md}.
 
     python benchmarks/fp8_attention_quality.py --num-samples 64 --seeds 5
 """
@@ -28,12 +31,17 @@ MODEL = "mnist-flux"
 ATTENTION = {"fp8 attention": FP8AttentionSpec(),
              "fp8 attention, K not centred": FP8AttentionSpec(center_k=False),
              "fp8 attention, P in float": FP8AttentionSpec(quantize_p=False),
-             "fp8 attention, per-tensor scales": FP8AttentionSpec(granularity="per_tensor")}
+             "fp8 attention, per-tensor scales": FP8AttentionSpec(granularity="per_tensor"),
+             "int8 QK per-block, fp8 PV": FP8AttentionSpec(qk_format="int8", granularity="per_block"),
+             "int8 QK per-block, PV in float": FP8AttentionSpec(qk_format="int8", granularity="per_block",
+                                                              v_format=None)}
 COMPARISONS = (("fp8 recipe + fp8 attention", "fp8 recipe"),
                ("fp8 recipe + fp8 attention", "fp8 recipe + fp8 attention, K not centred"),
                ("fp8 recipe + fp8 attention, P in float", "fp8 recipe + fp8 attention"),
                ("fp8 recipe + fp8 attention", "fp8 recipe + fp8 attention, per-tensor scales"),
-               ("fp8 recipe + fp8 attention", "full precision + fp8 attention"))
+               ("fp8 recipe + fp8 attention", "full precision + fp8 attention"),
+               ("fp8 recipe + int8 QK per-block, fp8 PV", "fp8 recipe"),
+               ("fp8 recipe + int8 QK per-block, PV in float", "fp8 recipe"))
 """(row, compared with), each a paired PSNR interval."""
 
 

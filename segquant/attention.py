@@ -1,5 +1,6 @@
-"""FP8 attention, the reference numerics: what an FP8 attention kernel (cuDNN's FP8 SDPA, an FP8 flash-attention
-kernel) computes, in float32, so that its quality can be measured on any device before a kernel runs.
+"""Low-precision attention, the reference numerics: what an FP8 attention kernel (cuDNN's FP8 SDPA, an FP8
+flash-attention kernel) or an INT8 ``Q K^T`` one (SageAttention's) computes, in float32, so that its quality can
+be measured on any device before a kernel runs.
 
 ``Q``, ``K`` and ``V`` are quantized to FP8 e4m3 with dynamic scales (one per head, or one per tensor); ``K`` is
 first centred over the keys (softmax is invariant to a per-query shift of the logits, and
@@ -26,33 +27,55 @@ from torch import Tensor
 from .errors import SegQuantError
 from .formats import fake_quant, scale_from_amax
 
-GRANULARITIES = ("per_head", "per_tensor")
+GRANULARITIES = ("per_head", "per_tensor", "per_block")
+QK_FORMATS = ("fp8", "int8")
+V_FORMATS = ("fp8", None)
 
 
 @dataclass(frozen=True)
 class FP8AttentionSpec:
-    """How the FP8 attention quantizes.
+    """How the low-precision attention quantizes.
 
     Attributes:
-        granularity: ``per_head`` (one dynamic scale per batch item and head for each of Q, K, V) or
-            ``per_tensor``.
+        granularity: the dynamic scales of Q and K: ``per_head`` (one per batch item and head), ``per_tensor``, or
+            ``per_block`` (one per head and block of ``block`` tokens, as SageAttention does). V always gets one
+            per head (one per tensor with ``per_tensor``).
+        block: tokens per scale block with ``per_block``.
+        qk_format: the codes of Q and K: ``fp8`` (e4m3) or ``int8`` (the ``Q K^T`` GEMM in INT8).
+        v_format: ``fp8`` (e4m3 V and, with ``quantize_p``, P: an FP8 ``P V``) or None (``P V`` in float).
         center_k: subtract each head's mean key (over the keys) before quantizing K.
-        quantize_p: quantize the softmax probabilities to e4m3 before ``P V``.
+        quantize_p: quantize the softmax probabilities to e4m3 before an FP8 ``P V``.
     """
 
     granularity: str = "per_head"
     center_k: bool = True
     quantize_p: bool = True
+    qk_format: str = "fp8"
+    v_format: str | None = "fp8"
+    block: int = 64
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise SegQuantError(f"FP8 attention granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.qk_format not in QK_FORMATS:
+            raise SegQuantError(f"FP8 attention qk_format must be one of {QK_FORMATS}, got {self.qk_format!r}")
+        if self.v_format not in V_FORMATS:
+            raise SegQuantError(f"FP8 attention v_format must be 'fp8' or None, got {self.v_format!r}")
+        if self.block < 1:
+            raise SegQuantError(f"FP8 attention block must be >= 1 token, got {self.block}")
 
 
-def _fake_fp8(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
-    """``x`` through e4m3 with a dynamic scale: the amax over ``dims`` (all dims when None)."""
-    amax = x.abs().amax() if dims is None else x.abs().amax(dim=dims, keepdim=True)
-    return fake_quant(x, scale_from_amax(amax, "fp8"), "fp8")
+def _fake(x: Tensor, fmt: str, granularity: str, block: int) -> Tensor:
+    """``x`` ``(B, H, S, D)`` through ``fmt`` with dynamic scales of ``granularity``."""
+    if granularity == "per_tensor":
+        return fake_quant(x, scale_from_amax(x.abs().amax(), fmt), fmt)
+    if granularity == "per_head":
+        return fake_quant(x, scale_from_amax(x.abs().amax(dim=(2, 3), keepdim=True), fmt), fmt)
+    b, h, s, d = x.shape
+    pad = -s % block
+    blocks = F.pad(x, (0, 0, 0, pad)).reshape(b, h, (s + pad) // block, block, d)
+    scale = scale_from_amax(blocks.abs().amax(dim=(3, 4), keepdim=True), fmt)
+    return fake_quant(blocks, scale, fmt).reshape(b, h, s + pad, d)[:, :, :s]
 
 
 def fp8_attention(query: Tensor, key: Tensor, value: Tensor, spec: FP8AttentionSpec = FP8AttentionSpec(),
@@ -80,12 +103,13 @@ def fp8_attention(query: Tensor, key: Tensor, value: Tensor, spec: FP8AttentionS
                             f"{tuple(value.shape)} do not fit ({layout})")
     if spec.center_k:
         k = k - k.mean(dim=2, keepdim=True)
-    dims = (2, 3) if spec.granularity == "per_head" else None
-    q, k, v = (_fake_fp8(t, dims) for t in (q, k, v))
+    q, k = (_fake(t, spec.qk_format, spec.granularity, spec.block) for t in (q, k))
     logits = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     p = torch.softmax(logits, dim=-1)
-    if spec.quantize_p:
-        p = fake_quant(p, torch.tensor(1.0 / 448.0), "fp8")
+    if spec.v_format is not None:
+        v = _fake(v, spec.v_format, "per_tensor" if spec.granularity == "per_tensor" else "per_head", spec.block)
+        if spec.quantize_p:
+            p = fake_quant(p, torch.tensor(1.0 / 448.0), "fp8")
     out = p @ v
     return (out if layout == "bhsd" else out.transpose(1, 2)).to(query.dtype)
 

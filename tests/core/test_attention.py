@@ -42,7 +42,8 @@ def test_centring_k_makes_the_output_blind_to_a_key_offset():
                                rtol=1e-5, atol=1e-5)
     raw = FP8AttentionSpec(center_k=False)
     exact = _exact(q, k + offset, v)  # exact attention is blind to the offset; uncentred FP8 pays for the range
-    assert _sqnr(exact, fp8_attention(q, k + offset, v, centred)) > _sqnr(exact, fp8_attention(q, k + offset, v, raw)) + 3
+    shifted = k + offset
+    assert _sqnr(exact, fp8_attention(q, shifted, v, centred)) > _sqnr(exact, fp8_attention(q, shifted, v, raw)) + 3
 
 
 def test_per_head_scales_protect_a_small_head_from_a_large_one():
@@ -69,12 +70,33 @@ def test_layouts_agree_and_dtype_is_kept():
     torch.testing.assert_close(bshd, bhsd.transpose(1, 2))
 
 
+def test_int8_qk_per_block_is_finer_than_e4m3():
+    q, k, v = _qkv()
+    exact = _exact(q, k, v)
+    sage = FP8AttentionSpec(qk_format="int8", granularity="per_block", block=16, v_format=None)
+    assert _sqnr(exact, fp8_attention(q, k, v, sage)) > _sqnr(exact, fp8_attention(q, k, v)) + 6
+
+
+def test_per_block_scales_confine_an_outlier_to_its_block():
+    q, k, v = _qkv()
+    q = q.clone()
+    q[:, 0] *= 1000  # one query token far out of range (40 tokens: blocks of 16, 16 and a padded 8)
+    exact = _exact(q, k, v)[:, 16:]
+    spec = dict(qk_format="int8", v_format=None)
+    blocks = fp8_attention(q, k, v, FP8AttentionSpec(granularity="per_block", block=16, **spec))[:, 16:]
+    heads = fp8_attention(q, k, v, FP8AttentionSpec(granularity="per_head", **spec))[:, 16:]
+    assert _sqnr(exact, blocks) > _sqnr(exact, heads) + 10
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda q, k, v: fp8_attention(q, k, v, layout="sbhd"), "layout must be 'bshd' or 'bhsd'"),
     (lambda q, k, v: fp8_attention(q[0], k, v), "takes 4-D query, key and value"),
     (lambda q, k, v: fp8_attention(q, k[:, :, :2], v), "do not fit"),
     (lambda q, k, v: fp8_attention(q, k, v[:, :10]), "do not fit"),
     (lambda q, k, v: FP8AttentionSpec(granularity="per_token"), "granularity must be one of"),
+    (lambda q, k, v: FP8AttentionSpec(qk_format="int4"), "qk_format must be one of"),
+    (lambda q, k, v: FP8AttentionSpec(v_format="int8"), "v_format must be 'fp8' or None"),
+    (lambda q, k, v: FP8AttentionSpec(block=0), "block must be >= 1 token"),
 ])
 def test_bad_input(call, message):
     with pytest.raises(SegQuantError, match=message):

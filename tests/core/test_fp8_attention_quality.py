@@ -18,7 +18,8 @@ def test_script_writes_rows_and_paired_intervals(tmp_path):
     rows = result["rows"]
     assert set(rows) == {"full precision + fp8 attention", "fp8 recipe", "fp8 recipe + fp8 attention",
                          "fp8 recipe + fp8 attention, K not centred", "fp8 recipe + fp8 attention, P in float",
-                         "fp8 recipe + fp8 attention, per-tensor scales"}
+                         "fp8 recipe + fp8 attention, per-tensor scales", "fp8 recipe + int8 QK per-block, fp8 PV",
+                         "fp8 recipe + int8 QK per-block, PV in float"}
     assert all(10 < r["psnr_db_mean"] < 100 for r in rows.values())
     assert rows["fp8 recipe"]["psnr_db_mean"] != rows["fp8 recipe + fp8 attention"]["psnr_db_mean"]
     for p in result["paired"]:
