@@ -1,0 +1,86 @@
+"""Attention at FLUX.1-dev's shape (24 heads, 4608 tokens, head dim 128, batch 1) on the GPU: torch's bf16 SDPA
+(cuDNN / flash, as the compiled denoiser runs it) against segquant_torchao.int8_attention (INT8 Q K^T with
+per-64-token-block scales, fp16 P V; the quantization of Q and K timed with it and apart), each checked against
+float32 attention (SQNR) before it is timed (``triton.testing.do_bench``, median). Results: attention_bench.{json,md}.
+
+    python benchmarks/attention_bench.py --out DIR          # on the device (CUDA + triton)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {"flux.1-dev 1024x1024": (1, 24, 4608, 128)}
+
+
+def attention_tflops(b: int, h: int, s: int, d: int, ms: float) -> float:
+    """Dense attention FLOPs (Q K^T and P V: 4 b h s^2 d) per second, in TFLOP/s."""
+    return 4 * b * h * s * s * d / (ms * 1e-3) / 1e12
+
+
+def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return 10 * math.log10(ref.float().pow(2).mean().item() / (got.float() - ref.float()).pow(2).mean().item())
+
+
+def run(out: Path, rep_ms: int) -> dict:
+    import triton
+    import triton.testing
+
+    from segquant_torchao.int8_attention import int8_attention, quantize_per_block
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, (b, h, s, d) in SHAPES.items():
+        q, k, v = (torch.randn(b, h, s, d, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        centred = k.float() - k.float().mean(2, keepdim=True)
+        methods = {
+            "bf16 sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+            "int8 qk (kernel + quantization)": lambda: int8_attention(q, k, v),
+            "int8 qk: quantization of q and k only": lambda: (quantize_per_block(q), quantize_per_block(centred)),
+        }
+        for method, fn in methods.items():
+            y = fn()
+            row = dict(shape=name, b=b, h=h, s=s, d=d, method=method)
+            if isinstance(y, torch.Tensor):
+                row["sqnr_vs_fp32_db"] = round(sqnr_db(exact, y), 2)
+            row["ms"] = round(float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")), 4)
+            row["tflops"] = round(attention_tflops(b, h, s, d, row["ms"]), 1) if isinstance(y, torch.Tensor) else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  command=" ".join(["python", *sys.argv]), rows=rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"# Attention at FLUX.1-dev's shape, {result['device']}", "",
+             f"torch {result['torch']}, triton {result['triton']}; `triton.testing.do_bench` median. Command: "
+             f"`{result['command']}`", "", "| shape | method | ms | TFLOP/s | SQNR vs fp32 dB |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['method']} | {r['ms']} | {r['tflops'] or '-'} | {r.get('sqnr_vs_fp32_db', '-')} |"
+              for r in rows]
+    (out / "attention_bench.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rep-ms", type=int, default=100)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("attention_bench.py needs a CUDA device")
+    run(args.out, args.rep_ms)
+
+
+if __name__ == "__main__":
+    main()
