@@ -81,60 +81,46 @@ try:
     import triton
     import triton.language as tl
 
+    # the shipped kernels' tile order and epilogue: the variants below differ from them in their loads only
+    from segquant_torchao.triton_gemm import grouped_tile, store_scaled
+
     HAS_TRITON = True
-except ImportError:  # the CPU: the pure functions above still work (tests)
+except ImportError:  # the CPU without triton or torchao: the pure functions above still work (tests)
     HAS_TRITON = False
 
 if HAS_TRITON:
 
     @triton.jit
-    def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, sp_ptr, ws_ptr, stride_om, stride_sp):
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        y = acc.to(tl.float32) * tl.load(sp_ptr + offs_m * stride_sp, mask=m_ok, other=0.0)[:, None]
-        y = y * tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def tma_kernel(a_desc, w_desc, out_ptr, sp_ptr, ws_ptr, M, N, K, stride_om, stride_sp,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   WARP_SPECIALIZE: tl.constexpr = False):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_size
-        pid_n = (pid % per_group) // group_size
+    def _tma_tile(a_desc, w_desc, out_ptr, sp_ptr, ws_ptr, pid_m, pid_n, M, N, K, stride_om, stride_sp,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+        """One output tile: int32 sums of TMA-loaded tiles, then the shipped epilogue (no bias)."""
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
             a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
             w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-        _epilogue(acc, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N,
-                  out_ptr, sp_ptr, ws_ptr, stride_om, stride_sp)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        y = acc.to(tl.float32) * tl.load(sp_ptr + offs_m * stride_sp, mask=offs_m < M, other=0.0)[:, None]
+        store_scaled(y, offs_m, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, ws_ptr, out_ptr, out_ptr, stride_om,
+                     False)
+
+    @triton.jit
+    def tma_kernel(a_desc, w_desc, out_ptr, sp_ptr, ws_ptr, M, N, K, stride_om, stride_sp,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   WARP_SPECIALIZE: tl.constexpr = False):
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _tma_tile(a_desc, w_desc, out_ptr, sp_ptr, ws_ptr, pid_m, pid_n, M, N, K, stride_om, stride_sp,
+                  BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
 
     @triton.jit
     def tma_persistent_kernel(a_desc, w_desc, out_ptr, sp_ptr, ws_ptr, M, N, K, stride_om, stride_sp,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False):
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
-            first_m = (tile // per_group) * GROUP_M
-            group_size = tl.minimum(num_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % per_group) % group_size
-            pid_n = (tile % per_group) // group_size
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
-                a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-                w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
-                acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-            _epilogue(acc, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N,
-                      out_ptr, sp_ptr, ws_ptr, stride_om, stride_sp)
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True):
+            pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _tma_tile(a_desc, w_desc, out_ptr, sp_ptr, ws_ptr, pid_m, pid_n, M, N, K, stride_om, stride_sp,
+                      BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
 
 
 def run(out_dir: Path, git: str, rep_ms: int) -> None:

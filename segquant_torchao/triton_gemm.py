@@ -91,19 +91,33 @@ if HAS_TRITON:
         return acc_p, acc_n
 
     @triton.jit
+    def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """The output tile ``(pid_m, pid_n)`` of program (or persistent tile) ``pid``: ``GROUP_M`` row tiles per
+        group, so that a group's programs reuse the weight tiles in L2."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+        first_m = (pid // per_group) * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+    @triton.jit
+    def store_scaled(y, offs_m, offs_n, M, N, ws_ptr, bias_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr):
+        """The GEMMs' epilogue: ``y`` (float32 sums already times their row scales) times the column scales, plus
+        the bias, stored in ``out_ptr``'s dtype."""
+        n_ok = offs_n < N
+        y = y * tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _scaled_gemm_kernel(a_ptr, w_ptr, out_ptr, sp_ptr, sn_ptr, ws_ptr, bias_ptr, M, N, K,
                             stride_am, stride_wn, stride_om, stride_sp, stride_sn, dual_lo, dual_hi,
                             IS_FP8: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_size
-        pid_n = (pid % per_group) // group_size
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -129,17 +143,12 @@ if HAS_TRITON:
                 acc_p, acc_n = _tile_dot(a_ptr, w_ptr, offs_m, offs_n, offs_k, k0, M, N, K, stride_am, stride_wn,
                                          acc_p, acc_n, dual_lo, dual_hi, IS_FP8, False)
         m_ok = offs_m < M
-        n_ok = offs_n < N
         s_p = tl.load(sp_ptr + offs_m * stride_sp, mask=m_ok, other=0.0)
         y = acc_p.to(tl.float32) * s_p[:, None]
         if DUAL:
             s_n = tl.load(sn_ptr + offs_m * stride_sn, mask=m_ok, other=0.0)
             y += acc_n.to(tl.float32) * s_n[:, None]
-        y = y * tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        store_scaled(y, offs_m, offs_n, M, N, ws_ptr, bias_ptr, out_ptr, stride_om, HAS_BIAS)
 
     def _configs(dual: bool) -> list:
         # two fp32 accumulators of 128x256 would spill: the dual kernel stays at 128x128 / 64x256 tiles
@@ -160,14 +169,7 @@ if HAS_TRITON:
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """The plain GEMM with both operands loaded through TMA descriptors (Hopper and later): the same
         grouping, sums and epilogue as ``_scaled_gemm_kernel`` without DualScale."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_size
-        pid_n = (pid % per_group) // group_size
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc_type = tl.float32 if IS_FP8 else tl.int32
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_type)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -176,14 +178,8 @@ if HAS_TRITON:
             acc = tl.dot(a, w.T, acc, out_dtype=acc_type)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        y = acc.to(tl.float32) * tl.load(sp_ptr + offs_m * stride_sp, mask=m_ok, other=0.0)[:, None]
-        y = y * tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        y = acc.to(tl.float32) * tl.load(sp_ptr + offs_m * stride_sp, mask=offs_m < M, other=0.0)[:, None]
+        store_scaled(y, offs_m, offs_n, M, N, ws_ptr, bias_ptr, out_ptr, stride_om, HAS_BIAS)
 
     def _tma_block_shapes(nargs: dict) -> None:
         """Autotuning pre-hook: each config's tile shape onto the host descriptors (the tutorial's pattern)."""
