@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import SegQuantError
-from .formats import fake_quant, scale_from_amax
+from .formats import fake_quant, quantize, scale_from_amax
 
 GRANULARITIES = ("per_head", "per_tensor", "per_block")
 QK_FORMATS = ("fp8", "int8")
@@ -65,17 +65,25 @@ class FP8AttentionSpec:
             raise SegQuantError(f"FP8 attention block must be >= 1 token, got {self.block}")
 
 
+def block_codes(x: Tensor, fmt: str, block: int) -> tuple[Tensor, Tensor]:
+    """``x`` ``(B, H, S, D)`` on ``fmt``'s grid with one dynamic scale per head and block of ``block`` tokens: the
+    codes ``(B, H, S_pad, D)`` as float32 values (zero rows past S) and the scales ``(B, H, S_pad / block)``. An
+    attention kernel takes these codes and scales; the reference multiplies them back."""
+    b, h, s, d = x.shape
+    pad = -s % block
+    blocks = F.pad(x.float(), (0, 0, 0, pad)).reshape(b, h, (s + pad) // block, block, d)
+    scale = scale_from_amax(blocks.abs().amax(dim=(3, 4)), fmt)
+    return quantize(blocks, scale[..., None, None], fmt).reshape(b, h, s + pad, d), scale
+
+
 def _fake(x: Tensor, fmt: str, granularity: str, block: int) -> Tensor:
     """``x`` ``(B, H, S, D)`` through ``fmt`` with dynamic scales of ``granularity``."""
     if granularity == "per_tensor":
         return fake_quant(x, scale_from_amax(x.abs().amax(), fmt), fmt)
     if granularity == "per_head":
         return fake_quant(x, scale_from_amax(x.abs().amax(dim=(2, 3), keepdim=True), fmt), fmt)
-    b, h, s, d = x.shape
-    pad = -s % block
-    blocks = F.pad(x, (0, 0, 0, pad)).reshape(b, h, (s + pad) // block, block, d)
-    scale = scale_from_amax(blocks.abs().amax(dim=(3, 4), keepdim=True), fmt)
-    return fake_quant(blocks, scale, fmt).reshape(b, h, s + pad, d)[:, :, :s]
+    codes, scale = block_codes(x, fmt, block)
+    return (codes * scale.repeat_interleave(block, dim=2)[..., None])[:, :, :x.shape[2]].to(x.dtype)
 
 
 def fp8_attention(query: Tensor, key: Tensor, value: Tensor, spec: FP8AttentionSpec = FP8AttentionSpec(),

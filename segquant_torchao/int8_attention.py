@@ -16,11 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from segquant import SegQuantError
-from segquant.attention import FP8AttentionSpec, fp8_attention
+from segquant.attention import FP8AttentionSpec, block_codes, fp8_attention
 
 try:
     import triton
@@ -37,13 +36,9 @@ REFERENCE_SPEC = FP8AttentionSpec(qk_format="int8", granularity="per_block", v_f
 
 def quantize_per_block(x: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     """``x`` ``(B, H, S, D)`` -> int8 codes ``(B, H, S_pad, D)`` (zero rows past S) and float32 scales
-    ``(B, H, S_pad / block)``: one scale (amax / 127) per head and block of tokens."""
-    b, h, s, d = x.shape
-    pad = -s % block
-    blocks = F.pad(x.float(), (0, 0, 0, pad)).reshape(b, h, (s + pad) // block, block, d)
-    scale = blocks.abs().amax(dim=(3, 4)).clamp(min=1e-12) / 127.0
-    codes = torch.round(blocks / scale[..., None, None]).clamp(-127, 127).to(torch.int8)
-    return codes.reshape(b, h, s + pad, d), scale
+    ``(B, H, S_pad / block)``: the reference's codes (``segquant.attention.block_codes``), as int8."""
+    codes, scale = block_codes(x, "int8", block)
+    return codes.to(torch.int8), scale
 
 
 if HAS_TRITON:
