@@ -324,16 +324,25 @@ def record_cuda_graph(fn, inputs: dict, reference: torch.Tensor):
     return replay, proof
 
 
-def launch_counts(fn, inputs: dict) -> dict:
-    """What the host launched in one call of ``fn`` (torch.profiler): CUDA-graph launches, single-kernel launches
-    (runtime and driver API: inductor, Triton, cuBLAS) and the number of kernels the GPU ran."""
+def profiled_call(fn, inputs: dict):
+    """One synchronised call of ``fn`` under torch.profiler (CPU, and CUDA on the GPU): the profile and the call's
+    wall time in ms."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     _sync()
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         fn(**inputs)
         _sync()
+        wall = (time.perf_counter() - start) * 1e3
+    return prof, wall
+
+
+def launch_counts(fn, inputs: dict) -> dict:
+    """What the host launched in one call of ``fn`` (torch.profiler): CUDA-graph launches, single-kernel launches
+    (runtime and driver API: inductor, Triton, cuBLAS) and the number of kernels the GPU ran."""
+    prof, _ = profiled_call(fn, inputs)
     counts = dict(graph_launches=0, kernel_launches=0, gpu_kernels=0)
     for event in prof.key_averages():
         name = event.key
@@ -455,10 +464,6 @@ def error_record(variant: str, args, error: Exception) -> dict:
                 compile_mode=args.compile_mode, cuda_graph=args.cuda_graph)
 
 
-def run_variant(variant: str, args) -> dict:
-    return run_variants([variant], args)[0]
-
-
 def _cudagraph_steps(fn):
     """Mark each call as a new step of the CUDA graphs that ``reduce-overhead`` records, so that a replay may
     overwrite the previous call's outputs."""
@@ -485,15 +490,7 @@ def kernel_kind(name: str) -> str:
 
 def profile_call(fn, inputs: dict, top: int = 8) -> dict:
     """GPU time of one call by kernel kind (ms), the top kernels, and the profiled call's wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    _sync()
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        fn(**inputs)
-        _sync()
-        wall = (time.perf_counter() - start) * 1e3
+    prof, wall = profiled_call(fn, inputs)
     kinds: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for event in prof.key_averages():
