@@ -1,36 +1,22 @@
 """benchmarks/quality.py's rows and paired comparisons, and benchmarks/quality_speed.py's join and front, on
 small synthetic inputs (no stored results). The scripts' numbers come from the scripts on the device."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
 pytest.importorskip("diffusers")
-
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks"
-
-
-def load(name):
-    if str(BENCH) not in sys.path:  # the scripts import _common (and quality_speed imports quality)
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"{name}_script", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def quality():
-    return load("quality")
+    return load_benchmark("quality")
 
 
 @pytest.fixture(scope="module")
 def qs():
-    return load("quality_speed")
+    return load_benchmark("quality_speed")
 
 
 def test_rows_are_variants_as_data(quality):
@@ -208,7 +194,7 @@ def test_mapping_covers_every_int8_and_fp8_quality_row(quality, qs):
             assert mapping[r["name"]]["format"] == quality.FORMAT_OF[r["precision"]], r["name"]
     for peers in quality.PEERS.values():
         assert all(mapping[p]["kind"] == "peer" for p in peers)
-    speed = load("speed")
+    speed = load_benchmark("speed")
     assert {m["variant"] for m in mapping.values()} <= set(speed.VARIANTS)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,11 +79,7 @@ def test_bad_input(shapes, message):
 
 
 def test_attention_bench_helpers_and_cpu_refusal(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "benchmarks" / "attention_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("attention_bench")
     assert bench.attention_tflops(1, 24, 4608, 128, 1.0) == pytest.approx(4 * 24 * 4608 ** 2 * 128 / 1e9)
     assert bench.sqnr_db(torch.ones(4), torch.ones(4) * 1.1) == pytest.approx(20.0)
     if not torch.cuda.is_available():

@@ -2,7 +2,6 @@
 kernels' numbers on Triton's interpreter (the timings themselves come from the device:
 benchmarks/results/int8_gemm_sweep.md)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,20 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "int8_gemm_sweep.py"
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("int8_gemm_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_per_call_weights_each_shape_by_its_count():
-    sweep = load()
+    sweep = load_benchmark("int8_gemm_sweep")
     times = {shape: 1.0 for shape in sweep.FLUX_SHAPES}
     assert sweep.per_call_ms(times) == sum(sweep.FLUX_SHAPES.values())  # 19 double + 38 single blocks' GEMMs
     assert sum(sweep.FLUX_SHAPES.values()) == 19 * 12 + 38 * 5
@@ -32,7 +25,7 @@ def test_per_call_weights_each_shape_by_its_count():
 
 
 def test_best_per_shape_skips_failed_and_unchecked_rows():
-    sweep = load()
+    sweep = load_benchmark("int8_gemm_sweep")
     rows = [dict(shape=[1, 2, 3], method="tma", config="a", ms=0.5, ok=True),
             dict(shape=[1, 2, 3], method="tma", config="b", ms=0.1, ok=False),
             dict(shape=[1, 2, 3], method="tma", config="c", ms=None, ok=False, error="boom"),
@@ -42,7 +35,7 @@ def test_best_per_shape_skips_failed_and_unchecked_rows():
 
 
 def test_report_totals_and_notes(tmp_path):
-    sweep = load()
+    sweep = load_benchmark("int8_gemm_sweep")
     rows = []
     for shape in sweep.FLUX_SHAPES:
         for method, ms in (("bf16", 2.0), ("fp8_cublas", 1.0), ("tma", 1.25)):

@@ -2,7 +2,6 @@
 JSON line each, a report) on one block of the embedded model's config. The GPU numbers come from the same
 script on the device (benchmarks/results/speed.md)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
 pytest.importorskip("torchao")
 pytest.importorskip("diffusers")
@@ -18,17 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "speed.py"
 
 
-def load_script():
-    if str(SCRIPT.parent) not in sys.path:  # the script imports _common, beside it
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("speed_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_variant_names_parse_into_base_dual_kernel_and_shift():
-    speed = load_script()
+    speed = load_benchmark("speed")
     assert speed.parse_variant("segquant_fp8_static") == ("segquant_fp8_static", True, "fused", False)
     assert speed.parse_variant("segquant_fp8_static_nodual") == ("segquant_fp8_static", False, "fused", False)
     assert speed.parse_variant("segquant_int8_dynamic_nodual_naive") == ("segquant_int8_dynamic", False, "naive",
@@ -43,7 +34,7 @@ def test_shift_variants_put_the_shift_where_dual_scale_was():
     import segquant
     from _models import build_tiny
 
-    speed = load_script()
+    speed = load_benchmark("speed")
     model = build_tiny("FluxTransformer2DModel")
     plan = segquant.analyze(model, **segquant.example_inputs(model))
     shifted = speed.variant_plan(plan, "segquant_int8_static_shift")
@@ -70,14 +61,14 @@ def test_shift_variants_put_the_shift_where_dual_scale_was():
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >", "other"),
 ])
 def test_kernel_kind(name, kind):
-    assert load_script().kernel_kind(name) == kind
+    assert load_benchmark("speed").kernel_kind(name) == kind
 
 
 @pytest.mark.parametrize("name", ["segquant_fp8_costaware_nodual", "torchao_fp8_rowwise_naive", "fp8",
                                   "segquant_int8_dynamic_shift", "segquant_int8_static_nodual_shift"])
 def test_unknown_variant_is_refused(name):
     with pytest.raises(ValueError, match="unknown variant"):
-        load_script().parse_variant(name)
+        load_benchmark("speed").parse_variant(name)
 
 
 def test_driver_rejects_unknown_variants(tmp_path):
@@ -146,7 +137,7 @@ def test_interleaved_variants_share_rounds_and_get_paired_ratios(tmp_path):
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
-    speed = load_script()
+    speed = load_benchmark("speed")
     paired = speed.paired_ratio([2.0, 4.0, 6.0, 100.0], [1.0, 2.0, 3.0, 10.0])
     assert paired["median"] == 2.0 and paired["rounds"] == 4
     assert paired["lo"] == 2.0 and paired["hi"] <= 10.0
@@ -170,7 +161,7 @@ def test_child_rejects_unknown_variants_in_a_group(tmp_path):
 def test_a_variant_that_fails_to_prepare_leaves_the_others_timed(tmp_path, monkeypatch):
     import argparse
 
-    speed = load_script()
+    speed = load_benchmark("speed")
     monkeypatch.setattr(speed, "DEVICE", "cpu")
 
     def prepare(variant, args):
@@ -190,7 +181,7 @@ def test_a_variant_that_fails_to_prepare_leaves_the_others_timed(tmp_path, monke
 
 
 def test_rounds_call_each_variant_once_in_shuffled_orders(monkeypatch):
-    speed = load_script()
+    speed = load_benchmark("speed")
     monkeypatch.setattr(speed, "DEVICE", "cpu")
     calls = []
     prepared = [speed.Prepared(dict(variant=v), (lambda v: lambda **_: calls.append(v))(v), {}, None, None)
