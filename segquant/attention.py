@@ -122,47 +122,36 @@ def fp8_attention(query: Tensor, key: Tensor, value: Tensor, spec: FP8AttentionS
     return (out if layout == "bhsd" else out.transpose(1, 2)).to(query.dtype)
 
 
-def _plain(attn_mask, dropout_p: float = 0.0, is_causal: bool = False) -> bool:
-    return attn_mask is None and not dropout_p and not is_causal
+def _fp8_instead_of(original, spec: FP8AttentionSpec, layout: str):
+    """An SDPA-signature function that runs ``fp8_attention`` on ``layout`` tensors; a call with a mask, dropout,
+    a causal mask or grouped-query heads goes to ``original``."""
+
+    def call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or dropout_p or is_causal or kwargs.get("enable_gqa"):
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **kwargs)
+        return fp8_attention(query, key, value, spec, scale, layout=layout)
+
+    return call
 
 
 @contextlib.contextmanager
 def _patched(model: torch.nn.Module, spec: FP8AttentionSpec) -> Iterator[None]:
-    """During the block: ``F.scaled_dot_product_attention`` and the ``dispatch_attention_fn`` of every module
-    that defines one of the model's attention processors run ``fp8_attention`` (calls with a mask, dropout or a
-    causal mask keep the original)."""
-    sdpa = F.scaled_dot_product_attention
-
-    def fp8_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        if not _plain(attn_mask, dropout_p, is_causal) or kwargs.get("enable_gqa"):
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, **kwargs)
-        return fp8_attention(query, key, value, spec, scale, layout="bhsd")
-
-    patches = [(F, "scaled_dot_product_attention", fp8_sdpa)]
+    """During the block: ``F.scaled_dot_product_attention`` (``(B, H, S, D)``) and the ``dispatch_attention_fn``
+    (``(B, S, H, D)``) of every module that defines one of the model's attention processors run
+    ``fp8_attention``."""
+    owners = [(F, "scaled_dot_product_attention", "bhsd")]
     modules = {type(m.processor).__module__ for m in model.modules() if hasattr(m, "processor")}
-    for name in sorted(modules):
-        module = sys.modules.get(name)
-        dispatch = getattr(module, "dispatch_attention_fn", None)
-        if dispatch is None:
-            continue
-
-        def fp8_dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                         _original=dispatch, **kwargs):
-            if not _plain(attn_mask, dropout_p, is_causal) or kwargs.get("enable_gqa"):
-                return _original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                 scale=scale, **kwargs)
-            return fp8_attention(query, key, value, spec, scale, layout="bshd")
-
-        patches.append((module, "dispatch_attention_fn", fp8_dispatch))
-    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    owners += [(sys.modules[name], "dispatch_attention_fn", "bshd") for name in sorted(modules)
+               if hasattr(sys.modules.get(name), "dispatch_attention_fn")]
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in owners]
     try:
-        for owner, attr, fn in patches:
-            setattr(owner, attr, fn)
+        for (owner, attr, layout), (_, _, original) in zip(owners, saved):
+            setattr(owner, attr, _fp8_instead_of(original, spec, layout))
         yield
     finally:
-        for owner, attr, fn in saved:
-            setattr(owner, attr, fn)
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
 
 
 class fp8_attention_scope:  # noqa: N801 - used like a function: ``with fp8_attention_scope(model): ...``
