@@ -56,6 +56,9 @@ SHIFT = "per_tensor"  # the "_shift" variants' shift (SPEC section 3: one centre
 # presets compute (they deploy through TensorRT, not timed here); "_plain_asshipped" also keeps every *proj_out*
 # in bf16, as those presets do ("*proj_out.*" disabled). benchmarks/quality_speed.py times the presets as these.
 VARIANTS += tuple(f"segquant_{p}_static_plain{s}" for p in ("fp8", "int8") for s in ("", "_asshipped"))
+# any variant + "_fusedqkv": diffusers' fuse_qkv_projections before quantizing (``--fuse-qkv``: every variant of the run)
+FUSED = "_fusedqkv"
+VARIANTS += tuple(f"{v}{FUSED}" for v in VARIANTS)
 AS_SHIPPED_SKIP = ["*proj_out"]
 UNFUSED_QKV = ["*attn.to_q", "*attn.to_k", "*attn.to_v", "*attn.add_q_proj", "*attn.add_k_proj", "*attn.add_v_proj"]
 SMALL_M = ["*norm1.linear", "*norm1_context.linear", "*.norm.linear", "norm_out.linear", "time_text_embed.*"]
@@ -114,12 +117,18 @@ def small_layer(fqn: str) -> bool:
     return any(fnmatch.fnmatchcase(fqn, g) for g in SMALL_M)
 
 
+def fused_qkv(variant: str, args) -> bool:
+    """Whether ``variant`` runs diffusers' fused Q/K/V projections (its ``_fusedqkv`` suffix, or ``--fuse-qkv``)."""
+    return args.fuse_qkv or variant.endswith(FUSED)
+
+
 def parse_variant(variant: str) -> tuple[str, bool, str, bool]:
     """``segquant_fp8_static_nodual_naive`` -> ``("segquant_fp8_static", False, "naive", False)``;
     ``segquant_int8_static_shift`` -> ``("segquant_int8_static", False, "fused", True)`` (the shift replaces
-    DualScale)."""
+    DualScale). A ``_fusedqkv`` suffix (``fused_qkv``) takes no part."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    variant = variant.removesuffix(FUSED)
     kernel = "naive" if variant.endswith("_naive") else "fused"
     base = variant.removesuffix("_naive")
     if "_plain" in base:  # no segments, no DualScale, no shift
@@ -134,6 +143,7 @@ def variant_plan(plan, variant: str):
     """The analysed plan as ``variant`` quantizes it: without DualScale (``_nodual``), or with the activation
     shift in its place on the same inputs (``_shift``)."""
     _, dual, _, shift = parse_variant(variant)
+    variant = variant.removesuffix(FUSED)
     if "_plain" in variant:
         return plan.ablate(seg_linear=False, dual_scale=False)
     if shift:
@@ -144,7 +154,8 @@ def variant_plan(plan, variant: str):
 def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     """Quantize ``model`` in place for ``variant``; returns notes for the record."""
     notes: dict = {}
-    if variant == "bf16":
+    fuse = fused_qkv(variant, args)
+    if variant.removesuffix(FUSED) == "bf16":
         return notes
     if variant.startswith("torchao"):
         from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
@@ -160,7 +171,7 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     from segquant_torchao import quantize as sq_quantize
 
     config = args.config.stem if args.config else "flux.1-dev"
-    fused = "_fusedqkv" if args.fuse_qkv else ""
+    fused = FUSED if fuse else ""
     cache = args.out / f"plan_{config}_{args.blocks or 'full'}{fused}.json"  # the variants of one run share it
     if cache.exists():
         plan = segquant.SegQuantPlan.load(cache)
@@ -173,9 +184,9 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     precision = "int8" if "int8" in base else "fp8"
     plan = variant_plan(plan, variant)
     skip = [] if args.quantize_small else [g for g in SMALL_M if plan.matching(g)]
-    if args.fuse_qkv:  # the unfused projections diffusers keeps never run: nothing to calibrate, kept as they are
+    if fuse:  # the unfused projections diffusers keeps never run: nothing to calibrate, kept as they are
         skip += [g for g in UNFUSED_QKV if plan.matching(g)]
-    if variant.endswith("_asshipped"):
+    if variant.removesuffix(FUSED).endswith("_asshipped"):
         skip += [g for g in AS_SHIPPED_SKIP if plan.matching(g)]
         notes["proj_out_bf16"] = sum(len(plan.matching(g)) for g in AS_SHIPPED_SKIP)
     # static input segments folded into the weight: one GEMM per layer (the exact split_k runs one per segment)
@@ -245,10 +256,10 @@ def prepare_variant(variant: str, args) -> Prepared:
                         quantize_small=args.quantize_small, command=os.environ.get("SPEED_COMMAND", ""))
     start = time.perf_counter()
     model, meta = build_model(args.blocks, *([args.config] if args.config else []))
-    if args.fuse_qkv:  # diffusers' fused projections: to_qkv / to_added_qkv, output-segmented in the plan
+    record["fused_qkv"] = fused_qkv(variant, args)
+    if record["fused_qkv"]:  # diffusers' fused projections: to_qkv / to_added_qkv, output-segmented in the plan
         model.fuse_qkv_projections()
         meta.fuse_qkv_projections()
-    record["fused_qkv"] = args.fuse_qkv
     inputs = make_inputs(model)
     record["build_s"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
@@ -389,7 +400,7 @@ def finish_record(p: Prepared, args, peak_gb: float | None) -> dict:
     with torch.inference_mode():
         out = p.fn(**p.inputs)[0].clone()  # the output of a timed call (a replay under --cuda-graph)
         if args.profile:
-            record["profile"] = profile_call(p.fn, p.inputs)
+            record["profile"] = profile_call(p.fn, p.inputs, args.profile_top)
     record.update(ms_median=round(statistics.median(times), 2), ms_min=round(min(times), 2),
                   ms_max=round(max(times), 2), iters=len(times), ms_all=[round(t, 2) for t in times],
                   peak_gb=peak_gb)
@@ -502,7 +513,7 @@ def profile_call(fn, inputs: dict, top: int = 8) -> dict:
     busy = sum(kinds.values())
     return dict(classifier=2, wall_ms=round(wall, 2), kernel_ms=round(busy, 2),
                 kinds={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-                top=[(name[:90], round(ms, 2)) for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]])
+                top=[(name[:200], round(ms, 2)) for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]])
 
 
 def child(args) -> int:
@@ -540,7 +551,7 @@ def driver(args) -> None:
     passthrough += ["--ref-dir", str(args.ref_dir)] if args.ref_dir else []
     passthrough += ["--quantize-small"] if args.quantize_small else []
     passthrough += ["--fuse-qkv"] if args.fuse_qkv else []
-    passthrough += ["--profile"] if args.profile else []
+    passthrough += ["--profile", "--profile-top", str(args.profile_top)] if args.profile else []
     passthrough += ["--cpu-smoke"] if args.cpu_smoke else []
     passthrough += ["--cuda-graph", "--cuda-graph-skip", args.cuda_graph_skip] if args.cuda_graph else []
     begin = time.perf_counter()
@@ -766,6 +777,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 timed calls")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile one call: GPU time by kernel kind (gemm, attention, ...)")
+    parser.add_argument("--profile-top", type=int, default=8, help="--profile: how many kernels the record lists")
     parser.add_argument("--timeout", type=float, default=420,
                         help="driver: seconds per variant (per run of all variants with --interleave)")
     parser.add_argument("--interleave", action="store_true",

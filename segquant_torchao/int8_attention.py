@@ -41,29 +41,39 @@ def quantize_per_block(x: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     return codes.to(torch.int8), scale
 
 
+TILES = ((64, 64), (128, 64), (64, 128), (128, 128))
+"""(rows of Q, keys) per program the CUDA autotuner tries: multiples of ``BLOCK``, each row and key reading the
+scale of its own block."""
+
 if HAS_TRITON:
 
     @triton.jit
-    def _int8_attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, o_ptr, S_Q, S_K, qk_scale,
+    def _int8_attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, o_ptr, S_Q, S_K, SQ_PAD, SK_PAD, qk_scale,
                                stride_qh, stride_qs, stride_kh, stride_ks, stride_vh, stride_vs, stride_oh, stride_os,
-                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                               HEAD_DIM: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
-        n_qblocks = tl.cdiv(S_Q, BLOCK_M)
-        n_kblocks = tl.cdiv(S_K, BLOCK_N)
+        n_qscales = SQ_PAD // SCALE_BLOCK
+        n_kscales = SK_PAD // SCALE_BLOCK
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + bh * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :])  # padded codes
-        q_scale = tl.load(qs_ptr + bh * n_qblocks + pid_m) * qk_scale  # qk_scale holds 1/sqrt(d) * log2(e)
+        rows = offs_m < SQ_PAD  # codes are zero-padded to whole scale blocks; a tile may reach past them
+        q = tl.load(q_ptr + bh * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows[:, None],
+                    other=0)
+        # qk_scale holds 1/sqrt(d) * log2(e): the softmax runs on exp2
+        q_scale = tl.load(qs_ptr + bh * n_qscales + offs_m // SCALE_BLOCK, mask=rows, other=0.0) * qk_scale
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        for j in range(0, n_kblocks):
-            keys = j * BLOCK_N + offs_n
-            k = tl.load(k_ptr + bh * stride_kh + keys[:, None] * stride_ks + offs_d[None, :])
-            k_scale = tl.load(ks_ptr + bh * n_kblocks + j)
-            s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
+        for start in range(0, S_K, BLOCK_N):
+            keys = start + offs_n
+            padded = keys < SK_PAD
+            k = tl.load(k_ptr + bh * stride_kh + keys[:, None] * stride_ks + offs_d[None, :], mask=padded[:, None],
+                        other=0)
+            k_scale = tl.load(ks_ptr + bh * n_kscales + keys // SCALE_BLOCK, mask=padded, other=0.0)
+            s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
             s = tl.where((keys < S_K)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
@@ -77,6 +87,11 @@ if HAS_TRITON:
         tl.store(o_ptr + bh * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=(offs_m < S_Q)[:, None])
 
+    _tuned_kernel = triton.autotune(
+        configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st)
+                 for m, n in TILES for w in (4, 8) for st in (2, 3, 4) if not (m == 128 and n == 128 and st == 4)],
+        key=["S_Q", "S_K", "HEAD_DIM"])(_int8_attention_kernel)
+
 
 def _kernel_usable(t: Tensor) -> bool:
     if not HAS_TRITON:
@@ -85,12 +100,15 @@ def _kernel_usable(t: Tensor) -> bool:
     return t.is_cuda or (interpreting and t.device.type == "cpu")
 
 
-def int8_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None = None) -> Tensor:
+def int8_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None = None,
+                   tiles: tuple[int, int] | None = None) -> Tensor:
     """Attention with INT8 ``Q K^T`` (per-64-token-block scales, K centred) and an fp16 ``P V``.
 
     Args:
         query: ``(B, H, S_q, D)``; key, value: ``(B, H, S_k, D)``; D a power of two from 16 to 256.
         scale: the logits' scale; default ``1 / sqrt(D)``.
+        tiles: ``(rows, keys)`` per program, each a multiple of ``BLOCK`` (one of ``TILES``); default: the
+            autotuner's choice on CUDA, ``(BLOCK, BLOCK)`` on the interpreter.
     Returns:
         ``(B, H, S_q, D)`` in ``query.dtype``.
     Raises:
@@ -103,6 +121,8 @@ def int8_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | Non
     d = query.shape[-1]
     if d < 16 or d > 256 or d & (d - 1):
         raise SegQuantError(f"int8_attention needs a head dim that is a power of two from 16 to 256, got {d}")
+    if tiles is not None and tuple(tiles) not in TILES:
+        raise SegQuantError(f"int8_attention tiles must be one of {list(TILES)}, got {tiles}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if not _kernel_usable(query):
         return fp8_attention(query, key, value, REFERENCE_SPEC, scale, layout="bhsd")
@@ -114,9 +134,13 @@ def int8_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | Non
     q8, k8 = q8.reshape(b * h, -1, d), k8.reshape(b * h, -1, d)
     v = value.to(torch.float16).reshape(b * h, s_k, d).contiguous()
     out = torch.empty(b * h, s_q, d, dtype=query.dtype, device=query.device)
-    grid = (triton.cdiv(s_q, BLOCK), b * h)
-    _int8_attention_kernel[grid](q8, k8, v, q_scale.contiguous(), k_scale.contiguous(), out, s_q, s_k,
-                                 scale * math.log2(math.e), q8.stride(0), q8.stride(1), k8.stride(0), k8.stride(1),
-                                 v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-                                 HEAD_DIM=d, BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+    launch = (q8, k8, v, q_scale.contiguous(), k_scale.contiguous(), out, s_q, s_k, q8.shape[1], k8.shape[1],
+              scale * math.log2(math.e), q8.stride(0), q8.stride(1), k8.stride(0), k8.stride(1),
+              v.stride(0), v.stride(1), out.stride(0), out.stride(1))
+    if query.is_cuda and tiles is None:
+        _tuned_kernel[lambda meta: (triton.cdiv(s_q, meta["BLOCK_M"]), b * h)](*launch, HEAD_DIM=d, SCALE_BLOCK=BLOCK)
+    else:
+        block_m, block_n = tiles or (BLOCK, BLOCK)
+        _int8_attention_kernel[(triton.cdiv(s_q, block_m), b * h)](*launch, HEAD_DIM=d, SCALE_BLOCK=BLOCK,
+                                                                   BLOCK_M=block_m, BLOCK_N=block_n)
     return out.reshape(b, h, s_q, d)

@@ -23,13 +23,15 @@ for b, h, s_q, s_k, d in [(2, 3, 100, 90, 32), (1, 2, 64, 130, 16)]:
     q, k, v = (torch.randn(b, h, s, d, generator=g) for s in (s_q, s_k, s_k))
     k = k + 2  # an offset the centring removes
     ref = fp8_attention(q, k, v, ia.REFERENCE_SPEC, layout="bhsd")
-    out = ia.int8_attention(q, k, v)
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    print(ia._kernel_usable(q), round(sq(ref, out), 1), round(sq(exact, out), 1), out.shape == q.shape)
+    for tiles in TILES:  # tiles wider than one scale block read each row's and key's own block scale
+        out = ia.int8_attention(q, k, v, tiles=tiles)
+        print(ia._kernel_usable(q), round(sq(ref, out), 1), round(sq(exact, out), 1), out.shape == q.shape)
 """
 
 
-def _run(code: str, interpret: bool) -> list[str]:
+def _run(code: str, interpret: bool, tiles: str = "[None]") -> list[str]:
+    code = f"TILES = {tiles}\n" + code
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
@@ -41,7 +43,9 @@ def _run(code: str, interpret: bool) -> list[str]:
 
 def test_kernel_matches_the_reference_numerics():
     pytest.importorskip("triton")
-    for usable, vs_ref, vs_exact, shape_ok in _run(CHECK, interpret=True):
+    lines = _run(CHECK, interpret=True, tiles="[None, (128, 64), (64, 128), (128, 128)]")
+    assert len(lines) == 8
+    for usable, vs_ref, vs_exact, shape_ok in lines:
         assert usable == "True" and shape_ok == "True"
         assert float(vs_ref) > 55  # only P and V in fp16 differ from the reference
         assert 30 < float(vs_exact) < 50  # INT8 Q K^T: close to exact attention, not equal
@@ -49,11 +53,15 @@ def test_kernel_matches_the_reference_numerics():
 
 def test_a_wrong_key_scale_is_caught():
     pytest.importorskip("triton")
-    code = CHECK.replace("out = ia.int8_attention(q, k, v)", """original = ia.quantize_per_block
-    ia.quantize_per_block = lambda x, block=64: (lambda c, s: (c, s * 1.1))(*original(x, block))
-    out = ia.int8_attention(q, k, v)
-    ia.quantize_per_block = original""")
-    for _, vs_ref, _, _ in _run(code, interpret=True):
+    call = "out = ia.int8_attention(q, k, v, tiles=tiles)"
+    assert call in CHECK
+    code = CHECK.replace(call, """original = ia.quantize_per_block
+        ia.quantize_per_block = lambda x, block=64: (lambda c, s: (c, s * 1.1))(*original(x, block))
+        out = ia.int8_attention(q, k, v, tiles=tiles)
+        ia.quantize_per_block = original""")
+    lines = _run(code, interpret=True, tiles="[None, (128, 128)]")
+    assert len(lines) == 4
+    for _, vs_ref, _, _ in lines:
         assert float(vs_ref) < 40  # a 10% wrong scale sharpens the softmax: far outside fp16 rounding
 
 
@@ -69,13 +77,15 @@ def test_without_triton_on_the_cpu_it_is_the_reference():
     (((2, 8, 16), (2, 8, 16), (2, 8, 16)), "takes \\(B, H, S, D\\)"),
     (((1, 2, 8, 24), (1, 2, 8, 24), (1, 2, 8, 24)), "power of two from 16 to 256, got 24"),
     (((1, 1, 8, 512), (1, 1, 8, 512), (1, 1, 8, 512)), "power of two from 16 to 256, got 512"),
+    (((1, 1, 8, 16), (1, 1, 8, 16), (1, 1, 8, 16), (32, 64)), "tiles must be one of"),
 ])
 def test_bad_input(shapes, message):
     from segquant import SegQuantError
     from segquant_torchao.int8_attention import int8_attention
 
+    tensors, tiles = (shapes, None) if len(shapes) == 3 else (shapes[:3], shapes[3])
     with pytest.raises(SegQuantError, match=message):
-        int8_attention(*(torch.zeros(s) for s in shapes))
+        int8_attention(*(torch.zeros(s) for s in tensors), tiles=tiles)
 
 
 def test_attention_bench_helpers_and_cpu_refusal(tmp_path):

@@ -28,6 +28,10 @@ def test_variant_names_parse_into_base_dual_kernel_and_shift():
     assert speed.parse_variant("bf16") == ("bf16", True, "fused", False)
     assert speed.parse_variant("segquant_int8_static_shift") == ("segquant_int8_static", False, "fused", True)
     assert speed.parse_variant("segquant_fp8_static_shift_naive") == ("segquant_fp8_static", False, "naive", True)
+    # "_fusedqkv" (diffusers' fused projections) goes with any variant and takes no part in the rest
+    assert speed.parse_variant("segquant_fp8_static_nodual_fusedqkv") == speed.parse_variant(
+        "segquant_fp8_static_nodual")
+    assert speed.parse_variant("bf16_fusedqkv") == speed.parse_variant("bf16")
 
 
 def test_shift_variants_put_the_shift_where_dual_scale_was():
@@ -65,7 +69,8 @@ def test_kernel_kind(name, kind):
 
 
 @pytest.mark.parametrize("name", ["segquant_fp8_costaware_nodual", "torchao_fp8_rowwise_naive", "fp8",
-                                  "segquant_int8_dynamic_shift", "segquant_int8_static_nodual_shift"])
+                                  "segquant_int8_dynamic_shift", "segquant_int8_static_nodual_shift",
+                                  "bf16_fusedqkv_fusedqkv", "segquant_fp8_static_fusedqkv_nodual"])
 def test_unknown_variant_is_refused(name):
     with pytest.raises(ValueError, match="unknown variant"):
         load_benchmark("speed").parse_variant(name)
@@ -114,6 +119,16 @@ def test_fused_qkv_runs_with_the_unfused_projections_kept(tmp_path):
     fused = [n for n in plan["layers"] if n.endswith(("to_qkv", "to_added_qkv"))]
     assert fused and all(len(plan["layers"][n]["out_segments"]) == 3 for n in fused)
     assert 15 < rows[1]["sqnr_vs_bf16_db"] < 80
+
+
+def test_fused_qkv_per_variant_in_one_interleaved_run(tmp_path):
+    rows = run_driver(tmp_path, "--run-id", "mixed", "--interleave",
+                      "--variants", "bf16,bf16_fusedqkv,segquant_fp8_static_nodual_naive_fusedqkv")
+    assert [r.get("error") for r in rows] == [None] * 3, rows
+    assert [r["fused_qkv"] for r in rows] == [False, True, True]
+    assert rows[1]["sqnr_vs_bf16_db"] > 60  # the same weights, fused: bf16 rounding only
+    assert 15 < rows[2]["sqnr_vs_bf16_db"] < 60
+    assert [p.name for p in tmp_path.glob("plan_*.json")] == ["plan_mnist-flux_1_fusedqkv.json"]
 
 
 def test_interleaved_variants_share_rounds_and_get_paired_ratios(tmp_path):
