@@ -128,6 +128,10 @@ class SegQuantTensor(TorchAOBaseTensor):
         smooth: SmoothQuant factors ``(K,)`` multiplied into the input (split-K and dynamic); ``(B, K)`` when tiled.
         col_scale: static folded: the ``(K,)`` input divisor (segment scales and SmoothQuant folded in); with
             DualScale also neg_ratio (``s- / s+`` per segment) and dual_mask (the DualScale columns).
+        col_inv: ``1 / col_scale``, what the folded layer multiplies its input by (derived from ``col_scale`` when
+            not given): ``(1,)`` where every column has the same divisor. A multiplication by one value lets the
+            kernel that produces the input quantize it without a division and a per-column load per element
+            (benchmarks/results/quantize_epilogue.md).
         center: the activation shift ``(K,)``, subtracted where the input is quantized: from ``x * smooth``
             (split-K, dynamic) or, in code units, from ``x / col_scale`` (folded). The layer's bias holds
             ``b + gemm_weight() @ center`` (``linear.convert_linear``).
@@ -139,12 +143,13 @@ class SegQuantTensor(TorchAOBaseTensor):
 
     tensor_data_names = ["qdata", "weight_scale"]
     tensor_attribute_names = ["spec", "dtype"]
-    optional_tensor_data_names = ["act_scale", "neg_scale", "neg_ratio", "smooth", "col_scale", "dual_mask", "center"]
+    optional_tensor_data_names = ["act_scale", "neg_scale", "neg_ratio", "smooth", "col_scale", "dual_mask", "center",
+                                  "col_inv"]
 
     def __new__(cls, qdata: Tensor, weight_scale: Tensor, spec: SegLinearSpec, dtype: torch.dtype,
                 act_scale: Tensor | None = None, neg_scale: Tensor | None = None, neg_ratio: Tensor | None = None,
                 smooth: Tensor | None = None, col_scale: Tensor | None = None, dual_mask: Tensor | None = None,
-                center: Tensor | None = None):
+                center: Tensor | None = None, col_inv: Tensor | None = None):
         shape = (spec.out_features, spec.in_features)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device,
                                                    requires_grad=False)
@@ -152,12 +157,15 @@ class SegQuantTensor(TorchAOBaseTensor):
     def __init__(self, qdata: Tensor, weight_scale: Tensor, spec: SegLinearSpec, dtype: torch.dtype,
                  act_scale: Tensor | None = None, neg_scale: Tensor | None = None, neg_ratio: Tensor | None = None,
                  smooth: Tensor | None = None, col_scale: Tensor | None = None,
-                 dual_mask: Tensor | None = None, center: Tensor | None = None) -> None:
+                 dual_mask: Tensor | None = None, center: Tensor | None = None, col_inv: Tensor | None = None) -> None:
         super().__init__()
         self.qdata, self.weight_scale = qdata, weight_scale
         self.spec = spec if isinstance(spec, SegLinearSpec) else SegLinearSpec(**spec)
         self.act_scale, self.neg_scale, self.neg_ratio = act_scale, neg_scale, neg_ratio
         self.smooth, self.col_scale, self.dual_mask, self.center = smooth, col_scale, dual_mask, center
+        if col_scale is not None and col_inv is None:  # weights saved before col_inv was stored
+            col_inv = column_multiplier(col_scale)
+        self.col_inv = col_inv
 
     def __repr__(self) -> str:
         s = self.spec
@@ -242,6 +250,12 @@ class SegQuantTensor(TorchAOBaseTensor):
         elif self.smooth is not None:
             w = w * self.smooth.float()
         return w.to(output_dtype or self.dtype)
+
+
+def column_multiplier(col_scale: Tensor) -> Tensor:
+    """``1 / col_scale`` in float32: ``(1,)`` when every column has the same divisor, else ``(K,)``."""
+    inv = 1.0 / col_scale.float().reshape(-1)
+    return inv[:1].clone() if bool((inv == inv[0]).all()) else inv
 
 
 implements = SegQuantTensor.implements

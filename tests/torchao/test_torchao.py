@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 pytest.importorskip("torchao")
 pytest.importorskip("diffusers")
@@ -479,3 +480,27 @@ def test_repeated_blocks_share_one_compiled_graph():
     with torch.inference_mode():
         model(x.clone(), emb.clone())
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_folded_layers_multiply_by_the_stored_reciprocal():
+    """A folded layer multiplies its input by ``col_inv``: one value for an input without segments (so the producer
+    of the input quantizes without a per-column load), one per column where the segments' scales differ; a weight
+    saved before ``col_inv`` was stored derives it and computes the same output."""
+    from segquant_torchao.tensor import column_multiplier
+
+    model, kwargs, plan = tiny()
+    static_quantize(model, kwargs, plan, precision="fp8", realisation="folded")
+    layers = quantized_layers(model)
+    plain = layers["single_transformer_blocks.0.attn.to_q"].weight
+    segmented = layers["single_transformer_blocks.0.proj_out"].weight
+    assert plain.col_inv.shape == (1,) and plain.col_scale.shape == (plain.shape[1],)
+    torch.testing.assert_close(plain.col_inv.expand_as(plain.col_scale), 1.0 / plain.col_scale, rtol=0, atol=0)
+    assert segmented.col_inv.shape == segmented.col_scale.shape and segmented.col_inv.unique().numel() > 1
+    torch.testing.assert_close(segmented.col_inv, 1.0 / segmented.col_scale, rtol=0, atol=0)
+    x = torch.randn(3, segmented.shape[1])
+    names, _ = segmented.__tensor_flatten__()
+    inner = {n: getattr(segmented, n) for n in names if n != "col_inv"}
+    old = SegQuantTensor(spec=segmented.spec, dtype=segmented.dtype, **inner)  # as loaded from an older checkpoint
+    torch.testing.assert_close(old.col_inv, segmented.col_inv, rtol=0, atol=0)
+    torch.testing.assert_close(F.linear(x, old), F.linear(x, segmented), rtol=0, atol=0)
+    assert column_multiplier(torch.full((5,), 4.0)).tolist() == [0.25]
