@@ -13,7 +13,8 @@ DualScale: the real kernels of ModelOpt's presets, which deploy through TensorRT
 every *proj_out* in bf16, as those presets ship). The variants of one run share one plan (cached in DIR)
 and are grouped by run in the report.
 Layers that run with M = batch (adaLN modulation, time/guidance embedders) stay bf16 in every quantized
-variant (``--quantize-small`` quantizes them too): they are memory-bound and torchao int8 rejects M = 1.
+variant (``--quantize-small`` quantizes them too; ``--quantize-adaln`` the adaLN modulations only, as SegQuant's
+recipes do, the embedders staying bf16 as the recipes keep them): they are memory-bound and torchao int8 rejects M = 1.
 
     python benchmarks/speed.py --out DIR --blocks 1 --quick        # iterate: 1 double + 2 single blocks
     python benchmarks/speed.py --out DIR --variants bf16,torchao_fp8_rowwise --timeout 280
@@ -61,7 +62,8 @@ FUSED = "_fusedqkv"
 VARIANTS += tuple(f"{v}{FUSED}" for v in VARIANTS)
 AS_SHIPPED_SKIP = ["*proj_out"]
 UNFUSED_QKV = ["*attn.to_q", "*attn.to_k", "*attn.to_v", "*attn.add_q_proj", "*attn.add_k_proj", "*attn.add_v_proj"]
-SMALL_M = ["*norm1.linear", "*norm1_context.linear", "*.norm.linear", "norm_out.linear", "time_text_embed.*"]
+ADALN = ["*norm1.linear", "*norm1_context.linear", "*.norm.linear", "norm_out.linear"]  # the recipes quantize these
+SMALL_M = ADALN + ["time_text_embed.*"]
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512
 DEVICE = "cuda"  # the CPU smoke test (--cpu-smoke) swaps in "cpu" and a tiny config
 
@@ -113,8 +115,16 @@ def weight_bytes(model) -> int:
     return sum(tensor_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
 
 
-def small_layer(fqn: str) -> bool:
-    return any(fnmatch.fnmatchcase(fqn, g) for g in SMALL_M)
+def small_patterns(args) -> list[str]:
+    """The M = batch layers this run keeps in bf16: all (default), the embedders (``--quantize-adaln``) or none
+    (``--quantize-small``)."""
+    if args.quantize_small:
+        return []
+    return [g for g in SMALL_M if g not in ADALN] if args.quantize_adaln else SMALL_M
+
+
+def small_layer(fqn: str, args) -> bool:
+    return any(fnmatch.fnmatchcase(fqn, g) for g in small_patterns(args))
 
 
 def fused_qkv(variant: str, args) -> bool:
@@ -164,7 +174,7 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
         cfg = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
                if "fp8" in variant else Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
         quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and
-                  (args.quantize_small or not small_layer(fqn)))
+                  not small_layer(fqn, args))
         return notes
     import segquant
     from segquant_torchao import SegQuantConfig, calibration_from
@@ -183,7 +193,7 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     base, _, kernel, _ = parse_variant(variant)
     precision = "int8" if "int8" in base else "fp8"
     plan = variant_plan(plan, variant)
-    skip = [] if args.quantize_small else [g for g in SMALL_M if plan.matching(g)]
+    skip = [g for g in small_patterns(args) if plan.matching(g)]
     if fuse:  # the unfused projections diffusers keeps never run: nothing to calibrate, kept as they are
         skip += [g for g in UNFUSED_QKV if plan.matching(g)]
     if variant.removesuffix(FUSED).endswith("_asshipped"):
@@ -202,9 +212,9 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
         sq_quantize(model, SegQuantConfig(plan, activation="static", step="convert",
                                           calibration=calibration_from(model), **common))
     notes["plan"] = plan.summary()
-    notes["dual_scale_layers"] = sum(1 for n in plan.dual_scaled() if n not in skip and not small_layer(n))
+    notes["dual_scale_layers"] = sum(1 for n in plan.dual_scaled() if n not in skip and not small_layer(n, args))
     if plan.shifted():
-        notes["shift_layers"] = sum(1 for n in plan.shifted() if n not in skip and not small_layer(n))
+        notes["shift_layers"] = sum(1 for n in plan.shifted() if n not in skip and not small_layer(n, args))
     return notes
 
 
@@ -216,7 +226,7 @@ def cost_aware(model, plan, inputs, args, kernel: str):
     import dataclasses
 
     # the sweep and the choice cover the layers this variant quantizes (M = batch layers stay bf16)
-    quantized = {n: p for n, p in plan.layers.items() if args.quantize_small or not small_layer(n)}
+    quantized = {n: p for n, p in plan.layers.items() if not small_layer(n, args)}
     sub = dataclasses.replace(plan, layers=quantized)
     rows: dict[str, int] = {}
     captured = capture_linear_inputs(model, [inputs], names=[n for n, p in quantized.items() if not p.is_plain],
@@ -253,7 +263,8 @@ def prepare_variant(variant: str, args) -> Prepared:
                         git=args.git, run=args.run_id, compile=args.compile, compile_mode=args.compile_mode,
                         freezing=args.freezing, cuda_graph=args.cuda_graph,
                         cold_compile=os.environ.get("SPEED_COLD_COMPILE") == "1",
-                        quantize_small=args.quantize_small, command=os.environ.get("SPEED_COMMAND", ""))
+                        quantize_small=args.quantize_small, quantize_adaln=args.quantize_adaln,
+                        command=os.environ.get("SPEED_COMMAND", ""))
     start = time.perf_counter()
     model, meta = build_model(args.blocks, *([args.config] if args.config else []))
     record["fused_qkv"] = fused_qkv(variant, args)
@@ -550,6 +561,7 @@ def driver(args) -> None:
     passthrough += ["--config", str(args.config)] if args.config else []
     passthrough += ["--ref-dir", str(args.ref_dir)] if args.ref_dir else []
     passthrough += ["--quantize-small"] if args.quantize_small else []
+    passthrough += ["--quantize-adaln"] if args.quantize_adaln else []
     passthrough += ["--fuse-qkv"] if args.fuse_qkv else []
     passthrough += ["--profile", "--profile-top", str(args.profile_top)] if args.profile else []
     passthrough += ["--cpu-smoke"] if args.cpu_smoke else []
@@ -629,7 +641,9 @@ def report(out_dir: Path, command: str) -> None:
         key = (f"{r.get('blocks')}, compile {r.get('compile', '?')}" + (f" mode {mode}" if mode != "default" else "")
                + (", CUDA graph replays" if r.get("cuda_graph") else "")
                + (", interleaved" if r.get("interleaved_with") else "")
-               + (", cold compile" if r.get("cold_compile") else "") + f", run {run_label(r)}")
+               + (", cold compile" if r.get("cold_compile") else "")
+               + (", all M = batch layers quantized" if r.get("quantize_small") else
+                  ", adaLN quantized" if r.get("quantize_adaln") else "") + f", run {run_label(r)}")
         groups.setdefault(key, []).append(r)
     lines = ["# FLUX.1-dev-size denoiser, one call at 1024x1024 (4608 tokens), batch 1", "",
              "Random bf16 weights, full FLUX.1-dev config unless `blocks` says otherwise; torch.compile + "
@@ -639,7 +653,8 @@ def report(out_dir: Path, command: str) -> None:
              "call recorded into a CUDA graph. `compile s` = first call (compile, "
              "autotuning, run; from the machine's inductor and Triton caches unless the run is `cold compile`, and in "
              "an interleaved run only the first variant of a kind compiles from scratch). Layers with M = batch (adaLN, embedders) stay bf16 in every quantized variant "
-             "unless `quantize_small`. SQNR is of the output "
+             "unless `quantize_small` (or, for the adaLN modulations only, `adaLN quantized`, as SegQuant's "
+             "recipes quantize them). SQNR is of the output "
              "against the bf16 output of the same weights and inputs.", f"Report: `{command}`", ""]
     lines += across_runs(groups)
     for blocks, sub in groups.items():
@@ -802,6 +817,9 @@ def main() -> None:
                              "with --compile regional each block then compiles anew: on the H200 no variant finished "
                              "its first call within 75 s)")
     parser.add_argument("--quantize-small", action="store_true", help="quantize the M = batch layers too")
+    parser.add_argument("--quantize-adaln", action="store_true",
+                        help="quantize the adaLN modulation layers (M = batch) too, as SegQuant's recipes do; the "
+                             "time/guidance embedders stay bf16, as the recipes keep them")
     parser.add_argument("--fuse-qkv", action="store_true", help="diffusers' fuse_qkv_projections first (every "
                         "variant): one to_qkv GEMM per attention, output-segmented (q, k, v scales) in SegQuant")
     parser.add_argument("--threshold", type=float, default=0.1, help="cost-aware: dB per %% of GEMM time")

@@ -131,7 +131,8 @@ class SegQuantTensor(TorchAOBaseTensor):
         col_inv: ``1 / col_scale``, what the folded layer multiplies its input by (derived from ``col_scale`` when
             not given): ``(1,)`` where every column has the same divisor. A multiplication by one value lets the
             kernel that produces the input quantize it without a division and a per-column load per element
-            (benchmarks/results/quantize_epilogue.md).
+            (benchmarks/results/quantize_epilogue.md); the product is within one float32 rounding of ``x / col_scale``,
+            so the codes are the dividing ones except at rounding ties (0-2 in a million, one step apart).
         center: the activation shift ``(K,)``, subtracted where the input is quantized: from ``x * smooth``
             (split-K, dynamic) or, in code units, from ``x / col_scale`` (folded). The layer's bias holds
             ``b + gemm_weight() @ center`` (``linear.convert_linear``).

@@ -34,9 +34,15 @@ def stored(request):
 
 
 def test_float_models_match_the_stored_outputs(stored):
+    """The float models reproduce the stored float outputs to float32 rounding: the weights regenerate bit for bit
+    (the fixture checks their digest), but CPU float kernels round differently from one processor to another (about
+    1e-7 of the output's range on an AMD EPYC against the machine that stored them)."""
     model, float_model, _, _, evaluation, tensors = stored
     for i, batch in enumerate(evaluation):
-        assert torch.equal(rp.diffusers_call(model, float_model, batch), tensors[f"float.eval{i}"])
+        expected = tensors[f"float.eval{i}"]
+        out = rp.diffusers_call(model, float_model, batch)
+        span = (expected.max() - expected.min()).item()
+        assert (out - expected).abs().max().item() <= 1e-6 * span, f"{model} float eval{i}"
 
 
 @pytest.mark.parametrize("name", rp.run_names())

@@ -131,6 +131,28 @@ def test_fused_qkv_per_variant_in_one_interleaved_run(tmp_path):
     assert [p.name for p in tmp_path.glob("plan_*.json")] == ["plan_mnist-flux_1_fusedqkv.json"]
 
 
+def test_quantize_adaln_quantizes_the_modulations_and_keeps_the_embedders():
+    from types import SimpleNamespace
+
+    speed = load_benchmark("speed")
+    names = ["transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear", "norm_out.linear",
+             "time_text_embed.timestep_embedder.linear_1", "transformer_blocks.0.attn.to_q"]
+    kept = {flags: [speed.small_layer(n, SimpleNamespace(quantize_small=flags[0], quantize_adaln=flags[1]))
+                    for n in names]
+            for flags in ((False, False), (False, True), (True, False), (True, True))}
+    assert kept[(False, False)] == [True, True, True, True, False]
+    assert kept[(False, True)] == [False, False, False, True, False]
+    assert kept[(True, False)] == kept[(True, True)] == [False] * 5
+
+
+def test_quantize_adaln_run_on_the_cpu(tmp_path):
+    rows = run_driver(tmp_path, "--run-id", "adaln", "--quantize-adaln",
+                      "--variants", "bf16,segquant_fp8_static_nodual_naive")
+    assert [r.get("error") for r in rows] == [None, None] and all(r["quantize_adaln"] for r in rows)
+    assert "adaLN quantized, run adaln" in (tmp_path / "speed.md").read_text()
+    assert 15 < rows[1]["sqnr_vs_bf16_db"] < 80
+
+
 def test_interleaved_variants_share_rounds_and_get_paired_ratios(tmp_path):
     rows = run_driver(tmp_path, "--run-id", "ab", "--interleave",
                       "--variants", "bf16,segquant_int8_static_nodual_naive,segquant_int8_static_shift_naive")

@@ -504,3 +504,23 @@ def test_folded_layers_multiply_by_the_stored_reciprocal():
     torch.testing.assert_close(old.col_inv, segmented.col_inv, rtol=0, atol=0)
     torch.testing.assert_close(F.linear(x, old), F.linear(x, segmented), rtol=0, atol=0)
     assert column_multiplier(torch.full((5,), 4.0)).tolist() == [0.25]
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_multiplying_by_the_reciprocal_gives_the_dividing_codes_but_at_rounding_ties(precision):
+    """``x * (1 / d)`` is within one float32 rounding of ``x / d``: the codes differ only where the quotient sits that
+    close to a rounding boundary of the format (a few in a million), and then by one step."""
+    from segquant_torchao.kernels import codes
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1_000_000, generator=gen) * 4
+    for d in (0.0123, 0.05, 0.3, 1.7):
+        divisor = torch.tensor([d])
+        by_division = codes(x, divisor, precision).float()
+        by_product = codes(x * (1.0 / divisor), 1.0, precision).float()
+        differ = by_division != by_product
+        assert differ.float().mean() < 2e-5, d
+        if differ.any():  # one step of the format apart: e4m3's spacing at that magnitude, or 1 for int8
+            gap = (by_division - by_product).abs()[differ]
+            step = 1.0 if precision == "int8" else 2.0 ** (torch.floor(torch.log2(by_division.abs()[differ])) - 3)
+            assert torch.all(gap <= step * 1.0001), d
