@@ -114,7 +114,7 @@ def report(out: Path) -> None:
     runs = sorted((json.loads(p.read_text()) for p in out.glob("calibration_*.json")), key=lambda r: r["world_size"])
     if not runs:
         raise SystemExit(f"no calibration_*.json in {out}")
-    base = torch.load(out / f"scales_{runs[0]['world_size']}.pt")
+    base = torch.load(out / f"scales_{runs[0]['world_size']}.pt", map_location="cpu")
     lines = ["# Calibration across GPUs", "", environment_line(runs[-1]["environment"]), "",
              f"{'tiny FLUX (CPU smoke)' if runs[0]['tokens'][0] < IMAGE_TOKENS else 'FLUX.1-dev-size transformer'} "
              f"({runs[0]['blocks'] or 'all'} double blocks), {runs[0]['layers']} calibrated "
@@ -123,7 +123,7 @@ def report(out: Path) -> None:
              "`check_calibration`.", "", "| GPUs | calls on rank 0 | observe (s) | with merge (s) | speedup | scales "
              "equal to 1 GPU |", "|---|---|---|---|---|---|"]
     for r in runs:
-        other = torch.load(out / f"scales_{r['world_size']}.pt")
+        other = torch.load(out / f"scales_{r['world_size']}.pt", map_location="cpu")
         equal = base.keys() == other.keys() and all(
             all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
                 for x, y in zip(base[n], other[n])) for n in base)
