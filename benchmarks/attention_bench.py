@@ -60,23 +60,34 @@ def run(out: Path, rep_ms: int) -> dict:
                   command=" ".join(["python", *sys.argv]), rows=rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attention_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_report(result, out)
+    return result
+
+
+def write_report(result: dict, out: Path) -> None:
+    """attention_bench.md from a result (``run``'s, or a stored attention_bench.json: ``--report``)."""
     lines = [f"# Attention at FLUX.1-dev's shape, {result['device']}", "",
              f"torch {result['torch']}, triton {result['triton']}; `triton.testing.do_bench` median. Command: "
              f"`{result['command']}`", "", "| shape | method | ms | TFLOP/s | SQNR vs fp32 dB |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['method']} | {r['ms']} | {r['tflops'] or '-'} | {r.get('sqnr_vs_fp32_db', '-')} |"
-              for r in rows]
-    (out / "attention_bench.md").write_text("\n".join(lines) + "\n")
-    return result
+              for r in result["rows"]]
+    lines += [""] + result.get("notes", [])
+    (out / "attention_bench.md").write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--rep-ms", type=int, default=100)
+    parser.add_argument("--report", type=Path, help="only write attention_bench.md next to this stored JSON")
     args = parser.parse_args()
+    if args.report:
+        return write_report(json.loads(args.report.read_text()), args.report.parent)
+    if args.out is None:
+        sys.exit("--out DIR is required (or --report JSON)")
     if not torch.cuda.is_available():
         sys.exit("attention_bench.py needs a CUDA device")
     run(args.out, args.rep_ms)

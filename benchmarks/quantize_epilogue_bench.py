@@ -95,21 +95,32 @@ def run(out: Path, rep_ms: int) -> dict:
                   command=" ".join(["python", *sys.argv]), rows=rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quantize_epilogue.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_report(result, out)
+    return result
+
+
+def write_report(result: dict, out: Path) -> None:
+    """quantize_epilogue.md from a result (``run``'s, or a stored quantize_epilogue.json: ``--report``)."""
     lines = [f"# Static FP8 quantization fused into its producer, {result['device']}", "",
              f"torch {result['torch']}, triton {result['triton']}; `triton.testing.do_bench` median. Command: "
              f"`{result['command']}`", "", "| producer | output | ms | GB/s moved |", "|---|---|---|---|"]
-    lines += [f"| {r['producer']} | {r['case']} | {r['ms']} | {r['gb_per_s']:.0f} |" for r in rows]
-    (out / "quantize_epilogue.md").write_text("\n".join(lines) + "\n")
-    return result
+    lines += [f"| {r['producer']} | {r['case']} | {r['ms']} | {r['gb_per_s']:.0f} |" for r in result["rows"]]
+    lines += [""] + result.get("notes", [])
+    (out / "quantize_epilogue.md").write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--report", type=Path, help="only write quantize_epilogue.md next to this stored JSON")
     args = parser.parse_args()
+    if args.report:
+        return write_report(json.loads(args.report.read_text()), args.report.parent)
+    if args.out is None:
+        sys.exit("--out DIR is required (or --report JSON)")
     if not torch.cuda.is_available():
         sys.exit("quantize_epilogue_bench.py needs a CUDA device")
     run(args.out, args.rep_ms)

@@ -65,6 +65,7 @@ UNFUSED_QKV = ["*attn.to_q", "*attn.to_k", "*attn.to_v", "*attn.add_q_proj", "*a
 ADALN = ["*norm1.linear", "*norm1_context.linear", "*.norm.linear", "norm_out.linear"]  # the recipes quantize these
 SMALL_M = ADALN + ["time_text_embed.*"]
 IMAGE_TOKENS, TEXT_TOKENS = 4096, 512
+REPORT_TOP = 8  # kernels per variant in speed.md's top lists (the records keep --profile-top of them)
 DEVICE = "cuda"  # the CPU smoke test (--cpu-smoke) swaps in "cpu" and a tiny config
 
 
@@ -739,7 +740,8 @@ def report(out_dir: Path, command: str) -> None:
                           "(`triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention...`, 3.0-4.7 ms "
                           "per call in the top lists below), which belong to `fused elementwise`."]
             lines += ["", "Top kernels per variant (ms in one call):", ""]
-            lines += [f"- {r['variant']}: " + "; ".join(f"`{n}` {ms}" for n, ms in r["profile"]["top"])
+            lines += [f"- {r['variant']}: " + "; ".join(f"`{n[:90]}` {ms}"
+                                                       for n, ms in r["profile"]["top"][:REPORT_TOP])
                       for r in profiled]
         lines.append("")
     (out_dir / "speed.md").write_text("\n".join(lines) + "\n")
