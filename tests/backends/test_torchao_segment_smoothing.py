@@ -116,6 +116,16 @@ def close(got, expected):
     return torch.allclose(got, expected, rtol=RTOL, atol=ATOL * expected.abs().max().item())
 
 
+def agree(got, expected, flips=0.01):
+    """Two backends' whole-model outputs: ``close`` but for at most ``flips`` of the elements, which stay within 4x the
+    tolerance. Float kernels that round differently from one processor to another can move a quantized input across a
+    rounding boundary in one backend and not in the other: one code apart, in a few outputs (1 of 256 on an AMD EPYC),
+    where a wrong scale moves every output of its tile."""
+    allowed = ATOL * expected.abs().max().item() + RTOL * expected.abs()
+    err = (got - expected).abs()
+    return bool((err > allowed).float().mean() <= flips and (err <= 4 * allowed).all())
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_layer_equals_the_oracle(case, precision):
@@ -178,6 +188,7 @@ def test_a_wrong_scale_fails_the_tolerance():
     with torch.no_grad():
         q.proj.weight.act_scale[1, 0] *= 1.01
         assert not close(q(x), expected)
+        assert not agree(q(x), expected)  # nor does the whole-model check's allowance for isolated code flips
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +220,9 @@ def test_a_tiny_flux_matches_modelopt(flux, precision):
             with torch.no_grad():
                 outputs[backend_name, smoothing] = q(**batches[0])[0]
     expected = outputs["modelopt", "per_segment"]
-    torch.testing.assert_close(outputs["torchao", "per_segment"], expected, rtol=RTOL,
-                               atol=ATOL * expected.abs().max().item())
-    assert not close(outputs["torchao", "per_layer"], expected)
-    assert not close(outputs["modelopt", "per_layer"], expected)
+    assert agree(outputs["torchao", "per_segment"], expected)
+    assert not agree(outputs["torchao", "per_layer"], expected)
+    assert not agree(outputs["modelopt", "per_layer"], expected)
 
 
 def test_save_load_and_calibration_as_data(flux, tmp_path):
