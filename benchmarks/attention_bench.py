@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import figure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,7 +74,16 @@ def write_report(result: dict, out: Path) -> None:
     lines += [f"| {r['shape']} | {r['method']} | {r['ms']} | {r['tflops'] or '-'} | {r.get('sqnr_vs_fp32_db', '-')} |"
               for r in result["rows"]]
     lines += [""] + result.get("notes", [])
+    lines += ["", "![ms per call](attention_bench.png)"]
     (out / "attention_bench.md").write_text("\n".join(lines).rstrip("\n") + "\n")
+    with figure(out / "attention_bench.png", figsize=(7, 2.6)) as (_, ax):
+        rows = result["rows"]
+        ax.barh([f"{r['method']}" for r in rows], [r["ms"] for r in rows],
+                color=["grey" if r["method"] == "bf16 sdpa" else "tab:blue" for r in rows])
+        ax.invert_yaxis()
+        ax.set_title(f"attention, {rows[0]['shape']} (24 heads, 4608 tokens, d 128), {result['device']}", fontsize=9)
+        ax.set_xlabel("ms per call (do_bench median)")
+        ax.tick_params(labelsize=8)
 
 
 def main() -> None:

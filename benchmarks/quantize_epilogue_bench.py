@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import figure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -106,7 +107,19 @@ def write_report(result: dict, out: Path) -> None:
              f"`{result['command']}`", "", "| producer | output | ms | GB/s moved |", "|---|---|---|---|"]
     lines += [f"| {r['producer']} | {r['case']} | {r['ms']} | {r['gb_per_s']:.0f} |" for r in result["rows"]]
     lines += [""] + result.get("notes", [])
+    lines += ["", "![ms per kernel](quantize_epilogue.png)"]
     (out / "quantize_epilogue.md").write_text("\n".join(lines).rstrip("\n") + "\n")
+    producers = list(dict.fromkeys(r["producer"] for r in result["rows"]))
+    with figure(out / "quantize_epilogue.png", len(producers), 1, figsize=(8, 2.2 + 0.9 * len(result["rows"]) / 2),
+                squeeze=False) as (_, axes):
+        for ax, producer in zip(axes[:, 0], producers):
+            rows = [r for r in result["rows"] if r["producer"] == producer]
+            ax.barh([r["case"] for r in rows], [r["ms"] for r in rows],
+                    color=["grey" if r["case"] == "bf16 out" else "tab:blue" for r in rows])
+            ax.invert_yaxis()
+            ax.set_title(f"{producer}, {result['device']}", fontsize=9)
+            ax.set_xlabel("ms per call (do_bench median)")
+            ax.tick_params(labelsize=7)
 
 
 def main() -> None:
