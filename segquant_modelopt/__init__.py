@@ -16,7 +16,8 @@ except ImportError as e:  # pragma: no cover - exercised only without modelopt
 from .algorithm import SegQuantCalibConfig, SegQuantModeDescriptor, plan_of, segquant_calibrate
 from .backend import ModelOptBackend, restore
 from .configs import (PRECISION_CONFIGS, SEGQUANT_CFG, SEGQUANT_FP8_CFG, SEGQUANT_INT8_CFG,
-                      SEGQUANT_INT8_PERCHANNEL_CFG, SEGQUANT_W4A8_CFG, config_for_plan, with_segquant)
+                      SEGQUANT_INT8_PERCHANNEL_CFG, SEGQUANT_W4A8_CFG, config_for_plan, with_fp8_attention,
+                      with_segquant)
 from .hf_checkpoint import export_hf_checkpoint, guard_modelopt_export, load_hf_checkpoint
 from .quantizer import SegmentTensorQuantizer, SegQuantFlag
 
@@ -25,4 +26,5 @@ guard_modelopt_export()
 __all__ = ["PRECISION_CONFIGS", "SEGQUANT_CFG", "SEGQUANT_FP8_CFG", "SEGQUANT_INT8_CFG",
            "SEGQUANT_INT8_PERCHANNEL_CFG", "SEGQUANT_W4A8_CFG", "ModelOptBackend", "SegQuantCalibConfig",
            "SegQuantModeDescriptor", "SegmentTensorQuantizer", "SegQuantFlag", "config_for_plan",
-           "export_hf_checkpoint", "load_hf_checkpoint", "plan_of", "restore", "segquant_calibrate", "with_segquant"]
+           "export_hf_checkpoint", "load_hf_checkpoint", "plan_of", "restore", "segquant_calibrate",
+           "with_fp8_attention", "with_segquant"]

@@ -65,7 +65,7 @@ def _names_layers(entry: dict[str, Any]) -> bool:
     quantizer kind (``*``, ``*weight_quantizer``) or module class: with SegQuant the plan decides which layers
     are quantized, so such rules are dropped."""
     name = entry.get("quantizer_name", "*")
-    return "parent_class" not in entry and name != "*" and not re.fullmatch(r"\*\w*_quantizer", name)
+    return "parent_class" not in entry and name != "*" and not re.fullmatch(r"\*(\[\w+\])?\w*_quantizer", name)
 
 
 def _with_weights(base: dict[str, Any], axis: int | None) -> dict[str, Any]:
@@ -109,6 +109,37 @@ SEGQUANT_CFG = SEGQUANT_INT8_PERCHANNEL_CFG
 PRECISION_CONFIGS = {"int8_w8a8": SEGQUANT_INT8_CFG, "int8_perchannel": SEGQUANT_INT8_PERCHANNEL_CFG,
                      "fp8": SEGQUANT_FP8_CFG, "w4a8": SEGQUANT_W4A8_CFG}
 """The ModelOpt config of each ``segquant.precision`` name (its quantizer formats are that precision's)."""
+
+
+FP8_ATTENTION = [{"quantizer_name": f"*{name}_quantizer", "cfg": {"num_bits": (4, 3), "axis": None}}
+                 for name in ("[qkv]_bmm", "softmax")]
+"""ModelOpt's attention quantizers (its diffusers plugin) in FP8 e4m3, one static max-calibrated scale each per
+attention module: Q, K and V where the module calls ``F.scaled_dot_product_attention`` (their scales go to the FP8
+attention TensorRT runs after ONNX export, which quantizes the softmax output P itself) or ``torch.bmm``, and P on the
+``bmm`` path."""
+
+
+def with_fp8_attention(base: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the ModelOpt config ``base`` that also quantizes attention in FP8 (``FP8_ATTENTION``): what TensorRT
+    runs as an FP8 attention after ONNX export. SegQuant's calibration loop max-calibrates these quantizers along
+    with its own observers.
+
+    Fidelity, measured with SegQuant's reference numerics (dynamic per-head scales) on mnist-flux: FP8 attention on
+    top of the FP8 recipe costs -5.16 dB [-5.82, -4.49] (benchmarks/results/fp8_attention_quality.md). It is an
+    option for speed, not a default.
+
+    Example:
+        >>> cfg = with_fp8_attention(SEGQUANT_FP8_CFG)
+
+    Raises:
+        SegQuantError: ``base`` is not a ModelOpt config in list form.
+    """
+    if not isinstance(base, dict) or not isinstance(base.get("quant_cfg"), list):
+        raise SegQuantError("with_fp8_attention expects a ModelOpt config in list form: {'quant_cfg': [...], "
+                            "'algorithm': ...} (e.g. SEGQUANT_FP8_CFG)")
+    cfg = copy.deepcopy(base)
+    cfg["quant_cfg"] = cfg["quant_cfg"] + copy.deepcopy(FP8_ATTENTION)
+    return cfg
 
 
 def config_for_plan(plan: SegQuantPlan, options: QuantizeOptions = QuantizeOptions()) -> dict[str, Any]:
