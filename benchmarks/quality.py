@@ -32,7 +32,7 @@ import torch
 from _common import (disable_quantizers, enabled_quantizers, environment, every_linear, figure, model_recipe,
                      modelopt_without_jit, parser, write_results)
 
-from segquant import SegQuantPlan, analyze, get_backend
+from segquant import SegQuantError, SegQuantPlan, analyze, get_backend
 from segquant.app.embedded import (load_classifier, load_denoiser, mnist_test_feature_stats, sample,
                                    sample_labels)
 from segquant.app.evaluation import (layer_sqnr, linear_flops, mean_sqnr, quantized_flop_fraction,
@@ -166,11 +166,12 @@ def split_changes(changes: dict) -> tuple[dict, dict]:
 
 
 def quantize_variant(model, plan: SegQuantPlan, model_name: str, precision: str, changes: dict, forward_loop,
-                     notes: list[str] | None = None):
+                     notes: list[str] | None = None, fp8_attention: bool = False):
     """SegQuant (or one variant of it) of a precision through the ModelOpt backend, every Linear quantized: the
     model's bundled recipe (its SmoothQuant alpha and realisation) with the variant's ``changes`` and without its
     skipped layers. A recipe with ``alpha_search`` or ``choose: auto`` first makes its per-layer choices on the
-    float model's inputs over the calibration loop, as ``segquant run`` does (their summary goes to ``notes``)."""
+    float model's inputs over the calibration loop, as ``segquant run`` does (their summary goes to ``notes``).
+    ``fp8_attention``: ModelOpt's attention quantizers too (``segquant_modelopt.with_fp8_attention``)."""
     changes = dict(changes)
     skip = {} if changes.pop(RECIPE_SKIP, False) else {"skip": ()}
     recipe_changes, option_changes = split_changes(changes)
@@ -184,6 +185,17 @@ def quantize_variant(model, plan: SegQuantPlan, model_name: str, precision: str,
         applied = plans["plan"]
         if notes is not None:
             notes += lines["plan"]
+    if fp8_attention:  # the backend's checks and quiet quantize, with the attention rules added to its config
+        from segquant.backend import check_quantize_call
+        from segquant_modelopt import config_for_plan, with_fp8_attention
+        from segquant_modelopt.backend import quantize_quietly
+
+        if precision == "w8a6":
+            raise SegQuantError("fp8_attention goes with the fp8, int8 and w4a8 configs, not w8a6")
+        backend = get_backend("modelopt")
+        check_quantize_call(backend, applied, options, forward_loop)
+        applied.check_model(model, complete=True)
+        return quantize_quietly(model, with_fp8_attention(config_for_plan(applied, options)), forward_loop)
     if precision != "w8a6":
         return get_backend("modelopt").quantize(model, applied, options, forward_loop)
     return modelopt_without_jit().quantize(model, w8a6_config(applied, options), forward_loop)

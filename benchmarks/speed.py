@@ -213,6 +213,7 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
         sq_quantize(model, SegQuantConfig(plan, activation="static", step="convert",
                                           calibration=calibration_from(model), **common))
     notes["plan"] = plan.summary()
+    notes["small_layers_bf16"] = sum(1 for n in plan.layers if small_layer(n, args))
     notes["dual_scale_layers"] = sum(1 for n in plan.dual_scaled() if n not in skip and not small_layer(n, args))
     if plan.shifted():
         notes["shift_layers"] = sum(1 for n in plan.shifted() if n not in skip and not small_layer(n, args))

@@ -52,7 +52,9 @@ def seg_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
 def _folded(w: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
     spec = w.spec
     m = x.shape[0]
-    v = x.float() * w.col_inv  # x / col_scale to within one float32 rounding (SegQuantTensor.col_inv)
+    # x / col_scale to within one float32 rounding (SegQuantTensor.col_inv); a weight unpickled from before col_inv
+    # was stored (torchao's __setstate__ does not call __init__) has none and divides
+    v = x.float() / w.col_scale if w.col_inv is None else x.float() * w.col_inv
     if w.center is not None:
         v = v - w.center  # in code units (linear._gemm_center)
     if spec.dual_segments and spec.options.kernel == "fused" and len(spec.dual_segments) == 1:

@@ -165,7 +165,7 @@ class SegQuantTensor(TorchAOBaseTensor):
         self.act_scale, self.neg_scale, self.neg_ratio = act_scale, neg_scale, neg_ratio
         self.smooth, self.col_scale, self.dual_mask, self.center = smooth, col_scale, dual_mask, center
         if col_scale is not None and col_inv is None:  # weights saved before col_inv was stored
-            col_inv = column_multiplier(col_scale)
+            col_inv = column_multiplier(col_scale, self.spec)
         self.col_inv = col_inv
 
     def __repr__(self) -> str:
@@ -253,10 +253,17 @@ class SegQuantTensor(TorchAOBaseTensor):
         return w.to(output_dtype or self.dtype)
 
 
-def column_multiplier(col_scale: Tensor) -> Tensor:
-    """``1 / col_scale`` in float32: ``(1,)`` when every column has the same divisor, else ``(K,)``."""
+def uniform_columns(spec: SegLinearSpec) -> bool:
+    """Whether a folded layer divides every input column by the same value: one input segment and no SmoothQuant
+    (``segquant.numerics.fold_activation_scales``). Decided by the spec, never by the values, so that the shape of
+    ``col_inv`` is the same for every calibration and every repeated block (one compiled graph serves all)."""
+    return len(spec.in_segments) == 1 and not spec.smoothed
+
+
+def column_multiplier(col_scale: Tensor, spec: SegLinearSpec) -> Tensor:
+    """``1 / col_scale`` in float32: ``(1,)`` when ``uniform_columns(spec)``, else ``(K,)``."""
     inv = 1.0 / col_scale.float().reshape(-1)
-    return inv[:1].clone() if bool((inv == inv[0]).all()) else inv
+    return inv[:1].clone() if uniform_columns(spec) else inv
 
 
 implements = SegQuantTensor.implements

@@ -21,7 +21,7 @@ from test_contract import analysed_tiny_plan, backend_or_skip, loop_over, tiny_i
 # ``W_hat c`` moves outputs by orders of magnitude more (checked below).
 RTOL, ATOL = 1e-4, 1e-5
 # ... except where the float32 value to round lands within an ulp of a rounding boundary and the two computations
-# (``x / col_scale - c / a`` here, ``(x - c) / a`` there) round it apart: one code, one token's row of the output.
+# (``x * (1 / col_scale) - c / a`` here, ``(x - c) / a`` there) round it apart: one code, one token's row of the output.
 # Shift and DualScale on one segment make s- nearly s+, and such near ties on the negative side happen.
 FLIPPED_ROWS, FLIP_SIZE = 0.02, 0.01
 FLUX = "FluxTransformer2DModel"

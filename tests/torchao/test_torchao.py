@@ -503,7 +503,13 @@ def test_folded_layers_multiply_by_the_stored_reciprocal():
     old = SegQuantTensor(spec=segmented.spec, dtype=segmented.dtype, **inner)  # as loaded from an older checkpoint
     torch.testing.assert_close(old.col_inv, segmented.col_inv, rtol=0, atol=0)
     torch.testing.assert_close(F.linear(x, old), F.linear(x, segmented), rtol=0, atol=0)
-    assert column_multiplier(torch.full((5,), 4.0)).tolist() == [0.25]
+    # the shape is the spec's, not the values': equal divisors on a segmented layer stay per column
+    assert column_multiplier(torch.full((5,), 4.0), plain.spec).tolist() == [0.25]
+    assert column_multiplier(torch.full((5,), 4.0), segmented.spec).tolist() == [0.25] * 5
+    # a weight unpickled from before col_inv (torchao's __setstate__ skips __init__) divides by col_scale
+    unpickled = SegQuantTensor(spec=segmented.spec, dtype=segmented.dtype, **inner)
+    unpickled.col_inv = None
+    torch.testing.assert_close(F.linear(x, unpickled), F.linear(x, segmented), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
