@@ -124,9 +124,8 @@ def with_fp8_attention(base: dict[str, Any]) -> dict[str, Any]:
     runs as an FP8 attention after ONNX export. SegQuant's calibration loop max-calibrates these quantizers along
     with its own observers.
 
-    Fidelity, measured with SegQuant's reference numerics (dynamic per-head scales) on mnist-flux: FP8 attention on
-    top of the FP8 recipe costs -5.16 dB [-5.82, -4.49] (benchmarks/results/fp8_attention_quality.md). It is an
-    option for speed, not a default.
+    Fidelity on mnist-flux: on top of the FP8 recipe it costs -5.38 dB [-6.09, -4.64]
+    (benchmarks/results/fp8_attention_quality.md). It is an option for speed, not a default.
 
     Example:
         >>> cfg = with_fp8_attention(SEGQUANT_FP8_CFG)

@@ -4,7 +4,7 @@ dot, an online softmax in float32 and ``P V`` in fp16 (as SageAttention; fp16 ra
 kernel checkable on Triton's CPU interpreter, which has no bf16 dot). The numbers are those of
 ``segquant.attention.fp8_attention`` with ``FP8AttentionSpec(qk_format="int8", granularity="per_block",
 v_format=None)``, apart from P and V in fp16:
-on mnist-flux that spec costs +0.00 dB [-0.38, +0.40] on top of the FP8 recipe
+on mnist-flux that spec costs -0.09 dB [-0.40, +0.25] on top of the FP8 recipe
 (benchmarks/results/fp8_attention_quality.md). No mask, no dropout, not causal.
 
 ``int8_attention`` runs the kernel on CUDA (and on Triton's interpreter for CPU tensors when
