@@ -19,9 +19,12 @@ def test_script_writes_rows_and_paired_intervals(tmp_path):
     assert set(rows) == {"full precision + fp8 attention", "fp8 recipe", "fp8 recipe + fp8 attention",
                          "fp8 recipe + fp8 attention, K not centred", "fp8 recipe + fp8 attention, P in float",
                          "fp8 recipe + fp8 attention, per-tensor scales", "fp8 recipe + int8 QK per-block, fp8 PV",
-                         "fp8 recipe + int8 QK per-block, PV in float"}
+                         "fp8 recipe + int8 QK per-block, PV in float",
+                         "fp8 recipe + ModelOpt fp8 attention (static per-tensor Q, K, V)"}
     assert all(10 < r["psnr_db_mean"] < 100 for r in rows.values())
     assert rows["fp8 recipe"]["psnr_db_mean"] != rows["fp8 recipe + fp8 attention"]["psnr_db_mean"]
+    modelopt = rows["fp8 recipe + ModelOpt fp8 attention (static per-tensor Q, K, V)"]["psnr_db_mean"]
+    assert modelopt != rows["fp8 recipe"]["psnr_db_mean"]  # ModelOpt's attention quantizers did quantize
     for p in result["paired"]:
         assert p["low"] <= p["mean"] <= p["high"] and p["n"] == 4  # 2 images x 2 seeds (full precision: repeated)
     assert "| fp8 recipe + fp8 attention | fp8 recipe |" in (tmp_path / "fp8_attention_quality.md").read_text()
