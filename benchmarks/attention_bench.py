@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import figure
+from _common import figure, gpu_bench_main, timing_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,29 +78,12 @@ def write_report(result: dict, out: Path) -> None:
     (out / "attention_bench.md").write_text("\n".join(lines).rstrip("\n") + "\n")
     with figure(out / "attention_bench.png", figsize=(7, 2.6)) as (_, ax):
         rows = result["rows"]
-        ax.barh([f"{r['method']}" for r in rows], [r["ms"] for r in rows],
-                color=["grey" if r["method"] == "bf16 sdpa" else "tab:blue" for r in rows])
-        ax.invert_yaxis()
-        ax.set_title(f"attention, {rows[0]['shape']} (24 heads, 4608 tokens, d 128), {result['device']}", fontsize=9)
-        ax.set_xlabel("ms per call (do_bench median)")
-        ax.tick_params(labelsize=8)
+        timing_bars(ax, [r["method"] for r in rows], [r["ms"] for r in rows], "bf16 sdpa",
+                    f"attention, {rows[0]['shape']} (24 heads, 4608 tokens, d 128), {result['device']}")
 
 
 def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--rep-ms", type=int, default=100)
-    parser.add_argument("--report", type=Path, help="only write attention_bench.md next to this stored JSON")
-    args = parser.parse_args()
-    if args.report:
-        return write_report(json.loads(args.report.read_text()), args.report.parent)
-    if args.out is None:
-        sys.exit("--out DIR is required (or --report JSON)")
-    if not torch.cuda.is_available():
-        sys.exit("attention_bench.py needs a CUDA device")
-    run(args.out, args.rep_ms)
+    gpu_bench_main(__doc__, "attention_bench.py", 100, run, write_report)
 
 
 if __name__ == "__main__":

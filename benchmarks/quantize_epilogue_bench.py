@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import figure
+from _common import figure, gpu_bench_main, timing_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -114,29 +114,12 @@ def write_report(result: dict, out: Path) -> None:
                 squeeze=False) as (_, axes):
         for ax, producer in zip(axes[:, 0], producers):
             rows = [r for r in result["rows"] if r["producer"] == producer]
-            ax.barh([r["case"] for r in rows], [r["ms"] for r in rows],
-                    color=["grey" if r["case"] == "bf16 out" else "tab:blue" for r in rows])
-            ax.invert_yaxis()
-            ax.set_title(f"{producer}, {result['device']}", fontsize=9)
-            ax.set_xlabel("ms per call (do_bench median)")
-            ax.tick_params(labelsize=7)
+            timing_bars(ax, [r["case"] for r in rows], [r["ms"] for r in rows], "bf16 out",
+                        f"{producer}, {result['device']}", labelsize=7)
 
 
 def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--rep-ms", type=int, default=200)
-    parser.add_argument("--report", type=Path, help="only write quantize_epilogue.md next to this stored JSON")
-    args = parser.parse_args()
-    if args.report:
-        return write_report(json.loads(args.report.read_text()), args.report.parent)
-    if args.out is None:
-        sys.exit("--out DIR is required (or --report JSON)")
-    if not torch.cuda.is_available():
-        sys.exit("quantize_epilogue_bench.py needs a CUDA device")
-    run(args.out, args.rep_ms)
+    gpu_bench_main(__doc__, "quantize_epilogue_bench.py", 200, run, write_report)
 
 
 if __name__ == "__main__":
