@@ -517,16 +517,19 @@ def profile_call(fn, inputs: dict, top: int = 8) -> dict:
     prof, wall = profiled_call(fn, inputs)
     kinds: dict[str, float] = {}
     kernels: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for event in prof.key_averages():
         if str(getattr(event, "device_type", "")).endswith("CUDA"):
             ms = event.self_device_time_total / 1e3
             kind = kernel_kind(event.key)
             kinds[kind] = kinds.get(kind, 0.0) + ms
             kernels[event.key] = kernels.get(event.key, 0.0) + ms
+            counts[event.key] = counts.get(event.key, 0) + event.count
     busy = sum(kinds.values())
-    return dict(classifier=2, wall_ms=round(wall, 2), kernel_ms=round(busy, 2),
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
+    return dict(classifier=2, wall_ms=round(wall, 2), kernel_ms=round(busy, 2), kernel_count=sum(counts.values()),
                 kinds={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-                top=[(name[:200], round(ms, 2)) for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]])
+                top=[(name[:200], round(ms, 3), counts[name]) for name, ms in ranked[:top]])
 
 
 def child(args) -> int:
@@ -740,9 +743,10 @@ def report(out_dir: Path, command: str) -> None:
                           "also holds inductor's fused RMSNorm kernels named after the SDPA they feed "
                           "(`triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention...`, 3.0-4.7 ms "
                           "per call in the top lists below), which belong to `fused elementwise`."]
-            lines += ["", "Top kernels per variant (ms in one call):", ""]
-            lines += [f"- {r['variant']}: " + "; ".join(f"`{n[:90]}` {ms}"
-                                                       for n, ms in r["profile"]["top"][:REPORT_TOP])
+            lines += ["", "Top kernels per variant (ms in one call, and x launches where the record counts them):",
+                      ""]
+            lines += [f"- {r['variant']}: " + "; ".join(f"`{t[0][:90]}` {t[1]}" + (f" x{t[2]}" if len(t) > 2 else "")
+                                                       for t in r["profile"]["top"][:REPORT_TOP])
                       for r in profiled]
         lines.append("")
     (out_dir / "speed.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,243 @@
+"""Is cuBLASLt's default FP8 kernel the fastest one for FLUX.1-dev's GEMMs? Per GEMM shape of one call:
+
+- ``torch rowwise``: ``torch._scaled_mm`` as SegQuant's folded layers call it (row scales of ones, per-column weight
+  scales, bias in the epilogue, bf16 out, fast accumulation): the kernel cuBLASLt's heuristic picks first;
+- ``torch tensorwise``: the same with one scale per operand;
+- ``torch rowwise, workspace W``: the first as a child process with ``CUBLASLT_WORKSPACE_SIZE`` (KiB) set, since a
+  larger workspace admits more kernels;
+- ``inductor max-autotune``: ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the rowwise call, which also
+  tries inductor's Triton templates for scaled GEMMs;
+- ``cuBLASLt first`` / ``cuBLASLt best``: every algorithm cuBLASLt's heuristic offers (up to ``--limit``), through
+  nvmath-python's ``Matmul`` (one scale per operand, no bias), each timed: the heuristic's first and the fastest,
+  with the fastest one's tile, stages, cluster and split-K.
+
+Every candidate's output is compared with a float reference first. Times are ``triton.testing.do_bench`` medians;
+the per-call total weights each shape by how often one call runs it (``int8_gemm_sweep.FLUX_SHAPES``).
+
+    python benchmarks/fp8_gemm_algos.py --out DIR          # on the device (CUDA; nvmath-python for the last rows)
+    python benchmarks/fp8_gemm_algos.py --report DIR/fp8_gemm_algos.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_gemm_sweep import FLUX_SHAPES  # noqa: E402
+
+TOL = 2e-2
+METHODS = ("torch rowwise", "torch tensorwise", "torch rowwise, workspace", "inductor max-autotune",
+           "cuBLASLt first", "cuBLASLt best")
+
+
+def operands(m: int, k: int, n: int, device: str = "cuda") -> dict:
+    """fp8 codes of a random activation and weight, their scales, a bias and the float reference output."""
+    g = torch.Generator(device=device).manual_seed(m * 7 + k * 3 + n)
+    x = torch.randn(m, k, generator=g, device=device)
+    w = torch.randn(n, k, generator=g, device=device) * 0.05
+    sa = (x.abs().amax() / 448.0).reshape(1)
+    sw = w.abs().amax(1) / 448.0
+    a8 = (x / sa).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w8 = (w / sw[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    bias = torch.randn(n, generator=g, device=device).to(torch.bfloat16)
+    ref = (a8.float() * sa) @ (w8.float() * sw[:, None]).t() + bias.float()
+    return dict(a8=a8, w8=w8, sa=sa, sw=sw, bias=bias, ref=ref)
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).abs().max() / ref.abs().max())
+
+
+def torch_calls(o: dict) -> dict:
+    """The torch candidates of one shape: name -> (callable, its reference)."""
+    m, n = o["a8"].shape[0], o["w8"].shape[0]
+    sa_rows = o["sa"].expand(m, 1).contiguous()
+    sw_row = o["sw"].reshape(1, n).contiguous()
+    wt = o["w8"].t()
+
+    def rowwise(a8, wt, sa_rows, sw_row, bias):
+        return torch._scaled_mm(a8, wt, scale_a=sa_rows, scale_b=sw_row, bias=bias, out_dtype=torch.bfloat16,
+                                use_fast_accum=True)
+
+    # tensorwise: the weight's scale is its largest row scale (the codes are the rowwise ones, so only the timing
+    # is compared; its reference is computed with the scalar)
+    s_max = o["sw"].max().reshape(())
+    ref_t = (o["a8"].float() * o["sa"]) @ (o["w8"].float() * s_max).t() + o["bias"].float()
+    args = (o["a8"], wt, sa_rows, sw_row, o["bias"])
+    return {
+        "torch rowwise": (lambda: rowwise(*args), o["ref"]),
+        "torch tensorwise": (lambda: torch._scaled_mm(o["a8"], wt, scale_a=o["sa"].reshape(()), scale_b=s_max,
+                                                      bias=o["bias"], out_dtype=torch.bfloat16,
+                                                      use_fast_accum=True), ref_t),
+        "inductor max-autotune": (lambda f=torch.compile(rowwise, mode="max-autotune-no-cudagraphs", dynamic=False):
+                                  f(*args), o["ref"]),
+    }
+
+
+def cublaslt_algos(o: dict, limit: int, bench) -> list[dict]:
+    """Every algorithm cuBLASLt's heuristic offers for ``a8 @ w8.T`` with one scale per operand, timed."""
+    import nvmath
+    from nvmath.linalg.advanced import Matmul
+
+    s_max = o["sw"].max().reshape(1)
+    ref = (o["a8"].float() * o["sa"]) @ (o["w8"].float() * s_max).t()
+    mm = Matmul(o["a8"], o["w8"].t(), quantization_scales={"a": o["sa"], "b": s_max},
+                options={"result_type": nvmath.CudaDataType.CUDA_R_16BF, "fast_accumulation": True})
+    algorithms = mm.plan(preferences={"limit": limit})
+    rows = []
+    for i, alg in enumerate(algorithms):
+        try:
+            y = mm.execute(algorithm=alg)
+            err = rel_error(y, ref)
+            ms = bench(lambda alg=alg: mm.execute(algorithm=alg)) if err < TOL else None
+            rows.append(dict(rank=i, ms=ms, err=err, tile=str(alg.tile), stages=str(alg.stages),
+                             cluster=str(alg.cluster_shape), split_k=int(alg.split_k)))
+        except Exception as e:  # noqa: BLE001 - an algorithm that fails is recorded, the others still run
+            rows.append(dict(rank=i, ms=None, error=f"{type(e).__name__}: {e}"[:300]))
+    mm.free()
+    return rows
+
+
+def run(out: Path, rep_ms: int, limit: int, workspace_kib: int, child: bool) -> dict:
+    import triton
+    import triton.testing
+
+    def bench(fn) -> float:
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+    rows = []
+    # the shapes holding most of a call's GEMM work first
+    for (m, k, n), count in sorted(FLUX_SHAPES.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1] * kv[0][2]):
+        o = operands(m, k, n)
+        calls = torch_calls(o)
+        if child:
+            calls = {"torch rowwise, workspace": calls["torch rowwise"]}
+        for method, (fn, ref) in calls.items():
+            try:
+                err = rel_error(fn(), ref)
+                ms = bench(fn) if err < TOL else None
+                rows.append(dict(shape=[m, k, n], count=count, method=method, ms=ms, err=err))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(shape=[m, k, n], count=count, method=method, ms=None,
+                                 error=f"{type(e).__name__}: {e}"[:300]))
+            print(json.dumps(rows[-1]), flush=True)
+        if child:
+            continue
+        try:
+            algos = cublaslt_algos(o, limit, bench)
+        except Exception as e:  # noqa: BLE001 - nvmath missing or failing: the torch rows stand
+            traceback.print_exc()
+            algos = []
+            rows.append(dict(shape=[m, k, n], count=count, method="cuBLASLt first", ms=None,
+                             error=f"{type(e).__name__}: {e}"[:300]))
+        timed = [a for a in algos if a.get("ms") is not None]
+        if timed:
+            first = next((a for a in algos if a["rank"] == 0 and a.get("ms") is not None), None)
+            best = min(timed, key=lambda a: a["ms"])
+            if first:
+                rows.append(dict(shape=[m, k, n], count=count, method="cuBLASLt first", ms=first["ms"],
+                                 err=first["err"], algo=first))
+            rows.append(dict(shape=[m, k, n], count=count, method="cuBLASLt best", ms=best["ms"], err=best["err"],
+                             algo=best, algorithms=len(algos)))
+            print(json.dumps(rows[-1]), flush=True)
+        torch._dynamo.reset()
+        dump(out, rows, child)  # after every shape: a run cut short keeps what it measured
+    if not child and workspace_kib:
+        env = dict(os.environ, CUBLASLT_WORKSPACE_SIZE=str(workspace_kib))
+        cmd = [sys.executable, __file__, "--out", str(out / "workspace"), "--rep-ms", str(rep_ms), "--child"]
+        subprocess.run(cmd, env=env, check=False)
+        path = out / "workspace" / "fp8_gemm_algos.json"
+        if path.exists():
+            for r in json.loads(path.read_text())["rows"]:
+                r["method"] = f"torch rowwise, workspace {workspace_kib // 1024} MiB"
+                rows.append(r)
+    return dump(out, rows, child)
+
+
+def dump(out: Path, rows: list[dict], child: bool) -> dict:
+    """Write fp8_gemm_algos.json (and, unless ``child``, the report) for the rows so far."""
+    import triton
+
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  command=" ".join(["python", *sys.argv]), git=os.environ.get("GIT_SHA", "unknown"),
+                  cublaslt_workspace_kib=os.environ.get("CUBLASLT_WORKSPACE_SIZE", "default"), rows=rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fp8_gemm_algos.json").write_text(json.dumps(result, indent=1) + "\n")
+    if not child:
+        write_report(result, out)
+    return result
+
+
+def per_call(rows: list[dict]) -> dict[str, float | None]:
+    """Per method, the sum over FLUX_SHAPES of count x ms (None when a shape has no time)."""
+    totals: dict[str, float | None] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        times = {tuple(r["shape"]): r.get("ms") for r in rows if r["method"] == method}
+        if any(times.get(s) is None for s in FLUX_SHAPES):
+            totals[method] = None
+        else:
+            totals[method] = sum(c * times[s] for s, c in FLUX_SHAPES.items())
+    return totals
+
+
+def write_report(result: dict, out: Path) -> None:
+    rows = result["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    totals = per_call(rows)
+    base = totals.get("torch rowwise")
+    lines = [f"# FP8 GEMM kernels on one FLUX.1-dev call's shapes, {result['device']}", "",
+             f"torch {result['torch']}, triton {result['triton']}, git {result['git']}; `triton.testing.do_bench` "
+             f"median. Command: `{result['command']}`", "", "## Per call (each shape times how often a call runs it)",
+             "", "| method | GEMM ms per call | x torch rowwise |", "|---|---|---|"]
+    for mth in methods:
+        t = totals[mth]
+        lines.append(f"| {mth} | {'-' if t is None else f'{t:.2f}'} | "
+                     f"{'-' if t is None or not base else f'{base / t:.3f}'} |")
+    lines += ["", "## Per shape (ms; the fastest cuBLASLt algorithm's tile / stages / cluster / split-K)", "",
+              "| M x K x N | count | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for (m, k, n), count in FLUX_SHAPES.items():
+        cells = []
+        for mth in methods:
+            r = next((r for r in rows if r["method"] == mth and tuple(r["shape"]) == (m, k, n)), None)
+            if r is None or r.get("ms") is None:
+                cells.append("-" if r is None else f"failed: {r.get('error', 'no time')[:60]}")
+            elif mth == "cuBLASLt best":
+                a = r["algo"]
+                cells.append(f"{r['ms']:.4f} (#{a['rank']} of {r['algorithms']}: {a['tile']} {a['stages']} "
+                             f"{a['cluster']} splitK {a['split_k']})")
+            else:
+                cells.append(f"{r['ms']:.4f}")
+        lines.append(f"| {m}x{k}x{n} | {count} | " + " | ".join(cells) + " |")
+    lines += [""] + result.get("notes", [])
+    (out / "fp8_gemm_algos.md").write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--rep-ms", type=int, default=100)
+    p.add_argument("--limit", type=int, default=16, help="how many algorithms to ask cuBLASLt's heuristic for")
+    p.add_argument("--workspace-kib", type=int, default=262144,
+                   help="CUBLASLT_WORKSPACE_SIZE of the child run (0: no child run)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--report", type=Path, help="only write the report next to this stored JSON")
+    args = p.parse_args()
+    if args.report:
+        return write_report(json.loads(args.report.read_text()), args.report.parent)
+    if args.out is None:
+        sys.exit("--out DIR is required (or --report JSON)")
+    if not torch.cuda.is_available():
+        sys.exit("fp8_gemm_algos.py needs a CUDA device")
+    run(args.out, args.rep_ms, args.limit, args.workspace_kib, args.child)
+
+
+if __name__ == "__main__":
+    main()
