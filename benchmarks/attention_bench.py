@@ -35,7 +35,7 @@ def run(out: Path, rep_ms: int) -> dict:
     import triton
     import triton.testing
 
-    from segquant_torchao.int8_attention import int8_attention, quantize_per_block
+    from segquant_torchao.int8_attention import int8_attention, quantize_per_block, tuned_config
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -55,6 +55,8 @@ def run(out: Path, rep_ms: int) -> dict:
                 row["sqnr_vs_fp32_db"] = round(sqnr_db(exact, y), 2)
             row["ms"] = round(float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")), 4)
             row["tflops"] = round(attention_tflops(b, h, s, d, row["ms"]), 1) if isinstance(y, torch.Tensor) else None
+            if method.startswith("int8 qk (kernel"):
+                row["config"] = tuned_config()  # the autotuner's tiles, warps and stages for this shape
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -65,14 +67,22 @@ def run(out: Path, rep_ms: int) -> dict:
     return result
 
 
+def config_text(config: dict | None) -> str:
+    """``BLOCK_M=128 BLOCK_N=64 w8 s3`` for a recorded autotune choice; ``-`` where none was recorded."""
+    if not config:
+        return "-"
+    tiles = " ".join(f"{k}={v}" for k, v in config.items() if k not in ("num_warps", "num_stages"))
+    return f"{tiles} w{config.get('num_warps')} s{config.get('num_stages')}"
+
+
 def write_report(result: dict, out: Path) -> None:
     """attention_bench.md from a result (``run``'s, or a stored attention_bench.json: ``--report``)."""
     lines = [f"# Attention at FLUX.1-dev's shape, {result['device']}", "",
              f"torch {result['torch']}, triton {result['triton']}; `triton.testing.do_bench` median. Command: "
-             f"`{result['command']}`", "", "| shape | method | ms | TFLOP/s | SQNR vs fp32 dB |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['shape']} | {r['method']} | {r['ms']} | {r['tflops'] or '-'} | {r.get('sqnr_vs_fp32_db', '-')} |"
-              for r in result["rows"]]
+             f"`{result['command']}`", "", "| shape | method | ms | TFLOP/s | SQNR vs fp32 dB | autotuned config |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['method']} | {r['ms']} | {r['tflops'] or '-'} | {r.get('sqnr_vs_fp32_db', '-')} | "
+              f"{config_text(r.get('config'))} |" for r in result["rows"]]
     lines += [""] + result.get("notes", [])
     lines += ["", "![ms per call](attention_bench.png)"]
     (out / "attention_bench.md").write_text("\n".join(lines).rstrip("\n") + "\n")

@@ -106,7 +106,7 @@ def cublaslt_algos(o: dict, limit: int, bench) -> list[dict]:
     return rows
 
 
-def run(out: Path, rep_ms: int, limit: int, workspace_kib: int, child: bool) -> dict:
+def run(out: Path, rep_ms: int, limit: int, workspace_kib: int, child: bool, inductor_shapes: int) -> dict:
     import triton
     import triton.testing
 
@@ -115,9 +115,12 @@ def run(out: Path, rep_ms: int, limit: int, workspace_kib: int, child: bool) -> 
 
     rows = []
     # the shapes holding most of a call's GEMM work first
-    for (m, k, n), count in sorted(FLUX_SHAPES.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1] * kv[0][2]):
+    order = sorted(FLUX_SHAPES.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1] * kv[0][2])
+    for i, ((m, k, n), count) in enumerate(order):
         o = operands(m, k, n)
         calls = torch_calls(o)
+        if i >= inductor_shapes:  # its autotuning compiles ~100 Triton candidates: about 2 minutes a shape
+            calls.pop("inductor max-autotune")
         if child:
             calls = {"torch rowwise, workspace": calls["torch rowwise"]}
         for method, (fn, ref) in calls.items():
@@ -152,7 +155,8 @@ def run(out: Path, rep_ms: int, limit: int, workspace_kib: int, child: bool) -> 
         dump(out, rows, child)  # after every shape: a run cut short keeps what it measured
     if not child and workspace_kib:
         env = dict(os.environ, CUBLASLT_WORKSPACE_SIZE=str(workspace_kib))
-        cmd = [sys.executable, __file__, "--out", str(out / "workspace"), "--rep-ms", str(rep_ms), "--child"]
+        cmd = [sys.executable, __file__, "--out", str(out / "workspace"), "--rep-ms", str(rep_ms), "--child",
+               "--inductor-shapes", "0"]
         subprocess.run(cmd, env=env, check=False)
         path = out / "workspace" / "fp8_gemm_algos.json"
         if path.exists():
@@ -176,31 +180,44 @@ def dump(out: Path, rows: list[dict], child: bool) -> dict:
     return result
 
 
-def per_call(rows: list[dict]) -> dict[str, float | None]:
-    """Per method, the sum over FLUX_SHAPES of count x ms (None when a shape has no time)."""
-    totals: dict[str, float | None] = {}
+def per_call(rows: list[dict], base: str = "torch rowwise") -> dict[str, dict]:
+    """Per method: ``ms``, the sum over FLUX_SHAPES of count x ms (None unless every shape has a time); and over the
+    shapes the method and ``base`` both timed, ``ratio`` (base's time / the method's) and ``share`` (those shapes'
+    part of base's per-call time)."""
+    def times(method: str) -> dict[tuple, float]:
+        return {tuple(r["shape"]): r["ms"] for r in rows if r["method"] == method and r.get("ms") is not None}
+
+    ref = times(base)
+    ref_total = sum(c * ref[s] for s, c in FLUX_SHAPES.items() if s in ref)
+    out: dict[str, dict] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
-        times = {tuple(r["shape"]): r.get("ms") for r in rows if r["method"] == method}
-        if any(times.get(s) is None for s in FLUX_SHAPES):
-            totals[method] = None
-        else:
-            totals[method] = sum(c * times[s] for s, c in FLUX_SHAPES.items())
-    return totals
+        t = times(method)
+        common = [s for s in FLUX_SHAPES if s in t and s in ref]
+        mine = sum(FLUX_SHAPES[s] * t[s] for s in common)
+        theirs = sum(FLUX_SHAPES[s] * ref[s] for s in common)
+        out[method] = dict(ms=sum(c * t[s] for s, c in FLUX_SHAPES.items()) if len(t) == len(FLUX_SHAPES) else None,
+                           ratio=theirs / mine if mine else None,
+                           share=theirs / ref_total if ref_total else None)
+    return out
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def write_report(result: dict, out: Path) -> None:
     rows = result["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     totals = per_call(rows)
-    base = totals.get("torch rowwise")
     lines = [f"# FP8 GEMM kernels on one FLUX.1-dev call's shapes, {result['device']}", "",
              f"torch {result['torch']}, triton {result['triton']}, git {result['git']}; `triton.testing.do_bench` "
              f"median. Command: `{result['command']}`", "", "## Per call (each shape times how often a call runs it)",
-             "", "| method | GEMM ms per call | x torch rowwise |", "|---|---|---|"]
+             "", "`x torch rowwise` compares the two on the shapes both timed; `share` is those shapes' part of torch "
+             "rowwise's GEMM time per call.", "",
+             "| method | GEMM ms per call | x torch rowwise | share |", "|---|---|---|---|"]
     for mth in methods:
         t = totals[mth]
-        lines.append(f"| {mth} | {'-' if t is None else f'{t:.2f}'} | "
-                     f"{'-' if t is None or not base else f'{base / t:.3f}'} |")
+        lines.append(f"| {mth} | {fmt(t['ms'], '.2f')} | {fmt(t['ratio'], '.3f')} | {fmt(t['share'], '.0%')} |")
     lines += ["", "## Per shape (ms; the fastest cuBLASLt algorithm's tile / stages / cluster / split-K)", "",
               "| M x K x N | count | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for (m, k, n), count in FLUX_SHAPES.items():
@@ -227,6 +244,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=16, help="how many algorithms to ask cuBLASLt's heuristic for")
     p.add_argument("--workspace-kib", type=int, default=262144,
                    help="CUBLASLT_WORKSPACE_SIZE of the child run (0: no child run)")
+    p.add_argument("--inductor-shapes", type=int, default=1,
+                   help="how many of the largest shapes get the inductor max-autotune row (about 2 min each)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--report", type=Path, help="only write the report next to this stored JSON")
     args = p.parse_args()
@@ -236,7 +255,7 @@ def main() -> None:
         sys.exit("--out DIR is required (or --report JSON)")
     if not torch.cuda.is_available():
         sys.exit("fp8_gemm_algos.py needs a CUDA device")
-    run(args.out, args.rep_ms, args.limit, args.workspace_kib, args.child)
+    run(args.out, args.rep_ms, args.limit, args.workspace_kib, args.child, args.inductor_shapes)
 
 
 if __name__ == "__main__":

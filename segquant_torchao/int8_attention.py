@@ -100,6 +100,15 @@ def _kernel_usable(t: Tensor) -> bool:
     return t.is_cuda or (interpreting and t.device.type == "cpu")
 
 
+def tuned_config() -> dict | None:
+    """The CUDA autotuner's latest choice for ``int8_attention`` (tiles, warps, stages), None before it has tuned
+    (or without triton): what benchmarks record next to their timings."""
+    best = getattr(_tuned_kernel, "best_config", None) if HAS_TRITON else None
+    if best is None:
+        return None
+    return dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+
+
 def int8_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None = None,
                    tiles: tuple[int, int] | None = None) -> Tensor:
     """Attention with INT8 ``Q K^T`` (per-64-token-block scales, K centred) and an fp16 ``P V``.

@@ -92,6 +92,12 @@ def test_attention_bench_helpers_and_cpu_refusal(tmp_path):
     bench = load_benchmark("attention_bench")
     assert bench.attention_tflops(1, 24, 4608, 128, 1.0) == pytest.approx(4 * 24 * 4608 ** 2 * 128 / 1e9)
     assert bench.sqnr_db(torch.ones(4), torch.ones(4) * 1.1) == pytest.approx(20.0)
+    assert bench.config_text(None) == "-"
+    assert bench.config_text(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)) == "BLOCK_M=128 BLOCK_N=64 w8 s3"
+    if not torch.cuda.is_available():
+        from segquant_torchao.int8_attention import tuned_config
+
+        assert tuned_config() is None  # nothing has been autotuned on a machine without CUDA
     if not torch.cuda.is_available():
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_bench.py"), "--out",
                                str(tmp_path)], capture_output=True, text=True, timeout=300)
