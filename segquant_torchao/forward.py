@@ -29,7 +29,7 @@ from torch import Tensor
 from segquant import SegQuantError
 from segquant.numerics import scale_from_amax
 
-from .kernels import codes, dual_scale_mm, negative_codes, pad_to, positive_codes, scaled_mm
+from .kernels import codes, dual_scale_mm, negative_codes, pad_to, positive_codes, scaled_mm, unit_rows
 
 
 def seg_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
@@ -76,10 +76,10 @@ def _folded(w: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
         y = y.reshape(len(rows), m, y.shape[-1]).sum(0)
         return _add_bias(y, bias).to(x.dtype)
     a = codes(v, 1.0, spec.options.precision)
-    ones = x.new_ones(1, 1, dtype=torch.float32)
     if spec.options.kernel == "fused" and spec.options.precision == "int8":
-        return _fused_gemm(a, w.qdata, ones[:1], w.weight_scale, x.dtype, bias)
-    return scaled_mm(a, w.qdata, ones, w.weight_scale, x.dtype, bias, spec.options.fast_accum)
+        return _fused_gemm(a, w.qdata, unit_rows(1, a).reshape(1), w.weight_scale, x.dtype, bias)
+    # row scales of ones (the activation scales are in col_inv): a cached buffer, not a fill before every GEMM
+    return scaled_mm(a, w.qdata, None, w.weight_scale, x.dtype, bias, spec.options.fast_accum)
 
 
 def _folded_fused(w: Tensor, x: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
@@ -90,8 +90,8 @@ def _folded_fused(w: Tensor, x: Tensor, v: Tensor, bias: Tensor | None) -> Tenso
     lo, hi = spec.bounds[i]
     neg = w.dual_mask & (v < 0)  # v has x's sign, or that of x - c when shifted
     q = codes(torch.where(neg, v / w.neg_ratio[i], v), 1.0, spec.options.precision)
-    ones = w.neg_ratio.new_ones(1)
-    return _fused_gemm(q, w.qdata, ones, w.weight_scale, x.dtype, bias, w.neg_ratio[i:i + 1], (lo, hi))
+    return _fused_gemm(q, w.qdata, unit_rows(1, q).reshape(1), w.weight_scale, x.dtype, bias,
+                       w.neg_ratio[i:i + 1], (lo, hi))
 
 
 def _tiled(w: Tensor, x: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:

@@ -51,26 +51,57 @@ def negative_codes(x: Tensor, scale: Tensor | float, precision: str) -> Tensor:
     return codes(x.clamp(max=0), scale, precision, hi=0.0)
 
 
-def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+UNIT_ROWS = 1 << 18
+"""Rows of the ``(UNIT_ROWS, 1)`` float32 ones cached per device that ``unit_rows`` slices (1 MiB; more when a
+call needs more)."""
+_UNIT_ROWS: dict[str, Tensor] = {}
+
+
+@torch.library.custom_op("segquant::unit_rows", mutates_args=())
+def _unit_rows_op(like: Tensor, m: int) -> Tensor:
+    key = str(like.device)
+    cached = _UNIT_ROWS.get(key)
+    if cached is None or cached.shape[0] < m:
+        cached = _UNIT_ROWS[key] = torch.ones(max(m, UNIT_ROWS), 1, dtype=torch.float32, device=like.device)
+    return cached[:m]
+
+
+@_unit_rows_op.register_fake
+def _(like, m):
+    return like.new_empty(m, 1, dtype=torch.float32)
+
+
+def unit_rows(m: int, like: Tensor) -> Tensor:
+    """``(m, 1)`` float32 ones on ``like``'s device: the row scales of a GEMM whose activation scale is already in
+    the weight's column scales (folded layers). A view of one buffer cached per device, behind a custom op so that
+    a compiled graph calls it instead of filling a new tensor before every GEMM: under inductor each fill is a
+    kernel launch of its own, about 500 in a FLUX.1-dev call (benchmarks/results/speed.md, run
+    h200-2026-12-01-b1-census). The buffer is made on the first call, outside CUDA graph capture in practice (the
+    warm-up call)."""
+    return _unit_rows_op(like, m)
+
+
+def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor | None, scale_b: Tensor, out_dtype: torch.dtype,
               bias: Tensor | None = None, fast_accum: bool = False) -> Tensor:
     """``(a * scale_a) @ (weight * scale_b).T + bias`` with fp32 accumulation, the bias in the epilogue.
 
     Args:
         a: ``(M, K)`` fp8 or int8 codes.
         weight: ``(N, K)`` codes of the same dtype, K and N already multiples of ``kernel_multiple``.
-        scale_a: ``(M, 1)`` float32 row scales; scale_b: ``(1, N)`` float32 column scales. When both hold one
-            value (any shape), the tensorwise GEMM runs with scalar scales.
+        scale_a: ``(M, 1)`` float32 row scales, or None for ones (``unit_rows``); scale_b: ``(1, N)`` float32
+            column scales. When both hold one value (any shape), the tensorwise GEMM runs with scalar scales.
         bias: ``(N,)`` or None; added inside the GEMM's epilogue where the kernel allows (one pass
             over the output instead of two).
     Returns:
         ``(M, N)`` in ``out_dtype``.
     """
     m, k = a.shape
-    tensorwise = scale_a.numel() == 1 and scale_b.numel() == 1  # scalar scales: the tensorwise GEMM
+    tensorwise = (scale_a is None or scale_a.numel() == 1) and scale_b.numel() == 1  # the tensorwise GEMM
     if tensorwise:
-        scale_a, scale_b = scale_a.float().reshape(()), scale_b.float().reshape(())
+        scale_a = unit_rows(1, a).reshape(()) if scale_a is None else scale_a.float().reshape(())
+        scale_b = scale_b.float().reshape(())
     else:
-        scale_a = scale_a.float().expand(m, 1).contiguous()
+        scale_a = unit_rows(m, a) if scale_a is None else scale_a.float().expand(m, 1).contiguous()
         scale_b = scale_b.float().reshape(1, -1).contiguous()
     if k != weight.shape[1]:
         a = pad_to(a.view(torch.int8) if a.dtype == FP8_DTYPE else a, 1, weight.shape[1])

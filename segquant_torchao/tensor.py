@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,20 @@ from .kernels import kernel_multiple
 from .options import SegQuantOptions
 
 aten = torch.ops.aten
+
+
+def _forward_digest() -> str:
+    """A digest of the modules that turn ``F.linear`` on a SegQuant weight into kernels. The compiled graph
+    torch.compile caches is traced through them, but its cache key holds only the graph that calls ``F.linear``
+    and this tensor's hash: without the digest, a new version of this code would reuse graphs compiled by an
+    older one."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in ("forward.py", "kernels.py", "triton_gemm.py", "tensor.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
+FORWARD_DIGEST = _forward_digest()
 
 
 def _ints(value: Any) -> tuple[int, ...]:
@@ -177,11 +192,12 @@ class SegQuantTensor(TorchAOBaseTensor):
                 f"device={self.device})")
 
     def _stable_hash_for_caching(self) -> str:
-        """What AOT autograd's cache keys on: the spec, the logical dtype and the inner tensors' metadata."""
+        """What AOT autograd's cache keys on: the spec, the logical dtype, the inner tensors' metadata and the
+        source of the code that computes the layer (``FORWARD_DIGEST``)."""
         names, _ = self.__tensor_flatten__()
         inner = [f"{n}:{tuple(getattr(self, n).shape)}:{getattr(self, n).dtype}:{getattr(self, n).stride()}"
                  for n in names]
-        text = "|".join([repr(self.spec), str(self.dtype), str(self.device.type), *inner])
+        text = "|".join([repr(self.spec), str(self.dtype), str(self.device.type), FORWARD_DIGEST, *inner])
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def segment_codes(self, i: int, block: int = 0) -> Tensor:
