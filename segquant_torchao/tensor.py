@@ -43,8 +43,20 @@ def _forward_digest() -> str:
     older one."""
     digest = hashlib.blake2b(digest_size=8)
     for name in ("forward.py", "kernels.py", "triton_gemm.py", "tensor.py"):
-        digest.update((Path(__file__).parent / name).read_bytes())
+        try:
+            digest.update((Path(__file__).parent / name).read_bytes())
+        except OSError:  # sources not on disk (a zipped install): the installed version stands in for them
+            digest.update(_installed_version().encode())
     return digest.hexdigest()
+
+
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("segquant")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 FORWARD_DIGEST = _forward_digest()

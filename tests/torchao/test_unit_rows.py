@@ -81,6 +81,9 @@ def test_compile_cache_key_holds_the_forward_code(monkeypatch):
     monkeypatch.setattr(tensor, "FORWARD_DIGEST", "another version of forward.py")
     assert weight._stable_hash_for_caching() != before
     assert len(tensor.FORWARD_DIGEST) > 0 and tensor._forward_digest() != "another version of forward.py"
+    with monkeypatch.context() as patch:  # sources not on disk: the installed version keys the cache instead
+        patch.setattr(tensor.Path, "read_bytes", lambda self: (_ for _ in ()).throw(OSError("zipped")))
+        assert len(tensor._forward_digest()) == 16
 
 
 @pytest.mark.parametrize("m", [0, 1])
