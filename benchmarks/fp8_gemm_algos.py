@@ -1,6 +1,6 @@
 """Is cuBLASLt's default FP8 kernel the fastest one for FLUX.1-dev's GEMMs? Per GEMM shape of one call:
 
-- ``torch rowwise``: ``torch._scaled_mm`` as SegQuant's folded layers call it (row scales of ones, per-column weight
+- ``torch rowwise``: ``torch._scaled_mm`` as SegQuant's layers call it (``(M, 1)`` row scales, per-column weight
   scales, bias in the epilogue, bf16 out, fast accumulation): the kernel cuBLASLt's heuristic picks first;
 - ``torch tensorwise``: the same with one scale per operand;
 - ``torch rowwise, again``: the first, timed again after all the others (the run's drift, i.e. its noise);
@@ -209,6 +209,13 @@ def per_call(rows: list[dict], base: str = "torch rowwise") -> dict[str, dict]:
     return out
 
 
+def failure(row: dict) -> str:
+    """Why a row has no time: its error, or its output's error against the reference past ``TOL``."""
+    if "error" in row:
+        return row["error"]
+    return f"error {row['err']:.3g} > {TOL}" if row.get("err") is not None else "no time"
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -233,7 +240,7 @@ def write_report(result: dict, out: Path) -> None:
         for mth in methods:
             r = next((r for r in rows if r["method"] == mth and tuple(r["shape"]) == (m, k, n)), None)
             if r is None or r.get("ms") is None:
-                cells.append("-" if r is None else f"failed: {r.get('error', 'no time')[:60]}")
+                cells.append("-" if r is None else f"failed: {failure(r)[:60]}")
             elif mth == "cuBLASLt best":
                 a = r["algo"]
                 cells.append(f"{r['ms']:.4f} (#{a['rank']} of {r['algorithms']}: {a['tile']} {a['stages']} "

@@ -513,7 +513,9 @@ def kernel_kind(name: str) -> str:
 
 
 def profile_call(fn, inputs: dict, top: int = 8) -> dict:
-    """GPU time of one call by kernel kind (ms), the top kernels, and the profiled call's wall time."""
+    """GPU time of one call by kernel kind (ms), the top kernels with their launch counts, and the profiled call's
+    wall time. ``kernel_count`` counts every GPU activity the profiler reports (kernels, and the few memsets and
+    copies)."""
     prof, wall = profiled_call(fn, inputs)
     kinds: dict[str, float] = {}
     kernels: dict[str, float] = {}

@@ -29,7 +29,7 @@ from torch import Tensor
 from segquant import SegQuantError
 from segquant.numerics import scale_from_amax
 
-from .kernels import codes, dual_scale_mm, negative_codes, pad_to, positive_codes, scaled_mm, unit_rows
+from .kernels import codes, dual_scale_mm, negative_codes, pad_to, positive_codes, scaled_mm
 
 
 def seg_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
@@ -77,8 +77,8 @@ def _folded(w: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
         return _add_bias(y, bias).to(x.dtype)
     a = codes(v, 1.0, spec.options.precision)
     if spec.options.kernel == "fused" and spec.options.precision == "int8":
-        return _fused_gemm(a, w.qdata, unit_rows(1, a).reshape(1), w.weight_scale, x.dtype, bias)
-    # row scales of ones (the activation scales are in col_inv): a cached buffer, not a fill before every GEMM
+        return _fused_gemm(a, w.qdata, None, w.weight_scale, x.dtype, bias)
+    # row scales of ones (the activation scales are in col_inv): None, read from a cached buffer inside the GEMM's op
     return scaled_mm(a, w.qdata, None, w.weight_scale, x.dtype, bias, spec.options.fast_accum)
 
 
@@ -90,8 +90,7 @@ def _folded_fused(w: Tensor, x: Tensor, v: Tensor, bias: Tensor | None) -> Tenso
     lo, hi = spec.bounds[i]
     neg = w.dual_mask & (v < 0)  # v has x's sign, or that of x - c when shifted
     q = codes(torch.where(neg, v / w.neg_ratio[i], v), 1.0, spec.options.precision)
-    return _fused_gemm(q, w.qdata, unit_rows(1, q).reshape(1), w.weight_scale, x.dtype, bias,
-                       w.neg_ratio[i:i + 1], (lo, hi))
+    return _fused_gemm(q, w.qdata, None, w.weight_scale, x.dtype, bias, w.neg_ratio[i:i + 1], (lo, hi))
 
 
 def _tiled(w: Tensor, x: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
@@ -154,7 +153,7 @@ def _dual_codes(x: Tensor, s_pos: Tensor, s_neg: Tensor, precision: str) -> Tens
     return codes(torch.where(x >= 0, x / s_pos, x / s_neg), 1.0, precision)
 
 
-def _fused_gemm(q: Tensor, weight: Tensor, s_pos: Tensor, w_scale: Tensor, out_dtype: torch.dtype,
+def _fused_gemm(q: Tensor, weight: Tensor, s_pos: Tensor | None, w_scale: Tensor, out_dtype: torch.dtype,
                 bias: Tensor | None, s_neg: Tensor | None = None, dual_range: tuple[int, int] | None = None) -> Tensor:
     from .triton_gemm import scaled_gemm
 

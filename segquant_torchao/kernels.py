@@ -52,33 +52,41 @@ def negative_codes(x: Tensor, scale: Tensor | float, precision: str) -> Tensor:
 
 
 UNIT_ROWS = 1 << 18
-"""Rows of the ``(UNIT_ROWS, 1)`` float32 ones cached per device that ``unit_rows`` slices (1 MiB; more when a
-call needs more)."""
-_UNIT_ROWS: dict[str, Tensor] = {}
+"""Rows of the ``(UNIT_ROWS, 1)`` float32 ones cached per device (1 MiB; a longer buffer when a call needs more)."""
+_UNIT_ROWS: dict[str, list[Tensor]] = {}
 
 
-@torch.library.custom_op("segquant::unit_rows", mutates_args=())
-def _unit_rows_op(like: Tensor, m: int) -> Tensor:
-    key = str(like.device)
-    cached = _UNIT_ROWS.get(key)
-    if cached is None or cached.shape[0] < m:
-        cached = _UNIT_ROWS[key] = torch.ones(max(m, UNIT_ROWS), 1, dtype=torch.float32, device=like.device)
-    return cached[:m]
+def cached_ones(m: int, device: torch.device) -> Tensor:
+    """``(m, 1)`` float32 ones: a view of a buffer cached per device, for the GEMMs of layers whose activation scale
+    is already in the weight's column scales (folded layers). Only custom ops call this, with the view never
+    leaving them, so no compiled graph can write into the buffer. Filling a new tensor instead costs, under
+    inductor, a kernel launch before every GEMM (about 420 in a FLUX.1-dev call: benchmarks/results/speed.md, runs
+    h200-2026-12-01-b1-census and -unit-rows). A buffer outgrown stays alive (a CUDA graph captured with it still
+    reads it); during CUDA graph capture with no buffer yet, the ones are made for that call only (captured with
+    it), never cached."""
+    buffers = _UNIT_ROWS.setdefault(str(device), [])
+    if buffers and buffers[-1].shape[0] >= m:
+        return buffers[-1][:m]
+    ones = torch.ones(max(m, UNIT_ROWS), 1, dtype=torch.float32, device=device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return ones[:m]
+    buffers.append(ones)
+    return ones[:m]
 
 
-@_unit_rows_op.register_fake
-def _(like, m):
-    return like.new_empty(m, 1, dtype=torch.float32)
+@torch.library.custom_op("segquant::scaled_mm_unit_rows", mutates_args=())
+def _scaled_mm_unit_rows(a: Tensor, weight_t: Tensor, scale_b: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+                         fast_accum: bool) -> Tensor:
+    """``torch._scaled_mm`` with row scales of ones (``cached_ones``; a scalar one when ``scale_b`` is a scalar)."""
+    ones = cached_ones(a.shape[0], a.device)
+    scale_a = ones[:1].reshape(()) if scale_b.dim() == 0 else ones
+    return torch._scaled_mm(a, weight_t, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
 
 
-def unit_rows(m: int, like: Tensor) -> Tensor:
-    """``(m, 1)`` float32 ones on ``like``'s device: the row scales of a GEMM whose activation scale is already in
-    the weight's column scales (folded layers). A view of one buffer cached per device, behind a custom op so that
-    a compiled graph calls it instead of filling a new tensor before every GEMM: under inductor each fill is a
-    kernel launch of its own, about 500 in a FLUX.1-dev call (benchmarks/results/speed.md, run
-    h200-2026-12-01-b1-census). The buffer is made on the first call, outside CUDA graph capture in practice (the
-    warm-up call)."""
-    return _unit_rows_op(like, m)
+@_scaled_mm_unit_rows.register_fake
+def _(a, weight_t, scale_b, bias, out_dtype, fast_accum):
+    return a.new_empty(a.shape[0], weight_t.shape[1], dtype=out_dtype)
 
 
 def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor | None, scale_b: Tensor, out_dtype: torch.dtype,
@@ -88,8 +96,9 @@ def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor | None, scale_b: Tensor
     Args:
         a: ``(M, K)`` fp8 or int8 codes.
         weight: ``(N, K)`` codes of the same dtype, K and N already multiples of ``kernel_multiple``.
-        scale_a: ``(M, 1)`` float32 row scales, or None for ones (``unit_rows``); scale_b: ``(1, N)`` float32
-            column scales. When both hold one value (any shape), the tensorwise GEMM runs with scalar scales.
+        scale_a: ``(M, 1)`` float32 row scales, or None for ones (``cached_ones``, read inside a custom op);
+            scale_b: ``(1, N)`` float32 column scales. When both hold one value (any shape), the tensorwise GEMM
+            runs with scalar scales.
         bias: ``(N,)`` or None; added inside the GEMM's epilogue where the kernel allows (one pass
             over the output instead of two).
     Returns:
@@ -98,10 +107,10 @@ def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor | None, scale_b: Tensor
     m, k = a.shape
     tensorwise = (scale_a is None or scale_a.numel() == 1) and scale_b.numel() == 1  # the tensorwise GEMM
     if tensorwise:
-        scale_a = unit_rows(1, a).reshape(()) if scale_a is None else scale_a.float().reshape(())
+        scale_a = None if scale_a is None else scale_a.float().reshape(())
         scale_b = scale_b.float().reshape(())
     else:
-        scale_a = unit_rows(m, a) if scale_a is None else scale_a.float().expand(m, 1).contiguous()
+        scale_a = None if scale_a is None else scale_a.float().expand(m, 1).contiguous()
         scale_b = scale_b.float().reshape(1, -1).contiguous()
     if k != weight.shape[1]:
         a = pad_to(a.view(torch.int8) if a.dtype == FP8_DTYPE else a, 1, weight.shape[1])
@@ -112,15 +121,18 @@ def scaled_mm(a: Tensor, weight: Tensor, scale_a: Tensor | None, scale_b: Tensor
         # cuBLASLt's row-wise scaled fp8 GEMM writes bf16 only; the CPU kernel writes any float dtype
         mm_dtype = torch.bfloat16 if a.is_cuda and out_dtype == torch.float32 and not tensorwise else out_dtype
         fused = bias is not None and bias.dtype == mm_dtype
-        y = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias if fused else None,
-                             out_dtype=mm_dtype, use_fast_accum=fast_accum)
+        if scale_a is None:
+            y = _scaled_mm_unit_rows(a, weight.t(), scale_b, bias if fused else None, mm_dtype, fast_accum)
+        else:
+            y = torch._scaled_mm(a, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias if fused else None,
+                                 out_dtype=mm_dtype, use_fast_accum=fast_accum)
         y = y if mm_dtype == out_dtype else y.to(out_dtype)
         return y + bias if bias is not None and not fused else y
     if a.dtype != torch.int8:
         raise TypeError(f"scaled_mm expects fp8 or int8 codes, got {a.dtype}")
     a_p = pad_to(a, 0, 8, minimum=24) if (m <= 16 or m % 8) else a
     acc = torch._int_mm(a_p, weight.t())[:m]
-    y = acc.float() * scale_a * scale_b
+    y = acc.float() * scale_b if scale_a is None else acc.float() * scale_a * scale_b
     return (y + bias.float() if bias is not None else y).to(out_dtype)
 
 

@@ -37,14 +37,18 @@ aten = torch.ops.aten
 
 
 def _forward_digest() -> str:
-    """A digest of the modules that turn ``F.linear`` on a SegQuant weight into kernels. The compiled graph
-    torch.compile caches is traced through them, but its cache key holds only the graph that calls ``F.linear``
-    and this tensor's hash: without the digest, a new version of this code would reuse graphs compiled by an
-    older one."""
+    """A digest of the modules that turn ``F.linear`` on a SegQuant weight into kernels, and of
+    ``segquant.numerics``, whose ranges they read. The graph torch.compile caches is traced through them, but its
+    cache key holds only the graph that calls ``F.linear`` and this tensor's hash: without the digest, a new
+    version of this code would reuse graphs compiled by an older one."""
+    from segquant import numerics  # the formats' ranges and the scale rules the traced code reads
+
     digest = hashlib.blake2b(digest_size=8)
-    for name in ("forward.py", "kernels.py", "triton_gemm.py", "tensor.py"):
+    here = Path(__file__).parent
+    for path in (here / "forward.py", here / "kernels.py", here / "triton_gemm.py", here / "tensor.py",
+                 Path(numerics.__file__)):
         try:
-            digest.update((Path(__file__).parent / name).read_bytes())
+            digest.update(path.read_bytes())
         except OSError:  # sources not on disk (a zipped install): the installed version stands in for them
             digest.update(_installed_version().encode())
     return digest.hexdigest()

@@ -309,9 +309,19 @@ def _launch_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_scal
 
 # ---- the custom op and the public entry points --------------------------------------------------------
 
+def _with_ones(a: Tensor, s_pos: Tensor | None, s_neg: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The row scales a kernel takes: ``s_pos`` None means one (a view of ``kernels.cached_ones``, made inside the
+    op so that no compiled graph holds it), ``s_neg`` None means ``s_pos``."""
+    from .kernels import cached_ones
+
+    s_pos = cached_ones(1, a.device).reshape(1) if s_pos is None else s_pos
+    return s_pos, s_pos if s_neg is None else s_neg
+
+
 @torch.library.custom_op("segquant::scaled_gemm", mutates_args=())
-def _scaled_gemm_op(a: Tensor, weight: Tensor, s_pos: Tensor, s_neg: Tensor, w_scale: Tensor, bias: Tensor | None,
-                    dual_lo: int, dual_hi: int, out_dtype: torch.dtype) -> Tensor:
+def _scaled_gemm_op(a: Tensor, weight: Tensor, s_pos: Tensor | None, s_neg: Tensor | None, w_scale: Tensor,
+                    bias: Tensor | None, dual_lo: int, dual_hi: int, out_dtype: torch.dtype) -> Tensor:
+    s_pos, s_neg = _with_ones(a, s_pos, s_neg)
     if triton_usable(a):
         return _launch_gemm(a, weight, s_pos, s_neg, w_scale, bias, dual_lo, dual_hi, out_dtype)
     return _torch_gemm(a, weight, s_pos, s_neg, w_scale, bias, dual_lo, dual_hi, out_dtype)
@@ -322,7 +332,7 @@ def _(a, weight, s_pos, s_neg, w_scale, bias, dual_lo, dual_hi, out_dtype):
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 
-def scaled_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, w_scale: Tensor, out_dtype: torch.dtype,
+def scaled_gemm(a: Tensor, weight: Tensor, s_pos: Tensor | None, w_scale: Tensor, out_dtype: torch.dtype,
                 bias: Tensor | None = None, s_neg: Tensor | None = None, dual_range: tuple[int, int] | None = None,
                 config: dict | None = None) -> Tensor:
     """``y = (q+ * s+ + q- * s-) @ weight.T * w_scale + bias``, ``q-`` = the negative codes inside ``dual_range``.
@@ -332,7 +342,8 @@ def scaled_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, w_scale: Tensor, out_d
     Args:
         a: ``(M, K)`` fp8 e4m3 or int8 codes; ONE tensor, the sign selects the scale inside ``dual_range``.
         weight: ``(N, K')`` codes of the same dtype, ``K' >= K`` (columns past K, e.g. padding, are unused).
-        s_pos: row scales of the positive (or every) code: ``(M,)``/``(M, 1)`` per token or one per tensor.
+        s_pos: row scales of the positive (or every) code: ``(M,)``/``(M, 1)`` per token or one per tensor; None
+            for ones (folded layers, whose activation scales are in the weight's column scales).
         w_scale: ``(N,)``/``(1, N)`` float32 column (weight) scales.
         s_neg: scales of the negative codes inside ``dual_range``, shaped like ``s_pos``; None = plain GEMM.
         dual_range: ``(lo, hi)`` K range of DualScale columns; default all of K when ``s_neg`` is given.
@@ -348,14 +359,14 @@ def scaled_gemm(a: Tensor, weight: Tensor, s_pos: Tensor, w_scale: Tensor, out_d
     else:
         lo, hi = dual_range if dual_range is not None else (0, k)
     _check_gemm(a, weight, w_scale, bias, lo, hi, out_dtype)
-    s_pos = _row_scale(s_pos, m, "s_pos")
+    s_pos = None if s_pos is None else _row_scale(s_pos, m, "s_pos")
     s_neg = s_pos if s_neg is None else _row_scale(s_neg, m, "s_neg")
     if m == 0:
         return a.new_zeros(0, weight.shape[0], dtype=out_dtype)
     if config is not None:
         if not triton_usable(a):
             raise RuntimeError("an explicit Triton config needs a CUDA tensor or TRITON_INTERPRET=1")
-        return _launch_gemm(a, weight, s_pos, s_neg, w_scale, bias, lo, hi, out_dtype, config)
+        return _launch_gemm(a, weight, *_with_ones(a, s_pos, s_neg), w_scale, bias, lo, hi, out_dtype, config)
     return _scaled_gemm_op(a, weight, s_pos, s_neg, w_scale, bias, lo, hi, out_dtype)
 
 

@@ -41,6 +41,20 @@ def build_tiny(class_name: str, seed: int = 0, device: str = "cpu"):
     return cls.from_config(TINY_CONFIGS[class_name]).eval()
 
 
+def seeded_batches(model, count: int, first_seed: int) -> list[dict]:
+    """``count`` example input batches of ``model`` (``segquant.example_inputs``), batch ``i`` drawn after
+    ``torch.manual_seed(first_seed + i)``: the calibration data several test files build the same way."""
+    import torch
+
+    import segquant
+
+    batches = []
+    for i in range(count):
+        torch.manual_seed(first_seed + i)
+        batches.append(segquant.example_inputs(model))
+    return batches
+
+
 _WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "the", "on", "table"]
 
 

@@ -16,7 +16,7 @@ from segquant.recipe import load_recipe  # noqa: E402
 from segquant.recording import record_linears  # noqa: E402
 from segquant_torchao import quantized_layers  # noqa: E402
 from segquant_torchao.kernels import codes  # noqa: E402
-from _models import build_tiny  # noqa: E402
+from _models import build_tiny, seeded_batches  # noqa: E402
 
 # The ModelOpt layers fake-quantize through segquant.numerics; torchao runs real int8 GEMMs with the same
 # codes, so only float32 accumulation order differs.
@@ -26,10 +26,7 @@ RTOL, ATOL = 1e-4, 1e-5
 @pytest.fixture(scope="module")
 def case():
     model = build_tiny("FluxTransformer2DModel")
-    batches = []
-    for i in range(2):
-        torch.manual_seed(200 + i)
-        batches.append(segquant.example_inputs(model))
+    batches = seeded_batches(model, 2, first_seed=200)
 
     def loop(m):
         with torch.no_grad():

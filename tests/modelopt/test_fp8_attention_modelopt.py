@@ -10,11 +10,10 @@ import torch
 mtq = pytest.importorskip("modelopt.torch.quantization")
 pytest.importorskip("diffusers")
 
-import segquant  # noqa: E402
 import segquant_modelopt as sm  # noqa: E402
 from segquant import SegQuantError  # noqa: E402
 from segquant.numerics import sqnr_db  # noqa: E402
-from _models import build_tiny  # noqa: E402
+from _models import build_tiny, seeded_batches  # noqa: E402
 
 ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
 
@@ -22,11 +21,7 @@ ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer",
 @pytest.fixture(scope="module")
 def tiny_flux():
     model = build_tiny("FluxTransformer2DModel")
-    data = []
-    for seed in range(3):
-        torch.manual_seed(100 + seed)
-        data.append(segquant.example_inputs(model))
-    return model, data
+    return model, seeded_batches(model, 3, first_seed=100)
 
 
 def quantized(model, data, cfg):

@@ -21,7 +21,7 @@ from segquant import SegmentAmaxObserver, SegQuantError  # noqa: E402
 from segquant import numerics as nx  # noqa: E402
 from segquant.recording import record_linears  # noqa: E402
 import segquant_modelopt as sm  # noqa: E402
-from _models import build_tiny  # noqa: E402
+from _models import build_tiny, seeded_batches  # noqa: E402
 
 # SegmentTensorQuantizer fake-quantizes through segquant.numerics, so every quantized layer matches the
 # reference to float32 accumulation error; 1e-5 relative to the layer's output range.
@@ -35,11 +35,7 @@ def assert_matches_reference(got, expected, name):
 
 def tiny(name="FluxTransformer2DModel", batches=3):
     model = build_tiny(name)
-    data = []
-    for seed in range(batches):
-        torch.manual_seed(100 + seed)
-        data.append(segquant.example_inputs(model))
-    return model, data
+    return model, seeded_batches(model, batches, first_seed=100)
 
 
 def loop_over(data):

@@ -49,9 +49,11 @@ def test_report_names_the_fastest_algorithm_and_failures(bench, tmp_path):
              for r in rows_for(bench, "x", 0.0)]
     rows.append(dict(shape=list(next(iter(bench.FLUX_SHAPES))), count=1, method="torch tensorwise", ms=None,
                      error="RuntimeError: no kernel"))
+    rows.append(dict(shape=list(list(bench.FLUX_SHAPES)[1]), count=1, method="torch tensorwise", ms=None, err=0.05))
     bench.write_report(dict(device="GPU", torch="t", triton="tr", git="g", command="c", rows=rows), tmp_path)
     text = (tmp_path / "fp8_gemm_algos.md").read_text()
     assert "#3 of 8: (192, 128)" in text and "failed: RuntimeError: no kernel" in text
+    assert "failed: error 0.05 > 0.02" in text  # rejected by the reference check: the error is shown
     assert "| cuBLASLt best | " in text and "1.111" in text  # 0.2 / 0.18
 
 

@@ -1,6 +1,6 @@
-"""The row scales of ones that folded layers hand the GEMM (``kernels.unit_rows``): one cached buffer per device
-behind a custom op, so that a compiled graph reads it instead of filling a new tensor before every GEMM, and the
-compile cache keys on the code that computes a SegQuant layer."""
+"""The row scales of ones that folded layers' GEMMs take (``kernels.cached_ones``): one buffer cached per device,
+read only inside the custom ops that run the GEMM (so a compiled graph neither fills a new tensor before every GEMM
+nor can write into the buffer), and the compile cache keyed on the code that computes a SegQuant layer."""
 
 import pytest
 import torch
@@ -10,31 +10,52 @@ from torch._inductor.utils import run_and_get_code
 import segquant
 from segquant_torchao import SegQuantConfig, calibration_from, quantize
 from segquant_torchao import kernels, tensor
+from segquant_torchao.triton_gemm import scaled_gemm
 
 
-def test_unit_rows_are_views_of_one_cached_buffer(monkeypatch):
+def test_cached_ones_are_views_of_one_buffer_and_outgrown_buffers_stay(monkeypatch):
     monkeypatch.setattr(kernels, "_UNIT_ROWS", {})
     monkeypatch.setattr(kernels, "UNIT_ROWS", 8)
-    like = torch.zeros(3, dtype=torch.float8_e4m3fn)
-    a, b = kernels.unit_rows(5, like), kernels.unit_rows(2, like)
+    cpu = torch.device("cpu")
+    a, b = kernels.cached_ones(5, cpu), kernels.cached_ones(2, cpu)
     assert a.shape == (5, 1) and a.dtype == torch.float32 and torch.equal(a, torch.ones(5, 1))
     assert a.data_ptr() == b.data_ptr() and a.is_contiguous()
-    big = kernels.unit_rows(20, like)  # past the buffer: a longer one replaces it
+    big = kernels.cached_ones(20, cpu)  # past the buffer: a longer one, the first kept (graphs may read it)
     assert big.shape == (20, 1) and torch.equal(big, torch.ones(20, 1))
-    assert kernels._UNIT_ROWS["cpu"].shape == (20, 1)
+    assert [t.shape[0] for t in kernels._UNIT_ROWS["cpu"]] == [8, 20]
+    assert kernels.cached_ones(0, cpu).shape == (0, 1)
+
+
+def codes_and_scales(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.randn(6, 32, generator=gen) * 20).to(torch.float8_e4m3fn)
+    w = (torch.randn(16, 32, generator=gen) * 20).to(torch.float8_e4m3fn)
+    return a, w, torch.rand(1, 16, generator=gen) + 0.5, torch.randn(16, generator=gen)
 
 
 def test_scaled_mm_without_row_scales_equals_ones():
-    gen = torch.Generator().manual_seed(0)
-    a = (torch.randn(6, 32, generator=gen) * 20).to(torch.float8_e4m3fn)
-    w = (torch.randn(16, 32, generator=gen) * 20).to(torch.float8_e4m3fn)
-    ws = torch.rand(1, 16, generator=gen) + 0.5
-    bias = torch.randn(16, generator=gen)
+    a, w, ws, bias = codes_and_scales()
     explicit = kernels.scaled_mm(a, w, torch.ones(6, 1), ws, torch.float32, bias)
     torch.testing.assert_close(kernels.scaled_mm(a, w, None, ws, torch.float32, bias), explicit, rtol=0, atol=0)
     one = torch.ones(1, 1) * 0.25  # one weight scale: the tensorwise GEMM, with a scalar one for the rows
     torch.testing.assert_close(kernels.scaled_mm(a, w, None, one, torch.float32),
                                kernels.scaled_mm(a, w, torch.ones(1, 1), one, torch.float32), rtol=0, atol=0)
+    a8, w8 = a.float().round().clamp(-127, 127).to(torch.int8), w.float().round().clamp(-127, 127).to(torch.int8)
+    torch.testing.assert_close(kernels.scaled_mm(a8, w8, None, ws, torch.float32, bias),
+                               kernels.scaled_mm(a8, w8, torch.ones(6, 1), ws, torch.float32, bias), rtol=0, atol=0)
+
+
+def test_triton_gemm_without_row_scales_equals_ones():
+    a, w, ws, bias = codes_and_scales(1)
+    for codes_a, codes_w in ((a, w), (a.float().round().clamp(-127, 127).to(torch.int8),
+                                      w.float().round().clamp(-127, 127).to(torch.int8))):
+        ones = torch.ones(6)
+        torch.testing.assert_close(scaled_gemm(codes_a, codes_w, None, ws, torch.float32, bias=bias),
+                                   scaled_gemm(codes_a, codes_w, ones, ws, torch.float32, bias=bias), rtol=0, atol=0)
+        s_neg = torch.full((1,), 0.5)  # DualScale: the negative codes of K columns 8..24 scaled by s- / s+
+        torch.testing.assert_close(
+            scaled_gemm(codes_a, codes_w, None, ws, torch.float32, s_neg=s_neg, dual_range=(8, 24)),
+            scaled_gemm(codes_a, codes_w, ones, ws, torch.float32, s_neg=s_neg, dual_range=(8, 24)), rtol=0, atol=0)
 
 
 class Block(nn.Module):
@@ -61,7 +82,7 @@ def folded_block() -> tuple[nn.Module, torch.Tensor]:
     return model, x
 
 
-def test_compiled_folded_layers_read_the_cached_rows():
+def test_compiled_folded_layers_run_their_gemm_with_the_cached_rows():
     model, x = folded_block()
     with torch.inference_mode():
         eager = model(x)
@@ -71,7 +92,9 @@ def test_compiled_folded_layers_read_the_cached_rows():
     source = "\n".join(codes)
     folded = [m for m in model.modules() if isinstance(getattr(m, "weight", None), tensor.SegQuantTensor)]
     assert len(folded) == 2  # up and gate (the output layer stays in high precision)
-    assert source.count("torch.ops.segquant.unit_rows.default(") == len(folded)  # read, not filled, per GEMM
+    assert source.count("torch.ops.segquant.scaled_mm_unit_rows.default(") == len(folded)
+    assert "_scaled_mm(" not in source.replace("scaled_mm_unit_rows", "")  # no GEMM outside the op: no fill
+    assert all(torch.equal(t, torch.ones_like(t)) for t in kernels._UNIT_ROWS["cpu"])  # never written into
 
 
 def test_compile_cache_key_holds_the_forward_code(monkeypatch):
@@ -87,6 +110,7 @@ def test_compile_cache_key_holds_the_forward_code(monkeypatch):
 
 
 @pytest.mark.parametrize("m", [0, 1])
-def test_unit_rows_at_the_edges(m):
-    rows = kernels.unit_rows(m, torch.zeros(1))
-    assert rows.shape == (m, 1)
+def test_folded_layers_at_the_edges(m):
+    model, _ = folded_block()
+    with torch.inference_mode():
+        assert model.up(torch.zeros(m, 32)).shape == (m, 64)
