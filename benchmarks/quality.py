@@ -3,6 +3,7 @@ and the SegQuant ablation, all sampled from the same noise and calibrated on the
 
     python benchmarks/quality.py --device cuda --out benchmarks/results          # what produced the results
     python benchmarks/quality.py --models mnist-unet --num-samples 8 --seeds 2 --steps 2   # a quick CPU check
+    python benchmarks/quality.py --device cuda --num-gpus 2 ...      # the (row, seed) jobs split over 2 GPUs
     python benchmarks/quality.py --models mnist-flux --device cuda --num-samples 128 --no-budget \
         --precisions int8_w8a8 fp8 int8_dynamic fp8_dynamic          # the rows benchmarks/quality_speed.py joins
 
@@ -17,6 +18,12 @@ differences against each row's baseline (and shift vs DualScale vs both) with 95
 int8/fp8 SegQuant row is also paired with every peer preset of its format (``peer_paired``, read by
 benchmarks/quality_speed.py). ModelOpt's CUDA extensions are not built here: ModelOpt's own PyTorch fallback fake
 quant runs (as on CPU). Results: quality.{json,md,png}.
+
+``--num-gpus N`` (or ``torch.distributed.run`` / ``accelerate launch``) splits the (row, calibration seed) jobs over N
+processes; each job runs whole in one process, exactly as a single process runs it, and rank 0 gathers them in order
+and writes the results. They equal one process's bit for bit on the same device type and thread count (on the CPU,
+torch.distributed.run gives each rank one thread: compare with ``OMP_NUM_THREADS=1``). Jobs rather than images are
+split because every row calibrates on its own: no statistic has to be merged, ModelOpt's own presets included.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +47,8 @@ from segquant.app.embedded import (load_classifier, load_denoiser, mnist_test_fe
 from segquant.app.evaluation import (layer_sqnr, linear_flops, mean_sqnr, quantized_flop_fraction,
                                      record_linear_io, score_images)
 from segquant.app.metrics import paired_interval
+from segquant.app.parallel import check_num_processes, launched, relaunch
+from segquant.distributed import gather_objects
 
 PRECISIONS = ("int8_w8a8", "int8_perchannel", "fp8", "w8a6", "w4a8")
 RECIPE_SKIP = "recipe_skip"
@@ -278,6 +289,97 @@ def quantized_names(row: dict, model) -> set[str]:
     return set(get_backend(backend).quantized_linears(model))
 
 
+@dataclasses.dataclass
+class ModelContext:
+    """What every (row, seed) job of one model reads: the float model and its reference images and scores."""
+
+    name: str
+    fp: object
+    plan: SegQuantPlan
+    changed: list[str]
+    ref_io: dict
+    flops: dict
+    fp_images: torch.Tensor
+    fp_scores: object
+    rows: list[dict]
+
+
+def model_context(model_name: str, args, labels: torch.Tensor, classifier) -> ModelContext:
+    fp = load_denoiser(model_name, args.device)
+    example = fp.example_inputs(2)
+    plan = every_linear(analyze(fp.model, **example))
+    ref_io = record_linear_io(fp.model, lambda: fp.model(**example))
+    fp_images = sample(fp, labels, seed=0, steps=args.steps, progress=False)
+    rows = build_rows(fp.family, tuple(args.precisions))
+    if args.rows:
+        rows = [r for r in rows if any(s in r["name"] for s in args.rows)]
+    return ModelContext(model_name, fp, plan, sorted(n for n, lp in plan.layers.items() if not lp.is_plain), ref_io,
+                        linear_flops(ref_io), fp_images, score_images(fp_images, fp_images, labels, classifier), rows)
+
+
+def row_seeds(row: dict, args) -> list:
+    return list(range(args.seeds)) if row["calibrated"] else [None]
+
+
+def run_job(row: dict, seed, ctx: ModelContext, args, labels, calib_labels, classifier, mnist, started) -> dict:
+    """One row calibrated with one seed: a copy of the float model quantized, sampled and scored. Returns the run's
+    summary (``error`` when it failed) and its per-image PSNR, SSIM and correctness (CPU tensors)."""
+    t = time.time()
+    den = copy.deepcopy(ctx.fp)
+
+    def forward_loop(_model, den=den, seed=seed):
+        sample(den, calib_labels, seed=1000 + (seed or 0), steps=args.steps, progress=False)
+
+    notes: list[str] = []
+    try:
+        den.model = quantize_row(row, den, forward_loop, ctx.plan, ctx.name, notes)
+        images = sample(den, labels, seed=0, steps=args.steps, progress=False)
+    except Exception as e:  # noqa: BLE001 - a failing row is a result, recorded as such
+        run = {"seed": seed, "error": f"{type(e).__name__}: {e}"[:400]}
+        print(f"{ctx.name} | {row['name']} | seed {seed}: FAILED {run['error']}", flush=True)
+        return {"run": run, "per_image": None}
+    scores = score_images(images, ctx.fp_images, labels, classifier)
+    sq = layer_sqnr(den.model, ctx.ref_io)
+    qnames = quantized_names(row, den.model)
+    run = {"seed": seed, **scores.summary(ctx.fp_scores, mnist),
+           "quantized_linear_flop_fraction": quantized_flop_fraction(ctx.flops, qnames),
+           "quantized_other_layers": quantized_other_layers(den.model),
+           "mean_sqnr_db_changed_layers": mean_sqnr(sq, ctx.changed, qnames),
+           "layer_sqnr_db": sq, "seconds": time.time() - t, **({"notes": notes} if notes else {})}
+    print(f"{ctx.name} | {row['name']} | seed {seed}: PSNR {run['psnr_db']:.2f} SSIM {run['ssim']:.4f} "
+          f"acc {run['class_accuracy']:.3f} ({run['seconds']:.1f}s, total {time.time() - started:.0f}s)", flush=True)
+    return {"run": run, "per_image": {"psnr": scores.psnr.cpu(), "ssim": scores.ssim.cpu(),
+                                      "correct": scores.correct.float().cpu()}}
+
+
+def record_job(job: dict, row: dict, ctx: ModelContext, runs: list, per_image: dict, log) -> None:
+    """A job's result into its row's runs, the per-image lists and quality_runs.jsonl."""
+    runs.append(job["run"])
+    if job["per_image"] is None:
+        return
+    rec = per_image.setdefault(row["name"], {"psnr": [], "ssim": [], "correct": []})
+    for key, values in job["per_image"].items():
+        rec[key].append(values)
+    log.write(json.dumps({"model": ctx.name, "row": row["name"],
+                          **{k: v for k, v in job["run"].items() if k != "layer_sqnr_db"}}) + "\n")
+    log.flush()
+
+
+def gather_jobs(local: dict, device: str) -> dict:
+    """Every rank's job results, merged (a collective of the processes ``--num-gpus`` started). The process group
+    exists only for this gather: while the jobs run, each rank samples and calibrates on its own, as one process
+    would, so its numbers are bit for bit a single process's on the same device."""
+    import datetime
+
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                         timeout=datetime.timedelta(hours=24))  # ranks finish their jobs unevenly
+    try:
+        parts = gather_objects(local)
+    finally:
+        torch.distributed.destroy_process_group()
+    return {key: job for part in parts for key, job in part.items()}
+
+
 def main(argv=None) -> None:
     p = parser(__doc__)
     p.add_argument("--models", nargs="+", default=["mnist-flux", "mnist-unet"])
@@ -286,13 +388,16 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="run the (row, seed) jobs in N processes, one per GPU (gloo processes with --device cpu); "
+                   "rank 0 gathers them and writes the results, which equal one process's")
     p.add_argument("--rows", nargs="*", help="only rows whose name contains one of these strings")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS) + [f"{f}_dynamic" for f in DYNAMIC_FORMATS],
                    choices=list(PRECISIONS) + [f"{f}_dynamic" for f in DYNAMIC_FORMATS],
                    help="SegQuant rows of these precisions only (the library presets always run; default: all)")
     p.add_argument("--no-budget", action="store_true", help="skip the per-group error budget")
     p.add_argument("--save-every-row", action="store_true", help="rewrite quality.json/.md after every row (a run "
-                   "stopped by a time limit keeps its finished rows)")
+                   "stopped by a time limit keeps its finished rows; one process only)")
     p.add_argument("--merge", nargs="+", type=Path, help="combine the models of these quality.json files (e.g. "
                    "runs on different devices) into --out, each model keeping its own command and device")
     args = p.parse_args(argv)
@@ -300,83 +405,66 @@ def main(argv=None) -> None:
         return merge(args.merge, args.out)
     if args.num_samples < 2 or args.seeds < 1:
         raise SystemExit("--num-samples must be >= 2 and --seeds >= 1")
+    try:
+        check_num_processes(args.num_gpus, args.device)
+    except SegQuantError as e:
+        raise SystemExit(str(e)) from None
+    if args.num_gpus > 1 and not launched():
+        raise SystemExit(relaunch(args.num_gpus, sys.argv[1:] if argv is None else list(argv), target=[__file__]))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and args.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
     torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 reference math
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "quality_runs.jsonl"
-    log = open(log_path, "w")
     classifier = load_classifier(args.device)
     mnist = mnist_test_feature_stats()
     labels = sample_labels(args.num_samples)
     calib_labels = sample_labels(args.calib_samples)
     settings = vars(args)
-    result = {"settings": settings, "models": {}, "environment": environment(args.device)}
+    result = {"settings": settings, "models": {}, "environment": environment(args.device, processes=world)}
     started = time.time()
+    contexts = {name: None for name in args.models}
+    jobs: dict = {}
+    if world > 1:  # each rank runs every world-th (row, seed) job of every model, then rank 0 gathers them
+        for model_name in args.models:
+            ctx = contexts[model_name] = model_context(model_name, args, labels, classifier)
+            mine = [(i, seed) for i, row in enumerate(ctx.rows) for seed in row_seeds(row, args)][rank::world]
+            for i, seed in mine:
+                jobs[(model_name, i, seed)] = run_job(ctx.rows[i], seed, ctx, args, labels, calib_labels,
+                                                      classifier, mnist, started)
+        jobs = gather_jobs(jobs, args.device)
+        if rank != 0:
+            return
+    log = open(out / "quality_runs.jsonl", "w")
     for model_name in args.models:
-        fp = load_denoiser(model_name, args.device)
-        family = fp.family
-        example = fp.example_inputs(2)
-        plan = every_linear(analyze(fp.model, **example))
-        changed = sorted(n for n, lp in plan.layers.items() if not lp.is_plain)
-        ref_io = record_linear_io(fp.model, lambda: fp.model(**example))
-        flops = linear_flops(ref_io)
-        fp_images = sample(fp, labels, seed=0, steps=args.steps, progress=False)
-        fp_scores = score_images(fp_images, fp_images, labels, classifier)
-        model_result = {"fp": fp_scores.summary(None, mnist), "plan": plan.summary(), "changed_layers": changed,
-                        "rows": {}, "environment": result["environment"], "settings": settings}
-        rows = build_rows(family, tuple(args.precisions))
-        if args.rows:
-            rows = [r for r in rows if any(s in r["name"] for s in args.rows)]
+        ctx = contexts[model_name] or model_context(model_name, args, labels, classifier)
+        model_result = {"fp": ctx.fp_scores.summary(None, mnist), "plan": ctx.plan.summary(),
+                        "changed_layers": ctx.changed, "rows": {}, "environment": result["environment"],
+                        "settings": settings}
         per_image: dict[str, dict[str, list]] = {}
-        for row in rows:
-            seeds = range(args.seeds) if row["calibrated"] else [None]
-            runs = []
-            for seed in seeds:
-                t = time.time()
-                den = copy.deepcopy(fp)
-
-                def forward_loop(_model, den=den, seed=seed):
-                    sample(den, calib_labels, seed=1000 + (seed or 0), steps=args.steps, progress=False)
-
-                notes: list[str] = []
-                try:
-                    den.model = quantize_row(row, den, forward_loop, plan, model_name, notes)
-                    images = sample(den, labels, seed=0, steps=args.steps, progress=False)
-                except Exception as e:  # noqa: BLE001 - a failing row is a result, recorded as such
-                    runs.append({"seed": seed, "error": f"{type(e).__name__}: {e}"[:400]})
-                    print(f"{model_name} | {row['name']} | seed {seed}: FAILED {runs[-1]['error']}", flush=True)
-                    break
-                scores = score_images(images, fp_images, labels, classifier)
-                sq = layer_sqnr(den.model, ref_io)
-                qnames = quantized_names(row, den.model)
-                run = {"seed": seed, **scores.summary(fp_scores, mnist),
-                       "quantized_linear_flop_fraction": quantized_flop_fraction(flops, qnames),
-                       "quantized_other_layers": quantized_other_layers(den.model),
-                       "mean_sqnr_db_changed_layers": mean_sqnr(sq, changed, qnames),
-                       "layer_sqnr_db": sq, "seconds": time.time() - t, **({"notes": notes} if notes else {})}
-                runs.append(run)
-                rec = per_image.setdefault(row["name"], {"psnr": [], "ssim": [], "correct": []})
-                rec["psnr"].append(scores.psnr)
-                rec["ssim"].append(scores.ssim)
-                rec["correct"].append(scores.correct.float())
-                log.write(json.dumps({"model": model_name, "row": row["name"],
-                                      **{k: v for k, v in run.items() if k != "layer_sqnr_db"}}) + "\n")
-                log.flush()
-                print(f"{model_name} | {row['name']} | seed {seed}: PSNR {run['psnr_db']:.2f} SSIM {run['ssim']:.4f} "
-                      f"acc {run['class_accuracy']:.3f} ({run['seconds']:.1f}s, total {time.time() - started:.0f}s)",
-                      flush=True)
+        for i, row in enumerate(ctx.rows):
+            runs: list = []
+            for seed in row_seeds(row, args):
+                job = jobs.get((model_name, i, seed)) if world > 1 else \
+                    run_job(row, seed, ctx, args, labels, calib_labels, classifier, mnist, started)
+                record_job(job, row, ctx, runs, per_image, log)
+                if "error" in job["run"]:
+                    break  # a row that failed on one seed is not run on the next (nor recorded, across ranks)
             model_result["rows"][row["name"]] = {"spec": row, "runs": runs}
-            if args.save_every_row:  # a run cut short by a time limit keeps every finished row
-                model_result["paired"] = paired_comparisons(comparison_pairs(rows), per_image)
-                model_result["peer_paired"] = paired_comparisons(peer_pairs(rows), per_image, metrics=("psnr",))
+            if args.save_every_row and world == 1:  # a run cut short by a time limit keeps every finished row
+                model_result["paired"] = paired_comparisons(comparison_pairs(ctx.rows), per_image)
+                model_result["peer_paired"] = paired_comparisons(peer_pairs(ctx.rows), per_image, metrics=("psnr",))
                 result["models"][model_name] = model_result
                 result["seconds"] = time.time() - started
                 write_results(out, "quality", result, markdown(result))
-        model_result["paired"] = paired_comparisons(comparison_pairs(rows), per_image)
-        model_result["peer_paired"] = paired_comparisons(peer_pairs(rows), per_image, metrics=("psnr",))
+        model_result["paired"] = paired_comparisons(comparison_pairs(ctx.rows), per_image)
+        model_result["peer_paired"] = paired_comparisons(peer_pairs(ctx.rows), per_image, metrics=("psnr",))
         if not args.no_budget:
-            model_result["error_budget"] = error_budget(fp, model_name, plan, labels, calib_labels, fp_images,
-                                                        ref_io, flops, classifier, args)
+            model_result["error_budget"] = error_budget(ctx.fp, model_name, ctx.plan, labels, calib_labels,
+                                                        ctx.fp_images, ctx.ref_io, ctx.flops, classifier, args)
         result["models"][model_name] = model_result
         result["seconds"] = time.time() - started
         save(result, out)

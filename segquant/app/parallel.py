@@ -37,9 +37,9 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def relaunch(num: int, argv: Sequence[str]) -> int:
-    """Run this ``segquant`` command again in ``num`` processes (``torch.distributed.run``, standalone rendezvous)
-    and return its exit code (the first failing rank's)."""
+def relaunch(num: int, argv: Sequence[str], target: Sequence[str] = ("-m", "segquant.app")) -> int:
+    """Run this ``segquant`` command (or the script ``target``, e.g. ``[path]``) again in ``num`` processes
+    (``torch.distributed.run``, standalone rendezvous) and return its exit code (the first failing rank's)."""
     args = list(argv)
     for i, arg in enumerate(args):  # the children must not relaunch: drop the flag and its value
         if arg == FLAG:
@@ -49,7 +49,7 @@ def relaunch(num: int, argv: Sequence[str]) -> int:
             del args[i]
             break
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num}",
-               "-m", "segquant.app", *args]
+               *target, *args]
     return subprocess.call(command)
 
 

@@ -51,6 +51,8 @@ def test_relaunch_drops_the_flag_and_checks_the_count(monkeypatch):
     assert parallel.relaunch(3, ["quantize", "--num-gpus=3", "-q"]) == 0
     assert calls[0][-4:] == ["segquant.app", "run", "--device", "cpu"] and "--nproc-per-node=2" in calls[0]
     assert calls[1][-3:] == ["segquant.app", "quantize", "-q"] and "--nproc-per-node=3" in calls[1]
+    assert parallel.relaunch(2, ["--num-gpus", "2", "--seeds", "1"], target=["bench.py"]) == 0  # a script
+    assert calls[2][-3:] == ["bench.py", "--seeds", "1"] and "-m" not in calls[2][calls[2].index("bench.py"):]
     with pytest.raises(SegQuantError, match="--num-gpus must be at least 1"):
         parallel.check_num_processes(0, "cpu")
     if torch.cuda.device_count() < 64:
