@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from segquant import LinearPlan, SegmentAmaxObserver, SegQuantError
 from segquant.calib import check_calibration
 from segquant.distributed import merge_observers, shard
+from _spawn import from_bytes, to_bytes
 
 LAYERS = {
     "a": LinearPlan(24, 8, in_segments=(8, 16), dual_scale=True, dual_scale_segments=(1,), activation="gelu",
@@ -51,13 +52,13 @@ def _worker(rank, world, init_file, queue):
     try:
         observers = _observe(shard(_batches()))
         kept = check_calibration(observers, keep_degenerate=True)  # merges across the ranks first
-        queue.put((rank, kept, _summary(observers)))
+        queue.put(to_bytes((rank, kept, _summary(observers))))
         bad = {n: SegmentAmaxObserver(p) for n, p in LAYERS.items() if n != "b" or rank == 0}
         try:
             merge_observers(bad)
-            queue.put((rank, "no error", None))
+            queue.put(to_bytes((rank, "no error", None)))
         except SegQuantError as e:
-            queue.put((rank, str(e), None))
+            queue.put(to_bytes((rank, str(e), None)))
         dist.barrier()  # neither rank tears the group down while the other still talks
     finally:
         dist.destroy_process_group()
@@ -83,7 +84,7 @@ def test_two_gloo_ranks_calibrate_bit_identical_to_one_process(tmp_path):
     procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=120) for _ in range(4)]
+    results = [from_bytes(queue.get(timeout=120)) for _ in range(4)]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

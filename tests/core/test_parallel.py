@@ -9,6 +9,7 @@ pytest.importorskip("diffusers")
 
 from segquant import SegQuantError  # noqa: E402
 from segquant.app import parallel  # noqa: E402
+from _spawn import from_bytes, to_bytes  # noqa: E402
 
 
 def _sample(labels):
@@ -21,7 +22,7 @@ def _worker(rank, world, init_file, queue):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        queue.put((rank, _sample(torch.arange(6)), parallel.is_main()))
+        queue.put(to_bytes((rank, _sample(torch.arange(6)), parallel.is_main())))
         dist.barrier()  # neither rank tears the group down while the other still talks
     finally:
         dist.destroy_process_group()
@@ -35,7 +36,7 @@ def test_sampling_sharded_over_two_ranks_equals_one_process(tmp_path):
     procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted([queue.get(timeout=180) for _ in range(2)], key=lambda r: r[0])
+    results = sorted([from_bytes(queue.get(timeout=180)) for _ in range(2)], key=lambda r: r[0])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
