@@ -13,5 +13,10 @@ def load_benchmark(name: str):
         sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"{name}_script", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # as an import would: dataclasses (and pickling) look their module up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
     return module
