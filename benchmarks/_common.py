@@ -139,24 +139,6 @@ def timing_bars(ax: Any, labels: list[str], ms: list[float], baseline: str, titl
     ax.tick_params(labelsize=labelsize)
 
 
-def gpu_bench_main(doc: str, script: str, rep_ms: int, run: Callable[[Path, int], Any],
-                   write_report: Callable[[dict, Path], None]) -> None:
-    """The command line of a GPU microbenchmark: ``--out DIR`` runs it (``--rep-ms`` per case), ``--report JSON``
-    only writes the report of a stored result next to it; without a CUDA device it exits with a message."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--rep-ms", type=int, default=rep_ms)
-    p.add_argument("--report", type=Path, help="only write the report next to this stored JSON")
-    args = p.parse_args()
-    if args.report:
-        return write_report(json.loads(args.report.read_text()), args.report.parent)
-    if args.out is None:
-        sys.exit("--out DIR is required (or --report JSON)")
-    if not torch.cuda.is_available():
-        sys.exit(f"{script} needs a CUDA device")
-    run(args.out, args.rep_ms)
-
-
 def linear_inputs(model: nn.Module, run: Callable[[], Any], names: Iterable[str] | None = None,
                   transform: Callable[[Tensor], Tensor] | None = None) -> dict[str, list[Tensor]]:
     """Per Linear of ``model`` (or of ``names``), its inputs over ``run()`` (no grad), one tensor per call,

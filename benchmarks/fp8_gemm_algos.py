@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu_bench import gpu_bench_main  # noqa: E402
 from int8_gemm_sweep import FLUX_SHAPES  # noqa: E402
 
 TOL = 2e-2
@@ -106,7 +107,8 @@ def cublaslt_algos(o: dict, limit: int, bench) -> list[dict]:
     return rows
 
 
-def run(out: Path, rep_ms: int, limit: int, workspace_kib: int, child: bool, inductor_shapes: int) -> dict:
+def run(out: Path, rep_ms: int, limit: int = 16, workspace_kib: int = 262144, child: bool = False,
+        inductor_shapes: int = 1) -> dict:
     import triton
     import triton.testing
 
@@ -252,25 +254,17 @@ def write_report(result: dict, out: Path) -> None:
     (out / "fp8_gemm_algos.md").write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--rep-ms", type=int, default=100)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=16, help="how many algorithms to ask cuBLASLt's heuristic for")
     p.add_argument("--workspace-kib", type=int, default=262144,
                    help="CUBLASLT_WORKSPACE_SIZE of the child run (0: no child run)")
     p.add_argument("--inductor-shapes", type=int, default=1,
                    help="how many of the largest shapes get the inductor max-autotune row (about 2 min each)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--report", type=Path, help="only write the report next to this stored JSON")
-    args = p.parse_args()
-    if args.report:
-        return write_report(json.loads(args.report.read_text()), args.report.parent)
-    if args.out is None:
-        sys.exit("--out DIR is required (or --report JSON)")
-    if not torch.cuda.is_available():
-        sys.exit("fp8_gemm_algos.py needs a CUDA device")
-    run(args.out, args.rep_ms, args.limit, args.workspace_kib, args.child, args.inductor_shapes)
+
+
+def main() -> None:
+    gpu_bench_main(__doc__, "fp8_gemm_algos.py", 100, run, write_report, add_arguments)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import figure, gpu_bench_main, timing_bars
+from _common import figure, timing_bars
+from _gpu_bench import gpu_bench_main
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
