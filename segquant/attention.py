@@ -9,7 +9,9 @@ the range that FP8 must cover); the softmax probabilities ``P`` are quantized to
 one scale of 1/448), as FP8 kernels feed the second GEMM.
 
 ``fp8_attention_scope(model)`` makes a diffusers model's attention use these numerics during its forward passes
-(the attention processors' ``dispatch_attention_fn``, and ``F.scaled_dot_product_attention``), for evaluation.
+(the attention processors' ``dispatch_attention_fn``, and ``F.scaled_dot_product_attention``), for evaluation;
+``fp8_attention_scope(model, attend=kernel)`` routes it to a kernel instead (an adapter's, e.g.
+``segquant_torchao.fa3_attention.fa3_fp8_attention``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import contextlib
 import math
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -122,24 +124,33 @@ def fp8_attention(query: Tensor, key: Tensor, value: Tensor, spec: FP8AttentionS
     return (out if layout == "bhsd" else out.transpose(1, 2)).to(query.dtype)
 
 
-def _fp8_instead_of(original, spec: FP8AttentionSpec, layout: str):
-    """An SDPA-signature function that runs ``fp8_attention`` on ``layout`` tensors; a call with a mask, dropout,
-    a causal mask or grouped-query heads goes to ``original``."""
+Attend = Callable[[Tensor, Tensor, Tensor, "float | None"], Tensor]
+"""An attention kernel: ``(query, key, value, scale) -> output``, all ``(B, S, H, D)``, no mask."""
+
+
+def _reference(spec: FP8AttentionSpec) -> Attend:
+    return lambda query, key, value, scale: fp8_attention(query, key, value, spec, scale, layout="bshd")
+
+
+def _instead_of(original, attend: Attend, layout: str):
+    """An SDPA-signature function that runs ``attend`` on ``layout`` tensors (``bhsd`` ones as ``(B, S, H, D)``
+    views); a call with a mask, dropout, a causal mask or grouped-query heads goes to ``original``."""
 
     def call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         if attn_mask is not None or dropout_p or is_causal or kwargs.get("enable_gqa"):
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, **kwargs)
-        return fp8_attention(query, key, value, spec, scale, layout=layout)
+        if layout == "bshd":
+            return attend(query, key, value, scale)
+        return attend(*(t.transpose(1, 2) for t in (query, key, value)), scale).transpose(1, 2)
 
     return call
 
 
 @contextlib.contextmanager
-def _patched(model: torch.nn.Module, spec: FP8AttentionSpec) -> Iterator[None]:
+def _patched(model: torch.nn.Module, attend: Attend) -> Iterator[None]:
     """During the block: ``F.scaled_dot_product_attention`` (``(B, H, S, D)``) and the ``dispatch_attention_fn``
-    (``(B, S, H, D)``) of every module that defines one of the model's attention processors run
-    ``fp8_attention``."""
+    (``(B, S, H, D)``) of every module that defines one of the model's attention processors run ``attend``."""
     owners = [(F, "scaled_dot_product_attention", "bhsd")]
     modules = {type(m.processor).__module__ for m in model.modules() if hasattr(m, "processor")}
     owners += [(sys.modules[name], "dispatch_attention_fn", "bshd") for name in sorted(modules)
@@ -147,7 +158,7 @@ def _patched(model: torch.nn.Module, spec: FP8AttentionSpec) -> Iterator[None]:
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in owners]
     try:
         for (owner, attr, layout), (_, _, original) in zip(owners, saved):
-            setattr(owner, attr, _fp8_instead_of(original, spec, layout))
+            setattr(owner, attr, _instead_of(original, attend, layout))
         yield
     finally:
         for owner, attr, original in saved:
@@ -155,20 +166,28 @@ def _patched(model: torch.nn.Module, spec: FP8AttentionSpec) -> Iterator[None]:
 
 
 class fp8_attention_scope:  # noqa: N801 - used like a function: ``with fp8_attention_scope(model): ...``
-    """Run ``model``'s attention with FP8 numerics (``fp8_attention``) inside a ``with`` block, or, after
-    ``enable()``, in every forward pass until ``disable()`` (forward pre/post hooks). Evaluation only: the
-    attention stays float32 math with FP8 rounding, not an FP8 kernel."""
+    """Run ``model``'s attention with FP8 numerics (``fp8_attention`` with ``spec``: float32 math with FP8
+    rounding, for evaluation) or through ``attend`` (a low-precision kernel, which owns its numerics), inside a
+    ``with`` block, or, after ``enable()``, in every forward pass until ``disable()`` (forward pre/post hooks)."""
 
-    def __init__(self, model: torch.nn.Module, spec: FP8AttentionSpec = FP8AttentionSpec()):
+    def __init__(self, model: torch.nn.Module, spec: FP8AttentionSpec | None = None, attend: Attend | None = None):
         if not any(hasattr(m, "processor") for m in model.modules()):
             raise SegQuantError(f"{type(model).__name__} has no attention processors (a diffusers model has them)")
-        self.model, self.spec = model, spec
+        if spec is not None and attend is not None:
+            raise SegQuantError("fp8_attention_scope takes a spec (the reference numerics) or a kernel, not both: "
+                                "a kernel owns its numerics")
+        if attend is not None and not callable(attend):
+            raise SegQuantError(f"fp8_attention_scope: attend must be callable, got {type(attend).__name__}")
+        if attend is None:
+            spec = spec if spec is not None else FP8AttentionSpec()
+            attend = _reference(spec)
+        self.model, self.spec, self.attend = model, spec, attend
         self._stack: contextlib.ExitStack | None = None
         self._hooks: list = []
 
     def __enter__(self) -> fp8_attention_scope:
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(_patched(self.model, self.spec))
+        self._stack.enter_context(_patched(self.model, self.attend))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -144,3 +144,37 @@ def test_a_failing_forward_leaves_attention_unpatched():
 def test_a_model_without_attention_is_refused():
     with pytest.raises(SegQuantError, match="Linear has no attention processors"):
         fp8_attention_scope(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["FluxTransformer2DModel", "UNet2DConditionModel"])
+def test_scope_routes_attention_to_a_kernel_in_bshd(name):
+    """A kernel gets (B, S, H, D) tensors whichever function the model calls (diffusers' dispatch in (B, S, H, D),
+    torch's SDPA in (B, H, S, D)), and its output is what the model uses: a kernel of exact attention in
+    (B, S, H, D) gives the unpatched model's output, one that runs the reference the reference scope's."""
+    model = build_tiny(name)
+    inputs = segquant.example_inputs(model)
+    calls = []
+
+    def exact(query, key, value, scale):  # written out: F.scaled_dot_product_attention is patched in the scope
+        calls.append(scale)
+        logits = torch.einsum("bqhd,bkhd->bhqk", query, key) * (scale or query.shape[-1] ** -0.5)
+        return torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), value)
+
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        with fp8_attention_scope(model, attend=exact):
+            routed_exact = model(**inputs)[0]
+        with fp8_attention_scope(model):
+            reference = model(**inputs)[0]
+        with fp8_attention_scope(model, attend=lambda q, k, v, s: fp8_attention(q, k, v, FP8AttentionSpec(), s)):
+            routed_reference = model(**inputs)[0]
+    assert calls and torch.allclose(routed_exact, plain, rtol=1e-4, atol=1e-5)
+    assert torch.equal(routed_reference, reference) and not torch.allclose(reference, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_scope_refuses_a_spec_with_a_kernel_and_a_kernel_that_is_not_callable():
+    model = build_tiny("FluxTransformer2DModel")
+    with pytest.raises(SegQuantError, match="a spec .* or a kernel, not both"):
+        fp8_attention_scope(model, FP8AttentionSpec(), attend=lambda q, k, v, s: q)
+    with pytest.raises(SegQuantError, match="attend must be callable"):
+        fp8_attention_scope(model, attend="fa3")
