@@ -60,6 +60,10 @@ VARIANTS += tuple(f"segquant_{p}_static_plain{s}" for p in ("fp8", "int8") for s
 # any variant + "_fusedqkv": diffusers' fuse_qkv_projections before quantizing (``--fuse-qkv``: every variant of the run)
 FUSED = "_fusedqkv"
 VARIANTS += tuple(f"{v}{FUSED}" for v in VARIANTS)
+# any variant + "_fp8attn": attention through FlashAttention-3's e4m3 kernel (segquant_torchao.fa3_attention;
+# needs flash_attn_3 installed or --fa3-library: benchmarks/fa3_build.py builds it)
+FP8_ATTENTION = "_fp8attn"
+VARIANTS += tuple(f"{v}{FP8_ATTENTION}" for v in VARIANTS)
 AS_SHIPPED_SKIP = ["*proj_out"]
 UNFUSED_QKV = ["*attn.to_q", "*attn.to_k", "*attn.to_v", "*attn.add_q_proj", "*attn.add_k_proj", "*attn.add_v_proj"]
 ADALN = ["*norm1.linear", "*norm1_context.linear", "*.norm.linear", "norm_out.linear"]  # the recipes quantize these
@@ -128,9 +132,15 @@ def small_layer(fqn: str, args) -> bool:
     return any(fnmatch.fnmatchcase(fqn, g) for g in small_patterns(args))
 
 
+def split_attention(variant: str) -> tuple[str, bool]:
+    """``segquant_fp8_static_fp8attn`` -> ``("segquant_fp8_static", True)``: the linears' variant, and whether the
+    attention runs FlashAttention-3's e4m3 kernel."""
+    return variant.removesuffix(FP8_ATTENTION), variant.endswith(FP8_ATTENTION)
+
+
 def fused_qkv(variant: str, args) -> bool:
     """Whether ``variant`` runs diffusers' fused Q/K/V projections (its ``_fusedqkv`` suffix, or ``--fuse-qkv``)."""
-    return args.fuse_qkv or variant.endswith(FUSED)
+    return args.fuse_qkv or split_attention(variant)[0].endswith(FUSED)
 
 
 def parse_variant(variant: str) -> tuple[str, bool, str, bool]:
@@ -139,7 +149,7 @@ def parse_variant(variant: str) -> tuple[str, bool, str, bool]:
     DualScale). A ``_fusedqkv`` suffix (``fused_qkv``) takes no part."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    variant = variant.removesuffix(FUSED)
+    variant = split_attention(variant)[0].removesuffix(FUSED)
     kernel = "naive" if variant.endswith("_naive") else "fused"
     base = variant.removesuffix("_naive")
     if "_plain" in base:  # no segments, no DualScale, no shift
@@ -154,7 +164,7 @@ def variant_plan(plan, variant: str):
     """The analysed plan as ``variant`` quantizes it: without DualScale (``_nodual``), or with the activation
     shift in its place on the same inputs (``_shift``)."""
     _, dual, _, shift = parse_variant(variant)
-    variant = variant.removesuffix(FUSED)
+    variant = split_attention(variant)[0].removesuffix(FUSED)
     if "_plain" in variant:
         return plan.ablate(seg_linear=False, dual_scale=False)
     if shift:
@@ -276,7 +286,15 @@ def prepare_variant(variant: str, args) -> Prepared:
     inputs = make_inputs(model)
     record["build_s"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
-    record.update(quantize(model, meta, variant, inputs, args))
+    linears, fp8_attention = split_attention(variant)
+    record.update(quantize(model, meta, linears, inputs, args))
+    if fp8_attention:
+        from segquant.attention import fp8_attention_scope
+        from segquant_torchao.fa3_attention import fa3_fp8_attention, load_fa3
+
+        load_fa3(args.fa3_library)
+        fp8_attention_scope(model, attend=fa3_fp8_attention).enable()  # its hooks keep it for the model's life
+        record["attention"] = "FlashAttention-3 e4m3 (Q, K, V per head, dynamic; K centred)"
     _sync()
     record["quantize_s"] = round(time.perf_counter() - start, 1)
     record["weight_gb"] = round(weight_bytes(model) / 2 ** 30, 3)
@@ -567,6 +585,7 @@ def driver(args) -> None:
     passthrough += ["--blocks", str(args.blocks)] if args.blocks else []
     passthrough += ["--config", str(args.config)] if args.config else []
     passthrough += ["--ref-dir", str(args.ref_dir)] if args.ref_dir else []
+    passthrough += ["--fa3-library", str(args.fa3_library)] if args.fa3_library else []
     passthrough += ["--quantize-small"] if args.quantize_small else []
     passthrough += ["--quantize-adaln"] if args.quantize_adaln else []
     passthrough += ["--fuse-qkv"] if args.fuse_qkv else []
@@ -842,6 +861,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None, help="another FluxTransformer2DModel config JSON")
     parser.add_argument("--ref-dir", type=Path, default=None,
                         help="folder with bf16_out_<blocks>.pt from an earlier bf16 run (default: --out)")
+    parser.add_argument("--fa3-library", type=Path, default=None,
+                        help="FlashAttention-3's built _C.so for the _fp8attn variants (default: import flash_attn_3)")
     parser.add_argument("--cpu-smoke", action="store_true", help="run --variant on the CPU (tests the script)")
     args = parser.parse_args()
     if args.quick:

@@ -2,6 +2,7 @@
 JSON line each, a report) on one block of the embedded model's config. The GPU numbers come from the same
 script on the device (benchmarks/results/speed.md)."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -32,6 +33,12 @@ def test_variant_names_parse_into_base_dual_kernel_and_shift():
     assert speed.parse_variant("segquant_fp8_static_nodual_fusedqkv") == speed.parse_variant(
         "segquant_fp8_static_nodual")
     assert speed.parse_variant("bf16_fusedqkv") == speed.parse_variant("bf16")
+    # "_fp8attn" (FlashAttention-3's e4m3 attention) goes after any of them
+    assert speed.split_attention("segquant_fp8_static_fusedqkv_fp8attn") == ("segquant_fp8_static_fusedqkv", True)
+    assert speed.split_attention("bf16") == ("bf16", False)
+    assert speed.parse_variant("segquant_fp8_static_nodual_fusedqkv_fp8attn") == speed.parse_variant(
+        "segquant_fp8_static_nodual")
+    assert speed.fused_qkv("bf16_fusedqkv_fp8attn", argparse.Namespace(fuse_qkv=False))
 
 
 def test_shift_variants_put_the_shift_where_dual_scale_was():
@@ -110,6 +117,13 @@ def test_driver_runs_each_variant_and_reports(tmp_path):
     assert rows[0]["profile"]["wall_ms"] > 0 and rows[0]["profile"]["kernel_ms"] == 0  # no GPU kernels on the CPU
     report = (tmp_path / "speed.md").read_text()
     assert "run smoke" in report and "| segquant_int8_static_naive |" in report
+
+
+def test_fp8_attention_without_flash_attention_3_is_an_error_record(tmp_path):
+    rows = run_driver(tmp_path, "--run-id", "fa3", "--interleave", "--variants", "bf16,bf16_fp8attn",
+                      "--fa3-library", str(tmp_path / "missing" / "_C.so"))
+    assert rows[0].get("error") is None and rows[0]["ms_median"] > 0
+    assert rows[1]["variant"] == "bf16_fp8attn" and "no FlashAttention-3 library at" in rows[1]["error"]
 
 
 def test_fused_qkv_runs_with_the_unfused_projections_kept(tmp_path):
@@ -199,8 +213,6 @@ def test_child_rejects_unknown_variants_in_a_group(tmp_path):
 
 
 def test_a_variant_that_fails_to_prepare_leaves_the_others_timed(tmp_path, monkeypatch):
-    import argparse
-
     speed = load_benchmark("speed")
     monkeypatch.setattr(speed, "DEVICE", "cpu")
 
