@@ -267,13 +267,17 @@ def prepare_variant(variant: str, args) -> Prepared:
     """Build, quantize and compile ``variant``; its first call (compile, autotuning), two warm-up calls and, with
     ``--cuda-graph``, the recording of one call into a CUDA graph whose replays are then what gets timed."""
     torch._inductor.config.freezing = args.freezing
+    # inductor's search over the block sizes of every Triton kernel it generates (the elementwise and reduction
+    # kernels too), as diffusers' and torchao's published FLUX benchmarks set it; every variant of a run gets it
+    torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent
+    torch._inductor.config.coordinate_descent_check_all_directions = args.coordinate_descent
     torch._dynamo.config.cache_size_limit = 1024
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     record: dict = dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
                         tokens=IMAGE_TOKENS + TEXT_TOKENS,
                         device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch=torch.__version__,
                         git=args.git, run=args.run_id, compile=args.compile, compile_mode=args.compile_mode,
-                        freezing=args.freezing, cuda_graph=args.cuda_graph,
+                        freezing=args.freezing, coordinate_descent=args.coordinate_descent, cuda_graph=args.cuda_graph,
                         cold_compile=os.environ.get("SPEED_COLD_COMPILE") == "1",
                         quantize_small=args.quantize_small, quantize_adaln=args.quantize_adaln,
                         command=os.environ.get("SPEED_COMMAND", ""))
@@ -581,6 +585,7 @@ def driver(args) -> None:
                    "--compile", args.compile,
                    "--compile-mode", args.compile_mode, "--git", args.git, "--threshold", str(args.threshold),
                    *(["--freezing"] if args.freezing else []),
+                   *(["--coordinate-descent"] if args.coordinate_descent else []),
                    "--fused-factor", str(args.fused_factor), "--gain-rows", str(args.gain_rows)]
     passthrough += ["--blocks", str(args.blocks)] if args.blocks else []
     passthrough += ["--config", str(args.config)] if args.config else []
@@ -668,6 +673,7 @@ def report(out_dir: Path, command: str) -> None:
                + (", CUDA graph replays" if r.get("cuda_graph") else "")
                + (", interleaved" if r.get("interleaved_with") else "")
                + (", cold compile" if r.get("cold_compile") else "")
+               + (", coordinate-descent tuning" if r.get("coordinate_descent") else "")
                + (", all M = batch layers quantized" if r.get("quantize_small") else
                   ", adaLN quantized" if r.get("quantize_adaln") else "") + f", run {run_label(r)}")
         groups.setdefault(key, []).append(r)
@@ -844,6 +850,9 @@ def main() -> None:
                         help="inductor freezing: parameters become constants of the compiled graph (inference only; "
                              "with --compile regional each block then compiles anew: on the H200 no variant finished "
                              "its first call within 75 s)")
+    parser.add_argument("--coordinate-descent", action="store_true",
+                        help="inductor's coordinate-descent tuning of its Triton kernels' block sizes, for every "
+                             "variant (as diffusers' and torchao's FLUX benchmarks run); longer compiles")
     parser.add_argument("--quantize-small", action="store_true", help="quantize the M = batch layers too")
     parser.add_argument("--quantize-adaln", action="store_true",
                         help="quantize the adaLN modulation layers (M = batch) too, as SegQuant's recipes do; the "

@@ -121,9 +121,10 @@ def test_driver_runs_each_variant_and_reports(tmp_path):
 
 def test_fp8_attention_without_flash_attention_3_is_an_error_record(tmp_path):
     rows = run_driver(tmp_path, "--run-id", "fa3", "--interleave", "--variants", "bf16,bf16_fp8attn",
-                      "--fa3-library", str(tmp_path / "missing" / "_C.so"))
-    assert rows[0].get("error") is None and rows[0]["ms_median"] > 0
+                      "--fa3-library", str(tmp_path / "missing" / "_C.so"), "--coordinate-descent")
+    assert rows[0].get("error") is None and rows[0]["ms_median"] > 0 and rows[0]["coordinate_descent"]
     assert rows[1]["variant"] == "bf16_fp8attn" and "no FlashAttention-3 library at" in rows[1]["error"]
+    assert ", coordinate-descent tuning, run fa3" in (tmp_path / "speed.md").read_text()
 
 
 def test_fused_qkv_runs_with_the_unfused_projections_kept(tmp_path):
