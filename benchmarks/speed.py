@@ -269,8 +269,8 @@ def prepare_variant(variant: str, args) -> Prepared:
     torch._inductor.config.freezing = args.freezing
     # inductor's search over the block sizes of every Triton kernel it generates (the elementwise and reduction
     # kernels too), as diffusers' and torchao's published FLUX benchmarks set it; every variant of a run gets it
+    # (cold, with check_all_directions too, bf16's first call took 180 s on the H200 instead of 15: not set)
     torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent
-    torch._inductor.config.coordinate_descent_check_all_directions = args.coordinate_descent
     torch._dynamo.config.cache_size_limit = 1024
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     record: dict = dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
