@@ -504,10 +504,15 @@ def run_variants(variants: list[str], args) -> list[dict]:
     return records + list(failed.values())
 
 
+def failed_record(variant: str, args, error: str) -> dict:
+    """The record of a variant that has no timing: its error, and the run's settings (the report groups by them)."""
+    return dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)", error=error, run=args.run_id,
+                git=args.git, compile=args.compile, compile_mode=args.compile_mode, cuda_graph=args.cuda_graph,
+                coordinate_descent=args.coordinate_descent)
+
+
 def error_record(variant: str, args, error: Exception) -> dict:
-    return dict(bench="flux_e2e", variant=variant, blocks=args.blocks or "full (19+38)",
-                error=f"{type(error).__name__}: {str(error)[:400]}", run=args.run_id, compile=args.compile,
-                compile_mode=args.compile_mode, cuda_graph=args.cuda_graph)
+    return failed_record(variant, args, f"{type(error).__name__}: {str(error)[:400]}")
 
 
 def _cudagraph_steps(fn):
@@ -629,9 +634,7 @@ def driver(args) -> None:
                     continue
                 with jsonl.open("a") as out:
                     for name in variant.split(","):
-                        out.write(json.dumps(dict(bench="flux_e2e", variant=name, blocks=args.blocks or "full (19+38)",
-                                                  error=f"timeout after {timeout:.0f} s", run=args.run_id,
-                                                  compile=args.compile, compile_mode=args.compile_mode)) + "\n")
+                        out.write(json.dumps(failed_record(name, args, f"timeout after {timeout:.0f} s")) + "\n")
         print(log.read_text()[-1500:], flush=True)
 
 

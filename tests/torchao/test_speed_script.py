@@ -224,8 +224,8 @@ def test_a_variant_that_fails_to_prepare_leaves_the_others_timed(tmp_path, monke
         return speed.Prepared(dict(variant=variant), lambda **_: (out,), {}, out, None)
 
     monkeypatch.setattr(speed, "prepare_variant", prepare)
-    args = argparse.Namespace(iters=2, out=tmp_path, blocks=1, ref_dir=None, profile=False, run_id="r",
-                              compile="none", compile_mode="default", cuda_graph=False)
+    args = argparse.Namespace(iters=2, out=tmp_path, blocks=1, ref_dir=None, profile=False, run_id="r", git="abc",
+                              compile="none", compile_mode="default", cuda_graph=False, coordinate_descent=False)
     records = speed.run_variants(["bf16", "torchao_int8_dynamic", "segquant_fp8_static"], args)
     assert [r["variant"] for r in records] == ["bf16", "segquant_fp8_static", "torchao_int8_dynamic"]
     assert records[2]["error"] == "RuntimeError: no kernel"
