@@ -10,8 +10,7 @@ one scale of 1/448), as FP8 kernels feed the second GEMM.
 
 ``fp8_attention_scope(model)`` makes a diffusers model's attention use these numerics during its forward passes
 (the attention processors' ``dispatch_attention_fn``, and ``F.scaled_dot_product_attention``), for evaluation;
-``fp8_attention_scope(model, attend=kernel)`` routes it to a kernel instead (an adapter's, e.g.
-``segquant_torchao.fa3_attention.fa3_fp8_attention``).
+``fp8_attention_scope(model, attend=kernel)`` routes it to a kernel instead (a backend's FP8 attention kernel).
 """
 
 from __future__ import annotations

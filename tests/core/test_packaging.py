@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 OWN = {"segquant", "segquant_modelopt", "segquant_torchao", "segquant_recipes"}
 SOURCES = ["segquant", "segquant_modelopt", "segquant_torchao"]
-OPTIONAL_KERNELS = {"triton"}  # the Triton GEMM: imported only when present (CUDA builds of torch ship it)
+# imported only when present: the Triton GEMM (CUDA builds of torch ship triton); FlashAttention-3 (no wheel: built
+# from source, benchmarks/fa3_build.py, and loaded by segquant_torchao.fa3_attention.load_fa3)
+OPTIONAL_KERNELS = {"triton", "flash_attn_3"}
 
 
 def requirements(extra: str | None = None, seen: frozenset = frozenset()) -> dict[str, Requirement]:

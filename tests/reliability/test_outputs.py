@@ -194,9 +194,12 @@ def test_interrupting_a_save_in_another_process(flux_folder, tmp_path, fake_back
     out = tmp_path / "ckpt"
     fake_backend(FakeSave("v1"))
     assert quantize(flux_folder, out) == 0
+    # the child takes Ctrl-C as a terminal's process does, also when the tests run where SIGINT is ignored (a
+    # background job of a shell: Python then installs no KeyboardInterrupt handler, and the signal did nothing)
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
         from pathlib import Path
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(ROOT / 'tests')!r})
         import segquant
         from segquant.app.cli import main
