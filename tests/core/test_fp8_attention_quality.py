@@ -1,4 +1,4 @@
-"""benchmarks/fp8_attention_quality.py end to end on the CPU with a tiny budget (2 images, 2 seeds, 1 step)."""
+"""benchmarks/fp8_attention_quality.py end to end on the CPU with a tiny budget (2 images, 1 seed, 1 step)."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ SCRIPT = ROOT / "benchmarks" / "fp8_attention_quality.py"
 
 
 def test_script_writes_rows_and_paired_intervals(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--num-samples", "2", "--calib-samples", "2", "--seeds", "2",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--num-samples", "2", "--calib-samples", "2", "--seeds", "1",
                            "--steps", "1", "--device", "cpu", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -26,7 +26,7 @@ def test_script_writes_rows_and_paired_intervals(tmp_path):
     modelopt = rows["fp8 recipe + ModelOpt fp8 attention (static per-tensor Q, K, V)"]["psnr_db_mean"]
     assert modelopt != rows["fp8 recipe"]["psnr_db_mean"]  # ModelOpt's attention quantizers did quantize
     for p in result["paired"]:
-        assert p["low"] <= p["mean"] <= p["high"] and p["n"] == 4  # 2 images x 2 seeds (full precision: repeated)
+        assert p["low"] <= p["mean"] <= p["high"] and p["n"] == 2  # 2 images x 1 seed
     assert "| fp8 recipe + fp8 attention | fp8 recipe |" in (tmp_path / "fp8_attention_quality.md").read_text()
 
 
