@@ -2,24 +2,42 @@
 
 import functools
 import json
+import os
 
 import pytest
 import torch
+from filelock import FileLock
 
 import segquant
-from segquant import PlanError, SegQuantError
+from segquant import PlanError, SegQuantError, SegQuantPlan
 from segquant.model_configs import bundled_configs
 from segquant.recipe import PRECISIONS, Recipe, bundled_recipes, load_recipe
 
 diffusers = pytest.importorskip("diffusers")
 
 
-@functools.lru_cache(maxsize=None)
-def full_plan(config_name):
-    config = json.loads(bundled_configs()[config_name].read_text())
-    with torch.device("meta"):
-        model = getattr(diffusers, config["_class_name"]).from_config(config)
-    return segquant.analyze(model, **segquant.example_inputs(model))
+@pytest.fixture(scope="session")
+def full_plan(tmp_path_factory):
+    """``full_plan(config_name)``: the plan of a bundled config analysed on meta, once per test session. Under
+    pytest-xdist the workers share it through a file (the session's temporary folder, a lock per config), so
+    each full-size model is analysed once, not once per worker."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+
+    @functools.lru_cache(maxsize=None)
+    def plan_of(config_name: str) -> SegQuantPlan:
+        path = shared / f"full_plan_{config_name}.json"
+        with FileLock(f"{path}.lock"):
+            if path.exists():
+                return SegQuantPlan.load(path)
+            config = json.loads(bundled_configs()[config_name].read_text())
+            with torch.device("meta"):
+                model = getattr(diffusers, config["_class_name"]).from_config(config)
+            plan = segquant.analyze(model, **segquant.example_inputs(model))
+            plan.save(path)
+            return plan
+
+    return plan_of
 
 
 def test_one_recipe_per_model_and_precision():
@@ -38,7 +56,7 @@ def test_one_recipe_per_model_and_precision():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(bundled_recipes()))
-def test_recipe_validates_on_the_full_size_model(name):
+def test_recipe_validates_on_the_full_size_model(name, full_plan):
     recipe = load_recipe(name)
     assert recipe.name == name
     plan = full_plan(recipe.config)
@@ -60,7 +78,7 @@ def test_recipe_validates_on_the_full_size_model(name):
         recipe.apply(applied)
 
 
-def test_recipe_bad_input(tmp_path):
+def test_recipe_bad_input(tmp_path, full_plan):
     flux = load_recipe("flux.1-dev/int8_w8a8")
     with pytest.raises(PlanError, match="is for FluxTransformer2DModel, the model is a SD3Transformer2DModel"):
         flux.validate(full_plan("sd3.5-medium"))
