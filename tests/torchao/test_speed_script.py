@@ -153,9 +153,13 @@ def test_quantize_adaln_run_on_the_cpu(tmp_path):
     rows = run_driver(tmp_path, "--run-id", "adaln", "--quantize-adaln",
                       "--variants", "bf16,segquant_fp8_static_nodual_naive")
     assert [r.get("error") for r in rows] == [None, None] and all(r["quantize_adaln"] for r in rows)
-    default = run_driver(tmp_path / "default", "--variants", "segquant_fp8_static_nodual_naive")[0]
     # mnist-flux: 1 double + 2 single blocks' modulations and norm_out quantized; the time/label embedders stay bf16
-    assert 0 < rows[1]["small_layers_bf16"] < default["small_layers_bf16"]
+    speed = load_benchmark("speed")
+    layers = json.loads(next(tmp_path.glob("plan_*.json")).read_text())["layers"]
+    kept = {flags: sum(1 for n in layers if speed.small_layer(n, argparse.Namespace(quantize_small=False,
+                                                                                      quantize_adaln=flags)))
+            for flags in (True, False)}
+    assert 0 < rows[1]["small_layers_bf16"] == kept[True] < kept[False]
     assert "adaLN quantized, run adaln" in (tmp_path / "speed.md").read_text()
     assert 15 < rows[1]["sqnr_vs_bf16_db"] < 80
 
