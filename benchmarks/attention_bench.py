@@ -59,13 +59,12 @@ def run(out: Path, rep_ms: int, fa3_library: Path | None = None) -> dict:
     from segquant_torchao.fa3_attention import fa3_loaded, load_fa3
     from segquant_torchao.int8_attention import int8_attention, quantize_per_block, tuned_config
 
-    if fa3_library is not None or not fa3_loaded():
-        try:
-            load_fa3(fa3_library)
-        except Exception as e:  # noqa: BLE001 - without FlashAttention-3 its rows are left out, and the report says so
-            if fa3_library is not None:
-                raise
-            print(f"FlashAttention-3 rows left out: {e}", flush=True)
+    try:
+        load_fa3(fa3_library)
+    except Exception as e:  # noqa: BLE001 - without FlashAttention-3 its rows are left out, and the report says so
+        if fa3_library is not None:
+            raise
+        print(f"FlashAttention-3 rows left out: {e}", flush=True)
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, (b, h, s, d) in SHAPES.items():

@@ -138,6 +138,12 @@ def split_attention(variant: str) -> tuple[str, bool]:
     return variant.removesuffix(FP8_ATTENTION), variant.endswith(FP8_ATTENTION)
 
 
+def linear_variant(variant: str) -> str:
+    """``variant`` without the suffixes that leave the Linear layers' quantization alone (``_fusedqkv``,
+    ``_fp8attn``)."""
+    return split_attention(variant)[0].removesuffix(FUSED)
+
+
 def fused_qkv(variant: str, args) -> bool:
     """Whether ``variant`` runs diffusers' fused Q/K/V projections (its ``_fusedqkv`` suffix, or ``--fuse-qkv``)."""
     return args.fuse_qkv or split_attention(variant)[0].endswith(FUSED)
@@ -149,7 +155,7 @@ def parse_variant(variant: str) -> tuple[str, bool, str, bool]:
     DualScale). A ``_fusedqkv`` suffix (``fused_qkv``) takes no part."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    variant = split_attention(variant)[0].removesuffix(FUSED)
+    variant = linear_variant(variant)
     kernel = "naive" if variant.endswith("_naive") else "fused"
     base = variant.removesuffix("_naive")
     if "_plain" in base:  # no segments, no DualScale, no shift
@@ -164,7 +170,7 @@ def variant_plan(plan, variant: str):
     """The analysed plan as ``variant`` quantizes it: without DualScale (``_nodual``), or with the activation
     shift in its place on the same inputs (``_shift``)."""
     _, dual, _, shift = parse_variant(variant)
-    variant = split_attention(variant)[0].removesuffix(FUSED)
+    variant = linear_variant(variant)
     if "_plain" in variant:
         return plan.ablate(seg_linear=False, dual_scale=False)
     if shift:
@@ -176,7 +182,7 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     """Quantize ``model`` in place for ``variant``; returns notes for the record."""
     notes: dict = {}
     fuse = fused_qkv(variant, args)
-    if variant.removesuffix(FUSED) == "bf16":
+    if linear_variant(variant) == "bf16":
         return notes
     if variant.startswith("torchao"):
         from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
@@ -207,7 +213,7 @@ def quantize(model, meta, variant: str, inputs: dict, args) -> dict:
     skip = [g for g in small_patterns(args) if plan.matching(g)]
     if fuse:  # the unfused projections diffusers keeps never run: nothing to calibrate, kept as they are
         skip += [g for g in UNFUSED_QKV if plan.matching(g)]
-    if variant.removesuffix(FUSED).endswith("_asshipped"):
+    if linear_variant(variant).endswith("_asshipped"):
         skip += [g for g in AS_SHIPPED_SKIP if plan.matching(g)]
         notes["proj_out_bf16"] = sum(len(plan.matching(g)) for g in AS_SHIPPED_SKIP)
     # static input segments folded into the weight: one GEMM per layer (the exact split_k runs one per segment)

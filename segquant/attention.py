@@ -77,12 +77,21 @@ def block_codes(x: Tensor, fmt: str, block: int) -> tuple[Tensor, Tensor]:
     return quantize(blocks, scale[..., None, None], fmt).reshape(b, h, s + pad, d), scale
 
 
+def head_codes(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
+    """``x`` ``(B, H, S, D)`` on ``fmt``'s grid with one dynamic scale per batch item and head: the codes as float32
+    values and the scales ``(B, H)``. An attention kernel takes these codes and scales; the reference multiplies
+    them back."""
+    scale = scale_from_amax(x.float().abs().amax(dim=(2, 3)), fmt)
+    return quantize(x, scale[..., None, None], fmt), scale
+
+
 def _fake(x: Tensor, fmt: str, granularity: str, block: int) -> Tensor:
     """``x`` ``(B, H, S, D)`` through ``fmt`` with dynamic scales of ``granularity``."""
     if granularity == "per_tensor":
         return fake_quant(x, scale_from_amax(x.abs().amax(), fmt), fmt)
     if granularity == "per_head":
-        return fake_quant(x, scale_from_amax(x.abs().amax(dim=(2, 3), keepdim=True), fmt), fmt)
+        codes, scale = head_codes(x, fmt)
+        return (codes * scale[..., None, None]).to(x.dtype)
     codes, scale = block_codes(x, fmt, block)
     return (codes * scale.repeat_interleave(block, dim=2)[..., None])[:, :, :x.shape[2]].to(x.dtype)
 

@@ -22,8 +22,8 @@ import os
 import torch
 from torch import Tensor
 
+from segquant.attention import head_codes
 from segquant.errors import SegQuantError
-from segquant.formats import quantize, scale_from_amax
 
 E4M3 = torch.float8_e4m3fn
 
@@ -56,12 +56,12 @@ def load_fa3(library: str | os.PathLike | None = None) -> None:
 
 def fp8_codes(x: Tensor, centre: bool = False) -> tuple[Tensor, Tensor]:
     """``x`` ``(B, S, H, D)`` as e4m3 codes and its scales ``(B, H)`` (float32, one per batch item and head),
-    centred over the tokens first with ``centre``: the values of ``segquant.attention``'s per-head reference."""
+    centred over the tokens first with ``centre``: the reference's codes (``segquant.attention.head_codes``)."""
     xf = x.float()
     if centre:
         xf = xf - xf.mean(dim=1, keepdim=True)
-    scale = scale_from_amax(xf.abs().amax(dim=(1, 3)), "fp8")
-    return quantize(xf, scale[:, None, :, None], "fp8").to(E4M3), scale
+    codes, scale = head_codes(xf.transpose(1, 2), "fp8")
+    return codes.transpose(1, 2).to(E4M3), scale
 
 
 @torch.library.custom_op("segquant::fa3_fp8_attention_codes", mutates_args=())

@@ -178,3 +178,21 @@ def test_scope_refuses_a_spec_with_a_kernel_and_a_kernel_that_is_not_callable():
         fp8_attention_scope(model, FP8AttentionSpec(), attend=lambda q, k, v, s: q)
     with pytest.raises(SegQuantError, match="attend must be callable"):
         fp8_attention_scope(model, attend="fa3")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_head_codes_are_each_heads_fake_quantization(fmt):
+    """The codes kernels take (one scale per batch item and head) times their scales are exactly each head
+    fake-quantized on its own with ``segquant.formats``."""
+    from segquant.attention import head_codes
+    from segquant.formats import fake_quant, scale_from_amax
+
+    heads_range = torch.tensor([0.5, 4.0, 30.0])[:, None, None]  # heads far apart: one scale each matters
+    x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(3)) * heads_range
+    codes, scale = head_codes(x, fmt)
+    assert scale.shape == (2, 3)
+    for b in range(2):
+        for h in range(3):
+            head = x[b, h]
+            expected = fake_quant(head, scale_from_amax(head.abs().amax(), fmt), fmt)
+            assert torch.equal(codes[b, h] * scale[b, h], expected)
