@@ -749,7 +749,11 @@ def report(out_dir: Path, command: str) -> None:
             twins = [(r, ok[r["variant"].replace("_shift", "_nodual")]) for r in sub
                      if "_shift" in r["variant"] and r["variant"].replace("_shift", "_nodual") in ok
                      and "ms_all" in r and r.get("interleaved_with")]
-            for r, twin in twins:  # the shift's cost: its per-round ratio to the same plan without it
+            peer = ok.get("torchao_fp8_rowwise")
+            if peer is not None and peer.get("interleaved_with"):  # how far ahead of torchao fp8, round by round
+                twins += [(peer, r) for r in sub if r["variant"].startswith("segquant_fp8") and "ms_all" in r
+                          and r.get("interleaved_with")]
+            for r, twin in twins:  # the shift's cost, or torchao's time over SegQuant's: per-round ratios
                 ratio = paired_ratio(r["ms_all"], twin["ms_all"])
                 lines.append(f"| {r['variant']} / {twin['variant']} | {ratio['median']:.4f} [{ratio['lo']:.4f}, "
                              f"{ratio['hi']:.4f}] | - | {ratio['rounds']} |")

@@ -255,3 +255,23 @@ def test_cold_compile_gives_each_variant_empty_caches(tmp_path):
     rows = run_driver(tmp_path, "--cold-compile", "--run-id", "cold", "--variants", "bf16")
     assert rows[0]["cold_compile"] is True and "error" not in rows[0]
     assert "cold compile, run cold" in (tmp_path / "speed.md").read_text()
+
+
+def test_report_gives_each_segquant_fp8_variant_its_per_round_ratio_to_torchao(tmp_path):
+    speed = load_benchmark("speed")
+    times = {"bf16": [10.0, 12.0, 11.0], "torchao_fp8_rowwise": [8.0, 9.0, 8.8], "segquant_fp8_static": [7.0, 8.0, 8.0]}
+    records = []
+    for variant, ms in times.items():
+        r = dict(bench="flux_e2e", variant=variant, blocks=1, run="r", compile="none", compile_mode="default",
+                 ms_median=sorted(ms)[1], ms_min=min(ms), ms_max=max(ms), iters=3, ms_all=ms,
+                 interleaved_with=[v for v in times if v != variant], round_order="shuffled per round",
+                 weight_gb=1.0, peak_gb=None, compile_s=1.0)
+        if variant != "bf16":
+            r["paired_vs_first"] = dict(vs="bf16", ms=speed.paired_ratio(ms, times["bf16"]))
+        records.append(r)
+    (tmp_path / "speed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    speed.report(tmp_path, "cmd")
+    ratio = speed.paired_ratio(times["torchao_fp8_rowwise"], times["segquant_fp8_static"])
+    assert ratio["median"] == pytest.approx(9.0 / 8.0)  # the per-round ratios 8/7, 9/8, 8.8/8: median 1.125
+    assert (f"| torchao_fp8_rowwise / segquant_fp8_static | {ratio['median']:.4f} [{ratio['lo']:.4f}, "
+            f"{ratio['hi']:.4f}] | - | 3 |") in (tmp_path / "speed.md").read_text()
